@@ -1,0 +1,85 @@
+"""Atomic writers: every output is written to a temporary path and renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    On failure the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _write(path: str | os.PathLike[str], writer: Callable[[Path], Any]) -> Path:
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike[str], index: bool = False) -> Path:
+    """Write ``df`` as CSV atomically."""
+    return _write(path, lambda tmp: df.to_csv(tmp, index=index))
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write ``df`` as parquet atomically."""
+    return _write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_npy(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write ``array`` as ``.npy`` atomically (``np.save`` would append a suffix to the temp name)."""
+
+    def _save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(array))
+
+    return _write(path, _save)
+
+
+def write_yaml(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` as YAML atomically."""
+
+    def _dump(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            yaml.safe_dump(data, fh, sort_keys=False)
+
+    return _write(path, _dump)
+
+
+def write_text(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write ``text`` atomically."""
+    return _write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    suffix = Path(path).suffix.lstrip(".") or "png"
+    try:
+        return _write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=suffix, bbox_inches="tight"))
+    finally:
+        plt.close(fig)

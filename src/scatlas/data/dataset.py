@@ -1,0 +1,169 @@
+"""A validated dataset ready for splitting: what the runner and every model read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field
+
+from scatlas._errors import InputError
+from scatlas.data.io import get_matrix, read_h5ad, source_name, to_csr
+from scatlas.data.preprocess import normalize_log1p
+from scatlas.data.validate import CHUNK_ROWS, check_obs_keys, validate
+
+
+class DatasetConfig(BaseModel):
+    """Where the data is and which ``obs`` columns mean what.
+
+    Attributes
+    ----------
+    name
+        Short name used in the output layout (``outputs/<name>_outputs``).
+    path
+        ``.h5ad`` file; a relative path is resolved against the working directory.
+    layer
+        Layer holding the matrix (default ``.X``).
+    input
+        ``counts`` (raw integer counts, normalised + log1p here) or ``lognorm``
+        (already log-normalised, used as is).
+    batch_key
+        Batch / donor column.
+    label_key
+        Cell-type column (optional for unsupervised models).
+    filter
+        Keep only cells whose ``obs[column]`` is in the listed values, e.g.
+        ``{demuxlet_cls: [SNG]}``.
+    backed
+        Open the file in backed mode (the matrix is read in chunks).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: Path
+    layer: str | None = None
+    input: Literal["counts", "lognorm"] = "counts"
+    batch_key: str
+    label_key: str | None = None
+    filter: dict[str, list[str]] = Field(default_factory=dict)
+    backed: bool = False
+
+
+@dataclass
+class CellData:
+    """Log-normalised expression of the kept cells with their batch and label codes.
+
+    Attributes
+    ----------
+    name
+        Dataset name.
+    lognorm
+        Cells × genes CSR, log-normalised.
+    var_names
+        Gene names.
+    obs
+        Cell metadata of the kept cells (index = cell ids).
+    batch
+        Categorical batch of each cell (categories in order of first appearance).
+    label
+        Categorical label of each cell, or ``None``.
+    """
+
+    name: str
+    lognorm: sp.csr_matrix
+    var_names: np.ndarray
+    obs: pd.DataFrame
+    batch: pd.Categorical
+    label: pd.Categorical | None
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return self.lognorm.shape[0]
+
+    @property
+    def cell_ids(self) -> np.ndarray:
+        """Cell identifiers (``obs_names``)."""
+        return self.obs.index.to_numpy()
+
+    def strata(self) -> np.ndarray:
+        """``batch_label`` per cell (the scMEDAL stratification)."""
+        batch = np.asarray(self.batch, dtype=str)
+        if self.label is None:
+            return batch
+        return np.char.add(np.char.add(batch, "_"), np.asarray(self.label, dtype=str))
+
+
+def _categorical(values: pd.Series) -> pd.Categorical:
+    values = values.astype(str)
+    return pd.Categorical(values, categories=pd.unique(values))
+
+
+def apply_filter(adata: ad.AnnData, filters: dict[str, list[str]]) -> ad.AnnData:
+    """Keep the cells whose ``obs[column]`` is one of the given values, for every column."""
+    check_obs_keys(adata, list(filters))
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for column, allowed in filters.items():
+        values = adata.obs[column].astype(str)
+        unknown = sorted(set(allowed) - set(values.unique()))
+        if unknown:
+            raise InputError(
+                f"{source_name(adata)}: filter on obs column {column!r}: values {unknown} do not occur "
+                f"(present: {sorted(values.unique())[:20]})"
+            )
+        keep &= values.isin(allowed).to_numpy()
+    return adata[keep] if not keep.all() else adata
+
+
+def _lognorm_matrix(adata: ad.AnnData, layer: str | None, counts: bool) -> sp.csr_matrix:
+    matrix = get_matrix(adata, layer)
+    chunks = [to_csr(matrix[i : i + CHUNK_ROWS]) for i in range(0, adata.n_obs, CHUNK_ROWS)]
+    X = sp.vstack(chunks, format="csr") if len(chunks) > 1 else chunks[0]
+    return normalize_log1p(X) if counts else X
+
+
+def load_dataset(config: DatasetConfig, extra_keys: tuple[str, ...] = ()) -> CellData:
+    """Read, filter and validate a dataset, and log-normalise it.
+
+    Parameters
+    ----------
+    config
+        Where the file is and which columns to use.
+    extra_keys
+        Other obs columns that must exist (e.g. a donor column for a donor split).
+
+    Raises
+    ------
+    InputError
+        For a missing file or key, NaN/inf/negative values, non-integer counts with
+        ``input: counts``, empty or single-cell batches, or a label column with one class.
+    """
+    adata = read_h5ad(config.path, backed=config.backed)
+    if config.filter:
+        adata = apply_filter(adata, config.filter)
+    validate(
+        adata,
+        batch_key=config.batch_key,
+        label_key=config.label_key,
+        extra_keys=extra_keys,
+        layer=config.layer,
+        require_counts=config.input == "counts",
+    )
+    obs = adata.obs.copy()
+    obs.index = obs.index.astype(str)
+    if not obs.index.is_unique:
+        raise InputError(f"{source_name(adata)}: obs_names are not unique; run adata.obs_names_make_unique()")
+    return CellData(
+        name=config.name,
+        lognorm=_lognorm_matrix(adata, config.layer, counts=config.input == "counts"),
+        var_names=adata.var_names.to_numpy().astype(str),
+        obs=obs,
+        batch=_categorical(obs[config.batch_key]),
+        label=_categorical(obs[config.label_key]) if config.label_key else None,
+    )

@@ -1,0 +1,125 @@
+"""Train / validation / test splits (DESIGN §3).
+
+* :func:`kfold_splits` — the scMEDAL scheme: ``StratifiedKFold`` over ``batch × label``;
+  fold *k* tests on part *k*, validates on part *k+1* and trains on the rest.
+* :func:`group_splits` — donor / patient split: whole groups are held out (in-distribution
+  test on new donors), same rotation of parts.
+* :func:`study_splits` — leave one study (dataset, batch) out: out-of-distribution test.
+
+Every split is a :class:`Split` of row indices; :func:`assignment_table` turns a list of
+them into the table saved with a run so any result can be reproduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupKFold, StratifiedKFold, train_test_split
+
+from scatlas._errors import InputError
+
+SplitKind = Literal["kfold", "donor", "study"]
+PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices of one fold's train, validation and test cells (numbered from 1, as scMEDAL)."""
+
+    number: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def part(self, name: str) -> np.ndarray:
+        """Indices of ``'train'``, ``'val'`` or ``'test'``."""
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def _rotate(parts: list[np.ndarray]) -> list[Split]:
+    k = len(parts)
+    splits = []
+    for i in range(k):
+        test, val = parts[i], parts[(i + 1) % k]
+        train = np.concatenate([parts[j] for j in range(k) if j not in (i, (i + 1) % k)])
+        splits.append(Split(i + 1, np.sort(train), np.sort(val), np.sort(test)))
+    return splits
+
+
+def kfold_splits(strata: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[Split]:
+    """Stratified k-fold over cells (scMEDAL): test = part k, val = part k+1, train = the rest.
+
+    Parameters
+    ----------
+    strata
+        One value per cell, usually ``batch + '_' + label``.
+    n_splits
+        Number of folds (≥ 3 so that train is never empty).
+    seed
+        Shuffling seed.
+    """
+    if n_splits < 3:
+        raise InputError(f"kfold split needs n_splits >= 3 (got {n_splits})")
+    skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    parts = [test for _, test in skf.split(np.zeros(len(strata)), strata)]
+    return _rotate(parts)
+
+
+def group_splits(groups: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[Split]:
+    """Hold out whole groups (donors, patients): test and val groups never appear in train.
+
+    Groups are shuffled with ``seed`` and dealt into ``n_splits`` parts of similar cell
+    counts; the parts rotate as in :func:`kfold_splits`.
+    """
+    uniq = np.unique(groups)
+    if len(uniq) < n_splits:
+        raise InputError(f"donor split needs at least n_splits={n_splits} groups; found {len(uniq)}: {list(uniq)}")
+    if n_splits < 3:
+        raise InputError(f"donor split needs n_splits >= 3 (got {n_splits})")
+    rng = np.random.default_rng(seed)
+    relabel = dict(zip(uniq, rng.permutation(len(uniq)), strict=True))
+    shuffled = np.array([relabel[g] for g in groups])
+    parts = [test for _, test in GroupKFold(n_splits=n_splits).split(np.zeros(len(groups)), groups=shuffled)]
+    return _rotate(parts)
+
+
+def study_splits(
+    studies: np.ndarray, strata: np.ndarray, val_fraction: float = 0.2, seed: int = 0
+) -> list[Split]:
+    """Leave one study out: each study in turn is the test set; val is drawn from the others.
+
+    Parameters
+    ----------
+    studies
+        Study / dataset / batch of each cell.
+    strata
+        Stratification labels for the validation draw (usually the cell type).
+    val_fraction
+        Share of the remaining cells used for validation.
+    """
+    uniq = np.unique(studies)
+    if len(uniq) < 2:
+        raise InputError(f"study split needs at least 2 studies; found {list(uniq)}")
+    splits = []
+    for i, study in enumerate(uniq):
+        test = np.flatnonzero(studies == study)
+        rest = np.flatnonzero(studies != study)
+        counts = pd.Series(strata[rest]).value_counts()
+        stratify = strata[rest] if counts.min() >= 2 else None
+        train, val = train_test_split(rest, test_size=val_fraction, random_state=seed, stratify=stratify)
+        splits.append(Split(i + 1, np.sort(train), np.sort(val), test))
+    return splits
+
+
+def assignment_table(splits: list[Split], cell_ids: np.ndarray) -> pd.DataFrame:
+    """One row per cell, one column ``split_<n>`` per split holding train/val/test."""
+    table = pd.DataFrame({"cell_id": cell_ids})
+    for split in splits:
+        column = np.full(len(cell_ids), "", dtype=object)
+        for name in PARTS:
+            column[split.part(name)] = name
+        table[f"split_{split.number}"] = column
+    return table

@@ -1,0 +1,157 @@
+"""Validation before any work (DESIGN §3): keys, values, batches and labels.
+
+Every check raises :class:`~scatlas.InputError` with the file, the key and examples of
+the offending values, so that a user can fix the input without a debugger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scatlas._errors import InputError
+from scatlas.data.io import get_matrix, source_name
+
+#: Rows read at a time when scanning a matrix (keeps backed files out of memory).
+CHUNK_ROWS = 50_000
+
+
+def _examples(values: Iterable[object], n: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:n])
+    return shown + (f", … ({len(values)} in all)" if len(values) > n else "")
+
+
+def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None]) -> None:
+    """Check that every non-``None`` key is a column of ``adata.obs`` without missing values."""
+    src = source_name(adata)
+    for key in keys:
+        if key is None:
+            continue
+        if key not in adata.obs.columns:
+            raise InputError(f"{src}: obs column {key!r} not found; available columns: {list(adata.obs.columns)}")
+        missing = adata.obs[key].isna()
+        if missing.any():
+            raise InputError(
+                f"{src}: obs column {key!r} has {int(missing.sum())} missing values "
+                f"(cells {_examples(adata.obs_names[missing.to_numpy()])})"
+            )
+
+
+def check_groups(adata: ad.AnnData, key: str, min_size: int = 2, min_groups: int = 1) -> None:
+    """Check that the groups of ``obs[key]`` are large enough and numerous enough.
+
+    Parameters
+    ----------
+    key
+        A batch, donor or label column.
+    min_size
+        Smallest allowed number of cells per group (empty and single-cell batches are errors).
+    min_groups
+        Smallest allowed number of distinct groups (a label column needs two classes).
+    """
+    src = source_name(adata)
+    counts = adata.obs[key].astype(str).value_counts()
+    if len(counts) < min_groups:
+        raise InputError(
+            f"{src}: obs column {key!r} has {len(counts)} distinct value(s) ({_examples(counts.index)}); "
+            f"at least {min_groups} are needed"
+        )
+    small = counts[counts < min_size]
+    if len(small):
+        raise InputError(
+            f"{src}: obs column {key!r} has groups with fewer than {min_size} cells: "
+            f"{_examples(f'{k} ({v} cells)' for k, v in small.items())}"
+        )
+
+
+def _chunk_values(chunk: sp.spmatrix | np.ndarray) -> np.ndarray:
+    return chunk.data if sp.issparse(chunk) else np.asarray(chunk).ravel()
+
+
+def check_matrix(
+    adata: ad.AnnData,
+    layer: str | None = None,
+    require_counts: bool = False,
+    batch_key: str | None = None,
+) -> None:
+    """Check the expression matrix for NaN/inf, negative and (for count models) non-integer values.
+
+    The matrix is scanned in chunks of :data:`CHUNK_ROWS` rows, so backed files stay on disk.
+    When ``batch_key`` is given, a failure names the batches that hold the bad values.
+    """
+    src = source_name(adata)
+    where = f"layer {layer!r}" if layer else ".X"
+    matrix = get_matrix(adata, layer)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"{src}: {where} is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
+    problems: dict[str, list[int]] = {"NaN or infinite": [], "negative": [], "non-integer": []}
+    for start in range(0, adata.n_obs, CHUNK_ROWS):
+        chunk = matrix[start : start + CHUNK_ROWS]
+        if sp.issparse(chunk):
+            chunk = sp.csr_matrix(chunk)
+            rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+        else:
+            chunk = np.asarray(chunk)
+            rows = np.repeat(np.arange(chunk.shape[0]), chunk.shape[1])
+        values = _chunk_values(chunk)
+        finite = np.isfinite(values)
+        checks = {"NaN or infinite": ~finite, "negative": finite & (values < 0)}
+        if require_counts:
+            checks["non-integer"] = finite & (values != np.round(values))
+        for name, mask in checks.items():
+            if mask.any():
+                problems[name].extend((np.unique(rows[mask]) + start).tolist())
+    for name, bad_rows in problems.items():
+        if not bad_rows:
+            continue
+        cells = adata.obs_names[np.asarray(bad_rows)]
+        detail = f"cells {_examples(cells)}"
+        if batch_key is not None:
+            batches = pd.unique(adata.obs[batch_key].astype(str).to_numpy()[np.asarray(bad_rows)])
+            detail += f"; {batch_key} = {_examples(batches)}"
+        hint = " (a count model needs raw integer counts: pass `layer` or `input: lognorm`)" if name == "non-integer" else ""
+        raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({detail}){hint}")
+
+
+def validate(
+    adata: ad.AnnData,
+    *,
+    batch_key: str | None = None,
+    label_key: str | None = None,
+    extra_keys: Sequence[str | None] = (),
+    layer: str | None = None,
+    require_counts: bool = False,
+) -> None:
+    """Run every check of DESIGN §3 that applies to one dataset.
+
+    Parameters
+    ----------
+    adata
+        The data, in memory or backed.
+    batch_key
+        Batch or donor column: must exist, have no missing values, and no batch may hold fewer than two cells.
+    label_key
+        Cell-type column: must exist, have no missing values and at least two classes.
+    extra_keys
+        Other obs columns the run needs (strata, split groups).
+    layer
+        Layer holding the matrix (``None`` = ``.X``).
+    require_counts
+        Demand integer values (raw counts).
+
+    Raises
+    ------
+    InputError
+        On the first problem found, naming file, key and values.
+    """
+    check_obs_keys(adata, [batch_key, label_key, *extra_keys])
+    if batch_key is not None:
+        check_groups(adata, batch_key, min_size=2, min_groups=1)
+    if label_key is not None:
+        check_groups(adata, label_key, min_size=1, min_groups=2)
+    check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key)

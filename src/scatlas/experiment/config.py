@@ -1,0 +1,167 @@
+"""Experiment configuration: a YAML file validated by a pydantic schema.
+
+Example (``examples/cellbench_5cl.yaml``)::
+
+    dataset:
+      name: cellbench_5cl
+      path: ../shared/data/cellbench_5cl_celseq2_3plates.h5ad
+      batch_key: batch
+      label_key: cell_line
+      filter: {demuxlet_cls: [SNG]}
+    preprocess: {n_top_genes: 2000}
+    split: {kind: kfold, n_splits: 3}
+    training: {max_epochs: 60, batch_size: 128}
+    models:
+      - {type: pca}
+      - {type: ae}
+      - {type: aec}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scatlas._errors import ConfigError
+from scatlas.data.dataset import DatasetConfig
+from scatlas.models.base import REGISTRY, ModelConfig, parse_model_config
+from scatlas.train import TrainConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PreprocessConfig(_Strict):
+    """Preprocessing (fitted on each split's training cells)."""
+
+    n_top_genes: int | None = Field(2000, ge=1)
+    scale: Literal["none", "maxabs", "standard"] = "none"
+
+
+class SplitConfig(_Strict):
+    """How cells are split: ``kfold`` (stratified by batch × label), ``donor`` or ``study`` held out."""
+
+    kind: Literal["kfold", "donor", "study"] = "kfold"
+    n_splits: int = Field(5, ge=3)
+    group_key: str | None = None
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+
+class TrainingConfig(_Strict):
+    """Trainer settings shared by the neural models (see :class:`scatlas.train.TrainConfig`)."""
+
+    max_epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(10, ge=0)
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+
+    def to_train_config(self, seed: int, progress: bool) -> TrainConfig:
+        """The engine's dataclass."""
+        return TrainConfig(**self.model_dump(), seed=seed, progress=progress)
+
+
+class EvaluationConfig(_Strict):
+    """What is written and scored for every split."""
+
+    sample_size: int = Field(10_000, ge=10)
+    parts: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
+    save_recon: bool = True
+    figures: bool = True
+
+
+class OutputConfig(_Strict):
+    """Where results go: ``<dir>/<dataset>_outputs/latent_space/<scenario>/<model>/<run>``."""
+
+    dir: Path = Path("outputs")
+    scenario: str | None = None
+    run: str = "run1"
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: data, preprocessing, splits, training, models, evaluation, outputs."""
+
+    dataset: DatasetConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    models: list[ModelConfig]
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    seed: int = 0
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> list[ModelConfig]:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"give a non-empty list of models (available types: {sorted(REGISTRY)})")
+        return [v if isinstance(v, ModelConfig) else parse_model_config(v) for v in value]
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        names = [self.model_name(m) for m in self.models]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"models: names must be unique, repeated: {duplicated} (set `name:`)")
+        needing = [self.model_name(m) for m in self.models if REGISTRY[m.type].needs_labels]
+        if needing and self.dataset.label_key is None:
+            raise ValueError(f"models {needing} need labels: set dataset.label_key")
+        return self
+
+    @staticmethod
+    def model_name(model: ModelConfig) -> str:
+        """Directory name of a model in the layout (``name`` or the type in upper case)."""
+        return model.name or model.type.upper()
+
+    @property
+    def scenario(self) -> str:
+        """Scenario directory (default: the split kind)."""
+        return self.output.scenario or self.split.kind
+
+    @property
+    def group_key(self) -> str:
+        """Column defining donors / studies for group splits (default: the batch key)."""
+        return self.split.group_key or self.dataset.batch_key
+
+
+def _format_errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file.
+
+    A relative ``dataset.path`` is taken from the working directory; if no file is
+    there, from the config file's directory.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and every invalid field.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with dataset, models, ...")
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_format_errors(exc)}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    data_path = config.dataset.path
+    if not data_path.is_absolute() and not data_path.exists() and (path.parent / data_path).exists():
+        config.dataset.path = path.parent / data_path
+    return config

@@ -1,0 +1,23 @@
+"""Metric core: pure functions on arrays (DESIGN §7), each tested against a reference implementation."""
+
+from scatlas.metrics.classification import classification_scores, classify_embedding
+from scatlas.metrics.clustering import calinski_harabasz, davies_bouldin, kmeans_ari_nmi, leiden_ari_nmi
+from scatlas.metrics.embedding import embedding_scores
+from scatlas.metrics.silhouette import silhouette_batch, silhouette_label, silhouette_samples, silhouette_score
+from scatlas.metrics.stats import confidence_interval, fold_summary
+
+__all__ = [
+    "calinski_harabasz",
+    "classification_scores",
+    "classify_embedding",
+    "confidence_interval",
+    "davies_bouldin",
+    "embedding_scores",
+    "fold_summary",
+    "kmeans_ari_nmi",
+    "leiden_ari_nmi",
+    "silhouette_batch",
+    "silhouette_label",
+    "silhouette_samples",
+    "silhouette_score",
+]

@@ -1,0 +1,65 @@
+"""Cluster-separation scores of an embedding and agreement of unsupervised clusterings with labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score, normalized_mutual_info_score
+
+
+def davies_bouldin(X: np.ndarray, labels: np.ndarray) -> float:
+    """Davies–Bouldin index (lower = better separated); :func:`sklearn.metrics.davies_bouldin_score`."""
+    return float(davies_bouldin_score(X, labels))
+
+
+def calinski_harabasz(X: np.ndarray, labels: np.ndarray) -> float:
+    """Calinski–Harabasz index (higher = better separated); :func:`sklearn.metrics.calinski_harabasz_score`."""
+    return float(calinski_harabasz_score(X, labels))
+
+
+def kmeans_ari_nmi(X: np.ndarray, labels: np.ndarray, seed: int = 0, n_init: int = 10) -> dict[str, float]:
+    """ARI and NMI between labels and k-means clusters with k = number of labels (scib-metrics' KMeans NMI/ARI).
+
+    Returns
+    -------
+    ``{"kmeans_ari": ..., "kmeans_nmi": ...}``
+    """
+    k = len(np.unique(labels))
+    clusters = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(np.asarray(X, dtype=np.float64))
+    return {
+        "kmeans_ari": float(adjusted_rand_score(labels, clusters)),
+        "kmeans_nmi": float(normalized_mutual_info_score(labels, clusters, average_method="arithmetic")),
+    }
+
+
+def leiden_ari_nmi(
+    X: np.ndarray,
+    labels: np.ndarray,
+    resolutions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0),
+    n_neighbors: int = 15,
+    seed: int = 0,
+) -> dict[str, float]:
+    """ARI and NMI of Leiden clusterings over a resolution sweep; the resolution with the best NMI wins (scib).
+
+    A kNN graph (scanpy ``neighbors``, Euclidean, UMAP connectivities) is built once and
+    clustered with ``igraph``'s Leiden at each resolution.
+
+    Returns
+    -------
+    ``{"leiden_ari": ..., "leiden_nmi": ..., "leiden_resolution": ...}``
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(np.asarray(X, dtype=np.float32))
+    sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X", random_state=seed)
+    best = {"leiden_ari": float("nan"), "leiden_nmi": -1.0, "leiden_resolution": float("nan")}
+    for res in resolutions:
+        sc.tl.leiden(tmp, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, directed=False, key_added="c")
+        clusters = tmp.obs["c"].to_numpy()
+        nmi = normalized_mutual_info_score(labels, clusters)
+        if nmi > best["leiden_nmi"]:
+            best = {"leiden_ari": float(adjusted_rand_score(labels, clusters)), "leiden_nmi": float(nmi), "leiden_resolution": float(res)}
+    return best

@@ -1,0 +1,209 @@
+"""The small protocol every model follows, the registry, and the shared neural-model driver.
+
+The runner only knows :class:`SplitData` (what a model gets for one split) and
+:class:`EmbeddingModel` (``fit`` / ``embed`` / ``reconstruct``, the latter optional).
+Adding a model = one module that subclasses :class:`EmbeddingModel` (or
+:class:`NeuralModel` for a PyTorch module) and decorates it with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from scatlas._errors import ConfigError
+from scatlas.data.loaders import CSRLoader, densify
+from scatlas.train import FitResult, TrainConfig, TrainingPlan, fit
+
+
+@dataclass
+class SplitData:
+    """A split's preprocessed matrix and codes, handed to a model.
+
+    Attributes
+    ----------
+    X
+        Cells × genes CSR of all cells (preprocessed for this split).
+    train, val
+        Row indices used for fitting and early stopping.
+    batch
+        Batch code of each cell (``0 .. n_batches-1``).
+    batch_names
+        Batch name of each code.
+    label
+        Label code of each cell, or ``None``.
+    label_names
+        Label name of each code.
+    """
+
+    X: sp.csr_matrix
+    train: np.ndarray
+    val: np.ndarray
+    batch: np.ndarray
+    batch_names: list[str]
+    label: np.ndarray | None = None
+    label_names: list[str] | None = None
+
+    @property
+    def n_genes(self) -> int:
+        """Number of input features."""
+        return self.X.shape[1]
+
+    def class_weights(self) -> np.ndarray:
+        """Balanced class weights ``n / (K · n_c)`` on the training cells (0 for classes absent there)."""
+        assert self.label is not None and self.label_names is not None
+        counts = np.bincount(self.label[self.train], minlength=len(self.label_names)).astype(float)
+        present = counts > 0
+        weights = np.zeros_like(counts)
+        weights[present] = counts.sum() / (present.sum() * counts[present])
+        return weights
+
+
+class ModelConfig(BaseModel):
+    """Fields common to every model entry of an experiment config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    name: str | None = None
+
+
+class EmbeddingModel(abc.ABC):
+    """A model that fits on one split and embeds (and optionally reconstructs) cells."""
+
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+    #: Name of the latent array in the output layout (``<latent_name>_<split>.npy``).
+    latent_name: ClassVar[str] = "latent"
+    #: Whether the model needs labels to train.
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
+        self.config = config
+        self.train_config = train
+
+    @abc.abstractmethod
+    def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
+        """Train on ``data.train`` (early-stopping on ``data.val``); return the epoch history or ``None``."""
+
+    @abc.abstractmethod
+    def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """Latent coordinates of the cells ``rows``."""
+
+    def reconstruct(self, data: SplitData, rows: np.ndarray) -> np.ndarray | None:
+        """Reconstruction of the cells ``rows`` in input space (``None`` if the model has none)."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters written to ``model_params.yaml``."""
+        return self.config.model_dump(mode="json")
+
+
+REGISTRY: dict[str, type[EmbeddingModel]] = {}
+
+
+def register(name: str) -> Callable[[type[EmbeddingModel]], type[EmbeddingModel]]:
+    """Class decorator adding a model to :data:`REGISTRY` under ``name`` (the config's ``type``)."""
+
+    def deco(cls: type[EmbeddingModel]) -> type[EmbeddingModel]:
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def parse_model_config(entry: dict[str, Any]) -> ModelConfig:
+    """Validate one ``models:`` entry against its model's schema."""
+    kind = entry.get("type")
+    if kind not in REGISTRY:
+        raise ConfigError(f"models: unknown model type {kind!r}; available: {sorted(REGISTRY)}")
+    try:
+        return REGISTRY[kind].Config.model_validate(entry)
+    except ValidationError as exc:
+        raise ConfigError(f"models: invalid entry for {kind!r}: {_pydantic_message(exc)}") from exc
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
+def build_model(config: ModelConfig, train: TrainConfig) -> EmbeddingModel:
+    """Instantiate the registered model for a validated config."""
+    return REGISTRY[config.type](config, train)
+
+
+class NeuralModel(EmbeddingModel):
+    """Driver for models whose maths live in an ``nn.Module`` trained by :class:`~scatlas.train.TrainingPlan`.
+
+    Subclasses implement :meth:`build_module` (the ``nn.Module`` with ``loss``,
+    ``embed`` and optionally ``reconstruct`` methods that take a batch dict) and may
+    override :meth:`build_plan` for special optimisation.
+    """
+
+    plan: TrainingPlan | None = None
+
+    @abc.abstractmethod
+    def build_module(self, data: SplitData) -> nn.Module:
+        """The ``nn.Module`` for this split's dimensions."""
+
+    def build_plan(self, module: nn.Module) -> TrainingPlan:
+        """The Lightning plan training ``module``."""
+        return TrainingPlan(module, lr=self.train_config.lr, weight_decay=self.train_config.weight_decay)
+
+    def covariates(self, data: SplitData) -> dict[str, np.ndarray]:
+        """Per-cell integer arrays added to every batch (batch codes, labels when present)."""
+        cov = {"batch": data.batch}
+        if data.label is not None:
+            cov["label"] = data.label
+        return cov
+
+    def loader(self, data: SplitData, rows: np.ndarray, shuffle: bool) -> CSRLoader:
+        """A minibatch loader over ``rows`` of this split."""
+        return CSRLoader(
+            data.X,
+            rows,
+            batch_size=self.train_config.batch_size,
+            shuffle=shuffle,
+            covariates=self.covariates(data),
+            seed=self.train_config.seed,
+            drop_last=shuffle,
+        )
+
+    def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
+        """Train with the shared engine; returns the epoch history."""
+        torch.manual_seed(self.train_config.seed)
+        self.plan = self.build_plan(self.build_module(data))
+        val = self.loader(data, data.val, shuffle=False) if len(data.val) else None
+        result: FitResult = fit(self.plan, self.loader(data, data.train, shuffle=True), val, self.train_config, checkpoint_dir, resume)
+        return result.history
+
+    @torch.no_grad()
+    def apply(self, data: SplitData, rows: np.ndarray, method: str, **kwargs: Any) -> np.ndarray:
+        """Run ``module.<method>(batch, **kwargs)`` over ``rows`` in inference mode and stack the results."""
+        if self.plan is None:
+            raise RuntimeError("fit the model first")
+        plan = self.plan.eval()
+        device = next(plan.parameters()).device
+        outputs = []
+        for batch in CSRLoader(data.X, rows, batch_size=max(self.train_config.batch_size, 1024), covariates=self.covariates(data), prefetch=0):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch["x"] = densify(batch)
+            outputs.append(getattr(plan.module, method)(batch, **kwargs).float().cpu().numpy())
+        return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+    def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """Latent coordinates (``module.embed``)."""
+        return self.apply(data, rows, "embed")
+
+    def reconstruct(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """Reconstructions (``module.reconstruct``)."""
+        return self.apply(data, rows, "reconstruct")

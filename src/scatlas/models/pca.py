@@ -1,0 +1,42 @@
+"""PCA baseline, run through the same path as every model so each table has a reference row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+from sklearn.decomposition import PCA as SkPCA
+
+from scatlas.models.base import EmbeddingModel, ModelConfig, SplitData, register
+
+
+class PCAConfig(ModelConfig):
+    """PCA settings."""
+
+    type: str = "pca"
+    n_components: int = Field(50, ge=1)
+
+
+@register("pca")
+class PCA(EmbeddingModel):
+    """scikit-learn PCA fitted on the training cells; reconstructions via ``inverse_transform``."""
+
+    Config = PCAConfig
+    latent_name = "pca"
+
+    def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
+        """Fit PCA on the dense training matrix (no history)."""
+        n = min(self.config.n_components, len(data.train) - 1, data.n_genes)  # type: ignore[attr-defined]
+        self.pca = SkPCA(n_components=n, random_state=self.train_config.seed)
+        self.pca.fit(data.X[data.train].toarray())
+        return None
+
+    def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """Principal-component coordinates."""
+        return self.pca.transform(data.X[rows].toarray()).astype(np.float32)
+
+    def reconstruct(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """Projection back onto the genes."""
+        return self.pca.inverse_transform(self.embed(data, rows)).astype(np.float32)

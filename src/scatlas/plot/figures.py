@@ -1,0 +1,68 @@
+"""Matplotlib figures written atomically (headless backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from scatlas._io import save_figure  # noqa: E402
+
+
+def loss_curves(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Plot every ``train_*`` / ``val_*`` column of an epoch history against ``epoch``.
+
+    One panel per loss term (``loss``, ``recon``, ...), train solid and validation dashed.
+    """
+    terms = sorted({c.split("_", 1)[1] for c in history.columns if c.startswith(("train_", "val_"))})
+    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
+    for ax, term in zip(axes[0], terms, strict=True):
+        for prefix, style in (("train", "-"), ("val", "--")):
+            column = f"{prefix}_{term}"
+            if column in history:
+                ax.plot(history["epoch"], history[column], style, label=prefix)
+        ax.set_xlabel("epoch")
+        ax.set_title(term)
+        ax.legend(frameon=False)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def umap_coordinates(X: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.5) -> np.ndarray:
+    """2-D UMAP of an embedding (scanpy ``neighbors`` + ``umap``, as scMEDAL)."""
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(np.asarray(X, dtype=np.float32))
+    sc.pp.neighbors(tmp, n_neighbors=min(n_neighbors, len(X) - 1), use_rep="X", random_state=seed)
+    sc.tl.umap(tmp, min_dist=min_dist, random_state=seed)
+    return tmp.obsm["X_umap"]
+
+
+def embedding_panels(
+    coords: np.ndarray, colours: Mapping[str, np.ndarray], path: str | Path, title: str = "", axis: str = "UMAP"
+) -> Path:
+    """Scatter the 2-D ``coords`` once per entry of ``colours`` (e.g. label, batch), with legends."""
+    fig, axes = plt.subplots(1, len(colours), figsize=(7 * len(colours), 4.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], colours.items(), strict=True):
+        values = np.asarray(values).astype(str)
+        cats = list(pd.unique(values))
+        cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
+        for i, cat in enumerate(cats):
+            mask = values == cat
+            ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=cmap(i % cmap.N), label=cat, linewidths=0)
+        ax.set_title(f"{title} — {name}" if title else name)
+        ax.set_xlabel(f"{axis} 1")
+        ax.set_ylabel(f"{axis} 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if len(cats) <= 25:
+            ax.legend(markerscale=2.5, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,230 @@
+"""The one training engine every neural model goes through (Lightning).
+
+* :class:`TrainingPlan` — a ``LightningModule`` around any ``nn.Module`` that implements
+  ``loss(batch) -> dict`` (with a ``"loss"`` entry); it densifies CSR minibatches on the
+  device, logs every loss term as ``train_<term>`` / ``val_<term>`` and builds the
+  optimiser. Models with several optimisers subclass it.
+* :class:`History` — a callback that keeps one row per epoch (saved in checkpoints so a
+  resumed run keeps its past).
+* :func:`fit` — trainer construction: early stopping and best checkpoint on a metric the
+  plan really logs, ``last.ckpt`` for resuming, seeds, ``accelerator="auto"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from torch import nn
+
+from scatlas.data.loaders import Batch, CSRLoader, densify
+
+for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*is an invalid value for `num_workers`.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+class TrainingPlan(L.LightningModule):
+    """Train an ``nn.Module`` whose ``loss(batch)`` returns a dict of scalar tensors.
+
+    Parameters
+    ----------
+    module
+        The model. ``module.loss(batch)`` gets a batch with a dense ``"x"`` tensor and
+        the loader's covariates; it returns ``{"loss": total, <term>: value, ...}``.
+    lr
+        Learning rate (Adam / AdamW).
+    weight_decay
+        Weight decay (AdamW when > 0).
+    """
+
+    def __init__(self, module: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.module = module
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Densify the CSR minibatch on the device it was moved to."""
+        if "x_indptr" in batch:
+            batch = dict(batch)
+            batch["x"] = densify(batch)
+        return batch
+
+    def _log_terms(self, prefix: str, terms: dict[str, torch.Tensor], n: int) -> None:
+        for key, value in terms.items():
+            self.log(f"{prefix}_{key}", value.detach(), on_step=False, on_epoch=True, batch_size=n, prog_bar=key == "loss")
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """One optimisation step on ``module.loss``."""
+        terms = self.module.loss(batch)
+        self._log_terms("train", terms, batch["x"].shape[0])
+        return terms["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Log validation losses (inference mode: dropout off, BN running stats)."""
+        self._log_terms("val", self.module.loss(batch), batch["x"].shape[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam, or AdamW when ``weight_decay > 0``."""
+        if self.weight_decay > 0:
+            return torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(self.module.parameters(), lr=self.lr)
+
+
+class History(Callback):
+    """Collect the epoch-level logged metrics (``train_*``, ``val_*``) into a table."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the metrics of the epoch that just ended (validation included)."""
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": float(trainer.current_epoch)}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))})
+        self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints so that resumed runs keep their earlier epochs."""
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the epochs recorded before a checkpoint."""
+        self.rows = list(state_dict["rows"])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per epoch."""
+        return pd.DataFrame(self.rows)
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings shared by every neural model.
+
+    Attributes
+    ----------
+    max_epochs
+        Upper bound on epochs.
+    batch_size
+        Cells per minibatch.
+    lr
+        Learning rate.
+    weight_decay
+        Weight decay (AdamW when > 0).
+    patience
+        Early-stopping patience in epochs (0 disables early stopping).
+    monitor
+        Metric for early stopping and best checkpoint; must be logged by the plan.
+    accelerator
+        Lightning accelerator (``auto`` uses a GPU when present).
+    devices
+        Lightning devices.
+    seed
+        Seed for weights, dropout and shuffling.
+    progress
+        Show a progress bar.
+    """
+
+    max_epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10
+    monitor: str = "val_loss"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the epoch history and the best checkpoint's path."""
+
+    history: pd.DataFrame
+    best_checkpoint: Path | None
+
+
+def _progress_bar() -> Callback:
+    try:
+        import rich  # noqa: F401
+
+        return RichProgressBar(leave=False)
+    except ImportError:  # pragma: no cover - rich is a dependency
+        return TQDMProgressBar()
+
+
+def fit(
+    plan: TrainingPlan,
+    train: CSRLoader,
+    val: CSRLoader | None,
+    config: TrainConfig,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Train ``plan`` with early stopping, checkpoints and history, then load the best weights.
+
+    Parameters
+    ----------
+    plan
+        The training plan.
+    train, val
+        Minibatch loaders (``val`` may be ``None``: then no early stopping).
+    config
+        Trainer settings.
+    checkpoint_dir
+        Where ``best.ckpt`` and ``last.ckpt`` go (``None``: no checkpoints on disk).
+    resume
+        Continue from ``checkpoint_dir/last.ckpt`` if it exists.
+
+    Returns
+    -------
+    The history (one row per epoch) and the best checkpoint path.
+    """
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    history = History()
+    callbacks: list[Callback] = [history]
+    monitor = config.monitor if val is not None else config.monitor.replace("val_", "train_")
+    checkpoint: ModelCheckpoint | None = None
+    if checkpoint_dir is not None:
+        checkpoint = ModelCheckpoint(
+            dirpath=checkpoint_dir, filename="best", monitor=monitor, mode="min", save_last=True, save_top_k=1
+        )
+        callbacks.append(checkpoint)
+    if config.patience > 0 and val is not None:
+        callbacks.append(EarlyStopping(monitor=monitor, patience=config.patience, mode="min"))
+    if config.progress:
+        callbacks.append(_progress_bar())
+    trainer = L.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint is not None,
+        enable_progress_bar=config.progress,
+        enable_model_summary=False,
+        deterministic="warn",
+        num_sanity_val_steps=0,
+    )
+    last = Path(checkpoint_dir) / "last.ckpt" if checkpoint_dir is not None else None
+    ckpt_path = str(last) if resume and last is not None and last.exists() else None
+    trainer.fit(plan, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
+    best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
+    if best is not None and best.exists():
+        state = torch.load(best, map_location=plan.device, weights_only=False)["state_dict"]
+        plan.load_state_dict(state)
+    plan.eval()
+    return FitResult(history=history.to_frame(), best_checkpoint=best)

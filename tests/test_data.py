@@ -1,0 +1,171 @@
+"""Data layer: normalisation, HVGs, splits, loaders and validation, on the shared real datasets."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+
+from scatlas import InputError
+from scatlas.data import (
+    CSRLoader,
+    densify,
+    gather_rows,
+    group_splits,
+    highly_variable_genes,
+    kfold_splits,
+    normalize_log1p,
+    preprocess_split,
+    read_h5ad,
+    study_splits,
+    validate,
+)
+from scatlas.data.dataset import DatasetConfig, load_dataset
+
+
+@pytest.fixture(scope="module")
+def cellbench(cellbench5_path):
+    return ad.read_h5ad(cellbench5_path)
+
+
+def test_normalize_log1p_matches_scanpy(cellbench):
+    ref = cellbench.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    ours = normalize_log1p(cellbench.X)
+    np.testing.assert_allclose(ours.toarray(), ref.X.toarray(), rtol=1e-5, atol=1e-5)
+
+
+def test_hvg_uses_training_cells_only(cellbench):
+    X = normalize_log1p(cellbench.X)
+    train = np.arange(0, 600)
+    genes = highly_variable_genes(X, train, 500)
+    assert len(genes) == 500
+    changed = X.tolil()
+    changed[700:, :50] = 9.0  # wild values in non-training cells
+    assert np.array_equal(highly_variable_genes(changed.tocsr(), train, 500), genes)
+    prep = preprocess_split(X, cellbench.var_names.to_numpy(), train, 500, scale="maxabs")
+    assert prep.X.shape == (cellbench.n_obs, 500)
+    assert prep.X[train].max() == pytest.approx(1.0)
+
+
+def test_gather_and_densify_equal_scipy(cellbench):
+    X = sp.csr_matrix(cellbench.X, dtype=np.float32)
+    rows = np.random.default_rng(0).choice(X.shape[0], 77, replace=False)
+    indptr, indices, data = gather_rows(X, rows)
+    np.testing.assert_array_equal(sp.csr_matrix((data, indices, indptr), shape=(77, X.shape[1])).toarray(), X[rows].toarray())
+    batch = {"x_indptr": torch.from_numpy(indptr), "x_indices": torch.from_numpy(indices), "x_data": torch.from_numpy(data), "n_genes": X.shape[1]}
+    np.testing.assert_array_equal(densify(batch).numpy(), X[rows].toarray())
+
+
+def test_loader_epochs_cover_rows_and_are_seeded(cellbench):
+    X = sp.csr_matrix(cellbench.X, dtype=np.float32)
+    rows = np.arange(10, 510)
+    codes = np.arange(X.shape[0]) % 3
+    loader = CSRLoader(X, rows, batch_size=64, shuffle=True, covariates={"batch": codes}, seed=3)
+    assert len(loader) == 8
+    seen = [b["row"].numpy() for b in loader]
+    assert np.array_equal(np.sort(np.concatenate(seen)), rows)
+    first = seen[0]
+    assert not np.array_equal(first, rows[:64])  # shuffled
+    assert not np.array_equal(next(iter(loader))["row"].numpy(), first)  # reshuffled next epoch
+    again = CSRLoader(X, rows, batch_size=64, shuffle=True, covariates={"batch": codes}, seed=3)
+    b = next(iter(again))
+    assert np.array_equal(b["row"].numpy(), first)
+    assert np.array_equal(b["batch"].numpy(), codes[first])
+    assert len(CSRLoader(X, rows, batch_size=64, shuffle=True, drop_last=True)) == 7
+
+
+def test_kfold_scheme(cellbench):
+    strata = (cellbench.obs["batch"].astype(str) + "_" + cellbench.obs["cell_line"].astype(str)).to_numpy()
+    splits = kfold_splits(strata, n_splits=3, seed=0)
+    for s in splits:
+        assert len(np.intersect1d(s.train, s.test)) == 0 and len(np.intersect1d(s.val, s.test)) == 0
+        assert len(s.train) + len(s.val) + len(s.test) == len(strata)
+    # test parts rotate and tile the data; val of split k is the test of split k+1
+    assert np.array_equal(np.sort(np.concatenate([s.test for s in splits])), np.arange(len(strata)))
+    assert np.array_equal(splits[0].val, splits[1].test)
+    # stratified: every stratum appears in every test part
+    for s in splits:
+        assert set(strata[s.test]) == set(strata)
+
+
+def test_group_and_study_splits(cellbench):
+    batch = cellbench.obs["batch"].astype(str).to_numpy()
+    donors = np.char.add(batch, (np.arange(len(batch)) % 4).astype(str))
+    for s in group_splits(donors, n_splits=3, seed=0):
+        assert not set(donors[s.train]) & set(donors[s.test])
+        assert not set(donors[s.val]) & set(donors[s.test])
+    labels = cellbench.obs["cell_line"].astype(str).to_numpy()
+    study = study_splits(batch, labels, val_fraction=0.2)
+    assert len(study) == 3
+    for s in study:
+        assert len(set(batch[s.test])) == 1 and set(batch[s.test]).isdisjoint(batch[s.train])
+    with pytest.raises(InputError, match="at least n_splits"):
+        group_splits(batch, n_splits=5)
+
+
+def _write(adata: ad.AnnData, tmp_path, name="bad.h5ad"):
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return path
+
+
+def test_validation_names_file_key_and_values(cellbench, tmp_path):
+    good = cellbench[:100].copy()
+    path = _write(good, tmp_path, "good.h5ad")
+    validate(read_h5ad(path), batch_key="batch", label_key="cell_line", require_counts=True)
+
+    with pytest.raises(InputError, match=r"good.h5ad: obs column 'donor' not found; available columns: \['batch'"):
+        validate(read_h5ad(path), batch_key="donor")
+
+    nan = good.copy()
+    nan.X = nan.X.toarray()
+    nan.X[3, 5] = np.nan
+    with pytest.raises(InputError, match=r"bad.h5ad: .X has NaN or infinite values in 1 cells"):
+        validate(read_h5ad(_write(nan, tmp_path)), batch_key="batch")
+
+    neg = good.copy()
+    neg.X.data[:4] = -1
+    with pytest.raises(InputError, match=r"negative values .*batch = 'CELseq2_p1'"):
+        validate(read_h5ad(_write(neg, tmp_path)), batch_key="batch")
+
+    single = good.copy()
+    single.obs["one"] = "x"
+    with pytest.raises(InputError, match=r"obs column 'one' has 1 distinct value"):
+        validate(read_h5ad(_write(single, tmp_path)), label_key="one")
+
+    lonely = good.copy()
+    lonely.obs["batch"] = lonely.obs["batch"].astype(str)
+    lonely.obs.iloc[0, lonely.obs.columns.get_loc("batch")] = "lonely_plate"
+    with pytest.raises(InputError, match=r"fewer than 2 cells: 'lonely_plate \(1 cells\)'"):
+        validate(read_h5ad(_write(lonely, tmp_path)), batch_key="batch")
+
+
+def test_non_integer_batch_is_named(cepo_path):
+    """Real data: one of the three pancreas studies is not integer counts."""
+    with pytest.raises(InputError, match=r"non-integer values .*batch = ") as info:
+        validate(read_h5ad(cepo_path), batch_key="batch", label_key="cellTypes", require_counts=True)
+    adata = ad.read_h5ad(cepo_path)
+    X = adata.X.tocsr()
+    bad = {b for b in adata.obs["batch"].unique() if np.any(X[(adata.obs["batch"] == b).to_numpy()].data % 1 != 0)}
+    assert all(str(b) in str(info.value) for b in bad) and len(bad) == 1
+    validate(read_h5ad(cepo_path), batch_key="batch", label_key="cellTypes", require_counts=False)
+
+
+def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):
+    cfg = DatasetConfig(name="cb", path=cellbench5_path, batch_key="batch", label_key="cell_line", filter={"demuxlet_cls": ["SNG"]}, backed=True)
+    data = load_dataset(cfg)
+    assert data.n_cells == 571
+    assert list(data.label.categories) == list(pd.unique(data.obs["cell_line"].astype(str)))
+    assert data.strata()[0].startswith(str(data.batch[0]) + "_")
+    with pytest.raises(InputError, match=r"filter on obs column 'demuxlet_cls': values \['single'\] do not occur"):
+        load_dataset(cfg.model_copy(update={"filter": {"demuxlet_cls": ["single"]}}))
+    with pytest.raises(InputError, match=r"layer 'counts' not found; available layers: \[\]"):
+        load_dataset(cfg.model_copy(update={"layer": "counts"}))
+    with pytest.raises(InputError, match="file not found"):
+        load_dataset(cfg.model_copy(update={"path": tmp_path / "nope.h5ad"}))

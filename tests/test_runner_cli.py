@@ -1,0 +1,172 @@
+"""`scatlas run`, `demo` and `validate` as a user runs them: layout, scores, resume, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import silhouette_score
+from typer.testing import CliRunner
+
+from scatlas.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _config(tmp_path: Path, data: Path, **overrides) -> Path:
+    cfg = yaml.safe_load((REPO / "examples" / "cellbench_5cl.yaml").read_text())
+    cfg["dataset"]["path"] = str(data)
+    cfg["training"].update(max_epochs=12, patience=5)
+    cfg["output"]["dir"] = str(tmp_path / "out")
+    for key, value in overrides.items():
+        cfg[key] = value
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cellbench5_path):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _config(tmp, cellbench5_path)
+    result = runner.invoke(app, ["run", str(cfg), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return tmp / "out" / "cellbench_5cl_outputs", cfg, result.output
+
+
+def test_layout_written(finished_run):
+    root, _, output = finished_run
+    assert "ASW label" in output
+    for model in ("PCA", "AE", "AEC"):
+        run = root / "latent_space" / "kfold" / model / "run1"
+        latent = "pca" if model == "PCA" else "latent"
+        for part in ("train", "val", "test"):
+            assert (run / f"all_scores_{part}_samplesize-10000.csv").exists()
+            assert (run / f"mean_scores_{part}_samplesize-10000.csv").exists()
+            for n in (1, 2, 3):
+                split = run / f"splits_{n}"
+                obs = pd.read_csv(split / f"obs_{part}.csv")
+                assert list(obs.columns) == ["cell_id", "batch", "label"]
+                assert np.load(split / f"{latent}_{part}.npy").shape[0] == len(obs)
+                assert np.load(split / f"recon_{part}.npy").shape == (len(obs), 2000)
+        assert not list(run.glob(".splits_*"))
+        figures = root / "figures" / "kfold" / model / "run1"
+        assert (figures / "splits_1" / "umap_test.png").exists()
+        assert (root / "saved_models" / "kfold" / model / "run1" / "config.yaml").exists()
+        if model != "PCA":
+            assert (run / "history_allfolds.csv").exists() and (figures / "avg_loss.png").exists()
+            assert (root / "saved_models" / "kfold" / model / "run1" / "splits_1" / "checkpoints" / "best.ckpt").exists()
+    assignment = pd.read_csv(root / "saved_models" / "kfold" / "AE" / "run1" / "split_assignment.csv")
+    assert len(assignment) == 571 and set(assignment["split_1"]) == {"train", "val", "test"}
+
+
+def test_scores_equal_sklearn_on_saved_latent(finished_run):
+    root, _, _ = finished_run
+    for model in ("AE", "AEC", "PCA"):
+        run = root / "latent_space" / "kfold" / model / "run1"
+        latent = "pca" if model == "PCA" else "latent"
+        for n in (1, 2, 3):
+            split = run / f"splits_{n}"
+            obs = pd.read_csv(split / "obs_test.csv")
+            z = np.load(split / f"{latent}_test.npy")
+            scores = pd.read_csv(split / "scores_test_samplesize-10000.csv").iloc[0]
+            assert scores["silhouette_label"] == pytest.approx(silhouette_score(z, obs["label"]), abs=1e-5)
+            assert scores["silhouette_batch"] == pytest.approx(silhouette_score(z, obs["batch"]), abs=1e-5)
+        mean = pd.read_csv(run / "mean_scores_test_samplesize-10000.csv").set_index("metric")
+        # the five cell lines separate in every latent
+        assert mean.loc["silhouette_label", "mean"] > 0.3
+
+
+def test_resume_skips_finished_and_refuses_overwrite(finished_run):
+    root, cfg, _ = finished_run
+    result = runner.invoke(app, ["run", str(cfg), "--quiet"])
+    assert result.exit_code == 2 and "--resume" in result.output
+    run = root / "latent_space" / "kfold" / "AE" / "run1"
+    kept = (run / "splits_1" / "latent_test.npy").stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(run / "splits_2")
+    result = runner.invoke(app, ["run", str(cfg), "--quiet", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "split 1: done earlier, skipped" in result.output
+    assert (run / "splits_1" / "latent_test.npy").stat().st_mtime_ns == kept
+    assert (run / "splits_2" / "latent_test.npy").exists()
+    assert "split 2/3: PCA" not in result.output  # only the model missing split 2 reran
+
+
+def _bad_file(tmp_path: Path, src: Path, mutate) -> Path:
+    adata = ad.read_h5ad(src)
+    adata = adata[adata.obs["demuxlet_cls"] == "SNG"].copy()
+    mutate(adata)
+    path = tmp_path / "bad.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _nan(a):
+    a.X = a.X.toarray()
+    a.X[0, 0] = np.nan
+
+
+def _negative(a):
+    a.X.data[:10] = -3
+
+
+def _one_class(a):
+    a.obs["cell_line"] = "H838"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_nan, "NaN or infinite values"),
+        (_negative, "negative values"),
+        (_one_class, "obs column 'cell_line' has 1 distinct value"),
+    ],
+)
+def test_bad_input_one_line_error_no_run_dir(tmp_path, cellbench5_path, mutate, message):
+    data = _bad_file(tmp_path, cellbench5_path, mutate)
+    cfg = _config(tmp_path, data)
+    result = runner.invoke(app, ["run", str(cfg), "--quiet"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0] and "bad.h5ad" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_key_and_bad_config(tmp_path, cellbench5_path):
+    cfg = yaml.safe_load(_config(tmp_path, cellbench5_path).read_text())
+    cfg["dataset"]["batch_key"] = "plate"
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "obs column 'plate' not found" in result.output
+    cfg["dataset"]["batch_key"] = "batch"
+    cfg["models"] = [{"type": "vae"}]
+    path.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "unknown model type 'vae'" in result.output and "'aec'" in result.output
+    cfg["models"] = [{"type": "ae", "latent_dim": -1}]
+    path.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "latent_dim" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_command(cepo_path, cellbench5_path):
+    ok = runner.invoke(app, ["validate", str(cellbench5_path), "--batch-key", "batch", "--label-key", "cell_line"])
+    assert ok.exit_code == 0 and "OK (909 cells" in ok.output
+    bad = runner.invoke(app, ["validate", str(cepo_path), "--batch-key", "batch"])
+    assert bad.exit_code == 2 and "non-integer" in bad.output
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "demo", "validate", "models"):
+        assert command in result.output
