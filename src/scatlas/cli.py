@@ -79,7 +79,8 @@ def run(
     result = run_experiment(cfg, output_dir=output_dir, resume=resume, progress=not quiet, log=console.print)
     _print_summary(result.summary)
     for name, layout in result.layouts.items():
-        console.print(f"{name}: results in {layout.latent_dir}, figures in {layout.figures_dir}")
+        figures = f" (figures: {layout.figures_dir})" if layout.figures_dir.exists() else ""
+        console.print(f"{name}: {layout.latent_dir}{figures}", soft_wrap=True)
 
 
 @app.command()

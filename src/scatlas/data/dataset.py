@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +73,8 @@ class CellData:
         Categorical batch of each cell (categories in order of first appearance).
     label
         Categorical label of each cell, or ``None``.
+    obsm
+        The file's ``.obsm`` arrays (e.g. embeddings computed elsewhere), row-aligned.
     """
 
     name: str
@@ -81,6 +83,7 @@ class CellData:
     obs: pd.DataFrame
     batch: pd.Categorical
     label: pd.Categorical | None
+    obsm: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:
@@ -166,4 +169,5 @@ def load_dataset(config: DatasetConfig, extra_keys: tuple[str, ...] = ()) -> Cel
         obs=obs,
         batch=_categorical(obs[config.batch_key]),
         label=_categorical(obs[config.label_key]) if config.label_key else None,
+        obsm={k: np.asarray(v) for k, v in adata.obsm.items()},
     )

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
-from scatlas.models.base import REGISTRY, ModelConfig, parse_model_config
+from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, parse_model_config
 from scatlas.train import TrainConfig
 
 
@@ -110,6 +110,16 @@ class ExperimentConfig(_Strict):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"models: names must be unique, repeated: {duplicated} (set `name:`)")
+        for i, m in enumerate(self.models):
+            unknown = sorted(set(m.training) - set(TrainingConfig.model_fields))
+            if unknown:
+                raise ValueError(f"models: {self.model_name(m)}: unknown training settings {unknown}; valid: {sorted(TrainingConfig.model_fields)}")
+            cls = REGISTRY[m.type]
+            if issubclass(cls, LatentClassifier):
+                earlier = names[:i]
+                missing = [s for s in cls.sources(m) if not s.startswith("obsm:") and s not in earlier]
+                if missing:
+                    raise ValueError(f"models: {self.model_name(m)} reads latents of {missing}, which must be models listed before it (have {earlier})")
         needing = [self.model_name(m) for m in self.models if REGISTRY[m.type].needs_labels]
         if needing and self.dataset.label_key is None:
             raise ValueError(f"models {needing} need labels: set dataset.label_key")

@@ -11,6 +11,7 @@ split are removed.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from scatlas.experiment.config import ExperimentConfig
 from scatlas.experiment.layout import RunLayout
 from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
-from scatlas.models.base import EmbeddingModel, ModelConfig, SplitData, build_model
+from scatlas.models.base import REGISTRY, AnyModel, CounterfactualModel, EmbeddingModel, LatentClassifier, ModelConfig, SplitData, build_model
 from scatlas.plot.figures import embedding_panels, loss_curves, umap_coordinates
 
 Log = Callable[[str], None]
@@ -87,12 +88,48 @@ class _SplitRunner:
     def __init__(self, config: ExperimentConfig, data: CellData, layout: RunLayout, log: Log) -> None:
         self.config, self.data, self.layout, self.log = config, data, layout, log
 
-    def run(self, model: EmbeddingModel, sdata: SplitData, split: Split, resume: bool) -> None:
-        cfg, layout, n = self.config, self.layout, split.number
-        stage = layout.staging_dir(n)
+    def _stage(self, n: int) -> Path:
+        stage = self.layout.staging_dir(n)
         if stage.exists():
             shutil.rmtree(stage)
         stage.mkdir(parents=True)
+        return stage
+
+    def run(self, model: AnyModel, sdata: SplitData, split: Split, resume: bool) -> None:
+        if isinstance(model, LatentClassifier):
+            self.run_classifier(model, split)
+        else:
+            self.run_embedding(model, sdata, split, resume)
+
+    def _features(self, source: str, split: Split, part: str) -> np.ndarray:
+        if source.startswith("obsm:"):
+            return np.asarray(self.data.obsm[source[5:]])[split.part(part)]
+        entry = next(m for m in self.config.models if self.config.model_name(m) == source)
+        ref = RunLayout(self.layout.root, self.layout.dataset, self.layout.scenario, source, self.layout.run)
+        return np.load(ref.split_dir(split.number) / f"{REGISTRY[entry.type].latent_name}_{part}.npy")
+
+    def run_classifier(self, model: LatentClassifier, split: Split) -> None:
+        """Classify each part's cells from the latents of the models the classifier names."""
+        layout, n = self.layout, split.number
+        stage = self._stage(n)
+        parts = [p for p in self.config.evaluation.parts if len(split.part(p))]
+        if "train" not in parts:
+            parts = ["train", *parts]
+        sources = type(model).sources(model.config)
+        features = {p: np.hstack([self._features(s, split, p) for s in sources]) for p in parts}
+        labels = {p: np.asarray(self.data.label, dtype=str)[split.part(p)] for p in parts}
+        metrics, predictions = model.fit_predict(features, labels)
+        write_csv(metrics, stage / "metrics.csv")
+        for part, table in predictions.items():
+            table.insert(0, "cell_id", self.data.cell_ids[split.part(part)])
+            write_csv(table, stage / f"y_pred_{part}.csv")
+        write_yaml(model.params(), layout.models_dir / f"splits_{n}" / "model_params.yaml")
+        layout.publish(n)
+
+    def run_embedding(self, model: EmbeddingModel, sdata: SplitData, split: Split, resume: bool) -> None:
+        """Fit, then write latents, reconstructions, counterfactuals, scores and figures of every part."""
+        cfg, layout, n = self.config, self.layout, split.number
+        stage = self._stage(n)
         history = model.fit(sdata, layout.checkpoint_dir(n), resume=resume)
         write_yaml(model.params(), layout.models_dir / f"splits_{n}" / "model_params.yaml")
         if history is not None and len(history):
@@ -109,6 +146,8 @@ class _SplitRunner:
             recon = model.reconstruct(sdata, rows) if cfg.evaluation.save_recon else None
             if recon is not None:
                 write_npy(recon, stage / f"recon_{part}.npy")
+            if cfg.evaluation.save_recon and isinstance(model, CounterfactualModel):
+                self._counterfactuals(model.counterfactuals(sdata, rows), stage, part)
             labels = np.asarray(self.data.label)[rows] if self.data.label is not None else None
             batch = np.asarray(self.data.batch)[rows]
             scores = embedding_scores(latent, labels, batch, cfg.evaluation.sample_size, seed=cfg.seed)
@@ -116,6 +155,15 @@ class _SplitRunner:
             if cfg.evaluation.figures and part == "test":
                 self._figures(latent, labels, batch, n)
         layout.publish(n)
+
+    @staticmethod
+    def _counterfactuals(recons: dict[str, np.ndarray], stage: Path, part: str) -> None:
+        order = []
+        for i, (batch, recon) in enumerate(recons.items()):
+            name = f"recon_batch_{part}_{safe_name(batch)}.npy"
+            write_npy(recon, stage / name)
+            order.append({"order": i, "batch": batch, "file": name})
+        write_csv(pd.DataFrame(order), stage / f"counterfactual_batches_{part}.csv")
 
     def _figures(self, latent: np.ndarray, labels: np.ndarray | None, batch: np.ndarray, n: int) -> None:
         colours = {"label": labels, "batch": batch} if labels is not None else {"batch": batch}
@@ -153,6 +201,7 @@ def aggregate(layout: RunLayout, config: ExperimentConfig) -> pd.DataFrame:
         write_csv(summary, layout.latent_dir / f"mean_{_score_name(part, size)}")
         if part == "test":
             test_summary = summary
+    _aggregate_classifier(layout, splits)
     histories = [
         pd.read_csv(layout.split_dir(n) / "history.csv").assign(split=n)
         for n in splits
@@ -166,6 +215,25 @@ def aggregate(layout: RunLayout, config: ExperimentConfig) -> pd.DataFrame:
         if config.evaluation.figures:
             loss_curves(mean_history, layout.figures_dir / "avg_loss.png", f"{layout.model}: mean over folds")
     return test_summary
+
+
+def _aggregate_classifier(layout: RunLayout, splits: list[int]) -> None:
+    """``metrics_allfolds.csv`` and ``metrics_allfolds_95CI.csv`` of a latent classifier (MEC)."""
+    frames = [
+        pd.read_csv(layout.split_dir(n) / "metrics.csv").assign(split=n)
+        for n in splits
+        if (layout.split_dir(n) / "metrics.csv").exists()
+    ]
+    if not frames:
+        return
+    table = pd.concat(frames, ignore_index=True)
+    write_csv(table, layout.latent_dir / "metrics_allfolds.csv")
+    write_csv(fold_summary(table.drop(columns=["split"]), by=["part", "classifier"]), layout.latent_dir / "metrics_allfolds_95CI.csv")
+
+
+def safe_name(value: str) -> str:
+    """``value`` with every character outside letters, digits, ``.``, ``-`` and ``_`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))
 
 
 @contextmanager

@@ -1,8 +1,28 @@
 """Models: every entry of :data:`REGISTRY` can be named as ``type`` in an experiment config."""
 
-from scatlas.models import autoencoder, pca  # noqa: F401  (registration)
+from scatlas.models import autoencoder, mec, mixed_effects, pca  # noqa: F401  (registration)
 from scatlas.models.autoencoder import AE, AEC, AutoencoderModule
-from scatlas.models.base import REGISTRY, EmbeddingModel, NeuralModel, SplitData, build_model, register
+from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, NeuralModel, SplitData, build_model, register
+from scatlas.models.mec import MEC
+from scatlas.models.mixed_effects import FixedEffectsModule, RandomEffectsModule, ScMEDALFE, ScMEDALFEC, ScMEDALRE
 from scatlas.models.pca import PCA
 
-__all__ = ["AE", "AEC", "PCA", "REGISTRY", "AutoencoderModule", "EmbeddingModel", "NeuralModel", "SplitData", "build_model", "register"]
+__all__ = [
+    "AE",
+    "AEC",
+    "MEC",
+    "PCA",
+    "REGISTRY",
+    "AutoencoderModule",
+    "EmbeddingModel",
+    "FixedEffectsModule",
+    "LatentClassifier",
+    "NeuralModel",
+    "RandomEffectsModule",
+    "ScMEDALFE",
+    "ScMEDALFEC",
+    "ScMEDALRE",
+    "SplitData",
+    "build_model",
+    "register",
+]

@@ -11,6 +11,7 @@ cell-type head on the latent trained with class-weighted cross-entropy:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -83,9 +84,8 @@ class AutoencoderModule(nn.Module):
         """Decoder output for ``batch["x"]``."""
         return self.decoder(self.embed(batch))
 
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``recon`` (MSE), ``class`` (weighted CE, AEC only) and their weighted sum ``loss``."""
-        z = self.embed(batch)
+    def supervised_terms(self, batch: Batch, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Loss terms of a latent ``z``: ``recon`` (MSE) and ``class`` (weighted CE, with a head); their weighted sum."""
         recon = F.mse_loss(self.decoder(z), batch["x"])
         terms = {"recon": recon}
         total = self.recon_weight * recon
@@ -93,6 +93,11 @@ class AutoencoderModule(nn.Module):
             ce = F.cross_entropy(self.head(z), batch["label"], weight=self.class_weights)
             terms["class"] = ce
             total = total + self.class_weight * ce
+        return terms, total
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``recon`` (MSE), ``class`` (weighted CE, AEC only) and their weighted sum ``loss``."""
+        terms, total = self.supervised_terms(batch, self.embed(batch))
         terms["loss"] = total
         return terms
 
@@ -122,23 +127,27 @@ class AE(NeuralModel):
         """Classes of the cell-type head (0 for AE)."""
         return 0
 
-    def build_module(self, data: SplitData) -> AutoencoderModule:
-        """The autoencoder for this split's gene count."""
+    def module_kwargs(self, data: SplitData) -> dict[str, Any]:
+        """Constructor arguments of :class:`AutoencoderModule` for this split."""
         cfg: AEConfig = self.config  # type: ignore[assignment]
         n_labels = self.n_labels(data)
-        return AutoencoderModule(
-            data.n_genes,
-            cfg.hidden,
-            cfg.latent_dim,
-            cfg.dropout,
-            cfg.activation,
-            cfg.latent_activation,
-            cfg.tied,
-            n_labels=n_labels,
-            class_weights=torch.as_tensor(data.class_weights(), dtype=torch.float32) if n_labels else None,
-            recon_weight=cfg.recon_weight,
-            class_weight=cfg.class_weight,
-        )
+        return {
+            "n_genes": data.n_genes,
+            "hidden": cfg.hidden,
+            "latent_dim": cfg.latent_dim,
+            "dropout": cfg.dropout,
+            "activation": cfg.activation,
+            "latent_activation": cfg.latent_activation,
+            "tied": cfg.tied,
+            "n_labels": n_labels,
+            "class_weights": torch.as_tensor(data.class_weights(), dtype=torch.float32) if n_labels else None,
+            "recon_weight": cfg.recon_weight,
+            "class_weight": cfg.class_weight,
+        }
+
+    def build_module(self, data: SplitData) -> AutoencoderModule:
+        """The autoencoder for this split's gene count."""
+        return AutoencoderModule(**self.module_kwargs(data))
 
 
 @register("aec")

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from scatlas._errors import ConfigError
@@ -70,12 +70,24 @@ class SplitData:
 
 
 class ModelConfig(BaseModel):
-    """Fields common to every model entry of an experiment config."""
+    """Fields common to every model entry of an experiment config.
+
+    Attributes
+    ----------
+    type
+        Registry name (``scatlas models`` lists them).
+    name
+        Directory name in the layout (default: the type in upper case).
+    training
+        Overrides of the experiment's ``training`` settings for this model only,
+        e.g. ``{lr: 1.0e-4}``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     type: str
     name: str | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
 
 
 class EmbeddingModel(abc.ABC):
@@ -89,7 +101,7 @@ class EmbeddingModel(abc.ABC):
 
     def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
         self.config = config
-        self.train_config = train
+        self.train_config = replace(train, **config.training)
 
     @abc.abstractmethod
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
@@ -108,13 +120,53 @@ class EmbeddingModel(abc.ABC):
         return self.config.model_dump(mode="json")
 
 
-REGISTRY: dict[str, type[EmbeddingModel]] = {}
+@runtime_checkable
+class CounterfactualModel(Protocol):
+    """A model that can reconstruct cells as if they came from each batch (scMEDAL-RE)."""
+
+    def counterfactuals(self, data: SplitData, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Batch name → reconstruction of ``rows`` with that batch, in ``data.batch_names`` order."""
+        ...
 
 
-def register(name: str) -> Callable[[type[EmbeddingModel]], type[EmbeddingModel]]:
+class LatentClassifier(abc.ABC):
+    """A model that classifies cells from the latents of other models of the same run (e.g. MEC).
+
+    The runner reads the latents named by :meth:`sources` for each part of a split,
+    concatenates them, and calls :meth:`fit_predict`.
+    """
+
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+    needs_labels: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
+        self.config = config
+        self.train_config = replace(train, **config.training)
+
+    @staticmethod
+    @abc.abstractmethod
+    def sources(config: ModelConfig) -> list[str]:
+        """Names of the models (or ``obsm:<key>`` entries) whose latents are the features."""
+
+    @abc.abstractmethod
+    def fit_predict(
+        self, features: dict[str, np.ndarray], labels: dict[str, np.ndarray]
+    ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+        """Fit on ``features["train"]``; return a metrics table and per-part prediction tables."""
+
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters written to ``model_params.yaml``."""
+        return self.config.model_dump(mode="json")
+
+
+AnyModel = EmbeddingModel | LatentClassifier
+REGISTRY: dict[str, type[EmbeddingModel] | type[LatentClassifier]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
     """Class decorator adding a model to :data:`REGISTRY` under ``name`` (the config's ``type``)."""
 
-    def deco(cls: type[EmbeddingModel]) -> type[EmbeddingModel]:
+    def deco(cls: type) -> type:
         REGISTRY[name] = cls
         return cls
 
@@ -136,7 +188,7 @@ def _pydantic_message(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
 
 
-def build_model(config: ModelConfig, train: TrainConfig) -> EmbeddingModel:
+def build_model(config: ModelConfig, train: TrainConfig) -> AnyModel:
     """Instantiate the registered model for a validated config."""
     return REGISTRY[config.type](config, train)
 
