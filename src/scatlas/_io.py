@@ -83,3 +83,29 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
         return _write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=suffix, bbox_inches="tight"))
     finally:
         plt.close(fig)
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory of ``out``; rename it to ``out`` when the block succeeds.
+
+    An existing non-empty ``out`` is an error unless ``overwrite``. On failure the
+    temporary directory is removed and ``out`` is untouched.
+    """
+    import shutil
+
+    from scatlas._errors import ConfigError
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)

@@ -8,11 +8,13 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from scatlas._errors import ScatlasError
+from scatlas._errors import ConfigError, ScatlasError
 
 app = typer.Typer(
     help="scatlas: batch-aware embeddings, annotation, label transfer and benchmarks for single-cell data.",
@@ -131,6 +133,208 @@ def validate(
     adata = read_h5ad(data, backed=True)
     check(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts)
     console.print(f"{data}: OK ({adata.n_obs} cells × {adata.n_vars} genes)")
+
+
+annotate_app = typer.Typer(help="Cell-type annotation: train (CE or hierarchical CE over the Cell Ontology), predict, evaluate.", no_args_is_help=True)
+app.add_typer(annotate_app, name="annotate")
+
+
+def _filters(values: list[str]) -> dict[str, list[str]]:
+    filters: dict[str, list[str]] = {}
+    for item in values:
+        column, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--filter expects COLUMN=VALUE, got {item!r}")
+        filters.setdefault(column, []).append(value)
+    return filters
+
+
+@annotate_app.command("train")
+@_user_errors
+def annotate_train(
+    data: Annotated[Path, typer.Argument(help="Labelled .h5ad file.")],
+    label_key: Annotated[str, typer.Option(help="Column of readable cell-type labels.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    ontology_key: Annotated[str | None, typer.Option(help="Column of Cell Ontology ids (classes become CL ids; needed for --loss hce).")] = None,
+    model: Annotated[str, typer.Option(help="linear, mlp or tabnet.")] = "mlp",
+    loss: Annotated[str, typer.Option(help="ce or hce (hierarchical cross-entropy).")] = "ce",
+    batch_key: Annotated[str | None, typer.Option(help="Batch / donor column (stratifies splits and metrics).")] = None,
+    split: Annotated[str, typer.Option(help="kfold, donor or study.")] = "kfold",
+    n_splits: Annotated[int, typer.Option(help="Folds for kfold / donor splits.")] = 5,
+    group_key: Annotated[str | None, typer.Option(help="Donor / study column for donor / study splits (default: batch key).")] = None,
+    input: Annotated[str, typer.Option(help="counts (normalised + log1p here) or lognorm.")] = "counts",
+    layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
+    filter: Annotated[list[str], typer.Option(help="Keep cells with COLUMN=VALUE (repeatable).")] = [],  # noqa: B006
+    n_top_genes: Annotated[int | None, typer.Option(help="HVGs per training split (default: all genes).")] = None,
+    max_epochs: Annotated[int, typer.Option()] = 100,
+    batch_size: Annotated[int, typer.Option(help="Cells per minibatch (scTab used 2,048 on millions of cells).")] = 64,
+    ontology_obo: Annotated[Path | None, typer.Option(help="Cell Ontology .obo file for an is_a-only hierarchy.")] = None,
+    final: Annotated[bool, typer.Option(help="Train the final model on all cells (needed for predict).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model."""
+    from scatlas.annotation import load_annotate_config, train_annotator
+
+    cfg = load_annotate_config(
+        {
+            "dataset": {"name": data.stem, "path": data, "layer": layer, "input": input, "batch_key": batch_key, "label_key": label_key, "filter": _filters(filter)},
+            "ontology_key": ontology_key,
+            "ontology_obo": ontology_obo,
+            "model": {"type": model, "loss": loss},
+            "n_top_genes": n_top_genes,
+            "split": {"kind": split, "n_splits": n_splits, "group_key": group_key, "seed": seed},
+            "training": {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10},
+            "final_model": final,
+            "seed": seed,
+        }
+    )
+    summary = train_annotator(cfg, out, overwrite=overwrite, log=console.print)
+    table = Table(title=f"{model} + {loss}: test cells, mean ± 95% CI half-width over folds")
+    table.add_column("evaluation")
+    metrics = ["accuracy", "macro_f1", "weighted_f1"]
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for evaluation, group in summary.groupby("evaluation", sort=False):
+        row = group.set_index("metric")
+        table.add_row(str(evaluation), *(f"{row.loc[m, 'mean']:.3f} ± {row.loc[m, 'ci_high'] - row.loc[m, 'mean']:.3f}" for m in metrics))
+    console.print(table)
+    console.print(f"results: {out}  (model for `annotate predict`: {out / 'model'})", soft_wrap=True)
+
+
+@annotate_app.command("predict")
+@_user_errors
+def annotate_predict(
+    model_dir: Annotated[Path, typer.Argument(help="Directory written by `annotate train` (or its model/ folder).")],
+    query: Annotated[Path, typer.Argument(help="Query .h5ad.")],
+    out: Annotated[Path, typer.Option(help="Output .h5ad with predictions in .obs / .obsm.")],
+    layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
+    min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
+) -> None:
+    """Annotate a query with a trained model (genes aligned by name, missing ones zero-filled)."""
+    from scatlas.annotation import predict_annotations
+
+    model_dir = model_dir / "model" if (model_dir / "model" / "annotator.yaml").exists() else model_dir
+    adata = predict_annotations(model_dir, query, out, layer, min_overlap, log=console.print)
+    key = next(c for c in adata.obs.columns if c.endswith("_pred_label"))
+    console.print(adata.obs[key].value_counts().to_string())
+    console.print(f"predictions: {out}")
+
+
+@annotate_app.command("evaluate")
+@_user_errors
+def annotate_evaluate(
+    predictions: Annotated[Path, typer.Argument(help=".h5ad with a prediction column (from `annotate predict`).")],
+    truth_key: Annotated[str, typer.Option(help="Column with the true labels.")],
+    out: Annotated[Path, typer.Option(help="Directory for the metric tables and figures.")],
+    pred_key: Annotated[str | None, typer.Option(help="Prediction column (default: the one ending in _pred).")] = None,
+) -> None:
+    """Exact and (with CL ids) hierarchy-aware metrics of stored predictions."""
+    from scatlas.annotation import evaluate_annotations
+
+    overall = evaluate_annotations(predictions, truth_key, out, pred_key)
+    console.print(overall.to_string(index=False))
+
+
+@app.command()
+@_user_errors
+def transfer(
+    reference: Annotated[Path, typer.Option(help="Labelled reference .h5ad.")],
+    label_key: Annotated[str, typer.Option(help="Reference column with the labels to transfer.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    query: Annotated[list[Path], typer.Option(help="Query .h5ad (repeatable).")] = [],  # noqa: B006
+    batch_key: Annotated[str | None, typer.Option(help="Reference batch column.")] = None,
+    ontology_key: Annotated[str | None, typer.Option(help="Reference column of Cell Ontology ids (enables --loss hce).")] = None,
+    query_label_key: Annotated[str | None, typer.Option(help="Query column with known labels (evaluation mode).")] = None,
+    method: Annotated[str, typer.Option(help="Reference classifier: linear, mlp or tabnet.")] = "mlp",
+    loss: Annotated[str, typer.Option(help="ce or hce.")] = "ce",
+    input: Annotated[str, typer.Option(help="counts or lognorm (reference and queries).")] = "counts",
+    confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
+    distance_quantile: Annotated[float, typer.Option(help="Latent-distance quantile of held-out reference cells beyond which a cell is 'unknown'.")] = 0.99,
+    min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes a query must have.")] = 0.5,
+    max_epochs: Annotated[int, typer.Option()] = 100,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
+    from scatlas.transfer import METHODS, load_transfer_config, run_transfer
+
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
+    cfg = load_transfer_config(
+        {
+            "reference": {"name": reference.stem, "path": reference, "input": input, "batch_key": batch_key, "label_key": label_key},
+            "queries": query,
+            "ontology_key": ontology_key,
+            "query_label_key": query_label_key,
+            "model": {**METHODS[method], "loss": loss},
+            "training": {"max_epochs": max_epochs, "batch_size": 64, "patience": 10},
+            "confidence_threshold": confidence_threshold,
+            "distance_quantile": distance_quantile,
+            "min_overlap": min_overlap,
+            "seed": seed,
+        }
+    )
+    summary = run_transfer(cfg, out, overwrite=overwrite, log=console.print)
+    columns = [c for c in ("dataset", "n_cells", "accuracy", "balanced_accuracy", "macro_f1", "unknown_fraction") if c in summary]
+    console.print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    console.print(f"results: {out}")
+
+
+@app.command()
+@_user_errors
+def aggregate(
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    data: Annotated[Path | None, typer.Argument(help="Per-cell .h5ad or CSV/parquet table (omit with --toy).")] = None,
+    sample_key: Annotated[str | None, typer.Option(help="Sample (well) column, or several joined by commas (e.g. donor_id,cell_type).")] = None,
+    label_key: Annotated[str | None, typer.Option(help="Label to retrieve (compound, cell type).")] = None,
+    batch_key: Annotated[str | None, typer.Option(help="Batch (plate / donor): positives from other batches; batches are held out.")] = None,
+    group_key: Annotated[str | None, typer.Option(help="Group label (e.g. mechanism of action) for a second retrieval task.")] = None,
+    cells_per_sample: Annotated[int | None, typer.Option(help="Without a sample key: split each label × batch into samples of this many cells.")] = None,
+    features: Annotated[str | None, typer.Option(help=".h5ad features: an obsm key or pca:<k> (default .X).")] = None,
+    normalize: Annotated[str, typer.Option(help="Per-batch normalisation: standard, mad or none.")] = "standard",
+    sphering: Annotated[bool, typer.Option(help="ZCA-whiten the features.")] = False,
+    seeds: Annotated[int, typer.Option(help="Number of training seeds (CI over seeds).")] = 3,
+    width: Annotated[int, typer.Option(help="Per-cell encoder and profile width.")] = 2048,
+    max_epochs: Annotated[int, typer.Option()] = 100,
+    toy: Annotated[str | None, typer.Option(help="Run the built-in check instead of DATA: 'covariance'.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP."""
+    from scatlas.aggregation import load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
+
+    settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
+                                "max_epochs": max_epochs, "features": features, "group_key": group_key}
+    if toy is not None:
+        if toy != "covariance":
+            raise ConfigError(f"--toy: unknown check {toy!r}; available: covariance")
+        cells = toy_covariance()
+        settings.update(sample_key="sample", label_key="label", batch_key="replicate", normalize="none", cells_mean=400, cells_sd=100, cells_min=100, labels_per_batch=10)
+        console.print("toy: 10 classes with zero mean and rotated covariances, 4 replicate sets of 800 points; set 'replicate' held out")
+    else:
+        if data is None or label_key is None or (sample_key is None and cells_per_sample is None):
+            raise ConfigError("aggregate: give DATA, --label-key and --sample-key (or --cells-per-sample), or --toy covariance")
+        combined = sample_key is None or "," in sample_key
+        settings.update(sample_key="scatlas_sample" if combined else sample_key, label_key=label_key, batch_key=batch_key)
+        cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}))
+        if sample_key is None:
+            cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
+        elif combined:  # e.g. --sample-key donor_id,cell_type
+            columns = sample_key.split(",")
+            missing = [c for c in columns if c not in cells.obs.columns]
+            if missing:
+                raise ConfigError(f"--sample-key: columns {missing} not found")
+            cells.obs["scatlas_sample"] = cells.obs[columns].astype(str).agg("|".join, axis=1)
+    summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=console.print)
+    shown = summary[summary["metric"].isin(["map", "precision_at_r"])]
+    table = Table(title="held-out queries: mean ± 95% CI half-width over seeds")
+    for column in ("task", "method", "metric", "mean", "± CI"):
+        table.add_column(column)
+    for _, r in shown.iterrows():
+        half = r["ci_high"] - r["mean"]
+        table.add_row(r["task"], r["method"], r["metric"], f"{r['mean']:.3f}", "" if np.isnan(half) else f"{half:.3f}")
+    console.print(table)
+    console.print(f"results: {out}")
 
 
 @app.command("models")

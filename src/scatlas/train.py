@@ -48,11 +48,12 @@ class TrainingPlan(L.LightningModule):
         Weight decay (AdamW when > 0).
     """
 
-    def __init__(self, module: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    def __init__(self, module: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, lr_decay: float | None = None) -> None:
         super().__init__()
         self.module = module
         self.lr = lr
         self.weight_decay = weight_decay
+        self.lr_decay = lr_decay
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Densify the CSR minibatch on the device it was moved to."""
@@ -75,11 +76,15 @@ class TrainingPlan(L.LightningModule):
         """Log validation losses (inference mode: dropout off, BN running stats)."""
         self._log_terms("val", self.module.loss(batch), batch["x"].shape[0])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam, or AdamW when ``weight_decay > 0``."""
+    def configure_optimizers(self) -> Any:
+        """Adam, or AdamW when ``weight_decay > 0``; with ``lr_decay``, ``StepLR(1, lr_decay)`` per epoch."""
         if self.weight_decay > 0:
-            return torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.Adam(self.module.parameters(), lr=self.lr)
+            optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+        if self.lr_decay is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_decay)}
 
 
 class History(Callback):
@@ -123,10 +128,16 @@ class TrainConfig:
         Learning rate.
     weight_decay
         Weight decay (AdamW when > 0).
+    lr_decay
+        Multiply the learning rate by this factor after every epoch (``None``: constant).
+    gradient_clip
+        Clip the gradient norm to this value (``None``: no clipping).
     patience
         Early-stopping patience in epochs (0 disables early stopping).
     monitor
         Metric for early stopping and best checkpoint; must be logged by the plan.
+    monitor_mode
+        ``min`` (losses) or ``max`` (e.g. a validation mAP).
     accelerator
         Lightning accelerator (``auto`` uses a GPU when present).
     devices
@@ -141,8 +152,11 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_decay: float | None = None
+    gradient_clip: float | None = None
     patience: int = 10
     monitor: str = "val_loss"
+    monitor_mode: str = "min"
     accelerator: str = "auto"
     devices: int | str = "auto"
     seed: int = 0
@@ -200,11 +214,11 @@ def fit(
     checkpoint: ModelCheckpoint | None = None
     if checkpoint_dir is not None:
         checkpoint = ModelCheckpoint(
-            dirpath=checkpoint_dir, filename="best", monitor=monitor, mode="min", save_last=True, save_top_k=1
+            dirpath=checkpoint_dir, filename="best", monitor=monitor, mode=config.monitor_mode, save_last=True, save_top_k=1
         )
         callbacks.append(checkpoint)
     if config.patience > 0 and val is not None:
-        callbacks.append(EarlyStopping(monitor=monitor, patience=config.patience, mode="min"))
+        callbacks.append(EarlyStopping(monitor=monitor, patience=config.patience, mode=config.monitor_mode))
     if config.progress:
         callbacks.append(_progress_bar())
     trainer = L.Trainer(
@@ -217,6 +231,7 @@ def fit(
         enable_progress_bar=config.progress,
         enable_model_summary=False,
         deterministic="warn",
+        gradient_clip_val=config.gradient_clip,
         num_sanity_val_steps=0,
     )
     last = Path(checkpoint_dir) / "last.ckpt" if checkpoint_dir is not None else None

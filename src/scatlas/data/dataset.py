@@ -33,7 +33,7 @@ class DatasetConfig(BaseModel):
         ``counts`` (raw integer counts, normalised + log1p here) or ``lognorm``
         (already log-normalised, used as is).
     batch_key
-        Batch / donor column.
+        Batch / donor column (``None``: all cells form one batch).
     label_key
         Cell-type column (optional for unsupervised models).
     filter
@@ -49,7 +49,7 @@ class DatasetConfig(BaseModel):
     path: Path
     layer: str | None = None
     input: Literal["counts", "lognorm"] = "counts"
-    batch_key: str
+    batch_key: str | None = None
     label_key: str | None = None
     filter: dict[str, list[str]] = Field(default_factory=dict)
     backed: bool = False
@@ -167,7 +167,7 @@ def load_dataset(config: DatasetConfig, extra_keys: tuple[str, ...] = ()) -> Cel
         lognorm=_lognorm_matrix(adata, config.layer, counts=config.input == "counts"),
         var_names=adata.var_names.to_numpy().astype(str),
         obs=obs,
-        batch=_categorical(obs[config.batch_key]),
+        batch=_categorical(obs[config.batch_key] if config.batch_key else pd.Series("all", index=obs.index)),
         label=_categorical(obs[config.label_key]) if config.label_key else None,
         obsm={k: np.asarray(v) for k, v in adata.obsm.items()},
     )

@@ -21,7 +21,7 @@ CHUNK_ROWS = 50_000
 
 
 def _examples(values: Iterable[object], n: int = 5) -> str:
-    values = list(values)
+    values = [v.item() if isinstance(v, np.generic) else v for v in values]
     shown = ", ".join(repr(v) for v in values[:n])
     return shown + (f", … ({len(values)} in all)" if len(values) > n else "")
 

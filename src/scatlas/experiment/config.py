@@ -20,7 +20,7 @@ Example (``examples/cellbench_5cl.yaml``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +29,9 @@ from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
 from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, parse_model_config
 from scatlas.train import TrainConfig
+
+
+S = TypeVar("S", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -59,13 +62,15 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(256, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_decay: float | None = Field(None, gt=0, le=1)
+    gradient_clip: float | None = Field(None, gt=0)
     patience: int = Field(10, ge=0)
     accelerator: str = "auto"
     devices: int | str = "auto"
 
-    def to_train_config(self, seed: int, progress: bool) -> TrainConfig:
-        """The engine's dataclass."""
-        return TrainConfig(**self.model_dump(), seed=seed, progress=progress)
+    def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:
+        """The engine's dataclass (``extra``: engine fields such as ``monitor``)."""
+        return TrainConfig(**self.model_dump(), seed=seed, progress=progress, **extra)
 
 
 class EvaluationConfig(_Strict):
@@ -136,13 +141,21 @@ class ExperimentConfig(_Strict):
         return self.output.scenario or self.split.kind
 
     @property
-    def group_key(self) -> str:
+    def group_key(self) -> str | None:
         """Column defining donors / studies for group splits (default: the batch key)."""
         return self.split.group_key or self.dataset.batch_key
 
 
 def _format_errors(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+
+
+def parse_settings(schema: type[S], values: dict[str, Any], where: str = "") -> S:
+    """Validate ``values`` against a pydantic ``schema``; errors become one :class:`ConfigError` line."""
+    try:
+        return schema.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}{_format_errors(exc)}") from exc
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -27,7 +27,7 @@ from scatlas._io import write_csv, write_npy, write_yaml
 from scatlas.data.dataset import CellData, load_dataset
 from scatlas.data.preprocess import preprocess_split
 from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
-from scatlas.experiment.config import ExperimentConfig
+from scatlas.experiment.config import ExperimentConfig, SplitConfig
 from scatlas.experiment.layout import RunLayout
 from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
@@ -45,12 +45,13 @@ class RunResult:
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def make_splits(config: ExperimentConfig, data: CellData) -> list[Split]:
-    """The configured splits of ``data``."""
-    cfg = config.split
+def make_splits(cfg: SplitConfig, group_key: str | None, data: CellData) -> list[Split]:
+    """The splits ``cfg`` describes over ``data`` (``group_key``: donor / study column)."""
     if cfg.kind == "kfold":
         return kfold_splits(data.strata(), cfg.n_splits, cfg.seed)
-    groups = data.obs[config.group_key].astype(str).to_numpy()
+    if group_key is None:
+        raise ConfigError(f"split kind {cfg.kind!r} needs a group_key (donor / study column)")
+    groups = data.obs[group_key].astype(str).to_numpy()
     if cfg.kind == "donor":
         return group_splits(groups, cfg.n_splits, cfg.seed)
     strata = np.asarray(data.label, dtype=str) if data.label is not None else groups
@@ -287,7 +288,7 @@ def run_experiment(
     """
     root = Path(output_dir or config.output.dir)
     data = load_dataset(config.dataset, extra_keys=(config.group_key,) if config.split.kind != "kfold" else ())
-    splits = make_splits(config, data)
+    splits = make_splits(config.split, config.group_key, data)
     models: list[tuple[ModelConfig, RunLayout]] = [
         (m, RunLayout(root, config.dataset.name, config.scenario, config.model_name(m), config.output.run))
         for m in config.models

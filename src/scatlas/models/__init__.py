@@ -1,7 +1,8 @@
 """Models: every entry of :data:`REGISTRY` can be named as ``type`` in an experiment config."""
 
-from scatlas.models import autoencoder, mec, mixed_effects, pca  # noqa: F401  (registration)
+from scatlas.models import autoencoder, classifiers, mec, mixed_effects, pca  # noqa: F401  (registration)
 from scatlas.models.autoencoder import AE, AEC, AutoencoderModule
+from scatlas.models.classifiers import CellTypeClassifier, LinearClassifier, MLPClassifier, TabNetClassifier
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, NeuralModel, SplitData, build_model, register
 from scatlas.models.mec import MEC
 from scatlas.models.mixed_effects import FixedEffectsModule, RandomEffectsModule, ScMEDALFE, ScMEDALFEC, ScMEDALRE
@@ -14,6 +15,10 @@ __all__ = [
     "PCA",
     "REGISTRY",
     "AutoencoderModule",
+    "CellTypeClassifier",
+    "LinearClassifier",
+    "MLPClassifier",
+    "TabNetClassifier",
     "EmbeddingModel",
     "FixedEffectsModule",
     "LatentClassifier",

@@ -44,6 +44,8 @@ class SplitData:
         Label code of each cell, or ``None``.
     label_names
         Label name of each code.
+    reachability
+        ``R[i, j] = 1`` when label ``j`` is label ``i`` or a descendant (Cell Ontology labels), else ``None``.
     """
 
     X: sp.csr_matrix
@@ -53,6 +55,7 @@ class SplitData:
     batch_names: list[str]
     label: np.ndarray | None = None
     label_names: list[str] | None = None
+    reachability: np.ndarray | None = None
 
     @property
     def n_genes(self) -> int:
@@ -209,7 +212,8 @@ class NeuralModel(EmbeddingModel):
 
     def build_plan(self, module: nn.Module) -> TrainingPlan:
         """The Lightning plan training ``module``."""
-        return TrainingPlan(module, lr=self.train_config.lr, weight_decay=self.train_config.weight_decay)
+        cfg = self.train_config
+        return TrainingPlan(module, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay)
 
     def covariates(self, data: SplitData) -> dict[str, np.ndarray]:
         """Per-cell integer arrays added to every batch (batch codes, labels when present)."""

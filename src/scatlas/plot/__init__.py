@@ -1,5 +1,5 @@
 """Figures: loss curves and embeddings coloured by label and batch."""
 
-from scatlas.plot.figures import embedding_panels, loss_curves, umap_coordinates
+from scatlas.plot.figures import confusion_heatmap, embedding_panels, loss_curves, per_class_bars, umap_coordinates
 
-__all__ = ["embedding_panels", "loss_curves", "umap_coordinates"]
+__all__ = ["confusion_heatmap", "embedding_panels", "loss_curves", "per_class_bars", "umap_coordinates"]

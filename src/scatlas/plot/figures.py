@@ -66,3 +66,46 @@ def embedding_panels(
             ax.legend(markerscale=2.5, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def confusion_heatmap(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path, title: str = "", labels: list[str] | None = None) -> Path:
+    """Row-normalised confusion matrix (true × predicted) with each cell's share and count annotated."""
+    y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
+    rows = labels or sorted(set(y_true))
+    cols = labels or sorted(set(y_true) | set(y_pred))
+    counts = pd.crosstab(pd.Categorical(y_true, rows), pd.Categorical(y_pred, cols), dropna=False).to_numpy()
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.65 * len(cols), 1.0 + 0.55 * len(rows)))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if counts[i, j]:
+                ax.text(j, i, f"{share[i, j]:.2f}\n({counts[i, j]})", ha="center", va="center", fontsize=6.5, color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def per_class_bars(table: pd.DataFrame, path: str | Path, value: str = "f1", title: str = "") -> Path:
+    """Horizontal bars of ``table[value]`` per ``table['label']``, one colour per ``evaluation``."""
+    kinds = list(pd.unique(table["evaluation"])) if "evaluation" in table else [None]
+    labels = list(pd.unique(table["label"]))
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.35 * len(labels) * len(kinds)))
+    height = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        sub = table if kind is None else table[table["evaluation"] == kind]
+        values = sub.set_index("label").reindex(labels)[value].to_numpy()
+        ax.barh(np.arange(len(labels)) + k * height, values, height=height, label=kind)
+    ax.set_yticks(np.arange(len(labels)) + height * (len(kinds) - 1) / 2, labels, fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(value)
+    ax.set_title(title or f"per-class {value}")
+    if kinds != [None]:
+        ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,439 @@
+"""Profile aggregation: summarise each sample's cells into one profile, learned vs mean vs median.
+
+A sample is a well, a donor × cell type, or any group of cells (``sample_key``); its
+``label_key`` (compound, cell type, ...) defines what retrieval should find. Evaluation holds
+out whole batches (plates, donors): the model never sees their cells; every profile is then
+ranked against all others (positives: same label from another batch when a batch key is
+given) and the mAP is averaged over the held-out batches' queries, for each seed.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from scatlas._errors import InputError
+from scatlas._io import atomic_path, staged_dir, write_csv, write_parquet, write_yaml
+from scatlas.data.io import get_matrix, read_h5ad, to_csr
+from scatlas.data.preprocess import highly_variable_genes, normalize_log1p
+from scatlas.experiment.config import parse_settings
+from scatlas.metrics.retrieval import average_precision
+from scatlas.metrics.stats import fold_summary
+from scatlas.models.aggregation import SetAggregator
+from scatlas.train import TrainConfig, TrainingPlan, fit
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class CellTable:
+    """Per-cell features with the metadata of each cell."""
+
+    X: np.ndarray
+    obs: pd.DataFrame
+    source: str = "<cells>"
+
+
+class AggregateConfig(BaseModel):
+    """Settings of ``scatlas aggregate``.
+
+    Attributes
+    ----------
+    sample_key, label_key, batch_key, group_key
+        Columns: sample (well), label (compound / cell type), batch (plate / donor; positives
+        must come from another batch and whole batches are held out), optional group label
+        (mechanism of action) for a second retrieval task.
+    features
+        For ``.h5ad`` input: an ``.obsm`` key, ``pca:<k>`` (log-normalised HVGs → PCA), or
+        ``None`` for ``.X``. Tables use every numeric non-metadata column.
+    normalize
+        Per-batch feature normalisation: ``standard``, ``mad`` (robust: median / 1.4826·MAD) or ``none``.
+    sphering
+        ZCA-whiten features (fitted on training cells) with regularisation ``sphering_reg``.
+    test_fraction
+        Share of batches held out for testing (at least one).
+    seeds
+        Training seeds; the report gives mean and 95% CI over them.
+    width, head_width, out_width, pooling, temperature
+        Model (published: 2048, 256, 2048, sum, 0.1).
+    labels_per_batch, views
+        Labels per step and views per label.
+    cells_mean, cells_sd, cells_min
+        Cells per view ~ Normal(mean, sd²) clipped at ``cells_min`` (redrawn each step);
+        ``None`` = published (1500, 800, 100) when samples hold ≥ 1,000 cells, else scaled
+        to the median sample size.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_key: str
+    label_key: str
+    batch_key: str | None = None
+    group_key: str | None = None
+    features: str | None = None
+    normalize: Literal["standard", "mad", "none"] = "standard"
+    sphering: bool = False
+    sphering_reg: float = Field(1e-2, gt=0)
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    width: int = 2048
+    head_width: int = 256
+    out_width: int = 2048
+    pooling: Literal["sum", "mean"] = "sum"
+    temperature: float = 0.1
+    labels_per_batch: int = 18
+    views: int = 4
+    cells_mean: float | None = None
+    cells_sd: float | None = None
+    cells_min: int | None = None
+    max_epochs: int = 100
+    patience: int = 20
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+
+
+def read_cells(path: str | Path, config: AggregateConfig) -> CellTable:
+    """Per-cell features from an ``.h5ad`` (``.X``, an ``.obsm`` key or ``pca:<k>``) or a CSV/parquet table."""
+    path = Path(path)
+    keys = [k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k]
+    if path.suffix == ".h5ad":
+        adata = read_h5ad(path)
+        obs, X = adata.obs.copy(), _h5ad_features(adata, config.features, path)
+    elif path.name.endswith((".csv", ".csv.gz", ".parquet")):
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        meta = [c for c in table.columns if c in keys or c.startswith("Metadata_") or not pd.api.types.is_numeric_dtype(table[c])]
+        obs, X = table[meta].copy(), table.drop(columns=meta).to_numpy(dtype=np.float32)
+    else:
+        raise InputError(f"{path}: expected .h5ad, .csv(.gz) or .parquet")
+    missing = [k for k in keys if k not in obs.columns]
+    if missing:
+        raise InputError(f"{path}: columns {missing} not found; available: {list(obs.columns)[:30]}")
+    bad = [k for k in keys if obs[k].isna().any()]
+    if bad:
+        raise InputError(f"{path}: columns {bad} have missing values")
+    if not np.isfinite(X).all():
+        raise InputError(f"{path}: features contain NaN or infinite values")
+    return CellTable(X.astype(np.float32), obs.reset_index(drop=True), str(path))
+
+
+def _h5ad_features(adata: ad.AnnData, features: str | None, path: Path) -> np.ndarray:
+    if features is None:
+        return np.asarray(to_csr(get_matrix(adata)).toarray())
+    if features.startswith("pca:"):
+        from sklearn.decomposition import PCA
+
+        lognorm = normalize_log1p(to_csr(get_matrix(adata)))
+        genes = highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000)
+        return PCA(int(features[4:]), random_state=0).fit_transform(lognorm[:, genes].toarray())
+    if features not in adata.obsm:
+        raise InputError(f"{path}: obsm key {features!r} not found; available: {list(adata.obsm)}")
+    return np.asarray(adata.obsm[features])
+
+
+def normalize_per_batch(X: np.ndarray, batch: np.ndarray | None, method: str) -> np.ndarray:
+    """Standardise (or robust-scale: median / 1.4826·MAD) every feature within each batch."""
+    if method == "none":
+        return X
+    out = np.empty_like(X)
+    groups = np.zeros(len(X), dtype=int) if batch is None else pd.factorize(batch)[0]
+    for g in np.unique(groups):
+        rows = groups == g
+        x = X[rows]
+        if method == "mad":
+            center = np.median(x, axis=0)
+            scale = 1.4826 * np.median(np.abs(x - center), axis=0)
+        else:
+            center, scale = x.mean(0), x.std(0)
+        out[rows] = (x - center) / np.where(scale > 0, scale, 1.0)
+    return out
+
+
+def zca_matrix(X: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and ZCA whitening matrix ``U (Λ + reg)^{-1/2} Uᵀ`` of ``X``."""
+    mean = X.mean(0)
+    cov = np.cov(X - mean, rowvar=False)
+    vals, vecs = np.linalg.eigh(cov)
+    return mean, (vecs / np.sqrt(vals + reg)) @ vecs.T
+
+
+class ViewSampler:
+    """Training batches: ``labels_per_batch`` labels × ``views`` views of N cells (N redrawn per step).
+
+    Each view samples N cells with replacement from one or two samples of its label.
+    """
+
+    def __init__(self, X: np.ndarray, sample_cells: dict[Any, np.ndarray], sample_label: dict[Any, int], config: AggregateConfig, cells: tuple[float, float, int], seed: int) -> None:
+        self.X = torch.as_tensor(X)
+        self.by_label: dict[int, list[np.ndarray]] = {}
+        for sample, rows in sample_cells.items():
+            self.by_label.setdefault(sample_label[sample], []).append(rows)
+        self.labels = sorted(self.by_label)
+        self.config, self.cells, self.seed = config, cells, seed
+        self.per_batch = min(config.labels_per_batch, len(self.labels))
+        self.steps = max(4, math.ceil(len(self.labels) / self.per_batch))
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rng = np.random.default_rng((self.seed, self._epoch))
+        self._epoch += 1
+        mean, sd, low = self.cells
+        for _ in range(self.steps):
+            n = int(max(low, round(rng.normal(mean, sd))))
+            n += n % 2
+            labels = rng.choice(self.labels, self.per_batch, replace=False)
+            rows, targets = [], []
+            for label in labels:
+                pools = self.by_label[label]
+                for _ in range(self.config.views):
+                    chosen = rng.choice(len(pools), min(len(pools), int(rng.integers(1, 3))), replace=False)
+                    pool = np.concatenate([pools[i] for i in chosen])
+                    rows.append(rng.choice(pool, n, replace=True))
+                    targets.append(label)
+            yield {"x": self.X[np.stack(rows)], "label": torch.as_tensor(targets)}
+
+
+class SampleLoader:
+    """One batch per sample with all its cells (validation and inference)."""
+
+    def __init__(self, X: np.ndarray, sample_cells: dict[Any, np.ndarray], sample_label: dict[Any, int]) -> None:
+        self.X, self.samples, self.sample_label = torch.as_tensor(X), list(sample_cells.items()), sample_label
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for sample, rows in self.samples:
+            yield {"x": self.X[torch.as_tensor(rows)][None], "label": torch.as_tensor([self.sample_label[sample]])}
+
+
+class AggregationPlan(TrainingPlan):
+    """Contrastive training with the validation mAP (same-label retrieval among validation samples) logged as ``val_map``."""
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the collected validation profiles."""
+        self._val: list[tuple[np.ndarray, int]] = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Profile of one validation sample (all its cells)."""
+        self._val.append((self.module(batch["x"]).float().cpu().numpy()[0], int(batch["label"][0])))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_map``."""
+        feats = np.stack([p for p, _ in self._val])
+        meta = pd.DataFrame({"label": [label for _, label in self._val]})
+        ap = average_precision(meta, feats, ["label"], [], [], ["label"])["average_precision"]
+        self.log("val_map", float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0, prog_bar=True)
+
+
+def _cells_per_view(config: AggregateConfig, sizes: np.ndarray) -> tuple[float, float, int]:
+    median = float(np.median(sizes))
+    if config.cells_mean is not None:
+        return config.cells_mean, config.cells_sd or config.cells_mean / 2, config.cells_min or 2
+    if median >= 1000:
+        return 1500.0, 800.0, 100
+    return median, median / 2, max(2, int(median // 4))
+
+
+def train_aggregator(cells: CellTable, sample_ids: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray, config: AggregateConfig, seed: int) -> SetAggregator:
+    """Fit the set model on the samples ``train`` (checkpoint with the best mAP on ``val``)."""
+    rows_of = pd.Series(np.arange(len(cells.X))).groupby(sample_ids).apply(np.asarray).to_dict()
+    label_of = dict(zip(sample_ids, labels, strict=True))
+    train_cells = {s: rows_of[s] for s in train}
+    sampler = ViewSampler(cells.X, train_cells, label_of, config, _cells_per_view(config, np.array([len(r) for r in train_cells.values()])), seed)
+    torch.manual_seed(seed)
+    module = SetAggregator(cells.X.shape[1], config.width, config.head_width, config.out_width, config.pooling, config.temperature)
+    plan = AggregationPlan(module, lr=config.lr, weight_decay=config.weight_decay)
+    train_config = TrainConfig(max_epochs=config.max_epochs, patience=config.patience, monitor="val_map", monitor_mode="max", seed=seed, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(plan, sampler, SampleLoader(cells.X, {s: rows_of[s] for s in val}, label_of), train_config, checkpoint_dir=tmp)
+    return module.eval()
+
+
+@torch.no_grad()
+def learned_profiles(module: SetAggregator, X: np.ndarray, sample_ids: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Profiles of ``samples`` from all their cells."""
+    device = next(module.parameters()).device
+    rows_of = pd.Series(np.arange(len(X))).groupby(sample_ids).apply(np.asarray)
+    return np.stack([module(torch.as_tensor(X[rows_of[s]], device=device)[None]).cpu().numpy()[0] for s in samples])
+
+
+def baseline_profiles(X: np.ndarray, sample_ids: np.ndarray, samples: np.ndarray, how: str) -> np.ndarray:
+    """Mean or median of each sample's cells."""
+    frame = pd.DataFrame(X).groupby(sample_ids)
+    table = frame.mean() if how == "mean" else frame.median()
+    return table.loc[samples].to_numpy()
+
+
+def _retrieval(profiles: np.ndarray, meta: pd.DataFrame, label: str, batch: str | None, test: np.ndarray, diff: str | None = None) -> pd.DataFrame:
+    pos_diffby = [c for c in (batch, diff) if c]
+    ap = average_precision(meta, profiles, [label], pos_diffby, [], [label])
+    ap["test"] = test
+    return ap
+
+
+def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path | None = None, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
+    """Train on the non-test batches for every seed; score learned, mean and median profiles.
+
+    Returns
+    -------
+    ``metrics_95CI`` table: per retrieval task and method, mean ± 95% CI over seeds of the
+    mAP over held-out queries.
+    """
+    obs = cells.obs
+    sample_ids = obs[config.sample_key].astype(str).to_numpy()
+    samples = pd.unique(sample_ids)
+    first = obs.groupby(sample_ids, sort=False).first().loc[samples]
+    for key in (config.label_key, config.batch_key, config.group_key):
+        if key and (obs.groupby(sample_ids)[key].nunique() > 1).any():
+            raise InputError(f"{cells.source}: {key!r} must be constant within each sample of {config.sample_key!r}")
+    meta = first[[k for k in (config.label_key, config.batch_key, config.group_key) if k]].reset_index(drop=True)
+    meta.insert(0, config.sample_key, samples)
+    label_codes = pd.factorize(meta[config.label_key])[0]
+    rng = np.random.default_rng(0)
+    if config.batch_key:
+        batches = pd.unique(meta[config.batch_key])
+        if len(batches) < 2:
+            raise InputError(f"{cells.source}: batch key {config.batch_key!r} has one value; held-out evaluation needs ≥ 2 batches")
+        test_batches = rng.choice(batches, max(1, int(round(config.test_fraction * len(batches)))), replace=False)
+        test = meta[config.batch_key].isin(test_batches).to_numpy()
+    else:
+        test = rng.random(len(samples)) < config.test_fraction
+    X = normalize_per_batch(cells.X, obs[config.batch_key].to_numpy() if config.batch_key else None, config.normalize)
+    train_rows = ~pd.Series(sample_ids).isin(samples[test]).to_numpy()
+    if config.sphering:
+        mean, W = zca_matrix(X[train_rows], config.sphering_reg)
+        X = ((X - mean) @ W).astype(np.float32)
+    X = X.astype(np.float32)
+    train_samples = samples[~test]
+    if len(np.unique(label_codes[~test])) < 2:
+        raise InputError(f"{cells.source}: fewer than two labels among training samples")
+    log(f"{len(samples)} samples, {len(np.unique(label_codes))} labels; held out: {test.sum()} samples" + (f" of batches {sorted(map(str, test_batches))}" if config.batch_key else ""))
+    tasks = [("label", config.label_key, None)] + ([("group", config.group_key, config.label_key)] if config.group_key else [])
+    rows, profiles_seed0 = [], {}
+    for how in ("mean", "median"):
+        profiles = baseline_profiles(X, sample_ids, samples, how)
+        profiles_seed0[how] = profiles
+        rows += _score(profiles, meta, config, tasks, test, how, seed=None)
+    for seed in config.seeds:
+        val_mask = np.random.default_rng(seed).random(len(train_samples)) < 0.2
+        cell_labels = _labels_by_sample(sample_ids, samples, label_codes)
+        module = train_aggregator(CellTable(X, obs), sample_ids, cell_labels, train_samples[~val_mask], train_samples[val_mask], config, seed)
+        profiles = learned_profiles(module, X, sample_ids, samples)
+        rows += _score(profiles, meta, config, tasks, test, "learned", seed)
+        if seed == config.seeds[0]:
+            profiles_seed0["learned"], model0 = profiles, module
+        log(f"seed {seed}: learned mAP {rows[-len(tasks)]['map']:.3f}")
+    metrics = pd.DataFrame(rows)
+    summary = fold_summary(metrics.drop(columns=["seed", "n_queries"]), by=["task", "method"])
+    if out is not None:
+        with staged_dir(out, overwrite) as stage:
+            write_csv(metrics, stage / "metrics.csv")
+            write_csv(summary, stage / "metrics_95CI.csv")
+            for how, profiles in profiles_seed0.items():
+                _write_profiles(profiles, meta, stage / f"profiles_{how}")
+            with atomic_path(stage / "model.pt") as tmp:
+                torch.save(model0.state_dict(), tmp)
+            write_yaml({**config.model_dump(mode="json"), "n_features": int(X.shape[1]), "data": cells.source}, stage / "config.yaml")
+            _pr_figure(profiles_seed0, meta, config, test, stage / "precision_recall.png")
+    return summary
+
+
+def _labels_by_sample(sample_ids: np.ndarray, samples: np.ndarray, label_codes: np.ndarray) -> np.ndarray:
+    code_of = dict(zip(samples, label_codes, strict=True))
+    return np.array([code_of[s] for s in sample_ids])
+
+
+def _score(profiles: np.ndarray, meta: pd.DataFrame, config: AggregateConfig, tasks: list, test: np.ndarray, method: str, seed: int | None) -> list[dict[str, Any]]:
+    rows = []
+    for task, label, diff in tasks:
+        ap = _retrieval(profiles, meta, label, config.batch_key, test, diff)
+        queries = ap[ap["test"] & ap["n_pos_pairs"].gt(0)]
+        rows.append({"task": task, "method": method, "seed": seed if seed is not None else -1, "map": float(queries["average_precision"].mean()),
+                     "precision_at_r": float(queries["precision_at_r"].mean()), "n_queries": len(queries)})
+    return rows
+
+
+def _write_profiles(profiles: np.ndarray, meta: pd.DataFrame, stem: Path) -> None:
+    frame = pd.concat([meta.reset_index(drop=True), pd.DataFrame(profiles, columns=[f"f{i}" for i in range(profiles.shape[1])])], axis=1)
+    write_parquet(frame, stem.with_suffix(".parquet"))
+    adata = ad.AnnData(X=profiles.astype(np.float32), obs=meta.astype(str).set_index(meta.columns[0], drop=False))
+    with atomic_path(stem.with_suffix(".h5ad")) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def _pr_figure(profiles: dict[str, np.ndarray], meta: pd.DataFrame, config: AggregateConfig, test: np.ndarray, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    from scatlas._io import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    labels = meta[config.label_key].astype(str).to_numpy()
+    batch = meta[config.batch_key].astype(str).to_numpy() if config.batch_key else None
+    for how, p in profiles.items():
+        unit = p / np.linalg.norm(p, axis=1, keepdims=True)
+        sim = unit[test] @ unit.T
+        same = labels[test][:, None] == labels[None, :]
+        valid = ~np.eye(len(labels), dtype=bool)[test]
+        if batch is not None:
+            valid &= batch[test][:, None] != batch[None, :]
+        precision, recall, _ = precision_recall_curve(same[valid], sim[valid])
+        ax.plot(recall, precision, label=how)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("held-out queries: same-label retrieval")
+    ax.legend(frameon=False)
+    save_figure(fig, path)
+
+
+def toy_covariance(seed: int = 0, n_classes: int = 10, n_sets: int = 4, n_points: int = 800) -> CellTable:
+    """Classes with identical (zero) means and rotated covariances; ``n_sets`` replicate samples per class.
+
+    Class ``i`` draws points from N(0, R(iπ/n)·[[1, .5], [.5, 1]]·R(iπ/n)ᵀ): mean aggregation
+    is at chance by construction, while the covariance identifies the class.
+    """
+    rng = np.random.default_rng(seed)
+    base = np.array([[1.0, 0.5], [0.5, 1.0]])
+    X, rows = [], []
+    for c in range(n_classes):
+        a = c * np.pi / n_classes
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        cov = rot @ base @ rot.T
+        for s in range(n_sets):
+            X.append(rng.multivariate_normal(np.zeros(2), cov, n_points))
+            rows += [{"sample": f"class{c}_set{s}", "label": f"class{c}", "replicate": f"set{s}"}] * n_points
+    return CellTable(np.concatenate(X).astype(np.float32), pd.DataFrame(rows), "toy covariance")
+
+
+def make_samples(obs: pd.DataFrame, by: list[str], size: int, seed: int = 0) -> np.ndarray:
+    """Sample ids that split the cells of each ``by`` group into random chunks of about ``size`` cells."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty(len(obs), dtype=object)
+    for key, rows in obs.groupby(by, observed=True).indices.items():
+        key = key if isinstance(key, tuple) else (key,)
+        rows = rng.permutation(rows)
+        n_chunks = max(1, len(rows) // size)
+        for i, chunk in enumerate(np.array_split(rows, n_chunks)):
+            ids[chunk] = "|".join(map(str, key)) + f"|s{i}"
+    return ids.astype(str)
+
+
+def load_aggregate_config(values: dict[str, Any]) -> AggregateConfig:
+    """Validate CLI/API settings."""
+    return parse_settings(AggregateConfig, values)
+
+
+__all__ = ["AggregateConfig", "CellTable", "load_aggregate_config", "make_samples", "read_cells", "run_aggregation", "toy_covariance"]

@@ -1,0 +1,89 @@
+"""Align a query's genes to a model's genes by name (overlap report, zero-fill, refusal below a threshold)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scatlas._errors import InputError
+
+
+@dataclass(frozen=True)
+class GeneAlignment:
+    """How a query's genes map onto the model's genes.
+
+    Attributes
+    ----------
+    query_index
+        For each model gene, its column in the query, or −1 when the query lacks it.
+    n_model_genes, n_query_genes, n_shared
+        Gene counts.
+    missing
+        Model genes absent from the query (zero-filled).
+    """
+
+    query_index: np.ndarray
+    n_model_genes: int
+    n_query_genes: int
+    n_shared: int
+    missing: list[str]
+
+    @property
+    def fraction(self) -> float:
+        """Share of model genes found in the query."""
+        return self.n_shared / max(self.n_model_genes, 1)
+
+    def report(self) -> dict[str, object]:
+        """Counts and up to 20 missing genes, for logs and ``gene_overlap.csv``."""
+        return {
+            "model_genes": self.n_model_genes,
+            "query_genes": self.n_query_genes,
+            "shared_genes": self.n_shared,
+            "fraction_of_model_genes": round(self.fraction, 4),
+            "missing_examples": ";".join(self.missing[:20]),
+        }
+
+    def apply(self, X: sp.csr_matrix) -> sp.csr_matrix:
+        """Query matrix reordered to the model's genes, absent genes as zero columns."""
+        found = np.flatnonzero(self.query_index >= 0)
+        select = sp.csr_matrix(
+            (np.ones(len(found), dtype=np.float32), (self.query_index[found], found)),
+            shape=(X.shape[1], self.n_model_genes),
+        )
+        return sp.csr_matrix(X @ select, dtype=np.float32)
+
+
+def align_genes(query_genes: np.ndarray, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query") -> GeneAlignment:
+    """Match genes by name.
+
+    Parameters
+    ----------
+    query_genes
+        Gene names of the query's columns (first occurrence wins for duplicates).
+    model_genes
+        Genes the model was trained on, in its column order.
+    min_overlap
+        Smallest accepted share of model genes present in the query.
+    source
+        Name of the query (file) for messages.
+
+    Raises
+    ------
+    InputError
+        When fewer than ``min_overlap`` of the model's genes are in the query.
+    """
+    position = pd.Series(np.arange(len(query_genes)), index=pd.Index(np.asarray(query_genes, dtype=str)))
+    position = position[~position.index.duplicated()]
+    index = position.reindex(np.asarray(model_genes, dtype=str)).fillna(-1).to_numpy(dtype=np.int64)
+    missing = [str(g) for g, i in zip(model_genes, index, strict=True) if i < 0]
+    alignment = GeneAlignment(index, len(model_genes), len(query_genes), int((index >= 0).sum()), missing)
+    if alignment.fraction < min_overlap:
+        raise InputError(
+            f"{source}: only {alignment.n_shared} of the model's {alignment.n_model_genes} genes "
+            f"({alignment.fraction:.1%}) are in the query, below the minimum {min_overlap:.0%}; "
+            f"missing e.g. {missing[:5]} (do the gene identifiers match: symbols vs Ensembl ids?)"
+        )
+    return alignment

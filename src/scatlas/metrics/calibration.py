@@ -1,0 +1,62 @@
+"""Calibration of predicted probabilities: expected calibration error and temperature scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error (Guo et al. 2017; top-label, equal-width bins, L1).
+
+    ``ECE = Σ_b (n_b / n) · |accuracy_b − mean confidence_b|`` over ``n_bins`` bins of the
+    top-class probability on (0, 1]; equals ``torchmetrics``' multiclass calibration error.
+
+    Parameters
+    ----------
+    proba
+        ``(n, n_classes)`` probabilities.
+    y
+        ``(n,)`` true class indices.
+    n_bins
+        Number of confidence bins.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    confidence = proba.max(1)
+    correct = (proba.argmax(1) == np.asarray(y)).astype(np.float64)
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
+    """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` on held-out cells (Guo et al. 2017).
+
+    Optimised over ``log T`` with L-BFGS, so ``T > 0``; ``T > 1`` softens over-confident models.
+    """
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    target = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)

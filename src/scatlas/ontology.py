@@ -1,0 +1,171 @@
+"""The Cell Ontology and reachability matrices over a label set (DESIGN §6).
+
+The ontology ships with the ``cellxgene-ontology-guide`` package (no network). Its ancestor
+lists follow **is_a and part_of** (``relations="is_a+part_of"``, the default here because it
+is what the shipped data holds). scTab used the **is_a** closure only; that needs the
+relation types, which the shipped data does not keep, so it is available from an OBO file
+of the Cell Ontology (:meth:`CellOntology.from_obo`, ``relations="is_a"``). Everything is
+keyed by CL id, never by label string, and :attr:`CellOntology.version` is recorded in
+every output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scatlas._errors import InputError
+
+
+class CellOntology:
+    """Ancestor look-ups of Cell Ontology terms.
+
+    Parameters
+    ----------
+    schema_version
+        CELLxGENE schema version whose CL release to load (default: the package's latest).
+    """
+
+    def __init__(self, schema_version: str | None = None) -> None:
+        from cellxgene_ontology_guide.ontology_parser import OntologyParser
+        from cellxgene_ontology_guide.supported_versions import CXGSchema
+
+        schema = CXGSchema(version=schema_version)
+        self._parser = OntologyParser(schema_version=schema.version)
+        self.version = f"CL {schema.supported_ontologies['CL']['version']} (cellxgene-ontology-guide schema {schema.version})"
+        self.relations = "is_a+part_of"
+        self._ancestors: dict[str, frozenset[str]] | None = None
+        self._labels: dict[str, str] | None = None
+
+    @classmethod
+    def from_obo(cls, path: str | Path) -> CellOntology:
+        """An is_a-only ontology read from a Cell Ontology ``.obo`` file (``is_a:`` lines only)."""
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: ontology file not found")
+        parents: dict[str, set[str]] = {}
+        labels: dict[str, str] = {}
+        version, current, obsolete = "unknown", None, set()
+        for line in path.read_text().splitlines():
+            if line.startswith("data-version:"):
+                version = line.split(":", 1)[1].strip()
+            elif line == "[Term]":
+                current = None
+            elif line.startswith("id: CL:"):
+                current = line[4:].strip()
+                parents.setdefault(current, set())
+            elif current and line.startswith("name:"):
+                labels[current] = line[5:].strip()
+            elif current and line.startswith("is_a: CL:"):
+                parents[current].add(line[6:].split("!")[0].strip())
+            elif current and line.strip() == "is_obsolete: true":
+                obsolete.add(current)
+        self = cls.__new__(cls)
+        self._parser = None
+        self.version = f"CL {version} (is_a from {path.name})"
+        self.relations = "is_a"
+        self._labels = labels
+        self._ancestors = {term: frozenset(_closure(term, parents)) for term in parents if term not in obsolete}
+        return self
+
+    def is_valid(self, term: str) -> bool:
+        """Whether ``term`` is a current (valid, not deprecated) CL id."""
+        if self._parser is None:
+            return term in self._ancestors  # type: ignore[operator]
+        return term.startswith("CL:") and self._parser.is_valid_term_id(term) and not self._parser.is_term_deprecated(term)
+
+    def ancestors(self, term: str) -> frozenset[str]:
+        """Strict ancestors of ``term``."""
+        if self._ancestors is not None:
+            return self._ancestors[term]
+        return frozenset(self._parser.get_term_ancestors(term))
+
+    def label(self, term: str) -> str:
+        """Human-readable name of ``term``."""
+        if self._labels is not None:
+            return self._labels.get(term, term)
+        return self._parser.get_term_label(term)
+
+    @cached_property
+    def label_to_id(self) -> dict[str, str]:
+        """Label (and synonyms, for the package ontology) → CL id."""
+        if self._labels is not None:
+            return {v: k for k, v in self._labels.items()}
+        return {label: term for label, term in self._parser.get_term_label_to_id_map("CL").items()}
+
+    def check_terms(self, terms: Iterable[str], where: str = "") -> None:
+        """Raise :class:`InputError` listing every unknown or deprecated id (with replacements when known)."""
+        bad = []
+        for term in sorted(set(terms)):
+            if self.is_valid(term):
+                continue
+            hint = ""
+            if self._parser is not None and term.startswith("CL:") and self._parser.is_valid_term_id(term):
+                replacement = self._parser.get_term_replacement(term)
+                hint = f" (deprecated; replaced by {replacement})" if replacement else " (deprecated)"
+            bad.append(f"{term!r}{hint}")
+        if bad:
+            raise InputError(f"{where}unknown or deprecated Cell Ontology ids: {', '.join(bad)} ({self.version})")
+
+
+def _closure(term: str, parents: dict[str, set[str]]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(parents.get(term, ()))
+    while stack:
+        parent = stack.pop()
+        if parent not in seen:
+            seen.add(parent)
+            stack.extend(parents.get(parent, ()))
+    return seen
+
+
+def reachability(labels: Sequence[str], ontology: CellOntology) -> np.ndarray:
+    """``R[i, j] = 1`` when label ``j`` is label ``i`` or one of its descendants.
+
+    Parameters
+    ----------
+    labels
+        CL ids of the classes (the class order of every model output).
+    ontology
+        The ontology whose ancestor relation is used.
+
+    Returns
+    -------
+    ``(n_labels, n_labels)`` float32 matrix with ones on the diagonal.
+    """
+    ontology.check_terms(labels)
+    index = {term: i for i, term in enumerate(labels)}
+    R = np.eye(len(labels), dtype=np.float32)
+    for j, term in enumerate(labels):
+        for ancestor in ontology.ancestors(term):
+            if ancestor in index:
+                R[index[ancestor], j] = 1.0
+    return R
+
+
+def map_author_labels(values: Iterable[str], table: pd.DataFrame | str | Path, ontology: CellOntology | None = None) -> np.ndarray:
+    """Map author labels to CL ids with a user table of two columns (author label, CL id).
+
+    Raises
+    ------
+    InputError
+        Naming every label the table does not map, and every id that is not a valid CL term.
+    """
+    source = str(table) if not isinstance(table, pd.DataFrame) else "mapping table"
+    if not isinstance(table, pd.DataFrame):
+        table = pd.read_csv(table)
+    if table.shape[1] < 2:
+        raise InputError(f"{source}: needs two columns (author label, Cell Ontology id)")
+    mapping = dict(zip(table.iloc[:, 0].astype(str), table.iloc[:, 1].astype(str), strict=True))
+    values = np.asarray(list(values), dtype=str)
+    missing = sorted(str(v) for v in set(values) - set(mapping))
+    if missing:
+        raise InputError(f"{source}: no Cell Ontology id for labels {missing}")
+    ids = np.array([mapping[v] for v in values])
+    if ontology is not None:
+        ontology.check_terms(ids, where=f"{source}: ")
+    return ids

@@ -1,0 +1,261 @@
+"""Label transfer from a labelled reference to unlabelled queries.
+
+The reference model is learned once, on reference cells only; each query is then mapped
+through the frozen model. Consequences: the reference's predictions are bit-identical
+whatever queries are passed, and the same seed gives the same query predictions.
+
+Outputs per dataset (``reference`` and one folder per query file stem):
+``predictions.csv`` (``cell_id, predicted, confidence, unknown`` + the two reasons and the
+latent distance), ``probabilities.parquet`` (calibrated), and with labels ``metrics.csv``,
+``per_class_metrics.csv`` and ``confusion_matrix.png``. ``calibration.csv`` holds the
+expected calibration error before and after temperature scaling on held-out reference cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.model_selection import train_test_split
+
+from scatlas._errors import ConfigError
+from scatlas._io import staged_dir, write_csv, write_npy, write_parquet, write_yaml
+from scatlas.annotation import Annotator, LabelSpace, fit_classifier, label_space
+from scatlas.data.dataset import DatasetConfig, load_dataset
+from scatlas.data.io import read_h5ad
+from scatlas.data.validate import check_obs_keys
+from scatlas.experiment.config import TrainingConfig, parse_settings
+from scatlas.metrics.annotation import overall_metrics, per_class_metrics
+from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
+from scatlas.ontology import CellOntology
+from scatlas.plot.figures import confusion_heatmap
+
+Log = Callable[[str], None]
+
+
+#: Classifier entries tuned for references of thousands of cells (scTab's defaults assume
+#: millions): on Symphony PBMCs with one chemistry held out, the MLP reaches 0.94-0.98 accuracy.
+METHODS: dict[str, dict[str, Any]] = {
+    "linear": {"type": "linear", "training": {"lr": 5e-3, "weight_decay": 0.01}},
+    "mlp": {"type": "mlp", "hidden": [256, 128], "dropout": 0.1, "training": {"lr": 1e-3, "weight_decay": 0.05}},
+    "tabnet": {"type": "tabnet", "training": {"lr": 5e-3, "weight_decay": 0.05}},
+}
+
+
+class TransferConfig(BaseModel):
+    """Settings of ``scatlas transfer``.
+
+    Attributes
+    ----------
+    reference
+        The labelled reference (``label_key`` required).
+    queries
+        Query ``.h5ad`` files (distinct file stems: each names an output folder).
+    ontology_key
+        Reference column of Cell Ontology ids (classes become CL ids; enables ``loss: hce``).
+    query_label_key
+        Query column with known labels (evaluation mode).
+    model
+        Classifier entry, e.g. :data:`METHODS` ``["mlp"]`` with ``loss: ce|hce``.
+    calibration_fraction, val_fraction
+        Reference cells held out for calibration / early stopping.
+    confidence_threshold
+        Calibrated max probability under which a cell is called ``unknown``.
+    distance_quantile
+        A cell farther from every reference class centroid (in the model's latent space)
+        than this quantile of the held-out reference cells' distances is called ``unknown``.
+    min_overlap
+        Smallest share of the model's genes a query must have.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: DatasetConfig
+    queries: list[Path] = Field(default_factory=list)
+    ontology_key: str | None = None
+    query_label_key: str | None = None
+    query_layer: str | None = None
+    model: dict[str, Any] = Field(default_factory=lambda: dict(METHODS["mlp"]))
+    n_top_genes: int | None = None
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(max_epochs=100, batch_size=64, patience=10))
+    calibration_fraction: float = Field(0.2, gt=0, lt=0.5)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    confidence_threshold: float = Field(0.5, ge=0, le=1)
+    distance_quantile: float = Field(0.99, gt=0, le=1)
+    min_overlap: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+
+
+@dataclass
+class ReferenceModel:
+    """The frozen reference classifier with its calibration and unknown-detection settings."""
+
+    annotator: Annotator
+    temperature: float
+    centroids: np.ndarray
+    distance_threshold: float
+    confidence_threshold: float
+
+    def predict(self, X: Any, cell_ids: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Predictions and calibrated probabilities of a model-ready matrix."""
+        model, rows = self.annotator.model, np.arange(X.shape[0])
+        sdata = self.annotator.split_data(X)
+        proba = softmax(model.predict_logits(sdata, rows), self.temperature)
+        distance = nearest_centroid_distance(model.embed(sdata, rows), self.centroids)
+        names = np.asarray(self.annotator.labels.names)
+        best = proba.argmax(1)
+        confidence = proba.max(1)
+        low, far = confidence < self.confidence_threshold, distance > self.distance_threshold
+        predictions = pd.DataFrame(
+            {
+                "cell_id": cell_ids,
+                "predicted": names[best],
+                "confidence": confidence,
+                "unknown": low | far,
+                "unknown_low_confidence": low,
+                "unknown_far_from_reference": far,
+                "latent_distance": distance,
+            }
+        )
+        if self.annotator.labels.reachability is not None:
+            predictions.insert(2, "predicted_id", np.asarray(self.annotator.labels.classes)[best])
+        probabilities = pd.concat([pd.DataFrame({"cell_id": cell_ids}), pd.DataFrame(proba, columns=list(names))], axis=1)
+        return predictions, probabilities
+
+
+def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each cell to its nearest class centroid."""
+    e = np.asarray(embedding, dtype=np.float64)
+    d2 = (e**2).sum(1)[:, None] + (centroids**2).sum(1)[None, :] - 2 * e @ centroids.T
+    return np.sqrt(np.maximum(d2, 0)).min(1)
+
+
+def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace, out: Path, title: str) -> dict[str, float]:
+    """Metrics on cells whose label the reference knows; unseen labels reported, never mapped."""
+    known = np.isin(y_true, labels.names)
+    unseen = pd.Series(y_true[~known]).value_counts()
+    if len(unseen):
+        write_csv(unseen.rename_axis("label").reset_index(name="n_cells"), out / "unseen_labels.csv")
+    pred = predictions["predicted"].to_numpy().astype(str)
+    metrics = overall_metrics(y_true[known], pred[known])
+    metrics["unknown_fraction"] = float(predictions["unknown"].mean())
+    metrics["n_cells_unseen_label"] = float((~known).sum())
+    write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
+    write_csv(per_class_metrics(y_true[known], pred[known]), out / "per_class_metrics.csv")
+    confusion_heatmap(y_true, pred, out / "confusion_matrix.png", f"{title}: true (rows) vs predicted, row-normalised")
+    return metrics
+
+
+def _query_stems(queries: list[Path]) -> list[str]:
+    stems = [q.stem for q in queries]
+    duplicated = sorted({s for s in stems if stems.count(s) > 1} | ({"reference"} & set(stems)))
+    if duplicated:
+        raise ConfigError(f"transfer: query file names must have distinct stems other than 'reference' (output folders); repeated: {duplicated}")
+    return stems
+
+
+def _fit_reference(config: TransferConfig, stage: Path, log: Log) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, np.ndarray]:
+    ontology = CellOntology() if config.ontology_key else None
+    key = config.ontology_key or config.reference.label_key
+    data = load_dataset(config.reference, extra_keys=(config.ontology_key,) if config.ontology_key else ())
+    truth = data.obs[key].astype(str).to_numpy()
+    names = data.obs[config.reference.label_key].astype(str).to_numpy() if config.reference.label_key else None
+    labels = label_space(truth, names, ontology, where=f"{config.reference.path}: obs column {key!r}: ")
+    codes = labels.codes(truth)
+    rows = np.arange(data.n_cells)
+    fit_rows, calib = train_test_split(rows, test_size=config.calibration_fraction, random_state=config.seed, stratify=_stratify(codes))
+    train, val = train_test_split(fit_rows, test_size=config.val_fraction / (1 - config.calibration_fraction), random_state=config.seed, stratify=_stratify(codes[fit_rows]))
+    train, val, calib = np.sort(train), np.sort(val), np.sort(calib)
+    log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
+    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val)
+    logits = model.predict_logits(sdata, rows)
+    fitted = fit_temperature(logits[calib], codes[calib])
+    before = expected_calibration_error(softmax(logits[calib]), codes[calib])
+    scaled = expected_calibration_error(softmax(logits[calib], fitted), codes[calib])
+    # the NLL-optimal temperature is kept only if it also lowers the held-out ECE
+    temperature, after = (fitted, scaled) if scaled <= before else (1.0, before)
+    write_csv(
+        pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}]),
+        stage / "calibration.csv",
+    )
+    log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
+    embedding = model.embed(sdata, rows)
+    centroids = np.stack([embedding[train][codes[train] == c].mean(0) for c in range(len(labels.classes))])
+    threshold = float(np.quantile(nearest_centroid_distance(embedding[calib], centroids), config.distance_quantile))
+    annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path)})
+    reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
+    role = np.full(data.n_cells, "train", dtype=object)
+    role[val], role[calib] = "val", "calibration"
+    predictions, probabilities = reference.predict(sdata.X, data.cell_ids)
+    predictions.insert(1, "reference_split", role)
+    return reference, predictions, probabilities, np.where(role == "calibration", np.asarray(labels.names)[codes], "")
+
+
+def _stratify(codes: np.ndarray) -> np.ndarray | None:
+    counts = np.bincount(codes)
+    return codes if counts[counts > 0].min() >= 5 else None
+
+
+def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
+    """Learn the reference model, map every query, write predictions, calibration and metrics.
+
+    Returns
+    -------
+    Summary table: one row per dataset (``reference`` = its held-out calibration cells).
+    """
+    if config.reference.label_key is None:
+        raise ConfigError("transfer: the reference needs --label-key")
+    stems = _query_stems(config.queries)
+    queries = [read_h5ad(q) for q in config.queries]  # fail on a missing/corrupt query before training
+    if config.query_label_key:
+        for q in queries:
+            check_obs_keys(q, [config.query_label_key])
+    with staged_dir(out, overwrite) as stage:
+        reference, predictions, probabilities, calib_truth = _fit_reference(config, stage, log)
+        ref_dir = stage / "reference"
+        write_csv(predictions, ref_dir / "predictions.csv")
+        write_parquet(probabilities, ref_dir / "probabilities.parquet")
+        held_out = calib_truth != ""
+        metrics = _evaluate(calib_truth[held_out], predictions[held_out].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells")
+        summary = [{"dataset": "reference (held-out cells)", "n_cells": int(held_out.sum()), **metrics}]
+        _save_reference(reference, ref_dir / "model")
+        for stem, adata in zip(stems, queries, strict=True):
+            qdir = stage / stem
+            X, alignment = reference.annotator.prepare(adata, config.query_layer, config.min_overlap)
+            report = alignment.report()
+            write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
+            log(f"{stem}: {adata.n_obs} cells; {report['shared_genes']} of {report['model_genes']} model genes present ({report['fraction_of_model_genes']:.1%}), the rest set to 0")
+            pred, proba = reference.predict(X, adata.obs_names.astype(str).to_numpy())
+            write_csv(pred, qdir / "predictions.csv")
+            write_parquet(proba, qdir / "probabilities.parquet")
+            row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
+            if config.query_label_key:
+                truth = adata.obs[config.query_label_key].astype(str).to_numpy()
+                row.update(_evaluate(truth, pred, reference.annotator.labels, qdir, stem))
+            summary.append(row)
+        table = pd.DataFrame(summary)
+        write_csv(table, stage / "summary.csv")
+        write_yaml(config.model_dump(mode="json"), stage / "config.yaml")
+    return table
+
+
+def _save_reference(reference: ReferenceModel, directory: Path) -> None:
+    reference.annotator.save(directory)
+    write_npy(reference.centroids, directory / "centroids.npy")
+    write_yaml(
+        {"temperature": reference.temperature, "distance_threshold": reference.distance_threshold, "confidence_threshold": reference.confidence_threshold},
+        directory / "transfer.yaml",
+    )
+
+
+def load_transfer_config(values: dict[str, Any]) -> TransferConfig:
+    """Validate CLI/API settings into a :class:`TransferConfig` with readable errors."""
+    return parse_settings(TransferConfig, values)
+
+
+__all__ = ["ReferenceModel", "TransferConfig", "load_transfer_config", "run_transfer"]

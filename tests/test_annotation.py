@@ -1,0 +1,232 @@
+"""Ontology, hierarchical CE, classifiers and the annotate workflow on real PBMCs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.nn import functional as F
+from typer.testing import CliRunner
+
+from scatlas import InputError
+from scatlas.annotation import Annotator, load_annotate_config, train_annotator
+from scatlas.cli import app
+from scatlas.losses import hierarchical_cross_entropy
+from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
+from scatlas.nn.tabnet import entmax15, sparsemax
+from scatlas.ontology import CellOntology, map_author_labels, reachability
+
+runner = CliRunner()
+CD4_SUBSETS = ["CL:0000492", "CL:0000792", "CL:0000895", "CL:0000897"]  # helper, Treg, naive CD4, memory CD4
+CD4_PARENT = "CL:0000624"  # CD4-positive, alpha-beta T cell
+
+
+@pytest.fixture(scope="module")
+def ontology():
+    return CellOntology()
+
+
+@pytest.fixture(scope="module")
+def zheng(tmp_path_factory):
+    from conftest import data_path
+
+    return data_path("zheng17_sorted_pbmc_reference.h5ad")
+
+
+def test_reachability_equals_ancestor_lists(ontology, zheng, symphony_path):
+    from cellxgene_ontology_guide.ontology_parser import OntologyParser
+
+    parser = OntologyParser()
+    for path in (zheng, symphony_path):
+        ids = sorted(ad.read_h5ad(path, backed="r").obs["cell_type_ontology_term_id"].astype(str).unique())
+        R = reachability(ids, ontology)
+        expected = np.array([[1.0 if i == j or a in parser.get_term_ancestors(b) else 0.0 for j, b in enumerate(ids)] for i, a in enumerate(ids)])
+        np.testing.assert_array_equal(R, expected)
+    ids = sorted(ad.read_h5ad(symphony_path, backed="r").obs["cell_type_ontology_term_id"].astype(str).unique())
+    R = reachability(ids, ontology)
+    assert R[ids.index("CL:0001054"), ids.index("CL:0002396")] == 1  # CD16 monocyte under CD14-positive monocyte
+    assert R[ids.index("CL:0002396"), ids.index("CL:0001054")] == 0
+    with_parent = reachability([CD4_PARENT, *CD4_SUBSETS], ontology)
+    assert with_parent[0].sum() == 5 and with_parent[1:, 0].sum() == 0
+
+
+def test_unknown_ids_and_author_mapping(ontology, tmp_path):
+    with pytest.raises(InputError, match=r"unknown or deprecated Cell Ontology ids: 'CL:9999999', 'T cell'"):
+        reachability(["CL:0000624", "CL:9999999", "T cell"], ontology)
+    table = tmp_path / "map.csv"
+    pd.DataFrame({"author": ["T_CD4", "B"], "cl": ["CL:0000624", "CL:0000236"]}).to_csv(table, index=False)
+    assert list(map_author_labels(["B", "T_CD4", "B"], table, ontology)) == ["CL:0000236", "CL:0000624", "CL:0000236"]
+    with pytest.raises(InputError, match=r"no Cell Ontology id for labels \['NK'\]"):
+        map_author_labels(["NK"], table, ontology)
+
+
+def test_obo_is_a_only(tmp_path):
+    obo = tmp_path / "cl.obo"
+    obo.write_text(
+        "data-version: test\n\n[Term]\nid: CL:1\nname: cell\n\n[Term]\nid: CL:2\nname: T cell\nis_a: CL:1 ! cell\n"
+        "relationship: part_of CL:9\n\n[Term]\nid: CL:3\nname: CD4 T cell\nis_a: CL:2 ! T cell\n"
+    )
+    onto = CellOntology.from_obo(obo)
+    assert onto.ancestors("CL:3") == {"CL:1", "CL:2"} and onto.relations == "is_a"
+    np.testing.assert_array_equal(reachability(["CL:2", "CL:3"], onto), [[1, 1], [0, 1]])
+
+
+def test_hce_hand_computed():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))  # softmax = (0.5, 0.3, 0.2)
+    R = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # class 1 is a child of class 0
+    # target 0 (parent): q = 0.5 + 0.3 = 0.8
+    assert hierarchical_cross_entropy(logits, torch.tensor([0]), R).item() == pytest.approx(-np.log(0.8 + 1e-6), abs=1e-6)
+    # target 1 (leaf): plain CE
+    assert hierarchical_cross_entropy(logits, torch.tensor([1]), R).item() == pytest.approx(-np.log(0.3 + 1e-6), abs=1e-6)
+    # weighted mean over a batch, as nll_loss
+    w = torch.tensor([2.0, 1.0, 1.0])
+    got = hierarchical_cross_entropy(logits.repeat(2, 1), torch.tensor([0, 2]), R, weight=w).item()
+    assert got == pytest.approx((2 * -np.log(0.8 + 1e-6) + -np.log(0.2 + 1e-6)) / 3, abs=1e-6)
+    z = torch.randn(6, 3)
+    t = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert hierarchical_cross_entropy(z, t, torch.eye(3)).item() == pytest.approx(F.cross_entropy(z, t).item(), abs=1e-4)
+
+
+def test_hierarchical_metric_credit():
+    classes = [CD4_PARENT, "CL:0000897", "CL:0000236"]
+    R = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
+    y_true = np.array([CD4_PARENT, "CL:0000897", "CL:0000236"])
+    y_pred = np.array(["CL:0000897", CD4_PARENT, "CL:0000236"])  # child for parent: credit; parent for child: none
+    assert list(hierarchical_correct(y_true, y_pred, classes, R)) == [True, False, True]
+    assert list(corrected_predictions(y_true, y_pred, classes, R)) == [CD4_PARENT, CD4_PARENT, "CL:0000236"]
+    overall = annotation_tables(y_true, y_pred, classes, R)["overall"].set_index("evaluation")
+    assert overall.loc["exact", "accuracy"] == pytest.approx(1 / 3) and overall.loc["hierarchical", "accuracy"] == pytest.approx(2 / 3)
+
+
+def test_sparse_masks():
+    x = torch.tensor([[3.0, 1.0, 0.2, -1.0], [0.1, 0.1, 0.1, 0.1]])
+    for fn in (sparsemax, entmax15):
+        y = fn(x)
+        assert torch.allclose(y.sum(1), torch.ones(2), atol=1e-6) and (y >= 0).all()
+        assert y[0, 3] == 0  # sparse
+        assert torch.allclose(y[1], torch.full((4,), 0.25))
+    # sparsemax = Euclidean projection onto the simplex: check against the closed form
+    z = x[0].numpy()
+    tau = next(t for t in (np.cumsum(np.sort(z)[::-1]) - 1) / np.arange(1, 5) if True)
+    srt = np.sort(z)[::-1]
+    k = max(i for i in range(1, 5) if 1 + i * srt[i - 1] > srt[:i].sum())
+    tau = (srt[:k].sum() - 1) / k
+    np.testing.assert_allclose(sparsemax(x)[0].numpy(), np.maximum(z - tau, 0), atol=1e-6)
+    # entmax15 solution satisfies y = [(x/2 - tau)_+]^2 with sum 1 (up to the max shift)
+    y = entmax15(x)[0].numpy()
+    half = (z - z.max()) / 2
+    tau = half[y > 0][0] - np.sqrt(y[y > 0][0])
+    np.testing.assert_allclose(y, np.maximum(half - tau, 0) ** 2, atol=1e-6)
+
+
+def _config(path: Path, kind: str, loss: str, **extra):
+    values = {
+        "dataset": {"name": "z", "path": path, "label_key": "cell_type"},
+        "ontology_key": "cell_type_ontology_term_id",
+        "model": {"type": kind, "loss": loss},
+        "split": {"kind": "kfold", "n_splits": 3},
+        "training": {"max_epochs": 12, "batch_size": 256, "patience": 3},
+        "final_model": False,
+    }
+    values.update(extra)
+    return load_annotate_config(values)
+
+
+@pytest.mark.parametrize(("model", "min_accuracy"), [("linear", 0.8), ("mlp", 0.8), ("tabnet", 0.6)])
+def test_classifiers_learn_zheng17(zheng, tmp_path, model, min_accuracy):
+    entry = {"type": model, "loss": "hce", **({"training": {"lr": 2e-2}} if model == "tabnet" else {})}
+    cfg = _config(zheng, model, "hce", model=entry, n_top_genes=2000, training={"max_epochs": 15, "batch_size": 64, "patience": 4})
+    summary = train_annotator(cfg, tmp_path / "out", log=lambda _: None).set_index(["evaluation", "metric"])
+    assert summary.loc[("exact", "accuracy"), "mean"] > min_accuracy  # 9 classes: chance ≈ 0.11
+    history = pd.read_csv(tmp_path / "out" / "splits_1" / "history.csv")
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    for name in ("overall_metrics.csv", "per_class_metrics.csv", "detailed_results.parquet", "confusion_matrix.png", "per_class_f1.png", "fold_metrics_95CI.csv"):
+        assert (tmp_path / "out" / name).exists()
+    detail = pd.read_parquet(tmp_path / "out" / "detailed_results.parquet")
+    assert len(detail) == 2140 and {"y_true", "y_pred", "correct", "correct_hierarchical", "p_CL:0000236"} <= set(detail.columns)
+    np.testing.assert_allclose(detail.filter(like="p_CL").sum(1), 1, atol=1e-5)
+
+
+def test_mixed_fine_and_coarse_labels(zheng, tmp_path):
+    adata = ad.read_h5ad(zheng)
+    ids = adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy().copy()
+    rng = np.random.default_rng(0)
+    coarse = np.isin(ids, CD4_SUBSETS) & (rng.random(len(ids)) < 0.5)
+    ids[coarse] = CD4_PARENT
+    adata.obs["cell_type_ontology_term_id"] = ids
+    adata.obs["cell_type"] = np.where(coarse, "CD4-positive, alpha-beta T cell", adata.obs["cell_type"].astype(str))
+    path = tmp_path / "mixed.h5ad"
+    adata.write_h5ad(path)
+    train_annotator(_config(path, "mlp", "hce"), tmp_path / "out", log=lambda _: None)
+    detail = pd.read_parquet(tmp_path / "out" / "detailed_results.parquet")
+    parent = detail[detail["y_true"] == CD4_PARENT]
+    # predicting a CD4 subset for a coarse CD4 label earns hierarchical (not exact) credit
+    subset_pred = parent["y_pred"].isin(CD4_SUBSETS)
+    assert subset_pred.any()
+    assert parent.loc[subset_pred, "correct_hierarchical"].all() and not parent.loc[subset_pred, "correct"].any()
+    overall = pd.read_csv(tmp_path / "out" / "overall_metrics.csv").set_index("evaluation")
+    assert overall.loc["hierarchical", "accuracy"] > overall.loc["exact", "accuracy"]
+
+
+def test_out_of_distribution_chemistry(symphony_path, tmp_path):
+    cfg = _config(
+        symphony_path, "linear", "hce",
+        dataset={"name": "s", "path": symphony_path, "label_key": "cell_type", "batch_key": "batch"},
+        split={"kind": "study", "group_key": "batch"},
+        model={"type": "linear", "loss": "hce", "training": {"lr": 5e-3}},
+        training={"max_epochs": 30, "batch_size": 64, "patience": 5},
+    )
+    train_annotator(cfg, tmp_path / "out", log=lambda _: None)
+    per_batch = pd.read_csv(tmp_path / "out" / "per_batch_metrics.csv")
+    assert set(per_batch["batch"]) == {"3pv1", "3pv2", "5p"}
+    fold = pd.read_csv(tmp_path / "out" / "splits_1" / "per_batch_metrics.csv")
+    assert fold["batch"].nunique() == 1  # each split tests one held-out chemistry
+    assert (pd.read_csv(tmp_path / "out" / "per_class_metrics.csv")["support"] > 0).any()
+    assert per_batch[per_batch["evaluation"] == "exact"]["accuracy"].min() > 0.6  # chance ≈ 0.3
+
+
+def test_cli_train_predict_evaluate(zheng, tmp_path):
+    out = tmp_path / "ann"
+    result = runner.invoke(app, ["annotate", "train", str(zheng), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id",
+                                 "--model", "linear", "--loss", "hce", "--n-splits", "3", "--max-epochs", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    annotator = Annotator.load(out / "model")
+    assert annotator.labels.ontology_version.startswith("CL v")
+    # query = the reference with a third of its genes dropped and shuffled columns
+    adata = ad.read_h5ad(zheng)
+    keep = np.random.default_rng(0).permutation(adata.n_vars)[: int(adata.n_vars * 0.66)]
+    query = adata[:, keep].copy()
+    query.write_h5ad(tmp_path / "q.h5ad")
+    pred = tmp_path / "pred.h5ad"
+    result = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(pred)])
+    assert result.exit_code == 0, result.output
+    assert "found in" in result.output and "missing ones set to 0" in result.output
+    p = ad.read_h5ad(pred)
+    key = "cell_type_ontology_term_id"
+    assert {f"{key}_pred", f"{key}_pred_label", f"{key}_pred_score"} <= set(p.obs.columns)
+    assert p.obsm[f"{key}_proba"].shape == (p.n_obs, 9)
+    assert (p.obs[f"{key}_pred"].astype(str) == p.obs[key].astype(str)).mean() > 0.7
+    result = runner.invoke(app, ["annotate", "evaluate", str(pred), "--truth-key", key, "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "eval" / "overall_metrics.csv").exists()
+    # too few shared genes: a clear error, no output
+    result = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "p2.h5ad"), "--min-overlap", "0.9"])
+    assert result.exit_code == 2 and "below the minimum 90%" in result.output and not (tmp_path / "p2.h5ad").exists()
+
+
+def test_hce_requires_ontology(zheng, tmp_path):
+    result = runner.invoke(app, ["annotate", "train", str(zheng), "--label-key", "cell_type", "--loss", "hce", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "needs --ontology-key" in result.output
+
+
+@pytest.mark.parametrize("fn", [sparsemax, entmax15])
+def test_mask_gradients_match_finite_differences(fn):
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fn(t), (x,), eps=1e-6, atol=1e-5)
+    big = torch.tensor([[50.0, -50.0, 0.0, 1e-3]], requires_grad=True)  # saturated rows stay finite
+    fn(big)[0, 0].backward()
+    assert torch.isfinite(big.grad).all()

@@ -1,0 +1,108 @@
+"""Retrieval metrics against copairs on real LINCS profiles; the learned set aggregator on a toy and on real cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from statsmodels.stats.multitest import multipletests
+from typer.testing import CliRunner
+
+from scatlas import InputError
+from scatlas.aggregation import load_aggregate_config, make_samples, run_aggregation, toy_covariance
+from scatlas.cli import app
+from scatlas.metrics import retrieval
+
+copairs_map = pytest.importorskip("copairs.map")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lincs():
+    from conftest import data_path
+
+    df = pd.read_csv(data_path("lincs_SQ00015054_well_profiles.csv.gz"))
+    meta = df.filter(like="Metadata_")
+    return meta, df.drop(columns=meta.columns).to_numpy()
+
+
+TASKS = {
+    # replicate retrieval: wells of the same compound (other doses) vs other compounds
+    "replicate": ((["Metadata_broad_sample"], [], [], ["Metadata_broad_sample"]), ["Metadata_broad_sample"], None),
+    # mechanism retrieval: other compounds of the same MoA vs other MoAs (wells with a MoA)
+    "moa": ((["Metadata_moa"], ["Metadata_broad_sample"], [], ["Metadata_moa"]), ["Metadata_moa"], "moa"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_matches_copairs_on_lincs(lincs, task):
+    meta, feats = lincs
+    rules, sameby, subset = TASKS[task]
+    if subset:
+        keep = meta["Metadata_moa"].notna().to_numpy()
+        meta, feats = meta[keep].reset_index(drop=True), feats[keep]
+    ref = copairs_map.average_precision(meta, feats, *rules, progress_bar=False)
+    ours = retrieval.average_precision(meta, feats, *rules)
+    np.testing.assert_allclose(ours["average_precision"], ref["average_precision"], atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(ours["normalized_average_precision"], ref["normalized_average_precision"], atol=1e-9, equal_nan=True)
+    assert (ours["n_pos_pairs"].to_numpy() == ref["n_pos_pairs"].to_numpy()).all()
+    assert (ours["n_total_pairs"].to_numpy() == ref["n_total_pairs"].to_numpy()).all()
+    ref_map = copairs_map.mean_average_precision(ref, sameby, null_size=2000, threshold=0.05, seed=3, progress_bar=False)
+    our_map = retrieval.mean_average_precision(ours, sameby, null_size=2000, threshold=0.05, seed=3)
+    merged = ref_map.merge(our_map, on=sameby, suffixes=("_ref", "_ours"))
+    assert len(merged) == len(ref_map) == len(our_map) > 2
+    for column in ("mean_average_precision", "mean_normalized_average_precision", "p_value", "corrected_p_value"):
+        np.testing.assert_allclose(merged[f"{column}_ours"], merged[f"{column}_ref"], atol=1e-9)
+    assert (merged["below_corrected_p_ours"] == merged["below_corrected_p_ref"]).all()
+
+
+def test_precision_at_r_baseline_and_bh(lincs):
+    meta, feats = lincs
+    ap = retrieval.average_precision(meta, feats, ["Metadata_broad_sample"], [], [], ["Metadata_broad_sample"])
+    row = ap[ap["n_pos_pairs"] > 0].iloc[0]
+    assert 0 <= row["precision_at_r"] <= 1
+    assert row["baseline_corrected_ap"] == pytest.approx(row["average_precision"] - row["n_pos_pairs"] / row["n_total_pairs"])
+    p = np.random.default_rng(0).random(50) ** 2
+    np.testing.assert_allclose(retrieval.benjamini_hochberg(p), multipletests(p, method="fdr_bh")[1])
+
+
+def test_retrieval_input_errors(lincs):
+    meta, feats = lincs
+    with pytest.raises(InputError, match="Metadata_moa"):
+        retrieval.average_precision(meta, feats, ["Metadata_moa"], [], [], ["Metadata_moa"])  # NaN MoA for DMSO
+    with pytest.raises(InputError, match="neither a metadata column"):
+        retrieval.average_precision(meta, feats, ["compound"], [], [], ["compound"])
+    filtered = retrieval.average_precision(meta, feats, ["Metadata_broad_sample", "Metadata_broad_sample != 'DMSO'"], [], [], ["Metadata_broad_sample"])
+    assert (filtered["Metadata_broad_sample"] != "DMSO").all()
+
+
+def test_toy_covariance_learned_beats_mean(tmp_path):
+    cfg = load_aggregate_config({"sample_key": "sample", "label_key": "label", "batch_key": "replicate", "normalize": "none", "seeds": [0],
+                                 "width": 256, "out_width": 256, "cells_mean": 400, "cells_sd": 100, "cells_min": 100,
+                                 "max_epochs": 40, "patience": 10, "labels_per_batch": 10})
+    summary = run_aggregation(toy_covariance(0), cfg, tmp_path / "out", log=lambda _: None)
+    mAP = summary[summary["metric"] == "map"].set_index("method")["mean"]
+    assert mAP["learned"] >= 0.8
+    assert mAP["mean"] < 0.3  # chance: 3 positives among 39 candidates
+    for name in ("metrics.csv", "metrics_95CI.csv", "profiles_learned.h5ad", "profiles_mean.parquet", "precision_recall.png", "model.pt"):
+        assert (tmp_path / "out" / name).exists()
+
+
+def test_aggregate_cli_on_cellbench_held_out_plate(tmp_path, cellbench5_path):
+    result = runner.invoke(app, ["aggregate", str(cellbench5_path), "--cells-per-sample", "10", "--label-key", "cell_line", "--batch-key", "batch",
+                                 "--features", "pca:30", "--width", "128", "--seeds", "2", "--max-epochs", "15", "--out", str(tmp_path / "cb")])
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(tmp_path / "cb" / "metrics_95CI.csv")
+    learned = metrics[(metrics["method"] == "learned") & (metrics["metric"] == "map")].iloc[0]
+    assert learned["n"] == 2 and learned["ci_low"] <= learned["mean"] <= learned["ci_high"]
+    assert learned["mean"] > 0.8
+    assert set(metrics["method"]) == {"learned", "mean", "median"}
+    profiles = pd.read_parquet(tmp_path / "cb" / "profiles_mean.parquet")
+    assert profiles["batch"].nunique() == 3
+
+
+def test_make_samples_groups():
+    obs = pd.DataFrame({"label": ["a"] * 25 + ["b"] * 9, "batch": ["p1"] * 34})
+    ids = make_samples(obs, ["label", "batch"], 10)
+    sizes = pd.Series(ids).value_counts()
+    assert sizes.sum() == 34 and sizes.min() >= 9 and all(i.startswith(("a|p1", "b|p1")) for i in sizes.index)

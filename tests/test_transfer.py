@@ -1,0 +1,123 @@
+"""Label transfer on real PBMCs: held-out chemistries, query-independent reference, calibration, unknowns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_calibration_error
+from typer.testing import CliRunner
+
+from scatlas.cli import app
+from scatlas.metrics import expected_calibration_error, fit_temperature
+from scatlas.metrics.calibration import softmax
+from scatlas.transfer import load_transfer_config, run_transfer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def chemistries(symphony_path, tmp_path_factory):
+    """Symphony PBMCs split by chemistry: reference without b, query = b."""
+    tmp = tmp_path_factory.mktemp("sym")
+    adata = ad.read_h5ad(symphony_path)
+    files = {}
+    for b in ("3pv1", "3pv2", "5p"):
+        adata[adata.obs["batch"] != b].copy().write_h5ad(tmp / f"ref_no_{b}.h5ad")
+        adata[adata.obs["batch"] == b].copy().write_h5ad(tmp / f"query_{b}.h5ad")
+        files[b] = (tmp / f"ref_no_{b}.h5ad", tmp / f"query_{b}.h5ad")
+    return files
+
+
+def _config(reference: Path, queries: list[Path], **extra):
+    values = {"reference": {"name": "r", "path": reference, "label_key": "author_cell_type"}, "queries": queries, "query_label_key": "author_cell_type"}
+    values.update(extra)
+    return load_transfer_config(values)
+
+
+def test_ece_matches_torchmetrics_and_temperature_helps():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2000, 4)) * 4
+    true_p = softmax(logits, 3.0)  # labels drawn at temperature 3: the raw scores are over-confident
+    y = np.array([rng.choice(4, p=p) for p in true_p])
+    proba = softmax(logits)
+    ref = multiclass_calibration_error(torch.tensor(proba), torch.tensor(y), num_classes=4, n_bins=15, norm="l1")
+    assert expected_calibration_error(proba, y) == pytest.approx(float(ref), abs=1e-6)
+    t = fit_temperature(logits, y)
+    assert 2.5 < t < 3.5
+    assert expected_calibration_error(softmax(logits, t), y) < expected_calibration_error(proba, y)
+
+
+@pytest.mark.parametrize(("held_out", "scanvi"), [("3pv1", (0.914, 0.723)), ("5p", (0.956, 0.813))])
+def test_held_out_chemistry_at_least_scanvi(chemistries, tmp_path, held_out, scanvi):
+    reference, query = chemistries[held_out]
+    summary = run_transfer(_config(reference, [query]), tmp_path / "out", log=lambda _: None).set_index("dataset")
+    row = summary.loc[f"query_{held_out}"]
+    assert row["accuracy"] >= scanvi[0] and row["macro_f1"] >= scanvi[1]
+    calibration = pd.read_csv(tmp_path / "out" / "calibration.csv").iloc[0]
+    assert calibration["ece_after"] <= calibration["ece_before"]
+    qdir = tmp_path / "out" / f"query_{held_out}"
+    for name in ("predictions.csv", "probabilities.parquet", "metrics.csv", "per_class_metrics.csv", "confusion_matrix.png", "gene_overlap.csv"):
+        assert (qdir / name).exists()
+    pred = pd.read_csv(qdir / "predictions.csv")
+    assert list(pred.columns[:4]) == ["cell_id", "predicted", "confidence", "unknown"]
+    proba = pd.read_parquet(qdir / "probabilities.parquet").drop(columns="cell_id")
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(proba.max(1), pred["confidence"], atol=1e-6)
+
+
+def test_reference_predictions_do_not_depend_on_queries(chemistries, tmp_path):
+    reference, query_a = chemistries["3pv1"]
+    _, query_b = chemistries["5p"]
+    fast = {"training": {"max_epochs": 5, "batch_size": 64, "patience": 0}}
+    run_transfer(_config(reference, [query_a], **fast), tmp_path / "a", log=lambda _: None)
+    run_transfer(_config(reference, [query_b], **fast), tmp_path / "b", log=lambda _: None)
+    run_transfer(_config(reference, [query_b, query_a], **fast), tmp_path / "ab", log=lambda _: None)
+    ref = [(tmp_path / d / "reference" / "predictions.csv").read_bytes() for d in ("a", "b", "ab")]
+    assert ref[0] == ref[1] == ref[2]
+    # same seed, same query predictions
+    assert (tmp_path / "a" / "query_3pv1" / "predictions.csv").read_bytes() == (tmp_path / "ab" / "query_3pv1" / "predictions.csv").read_bytes()
+
+
+def test_unseen_labels_reported_and_unknowns(chemistries, tmp_path):
+    reference, query = chemistries["5p"]
+    adata = ad.read_h5ad(query)
+    adata.obs["author_cell_type"] = adata.obs["author_cell_type"].astype(str)
+    adata.obs.loc[adata.obs_names[:7], "author_cell_type"] = "Platelet"
+    adata.write_h5ad(tmp_path / "q.h5ad")
+    summary = run_transfer(_config(reference, [tmp_path / "q.h5ad"], training={"max_epochs": 5, "batch_size": 64, "patience": 0}), tmp_path / "out", log=lambda _: None)
+    unseen = pd.read_csv(tmp_path / "out" / "q" / "unseen_labels.csv")
+    assert unseen.to_dict("records") == [{"label": "Platelet", "n_cells": 7}]
+    assert summary.set_index("dataset").loc["q", "n_cells_unseen_label"] == 7
+    pred = pd.read_csv(tmp_path / "out" / "q" / "predictions.csv")
+    assert set(pred["predicted"]) <= set(ad.read_h5ad(reference).obs["author_cell_type"].astype(str))  # never a new label
+    assert pred["unknown"].equals(pred["unknown_low_confidence"] | pred["unknown_far_from_reference"])
+
+
+def test_zheng17_reference_to_donor_query_cli(tmp_path):
+    from conftest import data_path
+
+    ref, query = data_path("zheng17_sorted_pbmc_reference.h5ad"), data_path("zheng17_frozen_pbmc_donorA_query.h5ad")
+    result = runner.invoke(app, ["transfer", "--reference", str(ref), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id",
+                                 "--query", str(query), "--out", str(tmp_path / "out"), "--max-epochs", "8"])
+    assert result.exit_code == 0, result.output
+    assert "model genes present" in result.output
+    overlap = pd.read_csv(tmp_path / "out" / "zheng17_frozen_pbmc_donorA_query" / "gene_overlap.csv").iloc[0]
+    assert overlap["model_genes"] == 8863 and overlap["shared_genes"] > 8800
+    pred = pd.read_csv(tmp_path / "out" / "zheng17_frozen_pbmc_donorA_query" / "predictions.csv")
+    assert len(pred) == 2896 and pred["predicted_id"].str.startswith("CL:").all()
+    assert 0 < pred["unknown"].mean() < 0.6
+
+
+def test_gene_mismatch_refused(tmp_path):
+    from conftest import data_path
+
+    result = runner.invoke(app, ["transfer", "--reference", str(data_path("symphony_pbmc_3tech.h5ad")), "--label-key", "author_cell_type",
+                                 "--query", str(data_path("onek1k_4types_40donors.h5ad")), "--out", str(tmp_path / "out"), "--max-epochs", "2"])
+    assert result.exit_code == 2
+    assert "symbols vs Ensembl" in result.output and "onek1k_4types_40donors.h5ad" in result.output
+    assert not (tmp_path / "out").exists()
