@@ -230,3 +230,18 @@ def test_mask_gradients_match_finite_differences(fn):
     big = torch.tensor([[50.0, -50.0, 0.0, 1e-3]], requires_grad=True)  # saturated rows stay finite
     fn(big)[0, 0].backward()
     assert torch.isfinite(big.grad).all()
+
+
+def test_label_map_to_cell_ontology(symphony_path, tmp_path):
+    """Author labels mapped to CL ids with a user table, then trained with HCE."""
+    table = tmp_path / "map.csv"
+    pd.DataFrame({"author": ["B", "DC", "HSC", "MK", "Mono_CD14", "Mono_CD16", "NK", "T_CD4", "T_CD8"],
+                  "cl": ["CL:0000236", "CL:0000451", "CL:0000037", "CL:0000556", "CL:0001054", "CL:0002396", "CL:0000623", "CL:0000624", "CL:0000625"]}).to_csv(table, index=False)
+    result = runner.invoke(app, ["annotate", "train", str(symphony_path), "--label-key", "author_cell_type", "--label-map", str(table), "--loss", "hce",
+                                 "--model", "linear", "--n-splits", "3", "--max-epochs", "5", "--no-final", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    detail = pd.read_parquet(tmp_path / "out" / "detailed_results.parquet")
+    assert detail["y_true"].str.startswith("CL:").all() and "correct_hierarchical" in detail
+    table.write_text("author,cl\nB,CL:0000236\n")
+    result = runner.invoke(app, ["annotate", "train", str(symphony_path), "--label-key", "author_cell_type", "--label-map", str(table), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "no Cell Ontology id for labels" in result.output

@@ -61,6 +61,10 @@ def test_layout_written(finished_run):
         if model != "PCA":
             assert (run / "history_allfolds.csv").exists() and (figures / "avg_loss.png").exists()
             assert (root / "saved_models" / "kfold" / model / "run1" / "splits_1" / "checkpoints" / "best.ckpt").exists()
+    side_by_side = pd.read_csv(root / "compare_models" / "kfold" / "run1" / "test_allscores.csv")
+    assert sorted(side_by_side["model"].unique()) == ["AE", "AEC", "PCA"] and len(side_by_side) == 9
+    ci = pd.read_csv(root / "compare_models" / "kfold" / "run1" / "test_scores_10000_95CI.csv")
+    assert {"model", "metric", "mean", "ci_low", "ci_high"} <= set(ci.columns)
     assignment = pd.read_csv(root / "saved_models" / "kfold" / "AE" / "run1" / "split_assignment.csv")
     assert len(assignment) == 571 and set(assignment["split_1"]) == {"train", "val", "test"}
 
@@ -170,3 +174,17 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("run", "demo", "validate", "models"):
         assert command in result.output
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").glob("*.yaml")))
+def test_every_example_config_is_valid(example, monkeypatch):
+    """Each shipped example parses, its dataset passes validation and its splits can be made."""
+    from scatlas.data.dataset import load_dataset
+    from scatlas.experiment import load_config
+    from scatlas.experiment.runner import make_splits
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(REPO / "examples" / example)
+    data = load_dataset(cfg.dataset, extra_keys=(cfg.group_key,) if cfg.split.kind != "kfold" else ())
+    splits = make_splits(cfg.split, cfg.group_key, data)
+    assert len(splits) >= 2 and all(len(s.train) and len(s.test) for s in splits)

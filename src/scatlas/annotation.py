@@ -38,7 +38,7 @@ from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import SplitData, build_model, parse_model_config
 from scatlas.models.classifiers import CellTypeClassifier
-from scatlas.ontology import CellOntology, reachability
+from scatlas.ontology import CellOntology, map_author_labels, reachability
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
 
 STRATA = ("assay", "dataset_id", "dataset", "disease", "tissue", "tissue_general")
@@ -57,6 +57,9 @@ class AnnotateConfig(BaseModel):
     ontology_obo
         Cell Ontology ``.obo`` file for an is_a-only hierarchy (default: the shipped
         ontology's is_a + part_of ancestors).
+    label_map
+        CSV of two columns (author label, CL id) mapping ``label_key`` values to Cell
+        Ontology ids, for data without an ontology column.
     model
         Classifier entry, e.g. ``{type: mlp, loss: hce}``.
     n_top_genes
@@ -74,6 +77,7 @@ class AnnotateConfig(BaseModel):
     dataset: DatasetConfig
     ontology_key: str | None = None
     ontology_obo: Path | None = None
+    label_map: Path | None = None
     model: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "loss": "ce"})
     n_top_genes: int | None = None
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -109,7 +113,7 @@ def label_space(values: np.ndarray, names: np.ndarray | None, ontology: CellOnto
 
 
 def _ontology(config: AnnotateConfig) -> CellOntology | None:
-    if config.ontology_key is None:
+    if config.ontology_key is None and config.label_map is None:
         return None
     return CellOntology.from_obo(config.ontology_obo) if config.ontology_obo else CellOntology()
 
@@ -254,13 +258,13 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     return tables["overall"]
 
 
-def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, out: Path) -> None:
+def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path) -> None:
     rows = np.arange(data.n_cells)
     counts = np.bincount(codes, minlength=len(labels.classes))
     stratify = codes if counts[counts > 0].min() >= 2 else None
     train, val = train_test_split(rows, test_size=0.1, random_state=config.seed, stratify=stratify)
     model, _, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, np.sort(train), np.sort(val))
-    meta = {"label_key": config.ontology_key or config.dataset.label_key, "dataset": str(config.dataset.path)}
+    meta = {"label_key": key, "dataset": str(config.dataset.path)}
     Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
 
 
@@ -286,9 +290,13 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
         raise ConfigError("annotate: give a label key (and optionally an ontology key)")
     ontology = _ontology(config)
     if parse_model_config(config.model).loss == "hce" and ontology is None:  # type: ignore[attr-defined]
-        raise ConfigError("annotate: --loss hce needs --ontology-key (a column of Cell Ontology ids)")
-    key = config.ontology_key or config.dataset.label_key
+        raise ConfigError("annotate: --loss hce needs --ontology-key (a column of Cell Ontology ids) or --label-map")
+    if config.label_map is not None and (config.ontology_key or not config.dataset.label_key):
+        raise ConfigError("annotate: --label-map maps --label-key values to CL ids; do not combine it with --ontology-key")
+    key = config.ontology_key or (f"{config.dataset.label_key}_cl_id" if config.label_map else config.dataset.label_key)
     data = load_dataset(config.dataset, extra_keys=tuple(k for k in (config.ontology_key, config.split.group_key) if k))
+    if config.label_map is not None:
+        data.obs[key] = map_author_labels(data.obs[config.dataset.label_key].astype(str), config.label_map, ontology)
     truth = data.obs[key].astype(str).to_numpy()
     names = data.obs[config.dataset.label_key].astype(str).to_numpy() if config.dataset.label_key else None
     labels = label_space(truth, names, ontology, where=f"{config.dataset.path}: obs column {key!r}: ")
@@ -314,7 +322,7 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
         write_csv(summary, stage / "fold_metrics_95CI.csv")
         if config.final_model:
             log("final model on all labelled cells")
-            _final_model(config, data, labels, codes, stage)
+            _final_model(config, data, labels, codes, key, stage)
         write_yaml({**config.model_dump(mode="json"), "ontology": labels.ontology_version}, stage / "config.yaml")
     return summary
 

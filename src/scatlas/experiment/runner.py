@@ -28,7 +28,7 @@ from scatlas.data.dataset import CellData, load_dataset
 from scatlas.data.preprocess import preprocess_split
 from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
 from scatlas.experiment.config import ExperimentConfig, SplitConfig
-from scatlas.experiment.layout import RunLayout
+from scatlas.experiment.layout import RunLayout, compare_dir
 from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import REGISTRY, AnyModel, CounterfactualModel, EmbeddingModel, LatentClassifier, ModelConfig, SplitData, build_model
@@ -314,6 +314,25 @@ def run_experiment(
             summaries.append(aggregate(layout, config))
             write_yaml(config.model_dump(mode="json"), layout.models_dir / "config.yaml")
             write_csv(assignment_table(splits, data.cell_ids), layout.models_dir / "split_assignment.csv")
+    compare_models(root, config, [lay for _, lay in models])
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
     return RunResult({lay.model: lay for _, lay in models}, summary)
+
+
+def compare_models(root: Path, config: ExperimentConfig, layouts: list[RunLayout]) -> Path:
+    """Side-by-side tables of every embedding model of a run, per part.
+
+    ``compare_models/<scenario>/<run>/<part>_allscores.csv`` (one row per model and split) and
+    ``<part>_scores_<n>_95CI.csv`` (per model and metric: mean, SD, SEM, 95% CI).
+    """
+    out = compare_dir(root, config.dataset.name, config.scenario, config.output.run)
+    size = config.evaluation.sample_size
+    for part in config.evaluation.parts:
+        frames = [pd.read_csv(path) for lay in layouts if (path := lay.latent_dir / f"all_{_score_name(part, size)}").exists()]
+        if not frames:
+            continue
+        table = pd.concat(frames, ignore_index=True)
+        write_csv(table, out / f"{part}_allscores.csv")
+        write_csv(fold_summary(table.drop(columns=["split"]), by=["model"]), out / f"{part}_scores_{size}_95CI.csv")
+    return out
 
