@@ -339,6 +339,36 @@ def aggregate(
     console.print(f"results: {out}")
 
 
+@app.command()
+@_user_errors
+def nmf(
+    data: Annotated[Path, typer.Argument(help=".h5ad with counts (or --input lognorm).")],
+    out: Annotated[Path, typer.Option(help="Results-only .h5ad (H in .obsm, W in .varm); tables are written beside it.")],
+    model: Annotated[str, typer.Option(help="nmf, aenmf or cond_aenmf.")] = "aenmf",
+    rank: Annotated[int, typer.Option(help="Number of factors K.")] = 20,
+    batch_key: Annotated[str | None, typer.Option(help="Donor / batch column (conditions cond_aenmf; benchmark by donor).")] = None,
+    label_key: Annotated[str | None, typer.Option(help="Cell-type column (invariance penalty; benchmark by cell type).")] = None,
+    input: Annotated[str, typer.Option(help="counts or lognorm.")] = "counts",
+    n_top_genes: Annotated[int, typer.Option(help="Highly variable genes used.")] = 2000,
+    max_epochs: Annotated[int, typer.Option()] = 100,
+    batch_size: Annotated[int, typer.Option(help="Cells per minibatch (thousands for atlases; small batches for small data).")] = 64,
+    lr: Annotated[float, typer.Option(help="Learning rate of AE-NMF models.")] = 1e-2,
+    benchmark_seeds: Annotated[int, typer.Option(help="Leiden seeds of the benchmark (0 = no benchmark).")] = 10,
+) -> None:
+    """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks."""
+    from scatlas.data.dataset import DatasetConfig
+    from scatlas.experiment.config import TrainingConfig, parse_settings
+    from scatlas.factors import run_factors
+
+    dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": input, "batch_key": batch_key, "label_key": label_key})
+    training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr})
+    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=console.print)
+    for name, table in tables.items():
+        console.print(f"benchmark by {name}:")
+        console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    console.print(f"results: {out}")
+
+
 @app.command("models")
 def list_models() -> None:
     """List the model types an experiment config can use."""

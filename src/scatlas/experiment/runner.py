@@ -69,6 +69,7 @@ def split_data(config: ExperimentConfig, data: CellData, split: Split) -> SplitD
         batch_names=[str(c) for c in data.batch.categories],
         label=np.asarray(data.label.codes, dtype=np.int64) if data.label is not None else None,
         label_names=[str(c) for c in data.label.categories] if data.label is not None else None,
+        genes=prep.genes,
     )
 
 
@@ -133,6 +134,10 @@ class _SplitRunner:
         stage = self._stage(n)
         history = model.fit(sdata, layout.checkpoint_dir(n), resume=resume)
         write_yaml(model.params(), layout.models_dir / f"splits_{n}" / "model_params.yaml")
+        if hasattr(model, "loadings"):
+            W = model.loadings()
+            write_npy(W, stage / "W.npy")
+            write_csv(ranked_loadings(W, sdata.genes), stage / "gene_loadings.csv")
         if history is not None and len(history):
             write_csv(history, stage / "history.csv")
             if cfg.evaluation.figures:
@@ -230,6 +235,16 @@ def _aggregate_classifier(layout: RunLayout, splits: list[int]) -> None:
     table = pd.concat(frames, ignore_index=True)
     write_csv(table, layout.latent_dir / "metrics_allfolds.csv")
     write_csv(fold_summary(table.drop(columns=["split"]), by=["part", "classifier"]), layout.latent_dir / "metrics_allfolds_95CI.csv")
+
+
+def ranked_loadings(W: np.ndarray, genes: np.ndarray | None, top: int = 50) -> pd.DataFrame:
+    """The ``top`` genes of every factor of a genes × K loading matrix, by weight."""
+    genes = np.asarray(genes) if genes is not None else np.arange(W.shape[0]).astype(str)
+    rows = []
+    for k in range(W.shape[1]):
+        order = np.argsort(-W[:, k])[:top]
+        rows += [{"factor": k, "rank": r + 1, "gene": genes[g], "weight": float(W[g, k])} for r, g in enumerate(order)]
+    return pd.DataFrame(rows)
 
 
 def safe_name(value: str) -> str:

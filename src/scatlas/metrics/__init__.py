@@ -3,7 +3,7 @@
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature
 from scatlas.metrics.classification import classification_scores, classify_embedding
-from scatlas.metrics.clustering import calinski_harabasz, davies_bouldin, kmeans_ari_nmi, leiden_ari_nmi
+from scatlas.metrics.clustering import calinski_harabasz, davies_bouldin, kmeans_ari_nmi, leiden_agreement, leiden_ari_nmi
 from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.silhouette import silhouette_batch, silhouette_label, silhouette_samples, silhouette_score
 from scatlas.metrics.stats import confidence_interval, fold_summary
@@ -22,6 +22,7 @@ __all__ = [
     "embedding_scores",
     "fold_summary",
     "kmeans_ari_nmi",
+    "leiden_agreement",
     "leiden_ari_nmi",
     "silhouette_batch",
     "silhouette_label",

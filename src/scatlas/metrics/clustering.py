@@ -63,3 +63,41 @@ def leiden_ari_nmi(
         if nmi > best["leiden_nmi"]:
             best = {"leiden_ari": float(adjusted_rand_score(labels, clusters)), "leiden_nmi": float(nmi), "leiden_resolution": float(res)}
     return best
+
+
+def leiden_agreement(
+    X: np.ndarray,
+    targets: dict[str, np.ndarray],
+    resolution: float = 0.8,
+    n_neighbors: int = 25,
+    seeds: Sequence[int] = range(10),
+    zscore: bool = True,
+) -> "pd.DataFrame":
+    """ARI / NMI of Leiden clusterings (one per seed) against several label sets.
+
+    The (optionally z-scored) embedding gets one kNN graph (scanpy, ``n_neighbors``); Leiden
+    at ``resolution`` runs once per seed; each clustering is compared with every target
+    (e.g. ``{"cell_type": ..., "donor": ...}``: biology high and donor low is good).
+
+    Returns
+    -------
+    One row per seed and target: ``seed, target, ari, nmi, n_clusters``.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    Z = np.asarray(X, dtype=np.float32)
+    if zscore:
+        sd = Z.std(0)
+        Z = (Z - Z.mean(0)) / np.where(sd > 0, sd, 1)
+    tmp = ad.AnnData(Z)
+    sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X", random_state=0)
+    rows = []
+    for seed in seeds:
+        sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False, key_added="c")
+        clusters = tmp.obs["c"].to_numpy()
+        for name, y in targets.items():
+            rows.append({"seed": seed, "target": name, "ari": float(adjusted_rand_score(y, clusters)),
+                         "nmi": float(normalized_mutual_info_score(y, clusters)), "n_clusters": int(len(np.unique(clusters)))})
+    return pd.DataFrame(rows)

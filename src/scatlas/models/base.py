@@ -46,6 +46,8 @@ class SplitData:
         Label name of each code.
     reachability
         ``R[i, j] = 1`` when label ``j`` is label ``i`` or a descendant (Cell Ontology labels), else ``None``.
+    genes
+        Gene names of ``X``'s columns.
     """
 
     X: sp.csr_matrix
@@ -56,6 +58,7 @@ class SplitData:
     label: np.ndarray | None = None
     label_names: list[str] | None = None
     reachability: np.ndarray | None = None
+    genes: np.ndarray | None = None
 
     @property
     def n_genes(self) -> int:

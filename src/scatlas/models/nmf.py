@@ -1,0 +1,300 @@
+"""Non-negative factor embeddings: scikit-learn NMF, autoencoding NMF and donor-conditioned AE-NMF.
+
+* ``nmf`` — scikit-learn ``NMF`` (nndsvda, coordinate descent, Frobenius) or ``MiniBatchNMF``.
+* ``aenmf`` — one matrix ``W ≥ 0`` (K × genes): ``H = X Wᵀ`` (non-negative for X ≥ 0),
+  ``X̂ = H W``, MSE (+ L1 on H); W is projected onto ≥ 0 after every optimiser step, initialised
+  non-negative and near-orthogonal; AdamW. Optional unit-norm rows of W.
+* ``cond_aenmf`` — conditions on the batch/donor C (one-hot) so that ``H_shared = X Wᵀ`` stays
+  donor-free; ``formulation: offset``: ``X̂ = (X Wᵀ) W + C U`` with ``U ≥ 0`` (donors × genes),
+  ridge penalties on W and U and, after ``warmup_epochs``, an invariance penalty on the donor
+  means of H within each cell type plus a linear-kernel HSIC(H, C); ``formulation: decoder``:
+  ``X̂ = H W + H U_d`` with donor-specific non-negative decoder offsets ``U_d``.
+
+Inputs must be non-negative (log-normalised values; ``scale: standard`` is refused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from sklearn.decomposition import NMF as SkNMF
+from sklearn.decomposition import MiniBatchNMF
+from torch import nn
+from torch.nn import functional as F
+
+from scatlas._errors import InputError
+from scatlas.data.loaders import Batch
+from scatlas.models.base import EmbeddingModel, ModelConfig, NeuralModel, SplitData, register
+from scatlas.train import TrainingPlan
+
+
+def _check_nonnegative(data: SplitData, model: str) -> None:
+    if data.X.data.size and data.X.data.min() < 0:
+        raise InputError(f"{model}: needs non-negative input (log-normalised values); do not use `scale: standard`")
+
+
+class NMFConfig(ModelConfig):
+    """scikit-learn NMF baseline."""
+
+    type: str = "nmf"
+    rank: int = Field(20, ge=1)
+    max_iter: int = Field(100, ge=1)
+    minibatch: bool = False
+
+
+@register("nmf")
+class NMF(EmbeddingModel):
+    """scikit-learn NMF (init nndsvda, coordinate descent) or MiniBatchNMF, fitted on the training cells."""
+
+    Config = NMFConfig
+    latent_name = "H"
+
+    def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
+        """Fit W on the training cells (no epoch history)."""
+        _check_nonnegative(data, "nmf")
+        cfg: NMFConfig = self.config  # type: ignore[assignment]
+        seed = self.train_config.seed
+        if cfg.minibatch:
+            self.nmf = MiniBatchNMF(cfg.rank, init="nndsvda", max_iter=cfg.max_iter, random_state=seed)
+        else:
+            self.nmf = SkNMF(cfg.rank, init="nndsvda", solver="cd", max_iter=cfg.max_iter, random_state=seed)
+        self.nmf.fit(data.X[data.train])
+        return None
+
+    def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """H of the cells (non-negative least squares against W)."""
+        return self.nmf.transform(data.X[rows]).astype(np.float32)
+
+    def reconstruct(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """H W."""
+        return (self.embed(data, rows) @ self.nmf.components_).astype(np.float32)
+
+    def loadings(self) -> np.ndarray:
+        """W as genes × K."""
+        return self.nmf.components_.T.astype(np.float32)
+
+
+def nonnegative_orthogonal_init(rank: int, n_genes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A K × genes non-negative matrix with near-orthogonal unit rows (|Q|ᵀ of a random QR)."""
+    q, _ = torch.linalg.qr(torch.rand(n_genes, rank, generator=generator))
+    w = q.T.abs()
+    return w / w.norm(dim=1, keepdim=True)
+
+
+class AENMFModule(nn.Module):
+    """Tied non-negative autoencoder ``H = X Wᵀ``, ``X̂ = H W``.
+
+    Parameters
+    ----------
+    n_genes, rank
+        Input width and number of factors K.
+    l1
+        Weight of the L1 penalty on H.
+    row_normalize
+        Use unit-norm rows of W.
+    """
+
+    def __init__(self, n_genes: int, rank: int, l1: float = 0.0, row_normalize: bool = False) -> None:
+        super().__init__()
+        self.W = nn.Parameter(nonnegative_orthogonal_init(rank, n_genes))
+        self.l1 = l1
+        self.row_normalize = row_normalize
+
+    def weight(self) -> torch.Tensor:
+        """W (row-normalised when asked)."""
+        return F.normalize(self.W, dim=1) if self.row_normalize else self.W
+
+    def nonnegative_parameters(self) -> list[nn.Parameter]:
+        """Parameters projected onto ≥ 0 after every step."""
+        return [self.W]
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """H = X Wᵀ."""
+        return batch["x"] @ self.weight().T
+
+    def reconstruct(self, batch: Batch) -> torch.Tensor:
+        """X̂ = H W."""
+        return self.embed(batch) @ self.weight()
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``recon`` (MSE), ``l1`` on H and ``loss``."""
+        h = self.embed(batch)
+        recon = F.mse_loss(h @ self.weight(), batch["x"])
+        l1 = h.abs().mean()
+        return {"recon": recon, "l1": l1, "loss": recon + self.l1 * l1}
+
+
+def linear_hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Linear-kernel HSIC ``‖ãᵀ b̃‖²_F / (n − 1)²`` of centred ``a`` and ``b`` (0 = independent at second order)."""
+    n = a.shape[0]
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a.T @ b).pow(2).sum() / max(n - 1, 1) ** 2
+
+
+def donor_mean_invariance(h: torch.Tensor, donor: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of each (cell type, donor) mean of H from its cell type's mean of H."""
+    penalties = []
+    for t in label.unique():
+        in_type = label == t
+        overall = h[in_type].mean(0)
+        for d in donor[in_type].unique():
+            penalties.append((h[in_type & (donor == d)].mean(0) - overall).pow(2).sum())
+    return torch.stack(penalties).mean() if penalties else h.new_zeros(())
+
+
+class CondAENMFModule(AENMFModule):
+    """Donor-conditioned AE-NMF (two formulations; see the module docstring).
+
+    Parameters
+    ----------
+    n_batches
+        Number of donors / batches.
+    formulation
+        ``offset`` (X̂ = H W + C U) or ``decoder`` (X̂ = H W + H U_d).
+    ridge_w, ridge_u
+        Ridge penalties on W and on U.
+    invariance, hsic
+        Weights of the donor-mean invariance (needs labels) and HSIC(H, C) penalties.
+    warmup_epochs
+        Epochs before the invariance and HSIC penalties switch on.
+    """
+
+    def __init__(
+        self, n_genes: int, rank: int, n_batches: int, formulation: str = "offset", ridge_w: float = 1e-2, ridge_u: float = 1e-1,
+        invariance: float = 1e-3, hsic: float = 5e-4, warmup_epochs: int = 5, l1: float = 0.0, row_normalize: bool = True,
+    ) -> None:
+        super().__init__(n_genes, rank, l1, row_normalize)
+        shape = (n_batches, n_genes) if formulation == "offset" else (n_batches, rank, n_genes)
+        self.U = nn.Parameter(torch.full(shape, 1e-3))
+        self.n_batches, self.formulation = n_batches, formulation
+        self.ridge_w, self.ridge_u, self.invariance, self.hsic, self.warmup_epochs = ridge_w, ridge_u, invariance, hsic, warmup_epochs
+        self.epoch = 0
+
+    def nonnegative_parameters(self) -> list[nn.Parameter]:
+        """W and the donor offsets U."""
+        return [self.W, self.U]
+
+    def condition(self, batch: Batch) -> torch.Tensor:
+        """Donor part of the reconstruction (C U, or H U_d)."""
+        if self.formulation == "offset":
+            return self.U[batch["batch"]]
+        return torch.einsum("nk,nkg->ng", self.embed(batch), self.U[batch["batch"]])
+
+    def reconstruct(self, batch: Batch) -> torch.Tensor:
+        """Shared plus donor reconstruction."""
+        return self.embed(batch) @ self.weight() + self.condition(batch)
+
+    def condition_latent(self, batch: Batch) -> torch.Tensor:
+        """H_cond: the donor part projected on the factors, ``(C U or H U_d) Wᵀ``."""
+        return self.condition(batch) @ self.weight().T
+
+    def concat_latent(self, batch: Batch) -> torch.Tensor:
+        """[H_shared, H_cond]."""
+        return torch.cat([self.embed(batch), self.condition_latent(batch)], dim=1)
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """MSE + ridge(W, U) (+ after warm-up: invariance of donor means within cell types + HSIC(H, C))."""
+        h = self.embed(batch)
+        recon = F.mse_loss(h @ self.weight() + self.condition(batch), batch["x"])
+        ridge = self.ridge_w * self.W.pow(2).sum() + self.ridge_u * self.U.pow(2).sum()
+        terms = {"recon": recon, "ridge": ridge}
+        total = recon + ridge + self.l1 * h.abs().mean()
+        if self.epoch >= self.warmup_epochs:
+            onehot = F.one_hot(batch["batch"], self.n_batches).to(h.dtype)
+            terms["hsic"] = linear_hsic(h, onehot)
+            total = total + self.hsic * terms["hsic"]
+            if "label" in batch:
+                terms["invariance"] = donor_mean_invariance(h, batch["batch"], batch["label"])
+                total = total + self.invariance * terms["invariance"]
+        terms["loss"] = total
+        return terms
+
+
+class NonNegativePlan(TrainingPlan):
+    """Training plan that projects ``module.nonnegative_parameters()`` onto ≥ 0 after every step."""
+
+    def on_train_epoch_start(self) -> None:
+        """Tell the module the epoch (for warm-ups)."""
+        if hasattr(self.module, "epoch"):
+            self.module.epoch = self.current_epoch
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Clamp the non-negative parameters."""
+        with torch.no_grad():
+            for p in self.module.nonnegative_parameters():
+                p.clamp_(min=0)
+
+
+class AENMFConfig(ModelConfig):
+    """AE-NMF settings."""
+
+    type: str = "aenmf"
+    rank: int = Field(20, ge=1)
+    l1: float = Field(0.0, ge=0)
+    row_normalize: bool = False
+    training: dict[str, Any] = Field(default_factory=lambda: {"weight_decay": 1e-4})
+
+
+class CondAENMFConfig(AENMFConfig):
+    """Donor-conditioned AE-NMF settings (published defaults of formulation 1)."""
+
+    type: str = "cond_aenmf"
+    formulation: Literal["offset", "decoder"] = "offset"
+    row_normalize: bool = True
+    ridge_w: float = 1e-2
+    ridge_u: float = 1e-1
+    invariance: float = 1e-3
+    hsic: float = 5e-4
+    warmup_epochs: int = 5
+    latent: Literal["shared", "cond", "concat"] = "shared"
+
+
+@register("aenmf")
+class AENMF(NeuralModel):
+    """Autoencoding NMF: tied non-negative W, H = X Wᵀ."""
+
+    Config = AENMFConfig
+    latent_name = "H"
+
+    def build_module(self, data: SplitData) -> nn.Module:
+        """The tied non-negative autoencoder."""
+        _check_nonnegative(data, self.config.type)
+        cfg: AENMFConfig = self.config  # type: ignore[assignment]
+        torch.manual_seed(self.train_config.seed)
+        return AENMFModule(data.n_genes, cfg.rank, cfg.l1, cfg.row_normalize)
+
+    def build_plan(self, module: nn.Module) -> TrainingPlan:
+        """Projected (non-negative) AdamW."""
+        cfg = self.train_config
+        return NonNegativePlan(module, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay)
+
+    def loadings(self) -> np.ndarray:
+        """W as genes × K."""
+        assert self.plan is not None
+        return self.plan.module.weight().detach().T.cpu().numpy()
+
+
+@register("cond_aenmf")
+class CondAENMF(AENMF):
+    """Donor-conditioned AE-NMF; latent ``H_shared`` (or ``cond`` / ``concat``)."""
+
+    Config = CondAENMFConfig
+
+    def build_module(self, data: SplitData) -> nn.Module:
+        """The conditioned autoencoder over this split's donors."""
+        _check_nonnegative(data, "cond_aenmf")
+        cfg: CondAENMFConfig = self.config  # type: ignore[assignment]
+        torch.manual_seed(self.train_config.seed)
+        return CondAENMFModule(data.n_genes, cfg.rank, len(data.batch_names), cfg.formulation, cfg.ridge_w, cfg.ridge_u,
+                               cfg.invariance, cfg.hsic, cfg.warmup_epochs, cfg.l1, cfg.row_normalize)
+
+    def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
+        """H_shared (default), H_cond or their concatenation."""
+        cfg: CondAENMFConfig = self.config  # type: ignore[assignment]
+        method = {"shared": "embed", "cond": "condition_latent", "concat": "concat_latent"}[cfg.latent]
+        return self.apply(data, rows, method)
