@@ -84,7 +84,7 @@ def test_toy_covariance_learned_beats_mean(tmp_path):
     mAP = summary[summary["metric"] == "map"].set_index("method")["mean"]
     assert mAP["learned"] >= 0.8
     assert mAP["mean"] < 0.3  # chance: 3 positives among 39 candidates
-    for name in ("metrics.csv", "metrics_95CI.csv", "profiles_learned.h5ad", "profiles_mean.parquet", "precision_recall.png", "model.pt"):
+    for name in ("metrics.csv", "metrics_95CI.csv", "profiles_learned.h5ad", "profiles_mean.parquet", "precision_recall.png", "model.pt", "report.html"):
         assert (tmp_path / "out" / name).exists()
 
 
@@ -97,6 +97,10 @@ def test_aggregate_cli_on_cellbench_held_out_plate(tmp_path, cellbench5_path):
     assert learned["n"] == 2 and learned["ci_low"] <= learned["mean"] <= learned["ci_high"]
     assert learned["mean"] > 0.8
     assert set(metrics["method"]) == {"learned", "mean", "median"}
+    from test_runner_cli import render_in_chromium
+
+    dom, console_log = render_in_chromium(tmp_path / "cb" / "report.html")
+    assert "Held-out queries" in dom and "data:image/png;base64" in dom and "Uncaught" not in console_log
     profiles = pd.read_parquet(tmp_path / "cb" / "profiles_mean.parquet")
     assert profiles["batch"].nunique() == 3
 

@@ -188,3 +188,26 @@ def test_every_example_config_is_valid(example, monkeypatch):
     data = load_dataset(cfg.dataset, extra_keys=(cfg.group_key,) if cfg.split.kind != "kfold" else ())
     splits = make_splits(cfg.split, cfg.group_key, data)
     assert len(splits) >= 2 and all(len(s.train) and len(s.test) for s in splits)
+
+
+def render_in_chromium(page: Path) -> tuple[str, str]:
+    """DOM and console output of ``page`` loaded by headless Chromium (fails when Chromium is missing)."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0", f"--user-data-dir={page.parent / '.chromium'}"]
+    done = subprocess.run([browser, *flags, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    return done.stdout, done.stderr
+
+
+def test_run_report_renders_in_chromium(finished_run):
+    root, _, _ = finished_run
+    page = root / "compare_models" / "kfold" / "run1" / "report.html"
+    dom, console_log = render_in_chromium(page)
+    assert "Test cells: mean over folds" in dom and "<table" in dom and "silhouette_label" in dom
+    assert dom.count("data:image/png;base64") >= 3
+    assert "Uncaught" not in console_log

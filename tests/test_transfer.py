@@ -58,6 +58,7 @@ def test_held_out_chemistry_at_least_scanvi(chemistries, tmp_path, held_out, sca
     summary = run_transfer(_config(reference, [query]), tmp_path / "out", log=lambda _: None).set_index("dataset")
     row = summary.loc[f"query_{held_out}"]
     assert row["accuracy"] >= scanvi[0] and row["macro_f1"] >= scanvi[1]
+    assert (tmp_path / "out" / "report.html").exists()
     calibration = pd.read_csv(tmp_path / "out" / "calibration.csv").iloc[0]
     assert calibration["ece_after"] <= calibration["ece_before"]
     qdir = tmp_path / "out" / f"query_{held_out}"

@@ -30,6 +30,7 @@ from scatlas.experiment.config import parse_settings
 from scatlas.metrics.retrieval import average_precision
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.aggregation import SetAggregator
+from scatlas.report.html import Section, write_report
 from scatlas.train import TrainConfig, TrainingPlan, fit
 
 Log = Callable[[str], None]
@@ -348,6 +349,8 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
                 torch.save(model0.state_dict(), tmp)
             write_yaml({**config.model_dump(mode="json"), "n_features": int(X.shape[1]), "data": cells.source}, stage / "config.yaml")
             _pr_figure(profiles_seed0, meta, config, test, stage / "precision_recall.png")
+            write_report(stage / "report.html", "Profile aggregation: learned vs mean vs median",
+                         [Section("Held-out queries: mean and 95% CI over seeds", [summary], [stage / "precision_recall.png"]), Section("Per seed", [metrics])], cells.source)
     return summary
 
 

@@ -40,6 +40,7 @@ from scatlas.models.base import SplitData, build_model, parse_model_config
 from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.ontology import CellOntology, map_author_labels, reachability
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
+from scatlas.report.html import Section, write_report
 
 STRATA = ("assay", "dataset_id", "dataset", "disease", "tissue", "tissue_general")
 Log = Callable[[str], None]
@@ -324,6 +325,13 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
             log("final model on all labelled cells")
             _final_model(config, data, labels, codes, key, stage)
         write_yaml({**config.model_dump(mode="json"), "ontology": labels.ontology_version}, stage / "config.yaml")
+        write_report(
+            stage / "report.html", f"Annotation: {parse_model_config(config.model).type} + {parse_model_config(config.model).loss}",  # type: ignore[attr-defined]
+            [Section("Test cells: mean and 95% CI over folds", [summary]),
+             Section("Per class (all test cells)", [pd.read_csv(stage / "per_class_metrics.csv")], [stage / "per_class_f1.png", stage / "confusion_matrix.png"]),
+             *[Section(f"By {c}", [pd.read_csv(stage / f"per_{c}_metrics.csv")]) for c in strata]],
+            f"{config.dataset.path} · {labels.ontology_version or 'no ontology'}",
+        )
     return summary
 
 

@@ -76,10 +76,13 @@ def run(
 ) -> None:
     """Train and evaluate every model of CONFIG on every split, writing the standard output layout."""
     from scatlas.experiment import load_config, run_experiment
+    from scatlas.experiment.layout import compare_dir
 
     cfg = load_config(config)
     result = run_experiment(cfg, output_dir=output_dir, resume=resume, progress=not quiet, log=console.print)
     _print_summary(result.summary)
+    first = next(iter(result.layouts.values()))
+    console.print(f"report: {compare_dir(first.root, first.dataset, first.scenario, first.run) / 'report.html'}", soft_wrap=True)
     for name, layout in result.layouts.items():
         figures = f" (figures: {layout.figures_dir})" if layout.figures_dir.exists() else ""
         console.print(f"{name}: {layout.latent_dir}{figures}", soft_wrap=True)
@@ -113,7 +116,8 @@ def demo(
     )
     result = run_experiment(cfg, output_dir=output_dir, resume=True, progress=not quiet, log=console.print)
     _print_summary(result.summary)
-    console.print(f"\nResults: {output_dir / 'demo_pbmc_outputs' / 'latent_space'}")
+    console.print(f"\nReport (open in a browser): {output_dir / 'demo_pbmc_outputs' / 'compare_models' / 'kfold' / 'demo' / 'report.html'}")
+    console.print(f"Results: {output_dir / 'demo_pbmc_outputs' / 'latent_space'}")
     console.print(f"Figures: {output_dir / 'demo_pbmc_outputs' / 'figures'} (UMAPs by label and batch, loss curves)")
 
 
@@ -201,7 +205,7 @@ def annotate_train(
         row = group.set_index("metric")
         table.add_row(str(evaluation), *(f"{row.loc[m, 'mean']:.3f} ± {row.loc[m, 'ci_high'] - row.loc[m, 'mean']:.3f}" for m in metrics))
     console.print(table)
-    console.print(f"results: {out}  (model for `annotate predict`: {out / 'model'})", soft_wrap=True)
+    console.print(f"results: {out}  (report: {out / 'report.html'}; model for `annotate predict`: {out / 'model'})", soft_wrap=True)
 
 
 @annotate_app.command("predict")
@@ -280,7 +284,7 @@ def transfer(
     summary = run_transfer(cfg, out, overwrite=overwrite, log=console.print)
     columns = [c for c in ("dataset", "n_cells", "accuracy", "balanced_accuracy", "macro_f1", "unknown_fraction") if c in summary]
     console.print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    console.print(f"results: {out}")
+    console.print(f"results: {out} (report: {out / 'report.html'})")
 
 
 @app.command()
@@ -336,7 +340,7 @@ def aggregate(
         half = r["ci_high"] - r["mean"]
         table.add_row(r["task"], r["method"], r["metric"], f"{r['mean']:.3f}", "" if np.isnan(half) else f"{half:.3f}")
     console.print(table)
-    console.print(f"results: {out}")
+    console.print(f"results: {out} (report: {out / 'report.html'})")
 
 
 @app.command()

@@ -34,6 +34,7 @@ from scatlas.metrics.annotation import overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
 from scatlas.ontology import CellOntology
 from scatlas.plot.figures import confusion_heatmap
+from scatlas.report.html import Section, write_report
 
 Log = Callable[[str], None]
 
@@ -241,6 +242,9 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         table = pd.DataFrame(summary)
         write_csv(table, stage / "summary.csv")
         write_yaml(config.model_dump(mode="json"), stage / "config.yaml")
+        sections = [Section("Summary", [table]), Section("Calibration (held-out reference cells)", [pd.read_csv(stage / "calibration.csv")])]
+        sections += [Section(name, [], [stage / d / "confusion_matrix.png"]) for name, d in [("reference (held-out cells)", "reference"), *((s, s) for s in stems)]]
+        write_report(stage / "report.html", "Label transfer", sections, f"reference {config.reference.path}")
     return table
 
 

@@ -33,6 +33,7 @@ from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import REGISTRY, AnyModel, CounterfactualModel, EmbeddingModel, LatentClassifier, ModelConfig, SplitData, build_model
 from scatlas.plot.figures import embedding_panels, loss_curves, umap_coordinates
+from scatlas.report.html import Section, write_report
 
 Log = Callable[[str], None]
 
@@ -349,5 +350,24 @@ def compare_models(root: Path, config: ExperimentConfig, layouts: list[RunLayout
         table = pd.concat(frames, ignore_index=True)
         write_csv(table, out / f"{part}_allscores.csv")
         write_csv(fold_summary(table.drop(columns=["split"]), by=["model"]), out / f"{part}_scores_{size}_95CI.csv")
+    _run_report(out, config, layouts)
     return out
+
+
+def _run_report(out: Path, config: ExperimentConfig, layouts: list[RunLayout]) -> Path:
+    """``report.html``: mean test scores per model first, then each model's figures and classifier metrics."""
+    size = config.evaluation.sample_size
+    sections = []
+    ci_path = out / f"test_scores_{size}_95CI.csv"
+    if ci_path.exists():
+        ci = pd.read_csv(ci_path)
+        headline = ci.pivot(index="model", columns="metric", values="mean")
+        first = [m for m in ("silhouette_label", "silhouette_batch", "silhouette_label_scib", "silhouette_batch_scib", "kmeans_ari", "kmeans_nmi") if m in headline]
+        headline = headline[first + [m for m in headline.columns if m not in first]].rename_axis(columns=None).reset_index()
+        sections.append(Section("Test cells: mean over folds", [headline], note="Per-metric 95% CIs are in " + ci_path.name + "; ASW = silhouette (raw), *_scib = scib-metrics scaling."))
+    for lay in layouts:
+        figs = [lay.figures_dir / "avg_loss.png", lay.figures_dir / "splits_1" / "umap_test.png", lay.figures_dir / "splits_1" / "pca_test.png"]
+        tables = [pd.read_csv(lay.latent_dir / "metrics_allfolds_95CI.csv")] if (lay.latent_dir / "metrics_allfolds_95CI.csv").exists() else []
+        sections.append(Section(lay.model, tables, figs, captions=["mean loss over folds", "UMAP of test latent (split 1)", "PCA of test latent (split 1)"]))
+    return write_report(out / "report.html", f"{config.dataset.name}: {config.scenario} / {config.output.run}", sections, f"{len(layouts)} models, {config.split.kind} split")
 
