@@ -373,6 +373,29 @@ def nmf(
     console.print(f"results: {out}")
 
 
+@app.command("benchmark")
+@_user_errors
+def benchmark_command(
+    data: Annotated[Path, typer.Argument(help=".h5ad with the embeddings in .obsm.")],
+    embedding: Annotated[list[str], typer.Option(help=".obsm key to score (repeatable).")],
+    label_key: Annotated[str, typer.Option(help="Cell-type column.")],
+    batch_key: Annotated[str, typer.Option(help="Batch column.")],
+    out: Annotated[Path, typer.Option(help="Output directory (benchmark.csv, benchmark.png, report.html).")] = Path("benchmark"),
+    pre_key: Annotated[str | None, typer.Option(help=".obsm key of the unintegrated reference for PCR comparison (default: PCA of X).")] = None,
+    n_neighbors: Annotated[int, typer.Option(help="k of the shared kNN graph.")] = 90,
+    counts: Annotated[bool, typer.Option("--counts/--lognorm", help="X holds counts (for the default PCA).")] = True,
+) -> None:
+    """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding)."""
+    from scatlas.benchmark import benchmark, write_benchmark
+    from scatlas.data import read_h5ad
+
+    adata = read_h5ad(data)
+    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts)
+    write_benchmark(table, out, data.stem)
+    console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    console.print(f"results: {out / 'benchmark.csv'} (report: {out / 'report.html'})")
+
+
 @app.command("models")
 def list_models() -> None:
     """List the model types an experiment config can use."""

@@ -22,6 +22,8 @@ def silhouette_samples(
     labels: np.ndarray,
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
+    metric: str = "euclidean",
+    between: str = "nearest",
 ) -> np.ndarray:
     """Silhouette width of every sample (Euclidean), as :func:`sklearn.metrics.silhouette_samples`.
 
@@ -39,6 +41,12 @@ def silhouette_samples(
         Rows per chunk (default: about 256 MB of distances per chunk).
     device
         Torch device (default: CUDA when available).
+    metric
+        ``euclidean`` or ``cosine`` (``1 − cos``, clipped to [0, 2]).
+    between
+        ``b(i)``: ``nearest`` other cluster (the standard silhouette), ``mean_other`` (mean
+        distance to all cells of other clusters) or ``furthest`` cluster — the BRAS variants
+        of scib-metrics.
 
     Returns
     -------
@@ -53,20 +61,30 @@ def silhouette_samples(
     code_t = torch.as_tensor(codes, dtype=torch.long, device=dev)
     onehot = torch.nn.functional.one_hot(code_t, k).to(torch.float64)
     sizes = onehot.sum(0)
+    if metric == "cosine":
+        x = x / x.norm(dim=1, keepdim=True)
     sq = (x * x).sum(1)
     chunk = chunk_size or max(1, _CHUNK_BYTES // (8 * n))
     out = torch.empty(n, dtype=torch.float64, device=dev)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (x[start:stop] @ x.T)
-        d2[torch.arange(stop - start, device=dev), torch.arange(start, stop, device=dev)] = 0.0
-        sums = d2.clamp_min_(0.0).sqrt_() @ onehot
+        diagonal = (torch.arange(stop - start, device=dev), torch.arange(start, stop, device=dev))
+        if metric == "cosine":
+            dist = (1.0 - x[start:stop] @ x.T).clamp_(0.0, 2.0)
+        else:
+            dist = (sq[start:stop, None] + sq[None, :] - 2.0 * (x[start:stop] @ x.T)).clamp_min_(0.0).sqrt_()
+        dist[diagonal] = 0.0
+        sums = dist @ onehot
         own = code_t[start:stop]
         own_size = sizes[own]
-        a = sums.gather(1, own[:, None]).squeeze(1) / (own_size - 1).clamp_min(1)
-        other = sums / sizes
-        other.scatter_(1, own[:, None], float("inf"))
-        b = other.min(1).values
+        own_sum = sums.gather(1, own[:, None]).squeeze(1)
+        a = own_sum / (own_size - 1).clamp_min(1)
+        if between == "mean_other":
+            b = (sums.sum(1) - own_sum) / (n - own_size)
+        else:
+            other = sums / sizes
+            other.scatter_(1, own[:, None], float("inf") if between == "nearest" else float("-inf"))
+            b = other.min(1).values if between == "nearest" else other.max(1).values
         s = (b - a) / torch.maximum(a, b)
         out[start:stop] = torch.where(own_size > 1, torch.nan_to_num(s, nan=0.0), torch.zeros_like(s))
     return out.cpu().numpy()
@@ -114,3 +132,27 @@ def silhouette_batch(
         s = np.abs(silhouette_samples(X[mask], batch[mask], **kwargs))
         per_label.append(np.mean(1 - s if rescale else s))
     return float(np.mean(per_label)) if per_label else float("nan")
+
+
+def bras(X: np.ndarray, labels: np.ndarray, batch: np.ndarray, **kwargs: object) -> float:
+    """Batch removal adapted silhouette (Rautenstrauch et al. 2025), as scib-metrics' ``bras``.
+
+    :func:`silhouette_batch` (rescaled) with cosine distance and the mean distance to all
+    other batches as ``b(i)``; higher = better mixed.
+    """
+    return silhouette_batch(X, labels, batch, rescale=True, metric="cosine", between="mean_other", **kwargs)
+
+
+def isolated_labels(X: np.ndarray, labels: np.ndarray, batch: np.ndarray, rescale: bool = True) -> float:
+    """Isolated-label ASW score, as scib-metrics' ``isolated_labels``.
+
+    Labels present in the fewest batches are *isolated*; the score is the mean over them of
+    their cells' (rescaled) label silhouette.
+    """
+    labels, batch = np.asarray(labels), np.asarray(batch)
+    per_label = pd.DataFrame({"label": labels, "batch": batch}).drop_duplicates().groupby("label")["batch"].count()
+    isolated = per_label[per_label <= per_label.min()].index
+    s = silhouette_samples(X, labels)
+    if rescale:
+        s = (s + 1) / 2
+    return float(np.mean([s[labels == lab].mean() for lab in isolated]))

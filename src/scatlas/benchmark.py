@@ -1,0 +1,114 @@
+"""``scatlas benchmark``: judge embeddings stored in ``.obsm`` with scib-metrics' metric set.
+
+One kNN graph per embedding (exact, k = 90, or precomputed) is shared by the graph metrics.
+Columns follow scib-metrics' Benchmarker names; ``Bio conservation`` and ``Batch correction``
+average the available metrics of each group, ``Total = 0.6 · bio + 0.4 · batch``.
+Bio: Isolated labels, KMeans NMI / ARI, Silhouette label, cLISI; batch: BRAS, iLISI, Graph
+connectivity, PCR comparison (scib-metrics' defaults, with BRAS in place of Silhouette batch,
+which is reported beside them but not aggregated). Not yet: KBET.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scatlas._errors import InputError
+from scatlas._io import write_csv
+from scatlas.data.io import get_matrix, to_csr
+from scatlas.data.preprocess import normalize_log1p
+from scatlas.data.validate import check_obs_keys
+from scatlas.metrics.clustering import kmeans_ari_nmi
+from scatlas.metrics.integration import clisi, graph_connectivity, ilisi, knn, pcr_comparison
+from scatlas.metrics.silhouette import bras, isolated_labels, silhouette_batch, silhouette_label
+
+BIO = ["Isolated labels", "KMeans NMI", "KMeans ARI", "Silhouette label", "cLISI"]
+BATCH = ["BRAS", "iLISI", "Graph connectivity", "PCR comparison"]
+Log = Callable[[str], None]
+
+
+def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90, counts: bool = True, seed: int = 0) -> pd.DataFrame:
+    """Score every ``.obsm`` embedding; one row per embedding.
+
+    Parameters
+    ----------
+    adata
+        Cells with the embeddings in ``.obsm``.
+    embeddings
+        ``.obsm`` keys.
+    label_key, batch_key
+        Cell type and batch columns.
+    pre_key
+        ``.obsm`` key of the unintegrated reference for PCR comparison (default: a 50-component
+        PCA of the log-normalised ``X``).
+    n_neighbors
+        k of the shared kNN graph.
+    counts
+        ``X`` holds counts (normalise + log1p before the default PCA).
+    seed
+        k-means seed.
+    """
+    check_obs_keys(adata, [label_key, batch_key])
+    missing = [e for e in embeddings if e not in adata.obsm]
+    if missing:
+        raise InputError(f"embeddings {missing} not in .obsm; available: {list(adata.obsm)}")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    batch = adata.obs[batch_key].astype(str).to_numpy()
+    if pre_key is not None:
+        pre = np.asarray(adata.obsm[pre_key])
+    else:
+        from sklearn.decomposition import PCA
+
+        X = to_csr(get_matrix(adata))
+        pre = PCA(min(50, X.shape[1] - 1), random_state=0).fit_transform((normalize_log1p(X) if counts else X).toarray())
+    rows = []
+    for key in embeddings:
+        Z = np.asarray(adata.obsm[key], dtype=np.float64)
+        graph = knn(Z, n_neighbors)
+        km = kmeans_ari_nmi(Z, labels, seed=seed)
+        row = {
+            "Embedding": key,
+            "Isolated labels": isolated_labels(Z, labels, batch),
+            "Silhouette label": silhouette_label(Z, labels),
+            "cLISI": clisi(graph, labels),
+            "KMeans NMI": km["kmeans_nmi"],
+            "KMeans ARI": km["kmeans_ari"],
+            "Silhouette batch": silhouette_batch(Z, labels, batch),
+            "BRAS": bras(Z, labels, batch),
+            "iLISI": ilisi(graph, batch),
+            "Graph connectivity": graph_connectivity(graph, labels),
+            "PCR comparison": pcr_comparison(pre, Z, batch),
+        }
+        row["Bio conservation"] = float(np.mean([row[m] for m in BIO]))
+        row["Batch correction"] = float(np.mean([row[m] for m in BATCH]))
+        row["Total"] = 0.6 * row["Bio conservation"] + 0.4 * row["Batch correction"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_benchmark(table: pd.DataFrame, out: str | Path, title: str) -> Path:
+    """``benchmark.csv``, ``benchmark.png`` (metric × embedding heat table) and ``report.html`` in ``out``."""
+    import matplotlib.pyplot as plt
+
+    from scatlas._io import save_figure
+    from scatlas.report.html import Section, write_report
+
+    out = Path(out)
+    write_csv(table, out / "benchmark.csv")
+    values = table.set_index("Embedding")[[*BIO, *BATCH, "Silhouette batch", "Bio conservation", "Batch correction", "Total"]]
+    fig, ax = plt.subplots(figsize=(1.1 * values.shape[1] + 2, 0.6 * len(values) + 1.5))
+    ax.imshow(values.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, f"{values.iat[i, j]:.2f}", ha="center", va="center", color="white" if values.iat[i, j] < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(values.shape[1]), values.columns, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(values.shape[0]), values.index, fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, out / "benchmark.png")
+    write_report(out / "report.html", f"Benchmark: {title}", [Section("Scores (higher is better; Total = 0.6 bio + 0.4 batch)", [table], [out / "benchmark.png"])])
+    return out / "benchmark.csv"

@@ -1,0 +1,137 @@
+"""Integration metrics on one shared kNN graph, with scib-metrics' definitions.
+
+* :func:`knn` — exact kNN (scikit-learn), self included as the first neighbour; pass the same
+  result to every graph metric (or your own precomputed one).
+* :func:`lisi` — local inverse Simpson index per cell (Korsunsky et al. 2019): a Gaussian kernel
+  on kNN distances calibrated per cell to ``perplexity`` (binary search on the entropy, 50 steps,
+  tol 1e-5, self excluded), then ``1 / Σ_label p_label²``. :func:`ilisi` / :func:`clisi`: the
+  median, scaled as scib (``(m − 1)/(B − 1)`` and ``(L − m)/(L − 1)``).
+* :func:`graph_connectivity` — mean over labels of the largest connected component's share.
+* :func:`pcr_comparison` — ``(PCR_pre − PCR_post) / PCR_pre`` (clipped at 0), PCR = variance-weighted
+  R² of the principal components regressed on the one-hot batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from sklearn.neighbors import NearestNeighbors
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """kNN result: ``indices`` and ``distances`` of shape (n_cells, k), self first."""
+
+    indices: np.ndarray
+    distances: np.ndarray
+
+    def graph(self) -> sp.csr_matrix:
+        """Sparse n × n matrix with the kNN distances."""
+        n, k = self.indices.shape
+        return sp.csr_matrix((self.distances.ravel(), self.indices.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
+
+
+def knn(X: np.ndarray, k: int = 90) -> Neighbors:
+    """Exact Euclidean kNN with the cell itself as first neighbour."""
+    nn = NearestNeighbors(n_neighbors=min(k, len(X))).fit(X)
+    distances, indices = nn.kneighbors(X)
+    return Neighbors(indices, distances)
+
+
+def _calibrated_probabilities(distances: np.ndarray, mask: np.ndarray, perplexity: float, tol: float = 1e-5, max_tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row Gaussian kernel probabilities whose entropy matches ``log(perplexity)`` (vectorised bisection)."""
+    n = distances.shape[0]
+    beta = np.ones(n)
+    low, high = np.full(n, -np.inf), np.full(n, np.inf)
+    target = np.log(perplexity)
+
+    def entropy(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        P = np.where(mask, np.exp(-distances * b[:, None]), 0.0)
+        total = P.sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            H = np.where(total == 0, 0.0, np.log(total) + b * (distances * P).sum(1) / total)
+            P = np.where(total[:, None] == 0, 0.0, P / total[:, None])
+        return H, P
+
+    H, P = entropy(beta)
+    diff = H - target
+    active = np.abs(diff) >= tol
+    for _ in range(max_tries):
+        if not active.any():
+            break
+        up = diff > 0
+        new_low = np.where(up, beta, low)
+        new_high = np.where(up, high, beta)
+        new_beta = np.where(up, np.where(high == np.inf, beta * 2, (beta + high) / 2), np.where(low == -np.inf, beta / 2, (beta + low) / 2))
+        beta, low, high = np.where(active, new_beta, beta), np.where(active, new_low, low), np.where(active, new_high, high)
+        H_new, P_new = entropy(beta)
+        H, P = np.where(active, H_new, H), np.where(active[:, None], P_new, P)
+        diff = H - target
+        active &= np.abs(diff) >= tol
+    return H, P
+
+
+def lisi(neighbors: Neighbors, labels: np.ndarray, perplexity: float | None = None) -> np.ndarray:
+    """LISI of every cell for ``labels`` (1 = neighbourhood of one label; up to #labels)."""
+    codes = pd.Categorical(labels).codes
+    idx, dist = neighbors.indices, neighbors.distances
+    perplexity = perplexity or np.floor(idx.shape[1] / 3)
+    mask = idx != np.arange(len(idx))[:, None]
+    H, P = _calibrated_probabilities(dist, mask, perplexity)
+    n_labels = codes.max() + 1
+    sums = np.zeros((len(idx), n_labels))
+    np.add.at(sums, (np.repeat(np.arange(len(idx)), idx.shape[1]), codes[idx].ravel()), P.ravel())
+    simpson = np.where(H == 0, -1.0, (sums**2).sum(1))
+    return 1 / simpson
+
+
+def ilisi(neighbors: Neighbors, batch: np.ndarray, perplexity: float | None = None) -> float:
+    """Integration LISI, median scaled to [0, 1] (1 = batches fully mixed)."""
+    m = np.nanmedian(lisi(neighbors, batch, perplexity))
+    return float((m - 1) / (len(np.unique(batch)) - 1))
+
+
+def clisi(neighbors: Neighbors, labels: np.ndarray, perplexity: float | None = None) -> float:
+    """Cell-type LISI, median scaled to [0, 1] (1 = neighbourhoods of one cell type)."""
+    m = np.nanmedian(lisi(neighbors, labels, perplexity))
+    n = len(np.unique(labels))
+    return float((n - m) / (n - 1))
+
+
+def graph_connectivity(neighbors: Neighbors, labels: np.ndarray) -> float:
+    """Mean over labels of (largest connected component of the label's kNN subgraph) / (label size)."""
+    graph = neighbors.graph()
+    labels = np.asarray(labels)
+    shares = []
+    for label in np.unique(labels):
+        mask = labels == label
+        _, comps = connected_components(graph[mask][:, mask], connection="strong")
+        counts = np.bincount(comps)
+        shares.append(counts.max() / counts.sum())
+    return float(np.mean(shares))
+
+
+def principal_component_regression(X: np.ndarray, batch: np.ndarray, n_components: int | None = None) -> float:
+    """Variance-weighted R² of the principal components of ``X`` regressed on the one-hot batch."""
+    X = np.asarray(X, dtype=np.float64)
+    Xc = X - X.mean(0)
+    U, S, _ = np.linalg.svd(Xc, full_matrices=False)
+    k = n_components or len(S)
+    coords, var = U[:, :k] * S[:k], S[:k] ** 2 / (len(X) - 1)
+    C = pd.get_dummies(pd.Categorical(batch)).to_numpy(dtype=np.float64)
+    C -= C.mean(0)
+    beta, *_ = np.linalg.lstsq(C, coords, rcond=None)
+    residual = coords - C @ beta
+    r2 = 1 - (residual**2).sum(0) / (coords**2).sum(0)
+    return float((var * r2).sum() / var.sum())
+
+
+def pcr_comparison(X_pre: np.ndarray, X_post: np.ndarray, batch: np.ndarray, n_components: int | None = None) -> float:
+    """``(PCR(pre) − PCR(post)) / PCR(pre)``, clipped at 0: the share of batch variance removed."""
+    pre = principal_component_regression(X_pre, batch, n_components)
+    post = principal_component_regression(X_post, batch, n_components)
+    return float(max((pre - post) / pre, 0.0))

@@ -1,0 +1,79 @@
+"""Integration metrics against scib-metrics on real PBMCs, and `scatlas benchmark`."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scib_metrics
+from scib_metrics.nearest_neighbors import NeighborsResults
+from sklearn.decomposition import PCA
+from typer.testing import CliRunner
+
+from scatlas.cli import app
+from scatlas.data import normalize_log1p
+from scatlas.metrics import integration as I
+
+
+@pytest.fixture(scope="module")
+def symphony(symphony_path):
+    adata = ad.read_h5ad(symphony_path)
+    X = normalize_log1p(adata.X).toarray()
+    Z = PCA(30, random_state=0).fit_transform(X)
+    return X, Z, adata.obs["cell_type"].astype(str).to_numpy(), adata.obs["batch"].astype(str).to_numpy()
+
+
+def test_graph_metrics_match_scib_metrics(symphony):
+    X, Z, labels, batch = symphony
+    ours = I.knn(Z, 90)
+    ref = NeighborsResults(indices=ours.indices, distances=ours.distances)
+    assert ours.indices[0, 0] == 0  # self first
+    np.testing.assert_allclose(I.lisi(ours, batch), scib_metrics.lisi_knn(ref, batch), rtol=1e-4)
+    assert I.ilisi(ours, batch) == pytest.approx(float(scib_metrics.ilisi_knn(ref, batch)), abs=1e-5)
+    assert I.clisi(ours, labels) == pytest.approx(float(scib_metrics.clisi_knn(ref, labels)), abs=1e-5)
+    assert I.graph_connectivity(ours, labels) == pytest.approx(float(scib_metrics.graph_connectivity(ref, labels)), abs=1e-9)
+
+
+def test_bras_and_isolated_labels_match_scib_metrics(symphony):
+    from scatlas.metrics import bras, isolated_labels, silhouette_samples
+
+    _, Z, labels, batch = symphony
+    ref = scib_metrics.utils.silhouette_samples(Z, batch, metric="cosine", between_cluster_distances="mean_other")
+    np.testing.assert_allclose(silhouette_samples(Z, batch, metric="cosine", between="mean_other"), ref, atol=1e-4)
+    assert bras(Z, labels, batch) == pytest.approx(float(scib_metrics.bras(Z, labels, batch)), abs=1e-4)
+    assert isolated_labels(Z, labels, batch) == pytest.approx(float(scib_metrics.isolated_labels(Z, labels, batch)), abs=1e-5)
+
+
+def test_pcr_matches_scib_metrics(symphony):
+    X, Z, _, batch = symphony
+    ref = scib_metrics.utils.principal_component_regression(Z, batch, categorical=True)
+    assert I.principal_component_regression(Z, batch) == pytest.approx(ref, rel=1e-5)
+    centred = Z.copy()
+    for b in np.unique(batch):  # remove per-batch means: less batch variance after "integration"
+        centred[batch == b] -= Z[batch == b].mean(0)
+    got = I.pcr_comparison(Z, centred, batch)
+    assert got == pytest.approx(float(scib_metrics.pcr_comparison(Z, centred, batch, categorical=True)), rel=1e-4) and got > 0.9
+
+
+def test_benchmark_cli(symphony_path, symphony, tmp_path):
+    X, Z, labels, batch = symphony
+    adata = ad.read_h5ad(symphony_path)
+    adata.obsm["X_pca"] = Z
+    centred = Z.copy()
+    for b in np.unique(batch):
+        centred[batch == b] -= Z[batch == b].mean(0)
+    adata.obsm["X_centred"] = centred
+    adata.write_h5ad(tmp_path / "emb.h5ad")
+    result = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_pca", "--embedding", "X_centred",
+                                      "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "bench" / "benchmark.csv").set_index("Embedding")
+    for column in ("Isolated labels", "BRAS", "Silhouette label", "cLISI", "iLISI", "Graph connectivity", "PCR comparison", "KMeans NMI", "KMeans ARI", "Silhouette batch", "Total"):
+        assert column in table.columns
+    assert table.loc["X_pca", "Silhouette label"] == pytest.approx(scib_metrics.silhouette_label(Z, labels), abs=1e-5)
+    assert table.loc["X_centred", "iLISI"] > table.loc["X_pca", "iLISI"]  # centring per batch mixes batches
+    assert table.loc["X_pca", "Total"] == pytest.approx(0.6 * table.loc["X_pca", "Bio conservation"] + 0.4 * table.loc["X_pca", "Batch correction"])
+    assert (tmp_path / "bench" / "benchmark.png").exists() and (tmp_path / "bench" / "report.html").exists()
+    bad = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_scVI", "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "b2")])
+    assert bad.exit_code == 2 and "X_scVI" in bad.output
