@@ -401,7 +401,11 @@ def list_models() -> None:
     """List the model types an experiment config can use."""
     from scatlas.models import REGISTRY
 
+    table = Table(title="model types (`type:` in an experiment config)", show_lines=False)
+    table.add_column("type", style="bold")
+    table.add_column("what")
     for name, cls in sorted(REGISTRY.items()):
-        console.print(f"{name:8s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0].replace("``", ""))
+    console.print(table)
 
 
