@@ -211,3 +211,22 @@ def test_run_report_renders_in_chromium(finished_run):
     assert "Test cells: mean over folds" in dom and "<table" in dom and "silhouette_label" in dom
     assert dom.count("data:image/png;base64") >= 3
     assert "Uncaught" not in console_log
+
+
+def test_compare_command_over_run_outputs(finished_run):
+    root, _, _ = finished_run
+    result = runner.invoke(app, ["compare", str(root.parent)])
+    assert result.exit_code == 0, result.output
+    out = root / "compare_models" / "kfold" / "run1"
+    for name in ("test_allscores.csv", "test_scores_10000_95CI.csv", "test_10000.csv", "test_scores_10000_min_silhouette_batch.csv",
+                 "test_scores_10000_max_silhouette_batch.csv", "umap_models.png", "umap_coordinates.csv", "report.html"):
+        assert (out / name).exists(), name
+    wide = pd.read_csv(out / "test_10000.csv")
+    assert {"model", "metric", "mean", "sem", "sd"} <= set(wide.columns)
+    lowest = pd.read_csv(out / "test_scores_10000_min_silhouette_batch.csv").set_index("model")
+    allscores = pd.read_csv(out / "test_allscores.csv")
+    assert lowest.loc["AE", "silhouette_batch"] == allscores[allscores["model"] == "AE"]["silhouette_batch"].min()
+    coords = pd.read_csv(out / "umap_coordinates.csv")
+    assert set(coords["model"]) == {"PCA", "AE", "AEC"} and {"umap1", "umap2", "label", "batch"} <= set(coords.columns)
+    empty = runner.invoke(app, ["compare", str(root.parent / "nothing")])
+    assert empty.exit_code == 2 and "no scatlas run outputs" in empty.output

@@ -396,6 +396,20 @@ def benchmark_command(
     console.print(f"results: {out / 'benchmark.csv'} (report: {out / 'report.html'})")
 
 
+@app.command()
+@_user_errors
+def compare(
+    output_dir: Annotated[Path, typer.Argument(help="Root of `scatlas run` outputs (holds <dataset>_outputs/).")] = Path("outputs"),
+    umaps: Annotated[bool, typer.Option(help="Side-by-side UMAPs of the models' test latents.")] = True,
+) -> None:
+    """Compare every model of each dataset / scenario / run found under OUTPUT_DIR (tables, UMAPs, report)."""
+    from scatlas.experiment.compare import compare_runs, discover
+
+    for (dataset, scenario, run), layouts in discover(output_dir).items():
+        out = compare_runs(layouts, umaps=umaps)
+        console.print(f"{dataset} / {scenario} / {run}: {len(layouts)} models -> {out}/report.html", soft_wrap=True)
+
+
 @app.command("models")
 def list_models() -> None:
     """List the model types an experiment config can use."""

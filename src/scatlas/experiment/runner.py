@@ -28,12 +28,12 @@ from scatlas.data.dataset import CellData, load_dataset
 from scatlas.data.preprocess import preprocess_split
 from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
 from scatlas.experiment.config import ExperimentConfig, SplitConfig
-from scatlas.experiment.layout import RunLayout, compare_dir
+from scatlas.experiment.compare import compare_runs
+from scatlas.experiment.layout import RunLayout
 from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import REGISTRY, AnyModel, CounterfactualModel, EmbeddingModel, LatentClassifier, ModelConfig, SplitData, build_model
 from scatlas.plot.figures import embedding_panels, loss_curves, umap_coordinates
-from scatlas.report.html import Section, write_report
 
 Log = Callable[[str], None]
 
@@ -330,44 +330,6 @@ def run_experiment(
             summaries.append(aggregate(layout, config))
             write_yaml(config.model_dump(mode="json"), layout.models_dir / "config.yaml")
             write_csv(assignment_table(splits, data.cell_ids), layout.models_dir / "split_assignment.csv")
-    compare_models(root, config, [lay for _, lay in models])
+    compare_runs([lay for _, lay in models if lay.finished_splits()], umaps=config.evaluation.figures)
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
     return RunResult({lay.model: lay for _, lay in models}, summary)
-
-
-def compare_models(root: Path, config: ExperimentConfig, layouts: list[RunLayout]) -> Path:
-    """Side-by-side tables of every embedding model of a run, per part.
-
-    ``compare_models/<scenario>/<run>/<part>_allscores.csv`` (one row per model and split) and
-    ``<part>_scores_<n>_95CI.csv`` (per model and metric: mean, SD, SEM, 95% CI).
-    """
-    out = compare_dir(root, config.dataset.name, config.scenario, config.output.run)
-    size = config.evaluation.sample_size
-    for part in config.evaluation.parts:
-        frames = [pd.read_csv(path) for lay in layouts if (path := lay.latent_dir / f"all_{_score_name(part, size)}").exists()]
-        if not frames:
-            continue
-        table = pd.concat(frames, ignore_index=True)
-        write_csv(table, out / f"{part}_allscores.csv")
-        write_csv(fold_summary(table.drop(columns=["split"]), by=["model"]), out / f"{part}_scores_{size}_95CI.csv")
-    _run_report(out, config, layouts)
-    return out
-
-
-def _run_report(out: Path, config: ExperimentConfig, layouts: list[RunLayout]) -> Path:
-    """``report.html``: mean test scores per model first, then each model's figures and classifier metrics."""
-    size = config.evaluation.sample_size
-    sections = []
-    ci_path = out / f"test_scores_{size}_95CI.csv"
-    if ci_path.exists():
-        ci = pd.read_csv(ci_path)
-        headline = ci.pivot(index="model", columns="metric", values="mean")
-        first = [m for m in ("silhouette_label", "silhouette_batch", "silhouette_label_scib", "silhouette_batch_scib", "kmeans_ari", "kmeans_nmi") if m in headline]
-        headline = headline[first + [m for m in headline.columns if m not in first]].rename_axis(columns=None).reset_index()
-        sections.append(Section("Test cells: mean over folds", [headline], note="Per-metric 95% CIs are in " + ci_path.name + "; ASW = silhouette (raw), *_scib = scib-metrics scaling."))
-    for lay in layouts:
-        figs = [lay.figures_dir / "avg_loss.png", lay.figures_dir / "splits_1" / "umap_test.png", lay.figures_dir / "splits_1" / "pca_test.png"]
-        tables = [pd.read_csv(lay.latent_dir / "metrics_allfolds_95CI.csv")] if (lay.latent_dir / "metrics_allfolds_95CI.csv").exists() else []
-        sections.append(Section(lay.model, tables, figs, captions=["mean loss over folds", "UMAP of test latent (split 1)", "PCA of test latent (split 1)"]))
-    return write_report(out / "report.html", f"{config.dataset.name}: {config.scenario} / {config.output.run}", sections, f"{len(layouts)} models, {config.split.kind} split")
-

@@ -1,0 +1,117 @@
+"""Comparison of every model of a scenario/run found in an output tree (``scatlas compare``).
+
+Reads ``latent_space/<scenario>/<model>/<run>/all_scores_<part>_samplesize-<n>.csv`` and writes
+``compare_models/<scenario>/<run>/``: ``<part>_allscores.csv`` (one row per model and split),
+``<part>_scores_<n>_95CI.csv`` (mean, SD, SEM, t interval), ``<part>_<n>.csv`` (mean / SEM / SD
+per model and metric, wide), ``<part>_scores_<n>_{min,max}_silhouette_batch.csv`` (each model's
+split with the lowest / highest batch ASW), UMAPs of every model's test latent side by side
+(``umap_models.png`` + ``umap_coordinates.csv``) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scatlas._errors import InputError
+from scatlas._io import write_csv
+from scatlas.experiment.layout import RunLayout, compare_dir
+from scatlas.metrics.stats import fold_summary
+from scatlas.plot.figures import umap_coordinates
+from scatlas.report.html import Section, write_report
+
+_SCORES = re.compile(r"^all_scores_(train|val|test)_samplesize-(\d+)\.csv$")
+
+
+def discover(root: str | Path) -> dict[tuple[str, str, str], list[RunLayout]]:
+    """``(dataset, scenario, run) → layouts`` of every model with aggregated scores under ``root``."""
+    root = Path(root)
+    found: dict[tuple[str, str, str], list[RunLayout]] = {}
+    for scores in sorted(root.glob("*_outputs/latent_space/*/*/*/all_scores_*_samplesize-*.csv")):
+        run_dir = scores.parent
+        run, model, scenario = run_dir.name, run_dir.parent.name, run_dir.parent.parent.name
+        dataset = run_dir.parents[3].name.removesuffix("_outputs")
+        layout = RunLayout(root, dataset, scenario, model, run)
+        group = found.setdefault((dataset, scenario, run), [])
+        if layout not in group:
+            group.append(layout)
+    if not found:
+        raise InputError(f"{root}: no scatlas run outputs (latent_space/<scenario>/<model>/<run>/all_scores_*.csv) found")
+    return found
+
+
+def _extremes(table: pd.DataFrame, how: str) -> pd.DataFrame:
+    if "silhouette_batch" not in table or table["silhouette_batch"].isna().all():
+        return table.iloc[0:0]
+    pick = table.groupby("model")["silhouette_batch"].idxmin() if how == "min" else table.groupby("model")["silhouette_batch"].idxmax()
+    return table.loc[pick.dropna()]
+
+
+def _umaps(layouts: list[RunLayout], out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    from scatlas._io import save_figure
+
+    panels = []
+    for lay in layouts:
+        split = lay.split_dir(1)
+        latents = [p for p in split.glob("*_test.npy") if not p.name.startswith("recon")] if split.is_dir() else []
+        obs = split / "obs_test.csv"
+        if latents and obs.exists():
+            coords = umap_coordinates(np.load(latents[0]))
+            panels.append((lay.model, coords, pd.read_csv(obs)))
+    if not panels:
+        return None
+    write_csv(pd.concat([o.assign(model=m, umap1=c[:, 0], umap2=c[:, 1]) for m, c, o in panels], ignore_index=True), out / "umap_coordinates.csv")
+    keys = [k for k in ("label", "batch") if k in panels[0][2]]
+    fig, axes = plt.subplots(len(keys), len(panels), figsize=(3.2 * len(panels), 3.2 * len(keys)), squeeze=False)
+    for j, (model, coords, obs) in enumerate(panels):
+        for i, key in enumerate(keys):
+            codes = pd.factorize(obs[key].astype(str))[0]
+            axes[i, j].scatter(coords[:, 0], coords[:, 1], c=codes, cmap="tab10", s=4, linewidths=0)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            axes[i, j].set_title(f"{model} — {key}", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out / "umap_models.png")
+
+
+def compare_runs(layouts: list[RunLayout], umaps: bool = True) -> Path | None:
+    """Write the comparison of ``layouts`` (models of one dataset / scenario / run); return its directory."""
+    if not layouts:
+        return None
+    first = layouts[0]
+    out = compare_dir(first.root, first.dataset, first.scenario, first.run)
+    sections: list[Section] = []
+    for part in ("test", "val", "train"):
+        frames, size = [], None
+        for lay in layouts:
+            for path in lay.latent_dir.glob(f"all_scores_{part}_samplesize-*.csv"):
+                size = _SCORES.match(path.name).group(2)  # type: ignore[union-attr]
+                frames.append(pd.read_csv(path))
+        if not frames:
+            continue
+        table = pd.concat(frames, ignore_index=True)
+        ci = fold_summary(table.drop(columns=["split"]), by=["model"])
+        write_csv(table, out / f"{part}_allscores.csv")
+        write_csv(ci, out / f"{part}_scores_{size}_95CI.csv")
+        write_csv(ci.pivot_table(index=["model", "metric"], values=["mean", "sem", "sd"]).reset_index(), out / f"{part}_{size}.csv")
+        for how in ("min", "max"):
+            write_csv(_extremes(table, how), out / f"{part}_scores_{size}_{how}_silhouette_batch.csv")
+        if part == "test":
+            headline = ci.pivot(index="model", columns="metric", values="mean")
+            order = [m for m in ("silhouette_label", "silhouette_batch", "silhouette_label_scib", "silhouette_batch_scib", "kmeans_ari", "kmeans_nmi") if m in headline]
+            headline = headline[order + [m for m in headline.columns if m not in order]].rename_axis(columns=None).reset_index()
+            sections.append(Section("Test cells: mean over folds", [headline], note=f"95% CIs: {part}_scores_{size}_95CI.csv; ASW = silhouette (raw), *_scib = scib-metrics scaling."))
+    figure = _umaps(layouts, out) if umaps else None
+    if figure is not None:
+        sections.append(Section("Test latents side by side (split 1)", [], [figure], captions=["UMAP per model, coloured by label (top) and batch"]))
+    for lay in layouts:
+        figs = [lay.figures_dir / "avg_loss.png", lay.figures_dir / "splits_1" / "umap_test.png"]
+        tables = [pd.read_csv(lay.latent_dir / "metrics_allfolds_95CI.csv")] if (lay.latent_dir / "metrics_allfolds_95CI.csv").exists() else []
+        sections.append(Section(lay.model, tables, figs, captions=["mean loss over folds", "UMAP of test latent (split 1)"]))
+    write_report(out / "report.html", f"{first.dataset}: {first.scenario} / {first.run}", sections, f"{len(layouts)} models")
+    return out
