@@ -261,10 +261,8 @@ def _cleanup_on_failure(layouts: list[RunLayout]) -> Iterator[None]:
         yield
     except BaseException:
         for layout in layouts:
-            for n in range(1, 1000):
-                stage = layout.staging_dir(n)
-                if stage.exists():
-                    shutil.rmtree(stage, ignore_errors=True)
+            for stage in layout.latent_dir.glob(".splits_*.partial"):
+                shutil.rmtree(stage, ignore_errors=True)
             if layout in fresh and not layout.finished_splits():
                 for d in layout.run_dirs:
                     shutil.rmtree(d, ignore_errors=True)
