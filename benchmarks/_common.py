@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import platform
 import resource
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
+from lightning.pytorch.callbacks import Callback
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -30,8 +32,37 @@ def resampled_counts(name: str, n_cells: int, seed: int = 0) -> ad.AnnData:
 
 def machine() -> str:
     """One line naming the CPU / GPU this ran on."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    gpu = "no GPU"
+    if torch.cuda.is_available():  # nvidia-smi: names the GPU without creating a CUDA context here
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = query.stdout.strip() or "a CUDA GPU"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}"
+
+
+class EpochTimer(Callback):
+    """Lightning callback keeping the wall time of every training epoch (given to peers such as scvi-tools)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """Start the clock."""
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Stop it once the GPU has finished the epoch's work."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss``, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _child(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], q: mp.Queue) -> None:
@@ -39,7 +70,7 @@ def _child(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], q: mp.Queue
         start = time.perf_counter()
         out = fn(*args)
         out.setdefault("wall_s", time.perf_counter() - start)
-        out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        out["peak_rss_gb"] = peak_rss_gb()
         if torch.cuda.is_available():
             out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         q.put(out)
@@ -48,8 +79,11 @@ def _child(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], q: mp.Queue
 
 
 def isolated(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Run ``fn(*args)`` in a fresh process so its peak memory is its own."""
-    ctx = mp.get_context("fork")
+    """Run ``fn(*args)`` in a fresh (spawned) process so its peak memory is its own.
+
+    Spawned, not forked: a fork after OpenMP / CUDA / numba threads started in the parent can hang.
+    """
+    ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
     p = ctx.Process(target=_child, args=(fn, args, q))
     p.start()

@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 import scib_metrics
 from scib_metrics.nearest_neighbors import NeighborsResults
 from sklearn.decomposition import PCA
@@ -77,3 +78,18 @@ def test_benchmark_cli(symphony_path, symphony, tmp_path):
     assert (tmp_path / "bench" / "benchmark.png").exists() and (tmp_path / "bench" / "report.html").exists()
     bad = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_scVI", "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "b2")])
     assert bad.exit_code == 2 and "X_scVI" in bad.output
+
+
+@pytest.mark.parametrize("method", ["brute", "pynndescent"])
+def test_knn_methods_agree_with_sklearn(method):
+    adata = sc.datasets.pbmc68k_reduced()
+    Z = adata.obsm["X_pca"][:, :20].astype(np.float64)
+    exact = I.knn(Z, 15, method="sklearn")
+    other = I.knn(Z, 15, method=method, device="cpu", chunk_size=100)
+    assert np.array_equal(other.indices[:, 0], np.arange(len(Z)))  # self first
+    if method == "brute":
+        np.testing.assert_allclose(other.distances, exact.distances, atol=1e-6)
+        assert (other.indices == exact.indices).mean() > 0.999  # ties may swap
+    else:
+        recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(other.indices, exact.indices)])
+        assert recall > 0.95

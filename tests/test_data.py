@@ -12,9 +12,9 @@ import torch
 
 from scatlas import InputError
 from scatlas.data import (
+    AnnDataCSRSource,
     CSRLoader,
     densify,
-    gather_rows,
     group_splits,
     highly_variable_genes,
     kfold_splits,
@@ -53,13 +53,53 @@ def test_hvg_uses_training_cells_only(cellbench):
     assert prep.X[train].max() == pytest.approx(1.0)
 
 
-def test_gather_and_densify_equal_scipy(cellbench):
+def test_loader_batches_densify_to_scipy_rows(cellbench):
     X = sp.csr_matrix(cellbench.X, dtype=np.float32)
     rows = np.random.default_rng(0).choice(X.shape[0], 77, replace=False)
-    indptr, indices, data = gather_rows(X, rows)
-    np.testing.assert_array_equal(sp.csr_matrix((data, indices, indptr), shape=(77, X.shape[1])).toarray(), X[rows].toarray())
-    batch = {"x_indptr": torch.from_numpy(indptr), "x_indices": torch.from_numpy(indices), "x_data": torch.from_numpy(data), "n_genes": X.shape[1]}
-    np.testing.assert_array_equal(densify(batch).numpy(), X[rows].toarray())
+    batches = list(CSRLoader(X, rows, batch_size=30))
+    assert [len(b["row"]) for b in batches] == [30, 30, 17]
+    got = np.concatenate([densify(b).numpy() for b in batches])
+    np.testing.assert_array_equal(got, X[rows].toarray())  # unshuffled: the order given
+    assert all(b["x_nnz"] == b["x_data"].shape[0] for b in batches)
+
+
+def test_streamed_h5ad_chunks_equal_in_memory(cellbench, tmp_path):
+    counts = sp.csr_matrix(cellbench.X, dtype=np.float32)
+    path = tmp_path / "cells.h5ad"
+    ad.AnnData(X=counts).write_h5ad(path)
+    genes = np.array([5, 3, 100, 7])
+    source = AnnDataCSRSource(path, normalize=True, genes=genes)
+    assert source.shape == (counts.shape[0], 4)
+    expected = normalize_log1p(counts)[:, genes].toarray()
+    rows = np.arange(3, counts.shape[0], 2)
+    loader = CSRLoader(source, rows, batch_size=50, shuffle=True, chunk_size=128, seed=1, prefetch=2)
+    assert len(loader) == sum(-(-min(128, len(rows) - a) // 50) for a in range(0, len(rows), 128))
+    seen = [(b["row"].numpy(), densify(b).numpy()) for b in loader]
+    got_rows = np.concatenate([r for r, _ in seen])
+    assert np.array_equal(np.sort(got_rows), rows)
+    assert not np.array_equal(got_rows, rows)
+    np.testing.assert_allclose(np.concatenate([x for _, x in seen]), expected[got_rows], rtol=1e-6)
+    scattered = np.random.default_rng(2).choice(counts.shape[0], 60, replace=False)  # unsorted, sparse: read in windows
+    got = np.concatenate([densify(b).numpy() for b in CSRLoader(source, scattered, batch_size=25, chunk_size=30)])
+    np.testing.assert_allclose(got, expected[scattered], rtol=1e-6)
+    with pytest.raises(InputError, match="layers/'?missing"):
+        AnnDataCSRSource(path, layer="missing")
+
+
+def test_loader_shards_rows_under_torch_distributed(cellbench, monkeypatch):
+    X = sp.csr_matrix(cellbench.X, dtype=np.float32)
+    rows = np.arange(101)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        loader = CSRLoader(X, rows, batch_size=16, shuffle=True, chunk_size=20, drop_last=True)
+        shards.append(np.concatenate([b["row"].numpy() for b in loader]))
+        assert len(loader) == len(list(loader))
+    assert len(shards[0]) == len(shards[1])  # equal step counts on every rank
+    assert not set(shards[0]) & set(shards[1])
+    assert set(shards[0]) <= set(range(50)) and set(shards[1]) <= set(range(50, 100))
 
 
 def test_loader_epochs_cover_rows_and_are_seeded(cellbench):

@@ -358,6 +358,8 @@ def nmf(
     batch_size: Annotated[int, typer.Option(help="Cells per minibatch (thousands for atlases; small batches for small data).")] = 64,
     lr: Annotated[float, typer.Option(help="Learning rate of AE-NMF models.")] = 1e-2,
     benchmark_seeds: Annotated[int, typer.Option(help="Leiden seeds of the benchmark (0 = no benchmark).")] = 10,
+    stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
+    chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream; all cells otherwise).")] = None,
 ) -> None:
     """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks."""
     from scatlas.data.dataset import DatasetConfig
@@ -365,8 +367,8 @@ def nmf(
     from scatlas.factors import run_factors
 
     dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": input, "batch_key": batch_key, "label_key": label_key})
-    training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr})
-    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=console.print)
+    training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size})
+    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=console.print, stream=stream)
     for name, table in tables.items():
         console.print(f"benchmark by {name}:")
         console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

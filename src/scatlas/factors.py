@@ -17,9 +17,12 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from sklearn.model_selection import train_test_split
 
+from scatlas._errors import InputError
 from scatlas._io import atomic_path, write_csv
+from scatlas.data import AnnDataCSRSource, highly_variable_genes, read_h5ad, validate
 from scatlas.data.dataset import DatasetConfig, load_dataset
 from scatlas.data.preprocess import preprocess_split
 from scatlas.experiment.config import TrainingConfig
@@ -31,28 +34,78 @@ from scatlas.models.base import SplitData, build_model, parse_model_config
 Log = Callable[[str], None]
 
 
-def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, n_top_genes: int | None = 2000, seed: int = 0) -> tuple[ad.AnnData, str]:
-    """Fit a factor model on all cells (10% held out for early stopping); return the results-only AnnData and its key."""
-    data = load_dataset(dataset)
-    rows = np.arange(data.n_cells)
-    train, val = train_test_split(rows, test_size=0.1, random_state=seed)
-    train, val = np.sort(train), np.sort(val)
-    prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, "none")
-    sdata = SplitData(X=prep.X, train=train, val=val, batch=np.asarray(data.batch.codes, dtype=np.int64), batch_names=[str(b) for b in data.batch.categories],
-                      label=np.asarray(data.label.codes, dtype=np.int64) if data.label is not None else None,
-                      label_names=[str(c) for c in data.label.categories] if data.label is not None else None, genes=prep.genes)
+def _str_categorical(column: pd.Series) -> pd.Series:
+    """``column`` as a categorical with string categories (without one string object per cell)."""
+    column = column.astype("category")
+    return column.cat.rename_categories([str(c) for c in column.cat.categories])
+
+
+def _codes(obs: pd.DataFrame, key: str | None) -> tuple[np.ndarray, list[str]] | None:
+    if not key:
+        return None
+    column = _str_categorical(obs[key])
+    return column.cat.codes.to_numpy().astype(np.int64), list(column.cat.categories)
+
+
+def _split_data(X: Any, obs: pd.DataFrame, dataset: DatasetConfig, genes: np.ndarray, seed: int) -> SplitData:
+    """All cells of ``X`` with 10% held out (seeded) for early stopping; batch and label codes from ``obs``."""
+    train, val = train_test_split(np.arange(len(obs)), test_size=0.1, random_state=seed)
+    batch = _codes(obs, dataset.batch_key) or (np.zeros(len(obs), dtype=np.int64), ["all"])
+    label = _codes(obs, dataset.label_key)
+    return SplitData(X=X, train=np.sort(train), val=np.sort(val), batch=batch[0], batch_names=batch[1],
+                     label=label[0] if label else None, label_names=label[1] if label else None, genes=genes)
+
+
+def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, hvg_cells: int = 50_000, chunk_size: int = 100_000) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray]:
+    """A source streaming ``dataset`` from disk (normalised per chunk when it holds counts), its obs and genes.
+
+    The file is validated in chunks; highly variable genes are chosen on ``hvg_cells`` random
+    cells read in one pass over the file. Only ``obs`` is held in memory.
+    """
+    if dataset.filter:
+        raise InputError(f"{dataset.path}: `filter` is not supported when streaming; subset the file first")
+    adata = read_h5ad(dataset.path, backed=True)
+    validate(adata, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, require_counts=dataset.input == "counts")
+    obs, var_names = adata.obs.copy(), adata.var_names.to_numpy()
+    adata.file.close()
+    source = AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts")
+    n = len(obs)
+    if not n_top_genes or n_top_genes >= source.shape[1]:
+        return source, obs, var_names
+    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, hvg_cells), replace=False))
+    parts = [source.read(a, min(a + chunk_size, n))[sample[(sample >= a) & (sample < a + chunk_size)] - a] for a in range(0, n, chunk_size)]
+    sampled = sp.vstack(parts).tocsr()
+    genes = highly_variable_genes(sampled, np.arange(sampled.shape[0]), n_top_genes)
+    return AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts", genes=genes), obs, var_names[genes]
+
+
+def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, n_top_genes: int | None = 2000, seed: int = 0,
+                stream: bool = False) -> tuple[ad.AnnData, str]:
+    """Fit a factor model on all cells (10% held out for early stopping); return the results-only AnnData and its key.
+
+    With ``stream``, the matrix is never loaded: it is read from the file in chunks of
+    ``training.chunk_size`` cells (default 100,000) for gene selection, training and embedding.
+    """
+    if stream:
+        training = training.model_copy(update={"chunk_size": training.chunk_size or 100_000})
+        X, obs, genes = streamed_source(dataset, n_top_genes, seed, chunk_size=training.chunk_size)
+    else:
+        data = load_dataset(dataset)
+        obs = data.obs
+        rows = np.arange(data.n_cells)
+        train, _ = train_test_split(rows, test_size=0.1, random_state=seed)
+        prep = preprocess_split(data.lognorm, data.var_names, np.sort(train), n_top_genes, "none")
+        X, genes = prep.X, prep.genes
+    sdata = _split_data(X, obs, dataset, genes, seed)
     entry = parse_model_config(model)
     fitted = build_model(entry, training.to_train_config(seed, progress=False))
     fitted.fit(sdata)
     key = f"{entry.type}_k{entry.rank}"  # type: ignore[attr-defined]
-    obs = pd.DataFrame(index=data.obs.index)
-    for column in (dataset.label_key, dataset.batch_key):
-        if column:
-            obs[column] = data.obs[column].astype(str).to_numpy()
-    out = ad.AnnData(obs=obs, var=pd.DataFrame(index=prep.genes))
-    out.obsm[f"H_{key}"] = fitted.embed(sdata, rows)
+    out = ad.AnnData(obs=pd.DataFrame({c: _str_categorical(obs[c]).to_numpy() for c in (dataset.label_key, dataset.batch_key) if c}, index=obs.index),
+                     var=pd.DataFrame(index=genes))
+    out.obsm[f"H_{key}"] = fitted.embed(sdata, np.arange(len(obs)))
     out.varm[f"W_{key}"] = fitted.loadings()
-    out.uns["scatlas_factors"] = {"model": entry.model_dump(mode="json"), "data": str(dataset.path)}
+    out.uns["scatlas_factors"] = {"model": entry.model_dump(mode="json"), "data": str(dataset.path), "streamed": stream}
     return out, key
 
 
@@ -74,10 +127,11 @@ def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int =
     return tables
 
 
-def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, out: str | Path, n_top_genes: int | None = 2000, benchmark_seeds: int = 10, log: Log = print) -> dict[str, pd.DataFrame]:
+def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, out: str | Path, n_top_genes: int | None = 2000, benchmark_seeds: int = 10,
+                log: Log = print, stream: bool = False) -> dict[str, pd.DataFrame]:
     """Fit, write ``out`` (.h5ad), ``<out>_loadings.csv`` and ``<out>_benchmark_by_<key>.csv``; return the benchmark tables."""
     out = Path(out)
-    adata, key = fit_factors(dataset, model, training, n_top_genes)
+    adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream)
     H, W = adata.obsm[f"H_{key}"], adata.varm[f"W_{key}"]
     log(f"{key}: H {H.shape} (min {H.min():.3g}), W {W.shape} (min {W.min():.3g})")
     tables: dict[str, pd.DataFrame] = {}

@@ -1,22 +1,25 @@
 """Data layer: read and validate AnnData, preprocess, split, and stream minibatches."""
 
-from scatlas.data.io import get_matrix, read_h5ad, to_csr
-from scatlas.data.loaders import CSRLoader, densify, gather_rows
+from scatlas.data.io import get_matrix, read_h5ad, to_csr, write_chunked_h5ad
+from scatlas.data.loaders import CSRLoader, densify
 from scatlas.data.preprocess import GeneScaler, Preprocessed, highly_variable_genes, normalize_log1p, preprocess_split
+from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR
 from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
 from scatlas.data.validate import validate
 
 __all__ = [
+    "AnnDataCSRSource",
     "CSRLoader",
+    "CSRSource",
     "GeneScaler",
     "Preprocessed",
     "Split",
     "assignment_table",
     "densify",
-    "gather_rows",
     "get_matrix",
     "group_splits",
     "highly_variable_genes",
+    "InMemoryCSR",
     "kfold_splits",
     "normalize_log1p",
     "preprocess_split",
@@ -24,4 +27,5 @@ __all__ = [
     "study_splits",
     "to_csr",
     "validate",
+    "write_chunked_h5ad",
 ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
@@ -69,3 +71,52 @@ def to_csr(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
     if sp.issparse(matrix):
         return sp.csr_matrix(matrix, dtype=np.float32)
     return sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+
+
+def write_chunked_h5ad(path: str | os.PathLike[str], chunks: Iterable[sp.csr_matrix], obs: pd.DataFrame, var: pd.DataFrame) -> Path:
+    """Write an ``.h5ad`` whose CSR ``X`` arrives in row chunks, never holding the whole matrix.
+
+    The result is an ordinary AnnData file (readable by ``anndata.read_h5ad``, backed or not)
+    and the streaming format of :class:`~scatlas.data.AnnDataCSRSource`. Written to a temporary
+    file and renamed into place.
+
+    Parameters
+    ----------
+    path
+        Output ``.h5ad``.
+    chunks
+        Consecutive row blocks of X (CSR, same number of columns), ``len(obs)`` rows in total.
+    obs, var
+        Cell and gene tables (string indices).
+    """
+    import h5py
+
+    from scatlas._io import atomic_path
+
+    def plain(frame: pd.DataFrame) -> pd.DataFrame:  # object-dtype strings: readable by every anndata version
+        out = frame.copy()
+        out.index = pd.Index(frame.index.astype(str).to_numpy(dtype=object), dtype=object)
+        return out
+
+    with atomic_path(path) as tmp:
+        ad.AnnData(obs=plain(obs), var=plain(var)).write_h5ad(tmp)
+        with h5py.File(tmp, "a") as f:
+            group = f.create_group("X")
+            group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([len(obs), len(var)])})
+            data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 20,))
+            indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+            indptr, rows = [np.zeros(1, dtype=np.int64)], 0
+            for chunk in chunks:
+                chunk = sp.csr_matrix(chunk, dtype=np.float32)
+                if chunk.shape[1] != len(var):
+                    raise InputError(f"{path}: a chunk has {chunk.shape[1]} columns, var has {len(var)}")
+                lo = data.shape[0]
+                data.resize((lo + chunk.nnz,))
+                indices.resize((lo + chunk.nnz,))
+                data[lo:], indices[lo:] = chunk.data, chunk.indices
+                indptr.append(lo + chunk.indptr[1:].astype(np.int64))
+                rows += chunk.shape[0]
+            if rows != len(obs):
+                raise InputError(f"{path}: the chunks hold {rows} rows, obs has {len(obs)}")
+            group.create_dataset("indptr", data=np.concatenate(indptr))
+    return Path(path)

@@ -67,6 +67,9 @@ class TrainingConfig(_Strict):
     patience: int = Field(10, ge=0)
     accelerator: str = "auto"
     devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    chunk_size: int | None = Field(None, ge=1)
 
     def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:
         """The engine's dataclass (``extra``: engine fields such as ``monitor``)."""

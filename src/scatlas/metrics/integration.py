@@ -1,7 +1,8 @@
 """Integration metrics on one shared kNN graph, with scib-metrics' definitions.
 
-* :func:`knn` — exact kNN (scikit-learn), self included as the first neighbour; pass the same
-  result to every graph metric (or your own precomputed one).
+* :func:`knn` — kNN (exact brute force in torch on a GPU; scikit-learn or pynndescent on a CPU),
+  self included as the first neighbour; pass the same result to every graph metric (or your own
+  precomputed one).
 * :func:`lisi` — local inverse Simpson index per cell (Korsunsky et al. 2019): a Gaussian kernel
   on kNN distances calibrated per cell to ``perplexity`` (binary search on the entropy, 50 steps,
   tol 1e-5, self excluded), then ``1 / Σ_label p_label²``. :func:`ilisi` / :func:`clisi`: the
@@ -14,12 +15,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
+
+from scatlas.metrics._device import metric_device
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,55 @@ class Neighbors:
         return sp.csr_matrix((self.distances.ravel(), self.indices.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
 
 
-def knn(X: np.ndarray, k: int = 90) -> Neighbors:
-    """Exact Euclidean kNN with the cell itself as first neighbour."""
-    nn = NearestNeighbors(n_neighbors=min(k, len(X))).fit(X)
-    distances, indices = nn.kneighbors(X)
+def knn(X: np.ndarray, k: int = 90, method: Literal["auto", "brute", "sklearn", "pynndescent"] = "auto",
+        device: str | torch.device | None = None, chunk_size: int = 4096) -> Neighbors:
+    """Euclidean kNN of every cell, the cell itself as first neighbour.
+
+    Parameters
+    ----------
+    X
+        Cells × dims embedding.
+    k
+        Neighbours per cell (self included).
+    method
+        ``brute``: exact, chunked matrix products + top-k in torch (GPU when present);
+        ``sklearn``: exact, scikit-learn ``NearestNeighbors``; ``pynndescent``: approximate
+        (NN-descent), for large data on a CPU. ``auto``: ``brute`` on a GPU, else ``sklearn`` up
+        to 100,000 cells and ``pynndescent`` above.
+    device
+        Torch device for ``brute`` (default: CUDA when available).
+    chunk_size
+        Query rows per matrix product in ``brute``.
+    """
+    k = min(k, len(X))
+    dev = metric_device(device)
+    if method == "auto":
+        method = "brute" if dev.type == "cuda" else "sklearn" if len(X) <= 100_000 else "pynndescent"
+    if method == "brute":
+        return _brute_knn(X, k, dev, chunk_size)
+    if method == "pynndescent":
+        from pynndescent import NNDescent
+
+        indices, distances = NNDescent(np.asarray(X, dtype=np.float32), n_neighbors=k, random_state=0).neighbor_graph
+        return Neighbors(indices.astype(np.int64), distances.astype(np.float64))
+    distances, indices = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X)
     return Neighbors(indices, distances)
+
+
+def _brute_knn(X: np.ndarray, k: int, device: torch.device, chunk_size: int) -> Neighbors:
+    """Exact kNN by chunked ``‖a‖² − 2ab + ‖b‖²`` and ``topk`` (float64 on CPU, float32 on a GPU)."""
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    Y = torch.as_tensor(np.asarray(X), dtype=dtype, device=device)
+    sq = Y.pow(2).sum(1)
+    indices, distances = [], []
+    for a in range(0, len(Y), chunk_size):
+        q = Y[a : a + chunk_size]
+        d2 = torch.addmm(sq[None, :], q, Y.T, alpha=-2).add_(sq[a : a + chunk_size, None])
+        d2[torch.arange(len(q), device=device), torch.arange(a, a + len(q), device=device)] = -1.0  # self first
+        best, idx = torch.topk(d2, k, dim=1, largest=False)
+        indices.append(idx.cpu())
+        distances.append(best.clamp_min_(0).sqrt_().cpu())
+    return Neighbors(torch.cat(indices).numpy().astype(np.int64), torch.cat(distances).double().numpy())
 
 
 def _calibrated_probabilities(distances: np.ndarray, mask: np.ndarray, perplexity: float, tol: float = 1e-5, max_tries: int = 50) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,8 @@ from torch import nn
 
 from scatlas._errors import ConfigError
 from scatlas.data.loaders import CSRLoader, densify
-from scatlas.train import FitResult, TrainConfig, TrainingPlan, fit
+from scatlas.data.sources import CSRSource
+from scatlas.train import FitResult, TrainConfig, TrainingPlan, fit, resolve_device
 
 
 @dataclass
@@ -33,7 +34,8 @@ class SplitData:
     Attributes
     ----------
     X
-        Cells × genes CSR of all cells (preprocessed for this split).
+        Cells × genes CSR of all cells (preprocessed for this split), or a
+        :class:`~scatlas.data.sources.CSRSource` streamed from disk.
     train, val
         Row indices used for fitting and early stopping.
     batch
@@ -50,7 +52,7 @@ class SplitData:
         Gene names of ``X``'s columns.
     """
 
-    X: sp.csr_matrix
+    X: sp.csr_matrix | CSRSource
     train: np.ndarray
     val: np.ndarray
     batch: np.ndarray
@@ -227,15 +229,9 @@ class NeuralModel(EmbeddingModel):
 
     def loader(self, data: SplitData, rows: np.ndarray, shuffle: bool) -> CSRLoader:
         """A minibatch loader over ``rows`` of this split."""
-        return CSRLoader(
-            data.X,
-            rows,
-            batch_size=self.train_config.batch_size,
-            shuffle=shuffle,
-            covariates=self.covariates(data),
-            seed=self.train_config.seed,
-            drop_last=shuffle,
-        )
+        cfg = self.train_config
+        return CSRLoader(data.X, rows, batch_size=cfg.batch_size, shuffle=shuffle, covariates=self.covariates(data), seed=cfg.seed,
+                         drop_last=shuffle, chunk_size=cfg.chunk_size, device=resolve_device(cfg.accelerator))
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
         """Train with the shared engine; returns the epoch history."""
@@ -253,8 +249,9 @@ class NeuralModel(EmbeddingModel):
         plan = self.plan.eval()
         device = next(plan.parameters()).device
         outputs = []
-        for batch in CSRLoader(data.X, rows, batch_size=max(self.train_config.batch_size, 1024), covariates=self.covariates(data), prefetch=0):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loader = CSRLoader(data.X, rows, batch_size=max(self.train_config.batch_size, 1024), covariates=self.covariates(data),
+                           chunk_size=self.train_config.chunk_size, device=device)
+        for batch in loader:
             batch["x"] = densify(batch)
             outputs.append(getattr(plan.module, method)(batch, **kwargs).float().cpu().numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)

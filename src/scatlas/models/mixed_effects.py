@@ -34,7 +34,7 @@ from scatlas.models.autoencoder import AE, AEConfig, AutoencoderModule
 from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register
 from scatlas.nn.blocks import ACTIVATIONS, DenseStack
 from scatlas.nn.variational import RandomEffectBlock, grad_reverse
-from scatlas.train import TrainingPlan
+from scatlas.train import TrainingPlan, adam
 
 
 class FixedEffectsModule(AutoencoderModule):
@@ -124,7 +124,7 @@ class AdversarialPlan(TrainingPlan):
         self.automatic_optimization = mode == "reversal"
 
     def _adam(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return adam(params, self.lr, self.weight_decay, decoupled=False)
 
     def configure_optimizers(self) -> Any:
         """One optimiser (reversal) or [autoencoder, adversary] (alternating)."""

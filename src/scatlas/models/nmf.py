@@ -15,11 +15,13 @@ Inputs must be non-negative (log-normalised values; ``scale: standard`` is refus
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from pydantic import Field
 from sklearn.decomposition import NMF as SkNMF
@@ -34,7 +36,9 @@ from scatlas.train import TrainingPlan
 
 
 def _check_nonnegative(data: SplitData, model: str) -> None:
-    if data.X.data.size and data.X.data.min() < 0:
+    """Refuse negative inputs (a streamed source is checked on its first 10,000 cells)."""
+    X = data.X if sp.issparse(data.X) else data.X.read(0, min(10_000, data.X.shape[0]))
+    if X.data.size and X.data.min() < 0:
         raise InputError(f"{model}: needs non-negative input (log-normalised values); do not use `scale: standard`")
 
 
@@ -49,7 +53,11 @@ class NMFConfig(ModelConfig):
 
 @register("nmf")
 class NMF(EmbeddingModel):
-    """scikit-learn NMF (init nndsvda, coordinate descent) or MiniBatchNMF, fitted on the training cells."""
+    """scikit-learn NMF (init nndsvda, coordinate descent) or MiniBatchNMF, fitted on the training cells.
+
+    A streamed source (data too large for memory) always uses MiniBatchNMF, fed chunk by chunk
+    with ``partial_fit``.
+    """
 
     Config = NMFConfig
     latent_name = "H"
@@ -59,16 +67,32 @@ class NMF(EmbeddingModel):
         _check_nonnegative(data, "nmf")
         cfg: NMFConfig = self.config  # type: ignore[assignment]
         seed = self.train_config.seed
-        if cfg.minibatch:
-            self.nmf = MiniBatchNMF(cfg.rank, init="nndsvda", max_iter=cfg.max_iter, random_state=seed)
-        else:
+        if sp.issparse(data.X) and not cfg.minibatch:
             self.nmf = SkNMF(cfg.rank, init="nndsvda", solver="cd", max_iter=cfg.max_iter, random_state=seed)
-        self.nmf.fit(data.X[data.train])
+            self.nmf.fit(data.X[data.train])
+            return None
+        self.nmf = MiniBatchNMF(cfg.rank, init="nndsvda", max_iter=cfg.max_iter, random_state=seed)
+        if sp.issparse(data.X):
+            self.nmf.fit(data.X[data.train])
+            return None
+        for _ in range(cfg.max_iter):  # streamed: one partial_fit per chunk, max_iter passes over the file
+            for chunk in self._chunks(data, data.train):
+                self.nmf.partial_fit(chunk)
         return None
+
+    def _chunks(self, data: SplitData, rows: np.ndarray) -> Iterator[sp.csr_matrix]:
+        """The cells ``rows`` of a streamed source, ``chunk_size`` at a time (read in file order)."""
+        size = self.train_config.chunk_size or 100_000
+        for a in range(0, len(rows), size):
+            part = rows[a : a + size]
+            lo = int(part.min())
+            yield data.X.read(lo, int(part.max()) + 1)[part - lo]
 
     def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """H of the cells (non-negative least squares against W)."""
-        return self.nmf.transform(data.X[rows]).astype(np.float32)
+        if sp.issparse(data.X):
+            return self.nmf.transform(data.X[rows]).astype(np.float32)
+        return np.concatenate([self.nmf.transform(chunk) for chunk in self._chunks(data, rows)]).astype(np.float32)
 
     def reconstruct(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """H W."""
@@ -79,10 +103,16 @@ class NMF(EmbeddingModel):
         return self.nmf.components_.T.astype(np.float32)
 
 
-def nonnegative_orthogonal_init(rank: int, n_genes: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A K × genes non-negative matrix with near-orthogonal unit rows (|Q|ᵀ of a random QR)."""
-    q, _ = torch.linalg.qr(torch.rand(n_genes, rank, generator=generator))
-    w = q.T.abs()
+def nonnegative_orthogonal_init(rank: int, n_genes: int, generator: torch.Generator | None = None, noise: float = 0.01) -> torch.Tensor:
+    """A K × genes non-negative matrix with near-orthogonal unit rows.
+
+    The genes are dealt at random into K groups; row k is the indicator of group k plus
+    ``noise`` × uniform noise, normalised. Rows are orthogonal up to the noise, so ``Wᵀ W`` starts
+    as (nearly) a projection and the initial reconstruction never exceeds the input's norm.
+    """
+    group = torch.randperm(n_genes, generator=generator) % rank
+    w = noise * torch.rand(rank, n_genes, generator=generator)
+    w[group, torch.arange(n_genes)] += 1.0
     return w / w.norm(dim=1, keepdim=True)
 
 

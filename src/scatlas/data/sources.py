@@ -1,0 +1,141 @@
+"""Row-chunk sources of a cells × genes CSR matrix: in memory, or streamed from a backed ``.h5ad`` / ``.zarr``.
+
+A source hands out contiguous row ranges (:meth:`CSRSource.read`) as small SciPy CSR matrices,
+so a loader can walk a file far larger than memory one chunk at a time with flat host memory.
+On-disk sources read the ``indptr`` / ``indices`` / ``data`` arrays of AnnData's CSR encoding
+directly (h5py or zarr slices), never the whole matrix, and can normalise each chunk on the fly
+(:func:`scatlas.data.normalize_log1p`) and
+keep a subset of genes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+
+from scatlas._errors import InputError
+from scatlas.data.preprocess import normalize_log1p
+
+
+@runtime_checkable
+class CSRSource(Protocol):
+    """Anything that reads contiguous row ranges of a CSR matrix."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells, genes) after any gene subset."""
+        ...
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as float32 CSR."""
+        ...
+
+
+class InMemoryCSR:
+    """A SciPy CSR matrix held in memory, seen as a source.
+
+    Parameters
+    ----------
+    X
+        Cells × genes sparse (or dense) matrix; converted to float32 CSR once.
+    """
+
+    def __init__(self, X: Any) -> None:
+        self.X = sp.csr_matrix(X, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells, genes)."""
+        return self.X.shape
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` (the matrix itself, not a copy, when all rows are asked for)."""
+        return self.X if (start, stop) == (0, self.X.shape[0]) else self.X[start:stop]
+
+
+class AnnDataCSRSource:
+    """Stream the CSR ``X`` (or a layer) of an ``.h5ad`` file or ``.zarr`` store without loading it.
+
+    Parameters
+    ----------
+    path
+        ``.h5ad`` file or ``.zarr`` directory written by AnnData with a CSR matrix.
+    layer
+        Read ``layers/<layer>`` instead of ``X``.
+    normalize
+        Apply ``normalize_total(target_sum=1e4)`` + ``log1p`` to every chunk (for raw counts).
+    genes
+        Column indices to keep (e.g. highly variable genes), in the order given.
+
+    Notes
+    -----
+    The file is opened lazily in the process that reads (so the source can be pickled into
+    DDP worker processes) and kept open for later reads.
+    """
+
+    def __init__(self, path: str | Path, layer: str | None = None, normalize: bool = False, genes: np.ndarray | None = None) -> None:
+        self.path = Path(path)
+        self.layer = layer
+        self.normalize = normalize
+        self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
+        self._group: Any = None
+        group = self._open()
+        encoding = group.attrs.get("encoding-type", "") if hasattr(group, "attrs") else ""
+        if encoding != "csr_matrix":
+            where = f"layers/{layer}" if layer else "X"
+            raise InputError(f"{self.path}: {where} is stored as {encoding or 'a dense array'}; streaming needs a CSR matrix (write it with X as scipy.sparse.csr_matrix)")
+        n_rows, n_cols = (int(v) for v in group.attrs["shape"])
+        self._n_rows, self._n_genes_file = n_rows, n_cols
+        if self.genes is not None and (self.genes.min(initial=0) < 0 or self.genes.max(initial=-1) >= n_cols):
+            raise InputError(f"{self.path}: gene indices outside 0..{n_cols - 1}")
+
+    def _open(self) -> Any:
+        if self._group is not None:
+            return self._group
+        if not self.path.exists():
+            raise InputError(f"{self.path}: file not found")
+        key = f"layers/{self.layer}" if self.layer else "X"
+        if self.path.suffix == ".zarr" or self.path.is_dir():
+            import zarr
+
+            root = zarr.open_group(str(self.path), mode="r")
+        else:
+            import h5py
+
+            root = h5py.File(self.path, "r")
+        if key not in root:
+            raise InputError(f"{self.path}: no {key!r} in the file")
+        self._group = root[key]
+        return self._group
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_group"] = None
+        return state
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells, genes kept)."""
+        return self._n_rows, self._n_genes_file if self.genes is None else len(self.genes)
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as float32 CSR (normalised and gene-subset when asked)."""
+        group = self._open()
+        indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        indices = np.asarray(group["indices"][lo:hi])
+        data = np.asarray(group["data"][lo:hi], dtype=np.float32)
+        X = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self._n_genes_file))
+        if self.normalize:
+            X = normalize_log1p(X)
+        if self.genes is not None:
+            X = X[:, self.genes]
+        return X
+
+
+def as_source(X: Any) -> CSRSource:
+    """``X`` if it already is a source, else an :class:`InMemoryCSR` of it."""
+    return X if isinstance(X, CSRSource) and not sp.issparse(X) else InMemoryCSR(X)
