@@ -82,6 +82,10 @@ def test_streamed_h5ad_chunks_equal_in_memory(cellbench, tmp_path):
     scattered = np.random.default_rng(2).choice(counts.shape[0], 60, replace=False)  # unsorted, sparse: read in windows
     got = np.concatenate([densify(b).numpy() for b in CSRLoader(source, scattered, batch_size=25, chunk_size=30)])
     np.testing.assert_allclose(got, expected[scattered], rtol=1e-6)
+    zarr_path = tmp_path / "cells.zarr"
+    ad.AnnData(X=counts).write_zarr(zarr_path)
+    from_zarr = AnnDataCSRSource(zarr_path, normalize=True, genes=genes).read(100, 140).toarray()
+    np.testing.assert_allclose(from_zarr, expected[100:140], rtol=1e-6)
     with pytest.raises(InputError, match="layers/'?missing"):
         AnnDataCSRSource(path, layer="missing")
 
