@@ -36,6 +36,21 @@ def test_graph_metrics_match_scib_metrics(symphony):
     assert I.graph_connectivity(ours, labels) == pytest.approx(float(scib_metrics.graph_connectivity(ref, labels)), abs=1e-9)
 
 
+def test_kbet_matches_scib_metrics(symphony):
+    X, Z, labels, batch = symphony
+    ours = I.knn(Z, 50)
+    ref = NeighborsResults(indices=ours.indices, distances=ours.distances)
+    rate, stats, p_values = I.kbet(ours, batch)
+    ref_rate, ref_stats, ref_p = scib_metrics.kbet(ref, batch)
+    assert rate == pytest.approx(float(ref_rate), abs=1e-12)
+    np.testing.assert_allclose(stats, ref_stats, rtol=1e-4)
+    np.testing.assert_allclose(p_values, ref_p, rtol=1e-3, atol=1e-6)
+    per_label = I.kbet_per_label(ours, batch, labels)
+    assert per_label == pytest.approx(float(scib_metrics.kbet_per_label(ref, batch, labels)), abs=0.02)
+    shuffled = I.kbet_per_label(ours, np.random.default_rng(0).permutation(batch), labels)
+    assert shuffled > per_label  # Symphony's chemistries separate; random batches mix
+
+
 def test_bras_and_isolated_labels_match_scib_metrics(symphony):
     from scatlas.metrics import bras, isolated_labels, silhouette_samples
 

@@ -14,6 +14,7 @@ from scatlas import InputError
 from scatlas.data import (
     AnnDataCSRSource,
     CSRLoader,
+    SomaCSRSource,
     densify,
     group_splits,
     highly_variable_genes,
@@ -213,3 +214,21 @@ def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):
         load_dataset(cfg.model_copy(update={"layer": "counts"}))
     with pytest.raises(InputError, match="file not found"):
         load_dataset(cfg.model_copy(update={"path": tmp_path / "nope.h5ad"}))
+
+
+def test_soma_source_streams_like_the_h5ad(symphony_path, tmp_path):
+    import tiledbsoma.io
+
+    adata = ad.read_h5ad(symphony_path)
+    uri = tiledbsoma.io.from_anndata(str(tmp_path / "soma"), adata, measurement_name="RNA")
+    genes = np.array([0, 17, 400])
+    source = SomaCSRSource(uri, normalize=True, genes=genes)
+    assert source.shape == (adata.n_obs, 3)
+    expected = normalize_log1p(sp.csr_matrix(adata.X, dtype=np.float32))[:, genes].toarray()
+    rows = np.arange(adata.n_obs)
+    batches = list(CSRLoader(source, rows, batch_size=100, shuffle=True, chunk_size=256, seed=0))
+    got_rows = np.concatenate([b["row"].numpy() for b in batches])
+    np.testing.assert_allclose(np.concatenate([densify(b).numpy() for b in batches]), expected[got_rows], rtol=1e-6)
+    assert np.array_equal(np.sort(got_rows), rows)
+    with pytest.raises(InputError, match="no X layer"):
+        SomaCSRSource(uri, layer="missing")

@@ -3,7 +3,7 @@
 from scatlas.data.io import get_matrix, read_h5ad, to_csr, write_chunked_h5ad
 from scatlas.data.loaders import CSRLoader, densify
 from scatlas.data.preprocess import GeneScaler, Preprocessed, highly_variable_genes, normalize_log1p, preprocess_split
-from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR
+from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR, SomaCSRSource
 from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
 from scatlas.data.validate import validate
 
@@ -13,6 +13,7 @@ __all__ = [
     "CSRSource",
     "GeneScaler",
     "Preprocessed",
+    "SomaCSRSource",
     "Split",
     "assignment_table",
     "densify",

@@ -1,4 +1,4 @@
-"""Row-chunk sources of a cells × genes CSR matrix: in memory, or streamed from a backed ``.h5ad`` / ``.zarr``.
+"""Row-chunk sources of a cells × genes CSR matrix: in memory, or streamed from a backed ``.h5ad`` / ``.zarr`` or TileDB-SOMA.
 
 A source hands out contiguous row ranges (:meth:`CSRSource.read`) as small SciPy CSR matrices,
 so a loader can walk a file far larger than memory one chunk at a time with flat host memory.
@@ -129,6 +129,72 @@ class AnnDataCSRSource:
         indices = np.asarray(group["indices"][lo:hi])
         data = np.asarray(group["data"][lo:hi], dtype=np.float32)
         X = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self._n_genes_file))
+        if self.normalize:
+            X = normalize_log1p(X)
+        if self.genes is not None:
+            X = X[:, self.genes]
+        return X
+
+
+class SomaCSRSource:
+    """Stream a layer of a TileDB-SOMA experiment (e.g. a CELLxGENE Census export) in row chunks.
+
+    Needs the optional extra ``scatlas[soma]`` (``tiledbsoma``). Rows are ``soma_joinid`` values
+    0 .. n − 1 of ``obs`` (as written by ``tiledbsoma.io.from_anndata``), columns those of ``var``.
+
+    Parameters
+    ----------
+    uri
+        Experiment URI (local path or cloud URI).
+    measurement
+        Measurement name (``RNA``).
+    layer
+        ``X`` layer (``data``, ``raw``, ...).
+    normalize, genes
+        As for :class:`AnnDataCSRSource`.
+    """
+
+    def __init__(self, uri: str, measurement: str = "RNA", layer: str = "data", normalize: bool = False, genes: np.ndarray | None = None) -> None:
+        try:
+            import tiledbsoma
+        except ImportError as exc:
+            raise InputError("reading TileDB-SOMA needs the optional extra: pip install 'scatlas[soma]'") from exc
+        self.uri, self.measurement, self.layer, self.normalize = uri, measurement, layer, normalize
+        self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
+        self._array: Any = None
+        try:
+            with tiledbsoma.Experiment.open(uri) as exp:
+                if measurement not in exp.ms or layer not in exp.ms[measurement].X:
+                    raise InputError(f"{uri}: no X layer {measurement}/{layer!r} in the experiment")
+                self._n_rows, self._n_genes_file = int(exp.obs.count), int(exp.ms[measurement].var.count)
+                self._array_uri = exp.ms[measurement].X[layer].uri
+        except tiledbsoma.DoesNotExistError as exc:
+            raise InputError(f"{uri}: not a TileDB-SOMA experiment") from exc
+
+    def _open(self) -> Any:
+        if self._array is None:
+            import tiledbsoma
+
+            self._array = tiledbsoma.SparseNDArray.open(self._array_uri)
+        return self._array
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells, genes kept)."""
+        return self._n_rows, self._n_genes_file if self.genes is None else len(self.genes)
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` (joinids) as float32 CSR (normalised and gene-subset when asked)."""
+        table = self._open().read(coords=(slice(start, stop - 1),)).tables().concat()
+        rows = table.column("soma_dim_0").to_numpy() - start
+        cols = table.column("soma_dim_1").to_numpy()
+        data = table.column("soma_data").to_numpy().astype(np.float32)
+        X = sp.csr_matrix((data, (rows, cols)), shape=(stop - start, self._n_genes_file))
         if self.normalize:
             X = normalize_log1p(X)
         if self.genes is not None:
