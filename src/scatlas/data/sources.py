@@ -56,7 +56,34 @@ class InMemoryCSR:
         return self.X if (start, stop) == (0, self.X.shape[0]) else self.X[start:stop]
 
 
-class AnnDataCSRSource:
+class _OnDiskSource:
+    """What the on-disk sources share: a lazily opened handle (dropped when pickled), the shape
+    after the gene subset, and the per-chunk normalisation and gene subset."""
+
+    _handle: Any = None
+    _n_rows: int
+    _n_genes_file: int
+    normalize: bool
+    genes: np.ndarray | None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        return state
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells, genes kept)."""
+        return self._n_rows, self._n_genes_file if self.genes is None else len(self.genes)
+
+    def _finish(self, X: sp.csr_matrix) -> sp.csr_matrix:
+        """Normalise (when asked) and keep the chosen genes."""
+        if self.normalize:
+            X = normalize_log1p(X)
+        return X if self.genes is None else X[:, self.genes]
+
+
+class AnnDataCSRSource(_OnDiskSource):
     """Stream the CSR ``X`` (or a layer) of an ``.h5ad`` file or ``.zarr`` store without loading it.
 
     Parameters
@@ -81,7 +108,7 @@ class AnnDataCSRSource:
         self.layer = layer
         self.normalize = normalize
         self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
-        self._group: Any = None
+        self._handle = None
         group = self._open()
         encoding = group.attrs.get("encoding-type", "") if hasattr(group, "attrs") else ""
         if encoding != "csr_matrix":
@@ -93,8 +120,8 @@ class AnnDataCSRSource:
             raise InputError(f"{self.path}: gene indices outside 0..{n_cols - 1}")
 
     def _open(self) -> Any:
-        if self._group is not None:
-            return self._group
+        if self._handle is not None:
+            return self._handle
         if not self.path.exists():
             raise InputError(f"{self.path}: file not found")
         key = f"layers/{self.layer}" if self.layer else "X"
@@ -108,18 +135,8 @@ class AnnDataCSRSource:
             root = h5py.File(self.path, "r")
         if key not in root:
             raise InputError(f"{self.path}: no {key!r} in the file")
-        self._group = root[key]
-        return self._group
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_group"] = None
-        return state
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(cells, genes kept)."""
-        return self._n_rows, self._n_genes_file if self.genes is None else len(self.genes)
+        self._handle = root[key]
+        return self._handle
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` as float32 CSR (normalised and gene-subset when asked)."""
@@ -129,14 +146,10 @@ class AnnDataCSRSource:
         indices = np.asarray(group["indices"][lo:hi])
         data = np.asarray(group["data"][lo:hi], dtype=np.float32)
         X = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self._n_genes_file))
-        if self.normalize:
-            X = normalize_log1p(X)
-        if self.genes is not None:
-            X = X[:, self.genes]
-        return X
+        return self._finish(X)
 
 
-class SomaCSRSource:
+class SomaCSRSource(_OnDiskSource):
     """Stream a layer of a TileDB-SOMA experiment (e.g. a CELLxGENE Census export) in row chunks.
 
     Needs the optional extra ``scatlas[soma]`` (``tiledbsoma``). Rows are ``soma_joinid`` values
@@ -161,7 +174,7 @@ class SomaCSRSource:
             raise InputError("reading TileDB-SOMA needs the optional extra: pip install 'scatlas[soma]'") from exc
         self.uri, self.measurement, self.layer, self.normalize = uri, measurement, layer, normalize
         self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
-        self._array: Any = None
+        self._handle = None
         try:
             with tiledbsoma.Experiment.open(uri) as exp:
                 if measurement not in exp.ms or layer not in exp.ms[measurement].X:
@@ -172,21 +185,11 @@ class SomaCSRSource:
             raise InputError(f"{uri}: not a TileDB-SOMA experiment") from exc
 
     def _open(self) -> Any:
-        if self._array is None:
+        if self._handle is None:
             import tiledbsoma
 
-            self._array = tiledbsoma.SparseNDArray.open(self._array_uri)
-        return self._array
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_array"] = None
-        return state
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(cells, genes kept)."""
-        return self._n_rows, self._n_genes_file if self.genes is None else len(self.genes)
+            self._handle = tiledbsoma.SparseNDArray.open(self._array_uri)
+        return self._handle
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` (joinids) as float32 CSR (normalised and gene-subset when asked)."""
@@ -195,11 +198,7 @@ class SomaCSRSource:
         cols = table.column("soma_dim_1").to_numpy()
         data = table.column("soma_data").to_numpy().astype(np.float32)
         X = sp.csr_matrix((data, (rows, cols)), shape=(stop - start, self._n_genes_file))
-        if self.normalize:
-            X = normalize_log1p(X)
-        if self.genes is not None:
-            X = X[:, self.genes]
-        return X
+        return self._finish(X)
 
 
 def as_source(X: Any) -> CSRSource:
