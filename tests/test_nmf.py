@@ -186,3 +186,30 @@ def test_streamed_nmf_keeps_host_memory_flat(tmp_path):
     H = result.obsm["H_aenmf_k8"]
     assert H.shape == (400_000, 8) and (H >= 0).all() and result.uns["scatlas_factors"]["streamed"]
     assert result.varm["W_aenmf_k8"].shape == (300, 8)
+
+
+def test_symphony_conditioning_removes_chemistry_and_keeps_cell_types(symphony_path):
+    """Issue acceptance on Symphony (batch = chemistry): cond_aenmf's H_shared has lower batch NMI and
+    batch ASW than aenmf's, and its cell-type ARI does not drop by more than 0.05."""
+    from sklearn.metrics import silhouette_score
+
+    from scatlas.data.dataset import DatasetConfig
+    from scatlas.experiment.config import TrainingConfig
+    from scatlas.factors import fit_factors
+    from scatlas.metrics.clustering import leiden_agreement
+
+    dataset = DatasetConfig(name="sym", path=symphony_path, batch_key="batch", label_key="cell_type")
+    training = TrainingConfig(max_epochs=100, batch_size=64, lr=1e-2, patience=10)
+    scores = {}
+    for model in ("aenmf", "cond_aenmf"):
+        adata, key = fit_factors(dataset, {"type": model, "rank": 20}, training, 2000)
+        H = adata.obsm[f"H_{key}"]
+        Z = (H - H.mean(0)) / (H.std(0) + 1e-8)
+        cell_type, batch = adata.obs["cell_type"].to_numpy(), adata.obs["batch"].to_numpy()
+        leiden = leiden_agreement(H, {"cell_type": cell_type, "batch": batch}, resolution=0.8, n_neighbors=25, seeds=range(3))
+        mean = leiden.groupby("target")[["ari", "nmi"]].mean()
+        scores[model] = {"ari": mean.loc["cell_type", "ari"], "batch_nmi": mean.loc["batch", "nmi"], "batch_asw": silhouette_score(Z, batch)}
+    plain, cond = scores["aenmf"], scores["cond_aenmf"]
+    assert cond["batch_nmi"] < plain["batch_nmi"] - 0.1, scores
+    assert cond["batch_asw"] < plain["batch_asw"], scores
+    assert cond["ari"] > plain["ari"] - 0.05, scores
