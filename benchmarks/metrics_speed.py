@@ -53,6 +53,8 @@ def main() -> None:
                      lambda: scib_metrics.kbet_per_label(ref.subset_neighbors(50), batch, labels)),
             "Graph connectivity": (lambda: I.graph_connectivity(graph, labels), lambda: scib_metrics.graph_connectivity(ref, labels)),
             "PCR comparison": (lambda: I.pcr_comparison(X[:, :500], Z, batch), lambda: scib_metrics.pcr_comparison(X[:, :500], Z, batch, categorical=True)),
+            "Leiden NMI/ARI (sweep)": (lambda: I.leiden_sweep(I.Neighbors(graph.indices[:, :15], graph.distances[:, :15]), labels),
+                                       lambda: scib_metrics.nmi_ari_cluster_labels_leiden(ref.subset_neighbors(15), labels, optimize_resolution=True)),
             "KMeans NMI/ARI": (lambda: kmeans_ari_nmi(Z, labels), lambda: scib_metrics.nmi_ari_cluster_labels_kmeans(Z, labels)),
         }
         print(f"\n{n:,} cells × 30 dims, 40 donors, 4 cell types")

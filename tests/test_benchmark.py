@@ -36,6 +36,16 @@ def test_graph_metrics_match_scib_metrics(symphony):
     assert I.graph_connectivity(ours, labels) == pytest.approx(float(scib_metrics.graph_connectivity(ref, labels)), abs=1e-9)
 
 
+def test_leiden_sweep_matches_scib_metrics(symphony):
+    X, Z, labels, batch = symphony
+    ours = I.knn(Z, 15)
+    ref = NeighborsResults(indices=ours.indices, distances=ours.distances)
+    sweep = I.leiden_sweep(ours, labels)
+    expected = scib_metrics.nmi_ari_cluster_labels_leiden(ref, labels, optimize_resolution=True)
+    assert sweep["leiden_nmi"] == pytest.approx(float(expected["nmi"]), abs=1e-9)
+    assert sweep["leiden_ari"] == pytest.approx(float(expected["ari"]), abs=1e-9)
+
+
 def test_kbet_matches_scib_metrics(symphony):
     X, Z, labels, batch = symphony
     ours = I.knn(Z, 50)

@@ -6,7 +6,9 @@ Columns follow scib-metrics' Benchmarker names; ``Bio conservation`` and ``Batch
 average the available metrics of each group, ``Total = 0.6 · bio + 0.4 · batch``.
 Bio: Isolated labels, KMeans NMI / ARI, Silhouette label, cLISI; batch: BRAS, iLISI, KBET, Graph
 connectivity, PCR comparison (scib-metrics' defaults, with BRAS in place of Silhouette batch,
-which is reported beside them but not aggregated).
+which is reported beside them but not aggregated). ``Leiden NMI`` / ``Leiden ARI`` (resolution
+sweep, off by default in scib-metrics' Benchmarker) are reported with their chosen resolution,
+not aggregated.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from scatlas.data.io import get_matrix, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.validate import check_obs_keys
 from scatlas.metrics.clustering import kmeans_ari_nmi
-from scatlas.metrics.integration import Neighbors, clisi, graph_connectivity, ilisi, kbet_per_label, knn, pcr_comparison
+from scatlas.metrics.integration import Neighbors, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
 from scatlas.metrics.silhouette import bras, isolated_labels, silhouette_batch, silhouette_label
 
 BIO = ["Isolated labels", "KMeans NMI", "KMeans ARI", "Silhouette label", "cLISI"]
@@ -78,6 +80,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
             "cLISI": clisi(graph, labels),
             "KMeans NMI": km["kmeans_nmi"],
             "KMeans ARI": km["kmeans_ari"],
+            **leiden_columns(graph, labels),
             "Silhouette batch": silhouette_batch(Z, labels, batch),
             "BRAS": bras(Z, labels, batch),
             "iLISI": ilisi(graph, batch),
@@ -92,6 +95,12 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     return pd.DataFrame(rows)
 
 
+def leiden_columns(graph: Neighbors, labels: np.ndarray) -> dict[str, float]:
+    """scib-metrics' ``Leiden NMI`` / ``Leiden ARI`` (best-NMI resolution of 0.2 … 2.0) on the graph's first 15 neighbours."""
+    sweep = leiden_sweep(Neighbors(graph.indices[:, :15], graph.distances[:, :15]), labels)
+    return {"Leiden NMI": sweep["leiden_nmi"], "Leiden ARI": sweep["leiden_ari"], "Leiden resolution": sweep["leiden_resolution"]}
+
+
 def write_benchmark(table: pd.DataFrame, out: str | Path, title: str) -> Path:
     """``benchmark.csv``, ``benchmark.png`` (metric × embedding heat table) and ``report.html`` in ``out``."""
     import matplotlib.pyplot as plt
@@ -101,7 +110,7 @@ def write_benchmark(table: pd.DataFrame, out: str | Path, title: str) -> Path:
 
     out = Path(out)
     write_csv(table, out / "benchmark.csv")
-    values = table.set_index("Embedding")[[*BIO, *BATCH, "Silhouette batch", "Bio conservation", "Batch correction", "Total"]]
+    values = table.set_index("Embedding")[[*BIO, "Leiden NMI", "Leiden ARI", *BATCH, "Silhouette batch", "Bio conservation", "Batch correction", "Total"]]
     fig, ax = plt.subplots(figsize=(1.1 * values.shape[1] + 2, 0.6 * len(values) + 1.5))
     ax.imshow(values.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for i in range(values.shape[0]):

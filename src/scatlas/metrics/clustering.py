@@ -43,26 +43,16 @@ def leiden_ari_nmi(
 ) -> dict[str, float]:
     """ARI and NMI of Leiden clusterings over a resolution sweep; the resolution with the best NMI wins (scib).
 
-    A kNN graph (scanpy ``neighbors``, Euclidean, UMAP connectivities) is built once and
-    clustered with ``igraph``'s Leiden at each resolution.
+    An exact kNN graph (``n_neighbors``, UMAP connectivities) is built once and clustered by
+    :func:`scatlas.metrics.integration.leiden_sweep` at each resolution.
 
     Returns
     -------
     ``{"leiden_ari": ..., "leiden_nmi": ..., "leiden_resolution": ...}``
     """
-    import anndata as ad
-    import scanpy as sc
+    from scatlas.metrics.integration import knn, leiden_sweep
 
-    tmp = ad.AnnData(np.asarray(X, dtype=np.float32))
-    sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X", random_state=seed)
-    best = {"leiden_ari": float("nan"), "leiden_nmi": -1.0, "leiden_resolution": float("nan")}
-    for res in resolutions:
-        sc.tl.leiden(tmp, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, directed=False, key_added="c")
-        clusters = tmp.obs["c"].to_numpy()
-        nmi = normalized_mutual_info_score(labels, clusters)
-        if nmi > best["leiden_nmi"]:
-            best = {"leiden_ari": float(adjusted_rand_score(labels, clusters)), "leiden_nmi": float(nmi), "leiden_resolution": float(res)}
-    return best
+    return leiden_sweep(knn(np.asarray(X, dtype=np.float64), n_neighbors), labels, resolutions, seed)
 
 
 def leiden_agreement(
