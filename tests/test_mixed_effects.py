@@ -147,6 +147,18 @@ def test_mixed_run_layout_and_mec(tmp_path, cellbench3_path):
         assert {"ci_low", "ci_high"} <= set(test.columns)
         preds = pd.read_csv(run / "splits_1" / "y_pred_test.csv")
         assert list(preds.columns) == ["cell_id", "y_true", "rf", "svm", "ffn", "dummy"]
+    # genomaps of inputs, reconstructions and RE counterfactuals in `scatlas compare`
+    labels = sorted(set(pd.read_csv(split / "obs_test.csv")["label"].astype(str)))[:2]
+    args = ["compare", str(tmp_path), "--no-umaps", "--genomaps", *sum((["--genomap-label", lab] for lab in labels), [])]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    compared = tmp_path / "cellbench_3cl_platforms_outputs" / "compare_models" / "kfold" / "run1"
+    layout = pd.read_csv(compared / "genomap_layout.csv")
+    assert layout[["row", "col"]].drop_duplicates().shape[0] == len(layout)  # one gene per pixel
+    assert (compared / "genomaps_scMEDAL-RE.png").exists() and (compared / "genomaps_scMEDAL-FE.png").exists()
+    assert "genomaps_scMEDAL-RE" in (compared / "report.html").read_text()
+    bad = CliRunner().invoke(app, ["compare", str(tmp_path), "--no-umaps", "--genomaps", "--genomap-label", "no such cell"])
+    assert bad.exit_code == 2 and "no such cell" in bad.output
 
 
 def test_mec_reference_must_come_first(tmp_path, cellbench3_path):

@@ -403,12 +403,14 @@ def benchmark_command(
 def compare(
     output_dir: Annotated[Path, typer.Argument(help="Root of `scatlas run` outputs (holds <dataset>_outputs/).")] = Path("outputs"),
     umaps: Annotated[bool, typer.Option(help="Side-by-side UMAPs of the models' test latents.")] = True,
+    genomaps: Annotated[bool, typer.Option("--genomaps", help="Genomaps of inputs, reconstructions and RE counterfactuals (split 1).")] = False,
+    genomap_label: Annotated[list[str] | None, typer.Option(help="Label whose cells' genomaps are drawn (repeatable; default: the 3 most frequent).")] = None,
 ) -> None:
     """Compare every model of each dataset / scenario / run found under OUTPUT_DIR (tables, UMAPs, report)."""
     from scatlas.experiment.compare import compare_runs, discover
 
     for (dataset, scenario, run), layouts in discover(output_dir).items():
-        out = compare_runs(layouts, umaps=umaps)
+        out = compare_runs(layouts, umaps=umaps, genomaps=genomaps, genomap_labels=genomap_label)
         console.print(f"{dataset} / {scenario} / {run}: {len(layouts)} models -> {out}/report.html", soft_wrap=True)
 
 

@@ -79,8 +79,42 @@ def _umaps(layouts: list[RunLayout], out: Path) -> Path | None:
     return save_figure(fig, out / "umap_models.png")
 
 
-def compare_runs(layouts: list[RunLayout], umaps: bool = True) -> Path | None:
-    """Write the comparison of ``layouts`` (models of one dataset / scenario / run); return its directory."""
+def _genomaps(layouts: list[RunLayout], out: Path, labels: list[str] | None, n_labels: int = 3) -> list[Path]:
+    """Genomaps of mean test profiles per chosen label: input, reconstruction and counterfactuals, one figure per model (split 1)."""
+    from scatlas.experiment.runner import safe_name
+    from scatlas.plot.genomap import genomap_figure, genomap_layout
+
+    usable = [lay for lay in layouts if all((lay.split_dir(1) / f).exists() for f in ("input_test.npy", "recon_test.npy", "obs_test.csv"))]
+    if not usable or "label" not in pd.read_csv(usable[0].split_dir(1) / "obs_test.csv", nrows=1):
+        return []
+    first = usable[0].split_dir(1)
+    observed = pd.read_csv(first / "obs_test.csv")["label"].astype(str)
+    chosen = labels or list(observed.value_counts().index[:n_labels])
+    missing = sorted(set(chosen) - set(observed))
+    if missing:
+        raise InputError(f"genomap labels {missing} not among the test cells' labels {sorted(set(observed))}")
+    layout = genomap_layout(np.load(first / "input_test.npy"))
+    write_csv(pd.DataFrame({"gene_index": layout.genes, "row": layout.pixel // layout.side, "col": layout.pixel % layout.side}), out / "genomap_layout.csv")
+    figures = []
+    for lay in usable:
+        split = lay.split_dir(1)
+        label = pd.read_csv(split / "obs_test.csv")["label"].astype(str).to_numpy()
+        profiles = {"input": np.load(split / "input_test.npy"), "reconstruction": np.load(split / "recon_test.npy")}
+        if (split / "counterfactual_batches_test.csv").exists():
+            for row in pd.read_csv(split / "counterfactual_batches_test.csv").itertuples():
+                profiles[f"as if {row.batch}"] = np.load(split / row.file)
+        panels = {t: {name: values[label == t].mean(0) for name, values in profiles.items()} for t in chosen}
+        figures.append(genomap_figure(panels, layout, out / f"genomaps_{safe_name(lay.model)}.png", f"{lay.model}: mean test profiles (split 1)"))
+    return figures
+
+
+def compare_runs(layouts: list[RunLayout], umaps: bool = True, genomaps: bool = False, genomap_labels: list[str] | None = None) -> Path | None:
+    """Write the comparison of ``layouts`` (models of one dataset / scenario / run); return its directory.
+
+    With ``genomaps``, also genomaps (genes placed by Gromov–Wasserstein on the test inputs) of the
+    mean input, reconstruction and — for scMEDAL-RE — counterfactual reconstructions of the cells of
+    ``genomap_labels`` (default: the three most frequent labels), one figure per model.
+    """
     if not layouts:
         return None
     first = layouts[0]
@@ -109,6 +143,11 @@ def compare_runs(layouts: list[RunLayout], umaps: bool = True) -> Path | None:
     figure = _umaps(layouts, out) if umaps else None
     if figure is not None:
         sections.append(Section("Test latents side by side (split 1)", [], [figure], captions=["UMAP per model, coloured by label (top) and batch"]))
+    if genomaps:
+        figures = _genomaps(layouts, out, genomap_labels)
+        if figures:
+            sections.append(Section("Genomaps", [], figures, captions=[f.stem for f in figures],
+                                    note="Genes on a grid by Gromov–Wasserstein (co-expressed genes close); layout in genomap_layout.csv."))
     for lay in layouts:
         figs = [lay.figures_dir / "avg_loss.png", lay.figures_dir / "splits_1" / "umap_test.png"]
         tables = [pd.read_csv(lay.latent_dir / "metrics_allfolds_95CI.csv")] if (lay.latent_dir / "metrics_allfolds_95CI.csv").exists() else []

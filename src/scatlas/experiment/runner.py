@@ -153,6 +153,8 @@ class _SplitRunner:
             recon = model.reconstruct(sdata, rows) if cfg.evaluation.save_recon else None
             if recon is not None:
                 write_npy(recon, stage / f"recon_{part}.npy")
+                if part == "test":  # the model's input beside its reconstruction, for genomaps in `scatlas compare`
+                    write_npy(np.asarray(sdata.X[rows].todense(), dtype=np.float32), stage / "input_test.npy")
             if cfg.evaluation.save_recon and isinstance(model, CounterfactualModel):
                 self._counterfactuals(model.counterfactuals(sdata, rows), stage, part)
             labels = np.asarray(self.data.label)[rows] if self.data.label is not None else None
