@@ -90,17 +90,33 @@ def test_benchmark_cli(symphony_path, symphony, tmp_path):
     for b in np.unique(batch):
         centred[batch == b] -= Z[batch == b].mean(0)
     adata.obsm["X_centred"] = centred
+    sc.pp.neighbors(adata, n_neighbors=91, use_rep="X_pca", key_added="pca")  # exact for 1,200 cells: 90 stored neighbours
     adata.write_h5ad(tmp_path / "emb.h5ad")
     result = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_pca", "--embedding", "X_centred",
                                       "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "bench")])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "bench" / "benchmark.csv").set_index("Embedding")
-    for column in ("Isolated labels", "BRAS", "Silhouette label", "cLISI", "iLISI", "Graph connectivity", "PCR comparison", "KMeans NMI", "KMeans ARI", "Silhouette batch", "Total"):
+    for column in ("Isolated labels", "BRAS", "Silhouette label", "cLISI", "iLISI", "KBET", "Graph connectivity", "PCR comparison", "KMeans NMI",
+                   "KMeans ARI", "Leiden NMI", "Leiden ARI", "Silhouette batch", "Total"):
         assert column in table.columns
     assert table.loc["X_pca", "Silhouette label"] == pytest.approx(scib_metrics.silhouette_label(Z, labels), abs=1e-5)
     assert table.loc["X_centred", "iLISI"] > table.loc["X_pca", "iLISI"]  # centring per batch mixes batches
     assert table.loc["X_pca", "Total"] == pytest.approx(0.6 * table.loc["X_pca", "Bio conservation"] + 0.4 * table.loc["X_pca", "Batch correction"])
     assert (tmp_path / "bench" / "benchmark.png").exists() and (tmp_path / "bench" / "report.html").exists()
+    given = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_pca", "--graph", "X_pca=pca_distances",
+                                     "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "given")])
+    assert given.exit_code == 0, given.output
+    precomputed = pd.read_csv(tmp_path / "given" / "benchmark.csv").set_index("Embedding")
+    for column in ("iLISI", "cLISI", "Graph connectivity"):  # the same neighbours (scanpy's float32 distances)
+        assert precomputed.loc["X_pca", column] == pytest.approx(table.loc["X_pca", column], abs=1e-4), column
+    assert 0 <= precomputed.loc["X_pca", "KBET"] <= 1 and 0 <= precomputed.loc["X_pca", "Leiden NMI"] <= 1  # connectivity-based: float32-sensitive
+    stored = I.neighbors_from_distances(ad.read_h5ad(tmp_path / "emb.h5ad").obsp["pca_distances"], 90)
+    exact = I.knn(Z, 90)
+    assert np.array_equal(stored.indices[:, 0], np.arange(len(Z))) and (stored.indices == exact.indices).mean() > 0.99
+    np.testing.assert_allclose(stored.distances, exact.distances, rtol=1e-4, atol=1e-4)
+    short = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_pca", "--graph", "X_pca=pca_distances", "--n-neighbors", "120",
+                                     "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "b3")])
+    assert short.exit_code == 2 and "fewer than 119 stored neighbours" in short.output
     bad = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_scVI", "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "b2")])
     assert bad.exit_code == 2 and "X_scVI" in bad.output
 

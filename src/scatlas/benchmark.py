@@ -13,7 +13,7 @@ not aggregated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -26,7 +26,7 @@ from scatlas.data.io import get_matrix, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.validate import check_obs_keys
 from scatlas.metrics.clustering import kmeans_ari_nmi
-from scatlas.metrics.integration import Neighbors, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
+from scatlas.metrics.integration import Neighbors, neighbors_from_distances, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
 from scatlas.metrics.silhouette import bras, isolated_labels, silhouette_batch, silhouette_label
 
 BIO = ["Isolated labels", "KMeans NMI", "KMeans ARI", "Silhouette label", "cLISI"]
@@ -34,7 +34,8 @@ BATCH = ["BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison"]
 Log = Callable[[str], None]
 
 
-def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90, counts: bool = True, seed: int = 0) -> pd.DataFrame:
+def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90, counts: bool = True,
+              seed: int = 0, graphs: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Score every ``.obsm`` embedding; one row per embedding.
 
     Parameters
@@ -54,8 +55,16 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
         ``X`` holds counts (normalise + log1p before the default PCA).
     seed
         k-means seed.
+    graphs
+        Precomputed kNN graphs: embedding key → ``.obsp`` key of a distance matrix (one row of
+        neighbour distances per cell, self excluded, as ``scanpy.pp.neighbors`` stores it). The
+        graph metrics of that embedding use it instead of a new search; it must hold at least
+        ``n_neighbors − 1`` neighbours per cell.
     """
     check_obs_keys(adata, [label_key, batch_key])
+    absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
+    if absent:
+        raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
     missing = [e for e in embeddings if e not in adata.obsm]
     if missing:
         raise InputError(f"embeddings {missing} not in .obsm; available: {list(adata.obsm)}")
@@ -71,7 +80,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     rows = []
     for key in embeddings:
         Z = np.asarray(adata.obsm[key], dtype=np.float64)
-        graph = knn(Z, n_neighbors)
+        graph = neighbors_from_distances(adata.obsp[graphs[key]], n_neighbors, f".obsp[{graphs[key]!r}]") if key in (graphs or {}) else knn(Z, n_neighbors)
         km = kmeans_ari_nmi(Z, labels, seed=seed)
         row = {
             "Embedding": key,

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scatlas._errors import ConfigError, ScatlasError
+from scatlas._errors import ConfigError, InputError, ScatlasError
 
 app = typer.Typer(
     help="scatlas: batch-aware embeddings, annotation, label transfer and benchmarks for single-cell data.",
@@ -385,6 +385,7 @@ def benchmark_command(
     out: Annotated[Path, typer.Option(help="Output directory (benchmark.csv, benchmark.png, report.html).")] = Path("benchmark"),
     pre_key: Annotated[str | None, typer.Option(help=".obsm key of the unintegrated reference for PCR comparison (default: PCA of X).")] = None,
     n_neighbors: Annotated[int, typer.Option(help="k of the shared kNN graph.")] = 90,
+    graph: Annotated[list[str] | None, typer.Option(help="Precomputed kNN distances for an embedding: EMBEDDING=OBSP_KEY (repeatable).")] = None,
     counts: Annotated[bool, typer.Option("--counts/--lognorm", help="X holds counts (for the default PCA).")] = True,
 ) -> None:
     """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding)."""
@@ -392,7 +393,10 @@ def benchmark_command(
     from scatlas.data import read_h5ad
 
     adata = read_h5ad(data)
-    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts)
+    pairs = [g.split("=", 1) for g in graph or []]
+    if any(len(p) != 2 for p in pairs):
+        raise InputError(f"--graph takes EMBEDDING=OBSP_KEY, got {graph}")
+    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs))
     write_benchmark(table, out, data.stem)
     console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(f"results: {out / 'benchmark.csv'} (report: {out / 'report.html'})")

@@ -79,6 +79,29 @@ def knn(X: np.ndarray, k: int = 90, method: Literal["auto", "brute", "sklearn", 
     return Neighbors(indices, distances)
 
 
+def neighbors_from_distances(D: sp.spmatrix, k: int, name: str = "distance matrix") -> Neighbors:
+    """A precomputed kNN distance matrix (self excluded, e.g. ``.obsp['distances']``) as :class:`Neighbors` with self first.
+
+    Keeps each cell's ``k − 1`` nearest stored neighbours; raises when a row holds fewer.
+    """
+    from scatlas._errors import InputError
+
+    D = sp.csr_matrix(D)
+    counts = np.diff(D.indptr)
+    if counts.min(initial=k) < k - 1:
+        raise InputError(f"{name}: {int((counts < k - 1).sum())} cells have fewer than {k - 1} stored neighbours (need k − 1 = {k - 1})")
+    n, width = D.shape[0], int(counts.max(initial=0))
+    data = np.full((n, width), np.inf)  # ragged rows padded with +inf, sorted to the end
+    cols = np.zeros((n, width), dtype=np.int64)
+    slot = np.arange(D.nnz) - np.repeat(D.indptr[:-1], counts)
+    rows = np.repeat(np.arange(n), counts)
+    data[rows, slot], cols[rows, slot] = D.data, D.indices
+    order = np.argsort(data, axis=1, kind="stable")[:, : k - 1]
+    indices = np.hstack([np.arange(n)[:, None], np.take_along_axis(cols, order, 1)])
+    distances = np.hstack([np.zeros((n, 1)), np.take_along_axis(data, order, 1)])
+    return Neighbors(indices, distances)
+
+
 def _brute_knn(X: np.ndarray, k: int, device: torch.device, chunk_size: int) -> Neighbors:
     """Exact kNN by chunked ``‖a‖² − 2ab + ‖b‖²`` and ``topk`` (float64 on CPU, float32 on a GPU)."""
     dtype = torch.float32 if device.type == "cuda" else torch.float64
