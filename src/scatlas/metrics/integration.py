@@ -119,48 +119,49 @@ def _brute_knn(X: np.ndarray, k: int, device: torch.device, chunk_size: int) -> 
 
 
 def _calibrated_probabilities(distances: np.ndarray, mask: np.ndarray, perplexity: float, tol: float = 1e-5, max_tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row Gaussian kernel probabilities whose entropy matches ``log(perplexity)`` (vectorised bisection)."""
+    """Per-row Gaussian kernel probabilities whose entropy matches ``log(perplexity)`` (vectorised bisection).
+
+    Each bisection step recomputes only the rows that have not converged yet.
+    """
     n = distances.shape[0]
     beta = np.ones(n)
     low, high = np.full(n, -np.inf), np.full(n, np.inf)
     target = np.log(perplexity)
 
-    def entropy(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        P = np.where(mask, np.exp(-distances * b[:, None]), 0.0)
+    def entropy(rows: np.ndarray | slice, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = distances[rows]
+        P = np.where(mask[rows], np.exp(-d * b[:, None]), 0.0)
         total = P.sum(1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            H = np.where(total == 0, 0.0, np.log(total) + b * (distances * P).sum(1) / total)
+            H = np.where(total == 0, 0.0, np.log(total) + b * (d * P).sum(1) / total)
             P = np.where(total[:, None] == 0, 0.0, P / total[:, None])
         return H, P
 
-    H, P = entropy(beta)
-    diff = H - target
-    active = np.abs(diff) >= tol
+    H, P = entropy(slice(None), beta)
+    active = np.flatnonzero(np.abs(H - target) >= tol)
     for _ in range(max_tries):
-        if not active.any():
+        if not len(active):
             break
-        up = diff > 0
-        new_low = np.where(up, beta, low)
-        new_high = np.where(up, high, beta)
-        new_beta = np.where(up, np.where(high == np.inf, beta * 2, (beta + high) / 2), np.where(low == -np.inf, beta / 2, (beta + low) / 2))
-        beta, low, high = np.where(active, new_beta, beta), np.where(active, new_low, low), np.where(active, new_high, high)
-        H_new, P_new = entropy(beta)
-        H, P = np.where(active, H_new, H), np.where(active[:, None], P_new, P)
-        diff = H - target
-        active &= np.abs(diff) >= tol
+        b, lo, hi = beta[active], low[active], high[active]
+        up = H[active] - target > 0
+        low[active] = np.where(up, b, lo)
+        high[active] = np.where(up, hi, b)
+        beta[active] = np.where(up, np.where(hi == np.inf, b * 2, (b + hi) / 2), np.where(lo == -np.inf, b / 2, (b + lo) / 2))
+        H[active], P[active] = entropy(active, beta[active])
+        active = active[np.abs(H[active] - target) >= tol]
     return H, P
 
 
 def lisi(neighbors: Neighbors, labels: np.ndarray, perplexity: float | None = None) -> np.ndarray:
     """LISI of every cell for ``labels`` (1 = neighbourhood of one label; up to #labels)."""
-    codes = pd.Categorical(labels).codes
+    codes = pd.Categorical(labels).codes.astype(np.int64)
     idx, dist = neighbors.indices, neighbors.distances
     perplexity = perplexity or np.floor(idx.shape[1] / 3)
     mask = idx != np.arange(len(idx))[:, None]
     H, P = _calibrated_probabilities(dist, mask, perplexity)
     n_labels = codes.max() + 1
-    sums = np.zeros((len(idx), n_labels))
-    np.add.at(sums, (np.repeat(np.arange(len(idx)), idx.shape[1]), codes[idx].ravel()), P.ravel())
+    cell = np.repeat(np.arange(len(idx)), idx.shape[1])
+    sums = np.bincount(cell * n_labels + codes[idx].ravel(), weights=P.ravel(), minlength=len(idx) * n_labels).reshape(len(idx), n_labels)
     simpson = np.where(H == 0, -1.0, (sums**2).sum(1))
     return 1 / simpson
 
