@@ -49,11 +49,11 @@ def main() -> None:
             "Silhouette batch": (lambda: silhouette_batch(Z, labels, batch), lambda: scib_metrics.silhouette_batch(Z, labels, batch)),
             "cLISI": (lambda: I.clisi(graph, labels), lambda: scib_metrics.clisi_knn(ref, labels)),
             "iLISI": (lambda: I.ilisi(graph, batch), lambda: scib_metrics.ilisi_knn(ref, batch)),
-            "KBET": (lambda: I.kbet_per_label(I.Neighbors(graph.indices[:, :50], graph.distances[:, :50]), batch, labels),
+            "KBET": (lambda: I.kbet_per_label(graph.first(50), batch, labels),
                      lambda: scib_metrics.kbet_per_label(ref.subset_neighbors(50), batch, labels)),
             "Graph connectivity": (lambda: I.graph_connectivity(graph, labels), lambda: scib_metrics.graph_connectivity(ref, labels)),
             "PCR comparison": (lambda: I.pcr_comparison(X[:, :500], Z, batch), lambda: scib_metrics.pcr_comparison(X[:, :500], Z, batch, categorical=True)),
-            "Leiden NMI/ARI (sweep)": (lambda: I.leiden_sweep(I.Neighbors(graph.indices[:, :15], graph.distances[:, :15]), labels),
+            "Leiden NMI/ARI (sweep)": (lambda: I.leiden_sweep(graph.first(15), labels),
                                        lambda: scib_metrics.nmi_ari_cluster_labels_leiden(ref.subset_neighbors(15), labels, optimize_resolution=True)),
             "KMeans NMI/ARI": (lambda: kmeans_ari_nmi(Z, labels), lambda: scib_metrics.nmi_ari_cluster_labels_kmeans(Z, labels)),
         }

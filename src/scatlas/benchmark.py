@@ -93,7 +93,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
             "Silhouette batch": silhouette_batch(Z, labels, batch),
             "BRAS": bras(Z, labels, batch),
             "iLISI": ilisi(graph, batch),
-            "KBET": kbet_per_label(Neighbors(graph.indices[:, :50], graph.distances[:, :50]), batch, labels),  # k = 50 as scib-metrics
+            "KBET": kbet_per_label(graph.first(50), batch, labels),  # k = 50 as scib-metrics
             "Graph connectivity": graph_connectivity(graph, labels),
             "PCR comparison": pcr_comparison(pre, Z, batch),
         }
@@ -106,7 +106,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
 
 def leiden_columns(graph: Neighbors, labels: np.ndarray) -> dict[str, float]:
     """scib-metrics' ``Leiden NMI`` / ``Leiden ARI`` (best-NMI resolution of 0.2 … 2.0) on the graph's first 15 neighbours."""
-    sweep = leiden_sweep(Neighbors(graph.indices[:, :15], graph.distances[:, :15]), labels)
+    sweep = leiden_sweep(graph.first(15), labels)
     return {"Leiden NMI": sweep["leiden_nmi"], "Leiden ARI": sweep["leiden_ari"], "Leiden resolution": sweep["leiden_resolution"]}
 
 

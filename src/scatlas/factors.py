@@ -17,12 +17,12 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from sklearn.model_selection import train_test_split
 
 from scatlas._errors import InputError
 from scatlas._io import atomic_path, write_csv
 from scatlas.data import AnnDataCSRSource, highly_variable_genes, read_h5ad, validate
+from scatlas.data.sources import read_rows
 from scatlas.data.dataset import DatasetConfig, load_dataset
 from scatlas.data.preprocess import preprocess_split
 from scatlas.experiment.config import TrainingConfig
@@ -56,7 +56,7 @@ def _split_data(X: Any, obs: pd.DataFrame, dataset: DatasetConfig, genes: np.nda
                      label=label[0] if label else None, label_names=label[1] if label else None, genes=genes)
 
 
-def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, hvg_cells: int = 50_000, chunk_size: int = 100_000) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray]:
+def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, hvg_cells: int = 50_000) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray]:
     """A source streaming ``dataset`` from disk (normalised per chunk when it holds counts), its obs and genes.
 
     The file is validated in chunks; highly variable genes are chosen on ``hvg_cells`` random
@@ -73,8 +73,7 @@ def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, 
     if not n_top_genes or n_top_genes >= source.shape[1]:
         return source, obs, var_names
     sample = np.sort(np.random.default_rng(seed).choice(n, min(n, hvg_cells), replace=False))
-    parts = [source.read(a, min(a + chunk_size, n))[sample[(sample >= a) & (sample < a + chunk_size)] - a] for a in range(0, n, chunk_size)]
-    sampled = sp.vstack(parts).tocsr()
+    sampled = read_rows(source, sample)
     genes = highly_variable_genes(sampled, np.arange(sampled.shape[0]), n_top_genes)
     return AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts", genes=genes), obs, var_names[genes]
 
@@ -88,7 +87,7 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     """
     if stream:
         training = training.model_copy(update={"chunk_size": training.chunk_size or 100_000})
-        X, obs, genes = streamed_source(dataset, n_top_genes, seed, chunk_size=training.chunk_size)
+        X, obs, genes = streamed_source(dataset, n_top_genes, seed)
     else:
         data = load_dataset(dataset)
         obs = data.obs

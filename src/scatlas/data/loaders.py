@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from scatlas.data.sources import CSRSource, as_source
+from scatlas.data.sources import CSRSource, as_source, read_rows
 
 Batch = dict[str, Any]
 
@@ -124,7 +123,7 @@ class CSRLoader:
         self.device = device
         self.pin_memory = pin_memory
         self._epoch = 0
-        self._cache: tuple[tuple[int, int, int], _DeviceChunk] | None = None
+        self._resident: _DeviceChunk | None = None  # the one chunk of a single-chunk loader, kept across epochs
 
     @property
     def n_genes(self) -> int:
@@ -155,31 +154,8 @@ class CSRLoader:
             return torch.device("cuda", torch.cuda.current_device())
         return device
 
-    def _rows_of_source(self, rows: np.ndarray) -> sp.csr_matrix:
-        """The CSR rows ``rows`` (in that order), reading windows of at most ``len(rows)`` consecutive file rows.
-
-        A sparse selection (e.g. a random 10 % validation set) thus never reads a span of the
-        file much larger than the chunk it yields.
-        """
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        if hi - lo <= 2 * len(rows):
-            X = self.source.read(lo, hi)
-            local = rows - lo
-            return X if len(local) == X.shape[0] and np.array_equal(local, np.arange(len(local))) else X[local]
-        order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        parts = []
-        for a in range(lo, hi, len(rows)):
-            i, j = np.searchsorted(ordered, [a, a + len(rows)])
-            if j > i:
-                parts.append(self.source.read(a, min(a + len(rows), hi))[ordered[i:j] - a])
-        X = sp.vstack(parts, format="csr")
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return X[inverse]
-
     def _read(self, rows: np.ndarray, pin: bool) -> _HostChunk:
-        X = self._rows_of_source(rows)
+        X = read_rows(self.source, rows)
 
         def tensor(a: np.ndarray) -> torch.Tensor:
             t = torch.from_numpy(np.ascontiguousarray(a))
@@ -195,13 +171,6 @@ class CSRLoader:
 
         return _DeviceChunk(chunk.indptr.numpy(), put(chunk.indptr), put(chunk.indices), put(chunk.data), put(chunk.rows),
                             {k: put(v) for k, v in chunk.covariates.items()})
-
-    def _host_chunks(self, pieces: list[np.ndarray], pin: bool) -> Iterator[_HostChunk | None]:
-        for piece in pieces:
-            yield None if self._cached(piece) else self._read(piece, pin)
-
-    def _cached(self, piece: np.ndarray) -> bool:
-        return self._cache is not None and self._cache[0] == (len(piece), int(piece[0]), int(piece[-1]))
 
     def _batches(self, chunk: _DeviceChunk, order: np.ndarray) -> Iterator[Batch]:
         device = chunk.data.device
@@ -238,17 +207,14 @@ class CSRLoader:
         pieces = [shard[a:b] for a, b in bounds]
         device = self._device()
         pin = device.type == "cuda" if self.pin_memory is None else self.pin_memory
-        chunks = self._host_chunks(pieces, pin)
-        if self.prefetch > 0 and len(pieces) > 1:
-            chunks = _prefetched(chunks, self.prefetch)
-        for piece, host in zip(pieces, chunks):
-            if host is None:
-                assert self._cache is not None
-                chunk = self._cache[1]
-            else:
-                chunk = self._to_device(host, device)
-                if len(pieces) == 1:
-                    self._cache = ((len(piece), int(piece[0]), int(piece[-1])), chunk)
+        if len(pieces) == 1:  # one chunk: read and copied to the device once, for every epoch
+            if self._resident is None:
+                self._resident = self._to_device(self._read(pieces[0], pin), device)
+            chunks: Iterator[_DeviceChunk] = iter([self._resident])
+        else:
+            host = (self._read(piece, pin) for piece in pieces)
+            chunks = (self._to_device(h, device) for h in (_prefetched(host, self.prefetch) if self.prefetch > 0 else host))
+        for piece, chunk in zip(pieces, chunks):
             order = rng.permutation(len(piece)) if self.shuffle else np.arange(len(piece))
             yield from self._batches(chunk, order)
 

@@ -201,6 +201,30 @@ class SomaCSRSource(_OnDiskSource):
         return self._finish(X)
 
 
+def read_rows(source: CSRSource, rows: np.ndarray) -> sp.csr_matrix:
+    """The CSR rows ``rows`` of ``source`` (in that order), reading windows of at most ``len(rows)`` consecutive rows.
+
+    A sparse selection (e.g. a random 10 % validation set or a gene-selection sample) thus never
+    reads a span of the file much larger than what it returns.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    if hi - lo <= 2 * len(rows):
+        X = source.read(lo, hi)
+        local = rows - lo
+        return X if len(local) == X.shape[0] and np.array_equal(local, np.arange(len(local))) else X[local]
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    parts = []
+    for a in range(lo, hi, len(rows)):
+        i, j = np.searchsorted(ordered, [a, a + len(rows)])
+        if j > i:
+            parts.append(source.read(a, min(a + len(rows), hi))[ordered[i:j] - a])
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return sp.vstack(parts, format="csr")[inverse]
+
+
 def as_source(X: Any) -> CSRSource:
     """``X`` if it already is a source, else an :class:`InMemoryCSR` of it."""
     return X if isinstance(X, CSRSource) and not sp.issparse(X) else InMemoryCSR(X)

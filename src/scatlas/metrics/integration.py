@@ -38,6 +38,10 @@ class Neighbors:
     indices: np.ndarray
     distances: np.ndarray
 
+    def first(self, k: int) -> Neighbors:
+        """The ``k`` nearest neighbours only (self included), e.g. KBET's 50 of a 90-neighbour graph."""
+        return Neighbors(self.indices[:, :k], self.distances[:, :k])
+
     def graph(self) -> sp.csr_matrix:
         """Sparse n × n matrix with the kNN distances."""
         n, k = self.indices.shape

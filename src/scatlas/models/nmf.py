@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from scatlas._errors import InputError
 from scatlas.data.loaders import Batch
+from scatlas.data.sources import read_rows
 from scatlas.models.base import EmbeddingModel, ModelConfig, NeuralModel, SplitData, register
 from scatlas.train import TrainingPlan
 
@@ -84,9 +85,7 @@ class NMF(EmbeddingModel):
         """The cells ``rows`` of a streamed source, ``chunk_size`` at a time (read in file order)."""
         size = self.train_config.chunk_size or 100_000
         for a in range(0, len(rows), size):
-            part = rows[a : a + size]
-            lo = int(part.min())
-            yield data.X.read(lo, int(part.max()) + 1)[part - lo]
+            yield read_rows(data.X, rows[a : a + size])
 
     def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """H of the cells (non-negative least squares against W)."""
