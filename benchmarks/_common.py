@@ -20,11 +20,20 @@ from lightning.pytorch.callbacks import Callback
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def resampled_counts(name: str, n_cells: int, seed: int = 0) -> ad.AnnData:
-    """Real cells of a shared dataset drawn with replacement up to ``n_cells`` (CSR counts, obs kept)."""
+def resampled_counts(name: str, n_cells: int, seed: int = 0, thin: float | None = None) -> ad.AnnData:
+    """Real cells of a shared dataset drawn with replacement up to ``n_cells`` (CSR counts, obs kept).
+
+    ``thin``: keep each count of a drawn cell with this probability (binomial thinning), so that
+    repeated draws of one cell become distinct cells with real expression structure instead of
+    exact duplicates (which would make every kNN graph a set of cliques of copies).
+    """
     src = ad.read_h5ad(SHARED / name)
-    rows = np.random.default_rng(seed).integers(0, src.n_obs, n_cells)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, src.n_obs, n_cells)
     X = sp.csr_matrix(src.X, dtype=np.float32)[rows]
+    if thin is not None:
+        X.data = rng.binomial(X.data.astype(np.int64), thin).astype(np.float32)
+        X.eliminate_zeros()
     obs = src.obs.iloc[rows].reset_index(drop=True)
     obs.index = obs.index.astype(str)
     return ad.AnnData(X=X, obs=obs, var=src.var[[]].copy())

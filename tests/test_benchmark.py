@@ -44,6 +44,45 @@ def test_leiden_sweep_matches_scib_metrics(symphony):
     expected = scib_metrics.nmi_ari_cluster_labels_leiden(ref, labels, optimize_resolution=True)
     assert sweep["leiden_nmi"] == pytest.approx(float(expected["nmi"]), abs=1e-9)
     assert sweep["leiden_ari"] == pytest.approx(float(expected["ari"]), abs=1e-9)
+    assert I.leiden_sweep(ours, labels, n_jobs=1) == sweep  # forked workers or not, the same clusterings
+
+
+@pytest.mark.parametrize("k", [15, 50])
+def test_connectivities_match_umap(symphony, k):
+    from umap.umap_ import fuzzy_simplicial_set
+    import scipy.sparse as sp
+
+    graph = I.knn(symphony[1], k)
+    ref = fuzzy_simplicial_set(sp.coo_matrix((len(graph.indices), 1)), n_neighbors=k, random_state=None, metric=None,
+                               knn_indices=graph.indices, knn_dists=graph.distances)[0]
+    ours = I._connectivities(graph)
+    assert ours.nnz == ref.nnz
+    assert abs(ours - sp.csr_matrix(ref)).max() < 1e-6
+
+
+def test_score_embedding_matches_benchmarker(symphony):
+    """The whole row against scib-metrics' Benchmarker (+ Leiden) given the same kNN graph."""
+    from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
+
+    from scatlas.benchmark import score_embedding
+
+    X, Z, labels, batch = symphony
+    pre = PCA(50, random_state=0).fit_transform(X)
+    graph = I.knn(Z, 90)
+    ours = score_embedding(Z, graph, labels, batch, pre)
+    adata = ad.AnnData(obs=pd.DataFrame({"cell_type": labels, "batch": batch}, index=[str(i) for i in range(len(Z))]))
+    adata.obsm["Z"], adata.obsm["pre"] = Z, pre
+    bench = Benchmarker(adata, batch_key="batch", label_key="cell_type", embedding_obsm_keys=["Z"], pre_integrated_embedding_obsm_key="pre",
+                        bio_conservation_metrics=BioConservation(nmi_ari_cluster_labels_leiden=True), batch_correction_metrics=BatchCorrection(),
+                        progress_bar=False)
+    bench.prepare(neighbor_computer=lambda _, k: NeighborsResults(indices=graph.indices[:, :k], distances=graph.distances[:, :k]))
+    bench.benchmark()
+    theirs = bench.get_results(min_max_scale=False).loc["Z"]
+    # KMeans NMI / ARI are left out: scikit-learn's k-means (best of 10 inits) and scib-metrics' own JAX k-means
+    # stop in different local optima; documented in the README.
+    for column in ("Isolated labels", "Silhouette label", "cLISI", "Leiden NMI", "Leiden ARI", "BRAS", "iLISI", "Graph connectivity", "PCR comparison"):
+        assert ours[column] == pytest.approx(float(theirs[column]), abs=1e-4), column
+    assert ours["KBET"] == pytest.approx(float(theirs["KBET"]), abs=0.02)  # exact vs NN-descent neighbours on the diffusion map
 
 
 def test_kbet_matches_scib_metrics(symphony):

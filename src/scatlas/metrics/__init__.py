@@ -5,11 +5,12 @@ from scatlas.metrics.calibration import expected_calibration_error, fit_temperat
 from scatlas.metrics.classification import classification_scores, classify_embedding
 from scatlas.metrics.clustering import calinski_harabasz, davies_bouldin, kmeans_ari_nmi, leiden_agreement, leiden_ari_nmi
 from scatlas.metrics.embedding import embedding_scores
-from scatlas.metrics.silhouette import bras, isolated_labels, silhouette_batch, silhouette_label, silhouette_samples, silhouette_score
+from scatlas.metrics.silhouette import bras, isolated_label_score, isolated_labels, silhouette_batch, silhouette_label, silhouette_samples, silhouette_score
 from scatlas.metrics.stats import confidence_interval, fold_summary
 
 __all__ = [
     "bras",
+    "isolated_label_score",
     "isolated_labels",
     "annotation_tables",
     "corrected_predictions",
