@@ -230,3 +230,29 @@ def test_compare_command_over_run_outputs(finished_run):
     assert set(coords["model"]) == {"PCA", "AE", "AEC"} and {"umap1", "umap2", "label", "batch"} <= set(coords.columns)
     empty = runner.invoke(app, ["compare", str(root.parent / "nothing")])
     assert empty.exit_code == 2 and "no scatlas run outputs" in empty.output
+
+
+def test_run_under_torchrun_two_cpu_ranks(tmp_path, cellbench5_path):
+    """`torchrun --nproc_per_node 2 -m scatlas run` (DDP, gloo): both ranks train, rank 0 alone writes whole outputs."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = yaml.safe_load(_config(tmp_path, cellbench5_path).read_text())
+    cfg["preprocess"]["n_top_genes"] = 300
+    cfg["training"].update(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp")
+    cfg["models"] = [{"type": "ae", "latent_dim": 10}]
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scatlas", "run", str(path), "--quiet"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "out" / "cellbench_5cl_outputs" / "latent_space" / "kfold" / "AE" / "run1"
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["splits_1", "splits_2", "splits_3"]  # no staging left behind
+    assert not list(run.glob(".*"))
+    for split in ("splits_1", "splits_2", "splits_3"):
+        obs = pd.read_csv(run / split / "obs_test.csv")
+        assert np.load(run / split / "latent_test.npy").shape == (len(obs), 10)  # every test cell, not one rank's share
+        history = pd.read_csv(run / split / "history.csv")
+        assert len(history) == 2
+    assert (run / "mean_scores_test_samplesize-10000.csv").exists()

@@ -198,6 +198,17 @@ class FitResult:
     best_checkpoint: Path | None
 
 
+def is_main_process() -> bool:
+    """Whether this process writes outputs: rank 0 of a distributed launch (torchrun, SLURM), or the only process.
+
+    Read from the launcher's environment (as Lightning does), so it is known before any trainer
+    starts. Under ``ddp_spawn`` the calling process is the main one.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def resolve_device(accelerator: str) -> str:
     """Where loaders should put the data for ``accelerator``: ``"cuda"`` when it means a present GPU, else ``"cpu"``."""
     return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"

@@ -95,6 +95,9 @@ class CSRLoader:
         device at iteration time, i.e. each DDP rank's own) or a :class:`torch.device`.
     pin_memory
         Pin host chunks before copying them to a GPU (default: when ``device`` is a GPU).
+    shard
+        Under torch.distributed, visit only this rank's share of ``rows`` (training); ``False``
+        for inference, where every rank needs every requested row.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class CSRLoader:
         chunk_size: int | None = None,
         device: str | torch.device = "cpu",
         pin_memory: bool | None = None,
+        shard: bool = True,
     ) -> None:
         self.source: CSRSource = as_source(X)
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -122,6 +126,7 @@ class CSRLoader:
         self.chunk_size = chunk_size
         self.device = device
         self.pin_memory = pin_memory
+        self.shard = shard
         self._epoch = 0
         self._resident: _DeviceChunk | None = None  # the one chunk of a single-chunk loader, kept across epochs
 
@@ -131,8 +136,8 @@ class CSRLoader:
         return self.source.shape[1]
 
     def _shard(self) -> np.ndarray:
-        """This process's rows: all of them, or its equal contiguous share under torch.distributed."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        """This process's rows: all of them, or its equal contiguous share under torch.distributed (when sharding)."""
+        if self.shard and torch.distributed.is_available() and torch.distributed.is_initialized():
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
             share = len(self.rows) // world
             return self.rows[rank * share : (rank + 1) * share]

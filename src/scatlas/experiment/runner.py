@@ -34,6 +34,7 @@ from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import REGISTRY, AnyModel, CounterfactualModel, EmbeddingModel, LatentClassifier, ModelConfig, SplitData, build_model
 from scatlas.plot.figures import embedding_panels, loss_curves, umap_coordinates
+from scatlas.train import is_main_process
 
 Log = Callable[[str], None]
 
@@ -100,7 +101,8 @@ class _SplitRunner:
 
     def run(self, model: AnyModel, sdata: SplitData, split: Split, resume: bool) -> None:
         if isinstance(model, LatentClassifier):
-            self.run_classifier(model, split)
+            if is_main_process():  # no distributed training: other ranks have nothing to do
+                self.run_classifier(model, split)
         else:
             self.run_embedding(model, sdata, split, resume)
 
@@ -132,8 +134,10 @@ class _SplitRunner:
     def run_embedding(self, model: EmbeddingModel, sdata: SplitData, split: Split, resume: bool) -> None:
         """Fit, then write latents, reconstructions, counterfactuals, scores and figures of every part."""
         cfg, layout, n = self.config, self.layout, split.number
-        stage = self._stage(n)
         history = model.fit(sdata, layout.checkpoint_dir(n), resume=resume)
+        if not is_main_process():  # other DDP ranks only take part in training; rank 0 writes
+            return
+        stage = self._stage(n)
         write_yaml(model.params(), layout.models_dir / f"splits_{n}" / "model_params.yaml")
         if hasattr(model, "loadings"):
             W = model.loadings()
@@ -255,6 +259,10 @@ def safe_name(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))
 
 
+def _silent(_: str) -> None:
+    """The log of a non-zero DDP rank: rank 0 reports."""
+
+
 @contextmanager
 def _cleanup_on_failure(layouts: list[RunLayout]) -> Iterator[None]:
     """Remove, on error, run directories this call created that hold no finished split."""
@@ -295,7 +303,9 @@ def run_experiment(
 
     Returns
     -------
-    The layouts written and the mean test scores of every model (one row per model × metric).
+    The layouts written and the mean test scores of every model (one row per model × metric);
+    on a non-zero rank of a distributed launch (``torchrun``), which only takes part in
+    training, the layouts and an empty table.
 
     Raises
     ------
@@ -314,7 +324,10 @@ def run_experiment(
         if existing:
             raise ConfigError(f"run directories already hold results: {existing}; pass --resume or choose another output.run")
     train_config = config.training.to_train_config(config.seed, progress)
-    with _cleanup_on_failure([lay for _, lay in models]):
+    main = is_main_process()  # under torchrun / SLURM every rank runs this; only rank 0 writes or cleans up
+    if not main:
+        log = _silent
+    with _cleanup_on_failure([lay for _, lay in models] if main else []):
         for split in splits:
             todo = [(m, lay) for m, lay in models if not lay.split_done(split.number)]
             if not todo:
@@ -325,6 +338,8 @@ def run_experiment(
                 log(f"split {split.number}/{len(splits)}: {layout.model} ({len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells, {sdata.n_genes} genes)")
                 model = build_model(model_config, train_config)
                 _SplitRunner(config, data, layout, log).run(model, sdata, split, resume)
+        if not main:
+            return RunResult({lay.model: lay for _, lay in models}, pd.DataFrame())
         summaries = []
         for model_config, layout in models:
             summaries.append(aggregate(layout, config))

@@ -250,7 +250,7 @@ class NeuralModel(EmbeddingModel):
         device = next(plan.parameters()).device
         outputs = []
         loader = CSRLoader(data.X, rows, batch_size=max(self.train_config.batch_size, 1024), covariates=self.covariates(data),
-                           chunk_size=self.train_config.chunk_size, device=device)
+                           chunk_size=self.train_config.chunk_size, device=device, shard=False)  # every DDP rank embeds all rows
         for batch in loader:
             batch["x"] = densify(batch)
             outputs.append(getattr(plan.module, method)(batch, **kwargs).float().cpu().numpy())
