@@ -437,7 +437,7 @@ def _leiden_many(graph: igraph.Graph, resolutions: Sequence[float], seed: int, n
         _SWEEP_GRAPH = None
 
 
-def leiden_sweep(neighbors: Neighbors, labels: np.ndarray, resolutions: Sequence[float] = tuple(0.2 * i for i in range(1, 11)),
+def leiden_sweep(neighbors: Neighbors, labels: np.ndarray, resolutions: Sequence[float] = tuple(2 * i / 10 for i in range(1, 11)),
                  seed: int = 42, n_jobs: int | None = None) -> dict[str, float]:
     """Leiden NMI / ARI with the resolution chosen by best NMI over a sweep (scib-metrics' ``Leiden NMI`` / ``Leiden ARI``).
 
