@@ -18,7 +18,7 @@ import pandas as pd
 
 from scatlas._errors import InputError
 from scatlas._io import write_csv
-from scatlas.experiment.layout import RunLayout, compare_dir
+from scatlas.experiment.layout import RunLayout, compare_dir, safe_name
 from scatlas.metrics.stats import fold_summary
 from scatlas.plot.figures import umap_coordinates
 from scatlas.report.html import Section, write_report
@@ -81,7 +81,6 @@ def _umaps(layouts: list[RunLayout], out: Path) -> Path | None:
 
 def _genomaps(layouts: list[RunLayout], out: Path, labels: list[str] | None, n_labels: int = 3) -> list[Path]:
     """Genomaps of mean test profiles per chosen label: input, reconstruction and counterfactuals, one figure per model (split 1)."""
-    from scatlas.experiment.runner import safe_name
     from scatlas.plot.genomap import genomap_figure, genomap_layout
 
     usable = [lay for lay in layouts if all((lay.split_dir(1) / f).exists() for f in ("input_test.npy", "recon_test.npy", "obs_test.csv"))]

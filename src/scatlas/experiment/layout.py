@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +79,8 @@ class RunLayout:
 def compare_dir(root: Path, dataset: str, scenario: str, run: str) -> Path:
     """``<root>/<dataset>_outputs/compare_models/<scenario>/<run>``."""
     return root / f"{dataset}_outputs" / "compare_models" / scenario / run
+
+
+def safe_name(value: str) -> str:
+    """``value`` as a file-name part: every character outside letters, digits, ``.``, ``-`` and ``_`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))

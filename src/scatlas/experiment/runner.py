@@ -11,7 +11,6 @@ split are removed.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from scatlas.data.preprocess import preprocess_split
 from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
 from scatlas.experiment.config import ExperimentConfig, SplitConfig
 from scatlas.experiment.compare import compare_runs
-from scatlas.experiment.layout import RunLayout
+from scatlas.experiment.layout import RunLayout, safe_name
 from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import REGISTRY, AnyModel, CounterfactualModel, EmbeddingModel, LatentClassifier, ModelConfig, SplitData, build_model
@@ -252,11 +251,6 @@ def ranked_loadings(W: np.ndarray, genes: np.ndarray | None, top: int = 50) -> p
         order = np.argsort(-W[:, k])[:top]
         rows += [{"factor": k, "rank": r + 1, "gene": genes[g], "weight": float(W[g, k])} for r, g in enumerate(order)]
     return pd.DataFrame(rows)
-
-
-def safe_name(value: str) -> str:
-    """``value`` with every character outside letters, digits, ``.``, ``-`` and ``_`` replaced by ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))
 
 
 def _silent(_: str) -> None:
