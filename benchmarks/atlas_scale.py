@@ -18,7 +18,11 @@ Peers, same script:
   first ``--sk-cells`` cells, against aenmf at the same rank on the same cells: wall time and
   relative reconstruction error ‖X − HW‖_F / ‖X‖_F.
 
-    python benchmarks/atlas_scale.py --sizes 1000000 10000000 --rank 256 --batch-size 16384
+With ``--loaders``, the loader alone (a shuffled pass, every minibatch densified on the device, no
+model) on the log-normalised file and on a raw-count copy normalised + gene-subset on the way,
+against the same pass written with backed AnnData, scanpy and SciPy (the peer).
+
+    python benchmarks/atlas_scale.py --sizes 1000000 10000000 --rank 256 --batch-size 16384 [--loaders]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 
 from _common import SHARED, isolated, machine
 from scatlas.data import AnnDataCSRSource, normalize_log1p, write_chunked_h5ad
+from scatlas.data.loaders import CSRLoader, densify
 from scatlas.models import build_model
 from scatlas.models.base import SplitData, parse_model_config
 from scatlas.train import TrainConfig
@@ -48,10 +53,11 @@ from scatlas.train import TrainConfig
 DATASET = "onek1k_4types_40donors.h5ad"
 
 
-def write_resampled(path: Path, n_cells: int, seed: int = 0, write_chunk: int = 1_000_000) -> None:
-    """Write ``n_cells`` log-normalised OneK1K cells (drawn with replacement) as a CSR .h5ad, chunk by chunk."""
+def write_resampled(path: Path, n_cells: int, seed: int = 0, write_chunk: int = 1_000_000, counts: bool = False) -> None:
+    """Write ``n_cells`` OneK1K cells (drawn with replacement; log-normalised, or raw ``counts``) as a CSR .h5ad, chunk by chunk."""
     src = ad.read_h5ad(SHARED / DATASET)
-    X = normalize_log1p(sp.csr_matrix(src.X, dtype=np.float32))
+    X = sp.csr_matrix(src.X, dtype=np.float32)
+    X = X if counts else normalize_log1p(X)
     rows = np.random.default_rng(seed).integers(0, src.n_obs, n_cells)
     obs = pd.DataFrame({key: pd.Categorical.from_codes(src.obs[key].cat.codes.to_numpy()[rows], src.obs[key].cat.categories.astype(str).to_numpy(dtype=object))
                         for key in ("donor_id", "cell_type")}, index=np.arange(n_cells).astype(str))
@@ -114,6 +120,57 @@ def stream_run(path: str, kind: str, rank: int, batch_size: int, chunk_size: int
     wall = float(history["epoch_time_s"].iloc[-1])
     n = len(data.train)
     return {"cells": n, "wall_s": wall, "cells_per_s": n / wall, "gpu_util": gpu.mean, "loss": float(history["train_loss"].iloc[-1])}
+
+
+def _gene_subset(source: AnnDataCSRSource) -> np.ndarray:
+    """Every other gene: stands in for a highly-variable-gene subset of a raw-count file."""
+    return np.arange(0, source.shape[1], 2)
+
+
+def loader_run(path: str, counts: bool, batch_size: int, chunk_size: int) -> dict[str, Any]:
+    """One shuffled pass of scatlas' loader over ``path``, every minibatch densified on the device (no model).
+
+    With ``counts``: raw counts, normalised + log1p'd and subset to :func:`_gene_subset` on the way.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = AnnDataCSRSource(Path(path))
+    if counts:
+        source = AnnDataCSRSource(Path(path), normalize=True, genes=_gene_subset(source))
+    loader = CSRLoader(source, np.arange(source.shape[0]), batch_size, shuffle=True, chunk_size=chunk_size, device=device)
+    total = torch.zeros((), device=device)
+    start = time.perf_counter()
+    for batch in loader:
+        total += densify(batch).sum()
+    float(total)
+    wall = time.perf_counter() - start
+    return {"cells": source.shape[0], "wall_s": wall, "cells_per_s": source.shape[0] / wall}
+
+
+def backed_anndata_run(path: str, counts: bool, batch_size: int, chunk_size: int) -> dict[str, Any]:
+    """The same pass as a scanpy user writes it: backed AnnData row chunks, scanpy normalisation, SciPy row slicing."""
+    import scanpy as sc
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    adata = ad.read_h5ad(path, backed="r")
+    n = adata.n_obs
+    genes = np.arange(0, adata.n_vars, 2)
+    rng = np.random.default_rng(0)
+    total = torch.zeros((), device=device)
+    start = time.perf_counter()
+    for a in rng.permutation(np.arange(0, n, chunk_size)):
+        b = min(a + chunk_size, n)
+        X = adata.X[a:b]
+        if counts:
+            chunk = ad.AnnData(X)
+            sc.pp.normalize_total(chunk, target_sum=1e4)
+            sc.pp.log1p(chunk)
+            X = chunk.X[:, genes]
+        order = rng.permutation(b - a)
+        for i in range(0, b - a, batch_size):
+            total += torch.from_numpy(X[order[i : i + batch_size]].toarray()).to(device, non_blocking=True).sum()
+    float(total)
+    wall = time.perf_counter() - start
+    return {"cells": n, "wall_s": wall, "cells_per_s": n / wall}
 
 
 def bare_run(path: str, rank: int, batch_size: int, chunk_size: int) -> dict[str, Any]:
@@ -194,6 +251,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16_384)
     parser.add_argument("--chunk-size", type=int, default=1_000_000)
     parser.add_argument("--models", nargs="+", default=["aenmf", "cond_aenmf"])
+    parser.add_argument("--loaders", action="store_true", help="also time the loader alone (log-normalised and raw-count files) against backed AnnData")
     parser.add_argument("--sk-cells", type=int, default=50_000)
     parser.add_argument("--sk-rank", type=int, default=80)
     parser.add_argument("--sk-epochs", type=int, default=20)
@@ -214,18 +272,27 @@ def main() -> None:
         for kind in args.models:
             rows.append((f"scatlas {kind} (streamed)", n, isolated(stream_run, str(path), kind, args.rank, args.batch_size, args.chunk_size)))
             print(rows[-1], flush=True)
+        if args.loaders:
+            counts_path = workdir / f"onek1k_{n}_counts.h5ad"
+            if not counts_path.exists():
+                write_resampled(counts_path, n, counts=True)
+            for what, file, counts in (("log-normalised", path, False), ("counts → lognorm, 500 genes", counts_path, True)):
+                for name, fn in (("scatlas loader", loader_run), ("backed AnnData + scanpy (peer)", backed_anndata_run)):
+                    drop_page_cache()
+                    rows.append((f"{name}, {what}", n, isolated(fn, str(file), counts, args.batch_size, args.chunk_size)))
+                    print(rows[-1], flush=True)
         if n == args.sizes[0]:
             rows.append(("bare PyTorch step (pinned host)", n, isolated(bare_run, str(path), args.rank, args.batch_size, args.chunk_size)))
             print(rows[-1], flush=True)
             sk = isolated(sklearn_vs_aenmf, str(path), args.sk_rank, args.sk_cells, args.sk_epochs)
             print(f"scikit-learn NMF vs aenmf (rank {args.sk_rank}, {args.sk_cells:,} cells): {sk}", flush=True)
     print(f"\nrank {args.rank}, batch {args.batch_size:,}, chunk {args.chunk_size:,} cells, {os.cpu_count()} CPUs")
-    print(f"{'what':34s} {'cells':>12s} {'wall s':>8s} {'cells/s':>12s} {'GPU %':>6s} {'peak RSS GB':>12s} {'peak GPU GB':>12s}")
+    print(f"{'what':52s} {'cells':>12s} {'wall s':>8s} {'cells/s':>12s} {'GPU %':>6s} {'peak RSS GB':>12s} {'peak GPU GB':>12s}")
     for name, n, r in rows:
         if "error" in r:
-            print(f"{name:34s} {n:12,d} error: {r['error']}")
+            print(f"{name:52s} {n:12,d} error: {r['error']}")
         else:
-            print(f"{name:34s} {n:12,d} {r['wall_s']:8.1f} {r['cells_per_s']:12,.0f} {r.get('gpu_util', float('nan')):6.0f} "
+            print(f"{name:52s} {n:12,d} {r['wall_s']:8.1f} {r['cells_per_s']:12,.0f} {r.get('gpu_util', float('nan')):6.0f} "
                   f"{r['peak_rss_gb']:12.2f} {r.get('peak_gpu_gb', float('nan')):12.2f}")
 
 

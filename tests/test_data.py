@@ -64,7 +64,10 @@ def test_loader_batches_densify_to_scipy_rows(cellbench):
     assert all(b["x_nnz"] == b["x_data"].shape[0] for b in batches)
 
 
-def test_streamed_h5ad_chunks_equal_in_memory(cellbench, tmp_path):
+@pytest.mark.parametrize("on_device", [False, True], ids=["finished-by-source", "finished-on-device"])
+def test_streamed_h5ad_chunks_equal_in_memory(cellbench, tmp_path, monkeypatch, on_device):
+    """Streamed, normalised, gene-subset rows equal the in-memory result, whether the source finishes
+    each chunk (the CPU path) or the loader does on the device (the GPU path, here run on the CPU)."""
     counts = sp.csr_matrix(cellbench.X, dtype=np.float32)
     path = tmp_path / "cells.h5ad"
     ad.AnnData(X=counts).write_h5ad(path)
@@ -72,23 +75,63 @@ def test_streamed_h5ad_chunks_equal_in_memory(cellbench, tmp_path):
     source = AnnDataCSRSource(path, normalize=True, genes=genes)
     assert source.shape == (counts.shape[0], 4)
     expected = normalize_log1p(counts)[:, genes].toarray()
+    import scatlas.data.loaders as loaders
+
+    finished, finish = [], loaders.finish_on_device
+    monkeypatch.setattr(loaders, "finish_on_device", lambda *args: finished.append(len(args[0]) - 1) or finish(*args))
     rows = np.arange(3, counts.shape[0], 2)
     loader = CSRLoader(source, rows, batch_size=50, shuffle=True, chunk_size=128, seed=1, prefetch=2)
+    loader._finish_on_device = on_device
     assert len(loader) == sum(-(-min(128, len(rows) - a) // 50) for a in range(0, len(rows), 128))
     seen = [(b["row"].numpy(), densify(b).numpy()) for b in loader]
     got_rows = np.concatenate([r for r, _ in seen])
     assert np.array_equal(np.sort(got_rows), rows)
     assert not np.array_equal(got_rows, rows)
     np.testing.assert_allclose(np.concatenate([x for _, x in seen]), expected[got_rows], rtol=1e-6)
-    scattered = np.random.default_rng(2).choice(counts.shape[0], 60, replace=False)  # unsorted, sparse: read in windows
-    got = np.concatenate([densify(b).numpy() for b in CSRLoader(source, scattered, batch_size=25, chunk_size=30)])
-    np.testing.assert_allclose(got, expected[scattered], rtol=1e-6)
+    for n in (60, 600):  # unsorted; sparse (read in several windows) or dense (one window spanning gaps)
+        scattered = np.random.default_rng(2).choice(counts.shape[0], n, replace=False)
+        loader = CSRLoader(source, scattered, batch_size=25, chunk_size=n // 2)
+        loader._finish_on_device = on_device
+        np.testing.assert_allclose(np.concatenate([densify(b).numpy() for b in loader]), expected[scattered], rtol=1e-6)
+    assert bool(finished) == on_device  # stored windows are finished by the loader only on an accelerator
     zarr_path = tmp_path / "cells.zarr"
     ad.AnnData(X=counts).write_zarr(zarr_path)
     from_zarr = AnnDataCSRSource(zarr_path, normalize=True, genes=genes).read(100, 140).toarray()
     np.testing.assert_allclose(from_zarr, expected[100:140], rtol=1e-6)
     with pytest.raises(InputError, match="layers/'?missing"):
         AnnDataCSRSource(path, layer="missing")
+
+
+def test_raw_window_reads_equal_h5py(cellbench, tmp_path):
+    """Reads around h5py (byte extents + preadv) return what h5py returns, for chunked (AnnData's
+    default), contiguous and several-piece layouts; a compressed file falls back to h5py."""
+    import h5py
+
+    X = sp.csr_matrix(cellbench.X, dtype=np.float32)
+    chunked, contiguous, compressed = tmp_path / "chunked.h5ad", tmp_path / "contiguous.h5ad", tmp_path / "gzip.h5ad"
+    ad.AnnData(X=X).write_h5ad(chunked)
+    ad.AnnData(X=X).write_h5ad(compressed, compression="gzip")
+    ad.AnnData(X=X).write_h5ad(contiguous)
+    with h5py.File(contiguous, "a") as f:
+        for name in ("data", "indices"):
+            values = f["X"][name][:]
+            del f["X"][name]
+            f["X"].create_dataset(name, data=values)
+        assert f["X/data"].chunks is None
+    for path, raw in ((chunked, True), (contiguous, True), (compressed, False)):
+        source = AnnDataCSRSource(path)
+        assert (source._raw_arrays() is not None) == raw, path
+        if raw:
+            source._raw_arrays()["data"]._piece = 4096  # many pieces, read by the thread pool
+        for start, stop in ((0, X.shape[0]), (17, 400), (X.shape[0] - 1, X.shape[0]), (5, 5)):
+            window = source.read_window(start, stop)
+            expected = X[start:stop]
+            assert np.array_equal(window.indptr, expected.indptr) and np.array_equal(window.indices, expected.indices), (path, start)
+            assert window.data.dtype == np.float32 and np.array_equal(window.data, expected.data), (path, start)
+        handed = []
+        window = source.read_window(10, 90, lambda name, n, dtype: handed.append(name) or np.empty(n, dtype))
+        assert handed == (["indices", "data"] if raw else [])
+        assert np.array_equal(window.data, X[10:90].data)
 
 
 def test_loader_shards_rows_under_torch_distributed(cellbench, monkeypatch):

@@ -8,6 +8,10 @@ handful of vectorised tensor operations: no per-cell ``__getitem__``, no host-to
 and no device synchronisation per minibatch. Minibatches travel as CSR triplets
 (``x_indptr``, ``x_indices``, ``x_data``) and are densified on the device (:func:`densify`).
 
+A chunk is read as the contiguous window of stored rows that spans its selected rows (when that
+window is at most twice their number), straight into pinned buffers; library-size normalisation,
+``log1p`` and the gene subset of the source are then applied on the device, once per chunk.
+
 Shuffling is by chunk and within chunk (seeded per epoch). Under ``torch.distributed`` (Lightning
 DDP) each rank streams only its own contiguous, equally sized shard of the rows.
 """
@@ -25,6 +29,8 @@ import torch
 
 from scatlas.data.sources import CSRSource, as_source, read_rows
 
+_TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
+
 Batch = dict[str, Any]
 
 
@@ -41,15 +47,53 @@ def densify(batch: Mapping[str, Any]) -> torch.Tensor:
     return out.view(n_rows, n_genes)
 
 
+def finish_on_device(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Tensor, normalize: bool,
+                     gene_map: torch.Tensor | None, target_sum: float = 1e4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~scatlas.data.normalize_log1p` and a gene subset applied to CSR arrays where they lie.
+
+    Parameters
+    ----------
+    indptr, indices, data
+        CSR arrays of stored rows (all stored genes, e.g. raw counts).
+    normalize
+        Scale each row to ``target_sum`` (over all stored genes) and apply ``log1p``.
+    gene_map
+        For each stored gene, its column in the output or −1 to drop it (``None``: keep all).
+
+    Returns
+    -------
+    ``indptr``, ``indices``, ``data`` of the result (``indptr`` int64, ``data`` float32).
+    """
+    # 32-bit temporaries: a chunk holds far fewer than 2**31 entries, and its peak memory stays near its own size
+    counts = indptr.diff()
+    if normalize:
+        rows = torch.repeat_interleave(torch.arange(counts.shape[0], dtype=torch.int32, device=data.device), counts, output_size=data.shape[0])
+        totals = torch.zeros(counts.shape[0], dtype=data.dtype, device=data.device).index_add_(0, rows, data)
+        del rows
+        scale = torch.where(totals > 0, target_sum / totals, torch.zeros_like(totals))
+        data = torch.repeat_interleave(scale, counts, output_size=data.shape[0]).mul_(data).log1p_()
+    if gene_map is None:
+        return indptr, indices, data
+    column = gene_map.to(torch.int32)[indices]
+    keep = column >= 0
+    kept_before = torch.zeros(data.shape[0] + 1, dtype=torch.int32, device=data.device)
+    torch.cumsum(keep, 0, dtype=torch.int32, out=kept_before[1:])
+    return kept_before[indptr].to(torch.int64), column[keep], data[keep]
+
+
 @dataclass
 class _HostChunk:
-    """Selected rows of one chunk on the host (pinned for a GPU): CSR arrays, row ids, covariates."""
+    """One chunk on the host (pinned for a GPU): CSR arrays of the rows read, their ids and
+    covariates, the positions of the selected rows among them, and whether the source's
+    normalisation / gene subset is still to be applied."""
 
     indptr: torch.Tensor
     indices: torch.Tensor
     data: torch.Tensor
     rows: torch.Tensor
     covariates: dict[str, torch.Tensor]
+    selected: np.ndarray
+    stored: bool  # normalisation / gene subset still to be applied (on the device)
 
 
 @dataclass
@@ -62,6 +106,7 @@ class _DeviceChunk:
     data: torch.Tensor
     rows: torch.Tensor
     covariates: dict[str, torch.Tensor]
+    selected: np.ndarray
 
 
 class CSRLoader:
@@ -127,6 +172,16 @@ class CSRLoader:
         self.device = device
         self.pin_memory = pin_memory
         self.shard = shard
+        genes = getattr(self.source, "genes", None)
+        self._needs_finish = bool(getattr(self.source, "normalize", False)) or genes is not None
+        # Chunks are read as windows of stored rows: as they are, or finished on an accelerator. On the CPU the
+        # source finishes its own rows (leaner in memory than tensor ops). A column map cannot repeat a gene.
+        self._windowed = hasattr(self.source, "read_window") and (genes is None or len(np.unique(genes)) == len(genes))
+        self._finish_on_device = torch.device(device).type != "cpu"
+        self._gene_map: torch.Tensor | None = None  # output column of each stored gene (−1: dropped)
+        if self._windowed and genes is not None:
+            self._gene_map = torch.full((self.source.stored_shape[1],), -1, dtype=torch.int64)
+            self._gene_map[torch.from_numpy(np.asarray(genes, dtype=np.int64))] = torch.arange(len(genes))
         self._epoch = 0
         self._resident: _DeviceChunk | None = None  # the one chunk of a single-chunk loader, kept across epochs
 
@@ -160,22 +215,42 @@ class CSRLoader:
         return device
 
     def _read(self, rows: np.ndarray, pin: bool) -> _HostChunk:
-        X = read_rows(self.source, rows)
+        """Read the chunk of ``rows``: as the window of stored rows that spans them when the source offers one, it is
+        at most twice their number, and any normalisation / gene subset is to happen on the device; else finished rows."""
 
         def tensor(a: np.ndarray) -> torch.Tensor:
             t = torch.from_numpy(np.ascontiguousarray(a))
             return t.pin_memory() if pin else t
 
-        return _HostChunk(tensor(X.indptr.astype(np.int64)), tensor(X.indices), tensor(X.data.astype(np.float32, copy=False)),
-                          tensor(rows), {k: tensor(v[rows]) for k, v in self.covariates.items()})
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+        if self._windowed and len(rows) and hi - lo <= 2 * len(rows) and (self._finish_on_device or not self._needs_finish):
+            buffers: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def _to_device(chunk: _HostChunk, device: torch.device) -> _DeviceChunk:
+            def empty(name: str, n: int, dtype: np.dtype) -> np.ndarray:
+                buffers[name] = torch.empty(n, dtype=_TORCH_DTYPES[np.dtype(dtype)], pin_memory=True)
+                return buffers[name].numpy()
+
+            # pinned buffers for a GPU (reused by PyTorch's caching host allocator); else NumPy's (huge pages: fewer faults)
+            window = self.source.read_window(lo, hi, empty if pin else None)
+            indices = buffers["indices"] if "indices" in buffers else tensor(window.indices)
+            data = buffers["data"] if "data" in buffers else tensor(window.data)
+            return _HostChunk(tensor(window.indptr), indices, data, tensor(np.arange(lo, hi)), {k: tensor(v[lo:hi]) for k, v in self.covariates.items()},
+                              rows - lo, self._needs_finish)
+        X = read_rows(self.source, rows)
+        return _HostChunk(tensor(X.indptr.astype(np.int64)), tensor(X.indices), tensor(X.data.astype(np.float32, copy=False)),
+                          tensor(rows), {k: tensor(v[rows]) for k, v in self.covariates.items()}, np.arange(len(rows)), False)
+
+    def _to_device(self, chunk: _HostChunk, device: torch.device) -> _DeviceChunk:
         def put(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
 
-        return _DeviceChunk(chunk.indptr.numpy(), put(chunk.indptr), put(chunk.indices), put(chunk.data), put(chunk.rows),
-                            {k: put(v) for k, v in chunk.covariates.items()})
+        indptr, indices, data = put(chunk.indptr), put(chunk.indices), put(chunk.data)
+        host_indptr = chunk.indptr.numpy()
+        if chunk.stored:
+            gene_map = None if self._gene_map is None else put(self._gene_map)
+            indptr, indices, data = finish_on_device(indptr, indices, data, bool(getattr(self.source, "normalize", False)), gene_map)
+            host_indptr = indptr.cpu().numpy() if gene_map is not None else host_indptr
+        return _DeviceChunk(host_indptr, indptr, indices, data, put(chunk.rows), {k: put(v) for k, v in chunk.covariates.items()}, chunk.selected)
 
     def _batches(self, chunk: _DeviceChunk, order: np.ndarray) -> Iterator[Batch]:
         device = chunk.data.device
@@ -220,7 +295,7 @@ class CSRLoader:
             host = (self._read(piece, pin) for piece in pieces)
             chunks = (self._to_device(h, device) for h in (_prefetched(host, self.prefetch) if self.prefetch > 0 else host))
         for piece, chunk in zip(pieces, chunks):
-            order = rng.permutation(len(piece)) if self.shuffle else np.arange(len(piece))
+            order = chunk.selected[rng.permutation(len(piece))] if self.shuffle else chunk.selected
             yield from self._batches(chunk, order)
 
 

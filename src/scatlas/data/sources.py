@@ -6,10 +6,21 @@ On-disk sources read the ``indptr`` / ``indices`` / ``data`` arrays of AnnData's
 directly (h5py or zarr slices), never the whole matrix, and can normalise each chunk on the fly
 (:func:`scatlas.data.normalize_log1p`) and
 keep a subset of genes.
+
+For the loader, :meth:`read_window` hands out rows as stored (before normalisation and gene
+subset, which the loader then applies on the training device) and can write them straight into
+buffers the caller allocates (pinned memory for a GPU). From an uncompressed ``.h5ad`` it
+bypasses h5py: the byte ranges of the stored arrays are read with ``os.preadv`` from several
+threads, which release the GIL, so a prefetch thread does not stall the training loop.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,6 +45,27 @@ class CSRSource(Protocol):
         ...
 
 
+Empty = Callable[[str, int, np.dtype], np.ndarray]
+"""``empty(name, n, dtype)``: a caller-owned 1-D buffer where a source may read the window's ``"indices"`` or ``"data"``."""
+
+
+@dataclass
+class CSRWindow:
+    """Rows ``start:stop`` of a source as stored: not normalised, every stored gene.
+
+    ``indptr`` (int64) starts at 0; ``data`` is float32; ``indices`` keeps the stored integer type.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+def _window(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> CSRWindow:
+    """CSR arrays (``indptr`` from 0) as a window."""
+    return CSRWindow(indptr.astype(np.int64, copy=False), indices, data.astype(np.float32, copy=False))
+
+
 class InMemoryCSR:
     """A SciPy CSR matrix held in memory, seen as a source.
 
@@ -51,9 +83,23 @@ class InMemoryCSR:
         """(cells, genes)."""
         return self.X.shape
 
+    normalize = False
+    genes = None
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """(cells, genes) as stored (no gene subset)."""
+        return self.X.shape
+
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` (the matrix itself, not a copy, when all rows are asked for)."""
         return self.X if (start, stop) == (0, self.X.shape[0]) else self.X[start:stop]
+
+    def read_window(self, start: int, stop: int, empty: Empty | None = None) -> CSRWindow:
+        """Rows ``start:stop`` as a :class:`CSRWindow` of views of the matrix (``empty`` is not used)."""
+        indptr = self.X.indptr[start : stop + 1].astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        return _window(indptr - lo, self.X.indices[lo:hi], self.X.data[lo:hi])
 
 
 class _OnDiskSource:
@@ -76,11 +122,26 @@ class _OnDiskSource:
         """(cells, genes kept)."""
         return self._n_rows, self._n_genes_file if self.genes is None else len(self.genes)
 
-    def _finish(self, X: sp.csr_matrix) -> sp.csr_matrix:
-        """Normalise (when asked) and keep the chosen genes."""
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """(cells, genes) as stored (before the gene subset)."""
+        return self._n_rows, self._n_genes_file
+
+    def _read_stored(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as stored (float32 CSR, all genes, not normalised)."""
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as float32 CSR (normalised and gene-subset when asked)."""
+        X = self._read_stored(start, stop)
         if self.normalize:
             X = normalize_log1p(X)
         return X if self.genes is None else X[:, self.genes]
+
+    def read_window(self, start: int, stop: int, empty: Empty | None = None) -> CSRWindow:
+        """Rows ``start:stop`` as stored (see :class:`CSRWindow`; ``empty`` is not used here)."""
+        X = self._read_stored(start, stop)
+        return _window(X.indptr, X.indices, X.data)
 
 
 class AnnDataCSRSource(_OnDiskSource):
@@ -109,6 +170,7 @@ class AnnDataCSRSource(_OnDiskSource):
         self.normalize = normalize
         self.genes = None if genes is None else np.asarray(genes, dtype=np.int64)
         self._handle = None
+        self._extents: dict[str, _Extents] | None = None
         group = self._open()
         encoding = group.attrs.get("encoding-type", "") if hasattr(group, "attrs") else ""
         if encoding != "csr_matrix":
@@ -138,15 +200,45 @@ class AnnDataCSRSource(_OnDiskSource):
         self._handle = root[key]
         return self._handle
 
-    def read(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as float32 CSR (normalised and gene-subset when asked)."""
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_extents"] = None
+        return state
+
+    def _read_stored(self, start: int, stop: int) -> sp.csr_matrix:
+        window = self.read_window(start, stop)
+        return sp.csr_matrix((window.data, window.indices, window.indptr), shape=(stop - start, self._n_genes_file))
+
+    def _raw_arrays(self) -> dict[str, _Extents] | None:
+        """Byte extents of ``indices`` and ``data`` when both can be read around h5py (else ``None``)."""
+        if self._extents is None:
+            group = self._open()
+            found = {name: _Extents.of(group[name], self.path) for name in ("indices", "data")} if hasattr(group, "id") else {}
+            usable = found and all(found.values()) and found["indices"].dtype in (np.int32, np.int64)
+            self._extents = found if usable else {}
+        return self._extents or None
+
+    def read_window(self, start: int, stop: int, empty: Empty | None = None) -> CSRWindow:
+        """Rows ``start:stop`` as stored (see :class:`CSRWindow`).
+
+        From an uncompressed HDF5 file the ``indices`` and ``data`` bytes are read directly into
+        ``empty``'s buffers (when given), in parallel and without holding the GIL; otherwise
+        through h5py / zarr.
+        """
         group = self._open()
         indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
-        indices = np.asarray(group["indices"][lo:hi])
-        data = np.asarray(group["data"][lo:hi], dtype=np.float32)
-        X = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self._n_genes_file))
-        return self._finish(X)
+        raw = self._raw_arrays()
+        if raw is None:
+            return _window(indptr - lo, np.asarray(group["indices"][lo:hi]), np.asarray(group["data"][lo:hi], dtype=np.float32))
+        alloc = empty or (lambda name, n, dtype: np.empty(n, dtype))
+        indices = raw["indices"].read(lo, hi, alloc("indices", hi - lo, raw["indices"].dtype))
+        data = alloc("data", hi - lo, np.dtype(np.float32))
+        if raw["data"].dtype == np.float32:
+            raw["data"].read(lo, hi, data)
+        else:
+            data[...] = raw["data"].read(lo, hi, np.empty(hi - lo, raw["data"].dtype))
+        return CSRWindow(indptr - lo, indices, data)
 
 
 class SomaCSRSource(_OnDiskSource):
@@ -191,14 +283,100 @@ class SomaCSRSource(_OnDiskSource):
             self._handle = tiledbsoma.SparseNDArray.open(self._array_uri)
         return self._handle
 
-    def read(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` (joinids) as float32 CSR (normalised and gene-subset when asked)."""
+    def _read_stored(self, start: int, stop: int) -> sp.csr_matrix:
         table = self._open().read(coords=(slice(start, stop - 1),)).tables().concat()
         rows = table.column("soma_dim_0").to_numpy() - start
         cols = table.column("soma_dim_1").to_numpy()
         data = table.column("soma_data").to_numpy().astype(np.float32)
-        X = sp.csr_matrix((data, (rows, cols)), shape=(stop - start, self._n_genes_file))
-        return self._finish(X)
+        return sp.csr_matrix((data, (rows, cols)), shape=(stop - start, self._n_genes_file))
+
+
+class _Extents:
+    """Where the elements of an uncompressed HDF5 dataset lie in its file, for reads around h5py.
+
+    ``starts[i]`` is the first element of the i-th stored run and ``offsets[i]`` its byte offset
+    (one run for a contiguous dataset, one per chunk for a chunked one). Reads go through
+    ``os.preadv`` into the caller's buffer, split over a small thread pool.
+    """
+
+    _piece = 1 << 25  # bytes per parallel read
+
+    def __init__(self, path: Path, dtype: np.dtype, starts: np.ndarray, offsets: np.ndarray, size: int) -> None:
+        self.path, self.dtype, self.starts, self.offsets, self.size = path, dtype, starts, offsets, size
+        self._fd: int | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None, "_pool": None}
+
+    @classmethod
+    def of(cls, dataset: Any, path: Path) -> _Extents | None:
+        """Extents of an h5py ``dataset``, or ``None`` when it is filtered, external, partly unwritten or not native-endian."""
+        import h5py
+
+        plist, size = dataset.id.get_create_plist(), int(dataset.shape[0])
+        if plist.get_nfilters() or plist.get_external_count() or not dataset.dtype.isnative or dataset.ndim != 1:
+            return None
+        base = dataset.file.userblock_size
+        if plist.get_layout() == h5py.h5d.CONTIGUOUS:
+            offset = dataset.id.get_offset()
+            return None if offset is None and size else cls(path, dataset.dtype, np.zeros(1, np.int64), np.array([base + (offset or 0)]), size)
+        if plist.get_layout() != h5py.h5d.CHUNKED:
+            return None
+        chunk = int(dataset.chunks[0])
+        infos: list[Any] = []
+        try:
+            dataset.id.chunk_iter(infos.append)  # one pass over the chunk index (HDF5 >= 1.14)
+        except (AttributeError, NotImplementedError, RuntimeError):
+            infos = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+        if len(infos) != -(-size // chunk) or any(info.filter_mask or info.byte_offset is None for info in infos):
+            return None
+        infos.sort(key=lambda info: info.chunk_offset[0])
+        starts = np.array([info.chunk_offset[0] for info in infos], dtype=np.int64)
+        if not np.array_equal(starts, np.arange(len(infos), dtype=np.int64) * chunk):
+            return None
+        return cls(path, dataset.dtype, starts, base + np.array([info.byte_offset for info in infos], dtype=np.int64), size)
+
+    def _pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(first element, end element, byte offset) runs covering ``lo:hi``, adjacent runs merged, cut to ``_piece`` bytes."""
+        item = self.dtype.itemsize
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        runs: list[list[int]] = []
+        for i in range(first, len(self.starts)):
+            a, b = max(lo, int(self.starts[i])), min(hi, int(self.starts[i + 1]) if i + 1 < len(self.starts) else self.size)
+            if a >= b:
+                break
+            offset = int(self.offsets[i]) + (a - int(self.starts[i])) * item
+            if runs and runs[-1][1] == a and runs[-1][2] + (a - runs[-1][0]) * item == offset:
+                runs[-1][1] = b
+            else:
+                runs.append([a, b, offset])
+        step = max(1, self._piece // item)
+        return [(a, min(a + step, b), off + (a - a0) * item) for a0, b, off in runs for a in range(a0, b, step)]
+
+    def _read_piece(self, out: memoryview, offset: int) -> None:
+        while len(out):
+            got = os.preadv(self._fd, [out], offset)
+            if got <= 0:
+                raise InputError(f"{self.path}: file ended {len(out)} bytes early at byte {offset}")
+            out, offset = out[got:], offset + got
+
+    def read(self, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+        """Elements ``lo:hi`` into ``out`` (length ``hi − lo``, this dataset's dtype); returns ``out``."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="scatlas-read")
+            weakref.finalize(self, _close, self._fd, self._pool)
+        view = memoryview(out.view(np.uint8))
+        item = self.dtype.itemsize
+        pieces = self._pieces(lo, hi)
+        list(self._pool.map(lambda p: self._read_piece(view[(p[0] - lo) * item : (p[1] - lo) * item], p[2]), pieces))
+        return out
+
+
+def _close(fd: int, pool: ThreadPoolExecutor) -> None:
+    pool.shutdown(wait=False)
+    os.close(fd)
 
 
 def read_rows(source: CSRSource, rows: np.ndarray) -> sp.csr_matrix:
