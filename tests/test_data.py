@@ -26,6 +26,7 @@ from scatlas.data import (
     validate,
 )
 from scatlas.data.dataset import DatasetConfig, load_dataset
+from scatlas.data.loaders import _scatter_dense
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,20 @@ def test_hvg_uses_training_cells_only(cellbench):
     assert prep.X[train].max() == pytest.approx(1.0)
 
 
-def test_loader_batches_densify_to_scipy_rows(cellbench):
+@pytest.mark.parametrize("scipy_gather", [True, False], ids=["scipy-gather", "tensor-gather"])
+def test_loader_batches_densify_to_scipy_rows(cellbench, scipy_gather):
+    """Minibatches equal SciPy's rows, gathered by SciPy (CPU chunks) or by tensor ops (the GPU path, run on the CPU)."""
     X = sp.csr_matrix(cellbench.X, dtype=np.float32)
     rows = np.random.default_rng(0).choice(X.shape[0], 77, replace=False)
-    batches = list(CSRLoader(X, rows, batch_size=30))
+    loader = CSRLoader(X, rows, batch_size=30, covariates={"batch": np.arange(X.shape[0]) % 3})
+    loader._scipy_gather = scipy_gather
+    batches = list(loader)
+    assert all(np.array_equal(b["batch"].numpy(), b["row"].numpy() % 3) for b in batches)
     assert [len(b["row"]) for b in batches] == [30, 30, 17]
     got = np.concatenate([densify(b).numpy() for b in batches])
     np.testing.assert_array_equal(got, X[rows].toarray())  # unshuffled: the order given
+    scattered = [_scatter_dense(b["x_indptr"], b["x_indices"], b["x_data"], b["n_genes"], b["x_nnz"]).numpy() for b in batches]
+    np.testing.assert_array_equal(np.concatenate(scattered), got)  # the accelerator's densification
     assert all(b["x_nnz"] == b["x_data"].shape[0] for b in batches)
 
 
@@ -81,7 +89,7 @@ def test_streamed_h5ad_chunks_equal_in_memory(cellbench, tmp_path, monkeypatch, 
     monkeypatch.setattr(loaders, "finish_on_device", lambda *args: finished.append(len(args[0]) - 1) or finish(*args))
     rows = np.arange(3, counts.shape[0], 2)
     loader = CSRLoader(source, rows, batch_size=50, shuffle=True, chunk_size=128, seed=1, prefetch=2)
-    loader._finish_on_device = on_device
+    loader._finish_on_device, loader._scipy_gather = on_device, not on_device
     assert len(loader) == sum(-(-min(128, len(rows) - a) // 50) for a in range(0, len(rows), 128))
     seen = [(b["row"].numpy(), densify(b).numpy()) for b in loader]
     got_rows = np.concatenate([r for r, _ in seen])
@@ -91,7 +99,7 @@ def test_streamed_h5ad_chunks_equal_in_memory(cellbench, tmp_path, monkeypatch, 
     for n in (60, 600):  # unsorted; sparse (read in several windows) or dense (one window spanning gaps)
         scattered = np.random.default_rng(2).choice(counts.shape[0], n, replace=False)
         loader = CSRLoader(source, scattered, batch_size=25, chunk_size=n // 2)
-        loader._finish_on_device = on_device
+        loader._finish_on_device, loader._scipy_gather = on_device, not on_device
         np.testing.assert_allclose(np.concatenate([densify(b).numpy() for b in loader]), expected[scattered], rtol=1e-6)
     assert bool(finished) == on_device  # stored windows are finished by the loader only on an accelerator
     zarr_path = tmp_path / "cells.zarr"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from scatlas.data.sources import CSRSource, as_source, read_rows
@@ -41,7 +42,15 @@ def densify(batch: Mapping[str, Any]) -> torch.Tensor:
     """
     indptr, indices, data = batch["x_indptr"], batch["x_indices"], batch["x_data"]
     n_rows, n_genes = indptr.shape[0] - 1, int(batch["n_genes"])
-    rows = torch.repeat_interleave(torch.arange(n_rows, device=data.device), indptr.diff(), output_size=batch.get("x_nnz"))
+    if data.device.type == "cpu":  # SciPy's one C++ loop over NumPy's zeroed (huge) pages beats a fill plus a scatter
+        return torch.from_numpy(sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=(n_rows, n_genes)).toarray())
+    return _scatter_dense(indptr, indices, data, n_genes, batch.get("x_nnz"))
+
+
+def _scatter_dense(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Tensor, n_genes: int, nnz: int | None) -> torch.Tensor:
+    """Dense rows of CSR tensors by one scatter on their device (the accelerator path of :func:`densify`)."""
+    n_rows = indptr.shape[0] - 1
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=data.device), indptr.diff(), output_size=nnz)
     out = torch.zeros(n_rows * n_genes, dtype=data.dtype, device=data.device)
     out.index_put_((rows * n_genes + indices,), data)
     return out.view(n_rows, n_genes)
@@ -178,6 +187,7 @@ class CSRLoader:
         # source finishes its own rows (leaner in memory than tensor ops). A column map cannot repeat a gene.
         self._windowed = hasattr(self.source, "read_window") and (genes is None or len(np.unique(genes)) == len(genes))
         self._finish_on_device = torch.device(device).type != "cpu"
+        self._scipy_gather = True  # minibatches of CPU-resident chunks by SciPy row indexing (tests switch it off)
         self._gene_map: torch.Tensor | None = None  # output column of each stored gene (−1: dropped)
         if self._windowed and genes is not None:
             self._gene_map = torch.full((self.source.stored_shape[1],), -1, dtype=torch.int64)
@@ -255,24 +265,24 @@ class CSRLoader:
     def _batches(self, chunk: _DeviceChunk, order: np.ndarray) -> Iterator[Batch]:
         device = chunk.data.device
         order_d = torch.from_numpy(order).to(device, non_blocking=True)
-        n_batches = self._batches_in(len(order))
-        for i in range(n_batches):
+        # CPU-resident chunks: SciPy's row indexing (one C++ loop) beats the tensor gather there
+        host = (sp.csr_matrix((chunk.data.numpy(), chunk.indices.numpy(), chunk.host_indptr), shape=(len(chunk.host_indptr) - 1, self.n_genes))
+                if device.type == "cpu" and self._scipy_gather else None)
+        for i in range(self._batches_in(len(order))):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             local, local_d = order[sl], order_d[sl]
-            nnz = int((chunk.host_indptr[local + 1] - chunk.host_indptr[local]).sum())
-            starts = chunk.indptr[local_d]
-            lengths = chunk.indptr[local_d + 1] - starts
-            indptr = torch.zeros(len(local) + 1, dtype=torch.int64, device=device)
-            torch.cumsum(lengths, 0, out=indptr[1:])
-            take = torch.repeat_interleave(starts - indptr[:-1], lengths, output_size=nnz) + torch.arange(nnz, device=device)
-            batch: Batch = {
-                "x_indptr": indptr,
-                "x_indices": chunk.indices[take],
-                "x_data": chunk.data[take],
-                "x_nnz": nnz,
-                "n_genes": self.n_genes,
-                "row": chunk.rows[local_d],
-            }
+            if host is not None:
+                sub = host[local]
+                indptr, indices, data, nnz = torch.from_numpy(sub.indptr.astype(np.int64)), torch.from_numpy(sub.indices), torch.from_numpy(sub.data), sub.nnz
+            else:
+                nnz = int((chunk.host_indptr[local + 1] - chunk.host_indptr[local]).sum())
+                starts = chunk.indptr[local_d]
+                lengths = chunk.indptr[local_d + 1] - starts
+                indptr = torch.zeros(len(local) + 1, dtype=torch.int64, device=device)
+                torch.cumsum(lengths, 0, out=indptr[1:])
+                take = torch.repeat_interleave(starts - indptr[:-1], lengths, output_size=nnz) + torch.arange(nnz, device=device)
+                indices, data = chunk.indices[take], chunk.data[take]
+            batch: Batch = {"x_indptr": indptr, "x_indices": indices, "x_data": data, "x_nnz": nnz, "n_genes": self.n_genes, "row": chunk.rows[local_d]}
             for key, values in chunk.covariates.items():
                 batch[key] = values[local_d]
             yield batch
