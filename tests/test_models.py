@@ -108,3 +108,18 @@ def test_pca_baseline_reconstructs(split):
     recon = model.reconstruct(sdata, s.test)
     X = sdata.X[s.test].toarray()
     assert np.mean((recon - X) ** 2) < np.mean((X - X.mean(0)) ** 2)
+
+
+def test_ddp_strategies_get_the_configured_timeout():
+    """Registered DDP strategies are built with `ddp_timeout_minutes` (rank 0 may write outputs for long while the others wait); other names pass through."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from scatlas.experiment.config import TrainingConfig
+    from scatlas.train import lightning_strategy
+
+    config = TrainingConfig(strategy="ddp_spawn", ddp_timeout_minutes=7).to_train_config(seed=0, progress=False)
+    strategy = lightning_strategy(config)
+    assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(minutes=7) and strategy._start_method == "spawn"
+    assert lightning_strategy(TrainConfig(strategy="auto")) == "auto"

@@ -28,7 +28,7 @@ from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.validate import check_obs_keys
 from scatlas.metrics.clustering import kmeans_ari_nmi
 from scatlas.metrics.integration import Neighbors, neighbors_from_distances, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
-from scatlas.metrics.silhouette import bras, isolated_label_score, silhouette_batch, silhouette_samples
+from scatlas.metrics.silhouette import bras, isolated_label_score, rescaled_width, silhouette_batch, silhouette_samples
 
 BIO = ["Isolated labels", "KMeans NMI", "KMeans ARI", "Silhouette label", "cLISI"]
 BATCH = ["BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison"]
@@ -110,7 +110,7 @@ def score_embedding(Z: np.ndarray, graph: Neighbors, labels: np.ndarray, batch: 
     label_widths = silhouette_samples(Z, labels)
     row = {
         "Isolated labels": isolated_label_score(label_widths, labels, batch),
-        "Silhouette label": (float(label_widths.mean()) + 1) / 2,
+        "Silhouette label": rescaled_width(float(label_widths.mean())),
         "cLISI": clisi(graph, labels),
         "KMeans NMI": km["kmeans_nmi"],
         "KMeans ARI": km["kmeans_ari"],

@@ -17,6 +17,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 
 from scatlas.data.loaders import Batch, CSRLoader, densify
@@ -164,6 +166,10 @@ class TrainConfig:
         its own shard of the cells.
     num_nodes
         Machines for multi-node DDP.
+    ddp_timeout_minutes
+        How long a DDP rank waits in a collective (PyTorch's default is 30 min). Under ``scatlas
+        run`` the other ranks wait while rank 0 writes a split's outputs, which for millions of
+        cells with figures can take longer.
     chunk_size
         Cells per chunk streamed to the device (``None``: all cells of the split at once).
     seed
@@ -185,9 +191,18 @@ class TrainConfig:
     devices: int | str = "auto"
     strategy: str = "auto"
     num_nodes: int = 1
+    ddp_timeout_minutes: float = 180.0
     chunk_size: int | None = None
     seed: int = 0
     progress: bool = True
+
+
+def lightning_strategy(config: TrainConfig) -> str | Strategy:
+    """``config.strategy`` for the Trainer: a registered DDP strategy is built with ``config.ddp_timeout_minutes``."""
+    entry = StrategyRegistry[config.strategy] if config.strategy in StrategyRegistry else None
+    if entry is not None and issubclass(entry["strategy"], DDPStrategy):
+        return entry["strategy"](**entry["init_params"], timeout=timedelta(minutes=config.ddp_timeout_minutes))
+    return config.strategy
 
 
 @dataclass
@@ -268,7 +283,7 @@ def fit(
         max_epochs=config.max_epochs,
         accelerator=config.accelerator,
         devices=config.devices,
-        strategy=config.strategy,
+        strategy=lightning_strategy(config),
         num_nodes=config.num_nodes,
         logger=False,
         callbacks=callbacks,

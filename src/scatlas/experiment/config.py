@@ -69,6 +69,7 @@ class TrainingConfig(_Strict):
     devices: int | str = "auto"
     strategy: str = "auto"
     num_nodes: int = Field(1, ge=1)
+    ddp_timeout_minutes: float = Field(180.0, gt=0)
     chunk_size: int | None = Field(None, ge=1)
 
     def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:

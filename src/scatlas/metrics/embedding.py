@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from scatlas.metrics.clustering import calinski_harabasz, davies_bouldin, kmeans_ari_nmi
-from scatlas.metrics.silhouette import silhouette_batch, silhouette_score
+from scatlas.metrics.silhouette import rescaled_width, silhouette_batch, silhouette_score
 
 
 def _safe(fn, *args) -> float:  # type: ignore[no-untyped-def]
@@ -64,7 +64,7 @@ def embedding_scores(
         scores[f"calinski_harabasz_{name}"] = _safe(calinski_harabasz, X, y)
     if labels is not None:
         y = groups["label"]
-        scores["silhouette_label_scib"] = (scores["silhouette_label"] + 1) / 2
+        scores["silhouette_label_scib"] = rescaled_width(scores["silhouette_label"])
         scores["silhouette_batch_scib"] = silhouette_batch(X, y, batch)
         if kmeans and len(np.unique(y)) > 1:
             scores.update(kmeans_ari_nmi(X, y, seed=seed))

@@ -11,11 +11,15 @@ tile is a block of rows against all cells, about 128 MB.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import pandas as pd
 import torch
 
 from scatlas.metrics._device import metric_device
+
+_Width = TypeVar("_Width", float, np.ndarray)
 
 _CHUNK_BYTES = 2**27
 _CPU_TILE = 1024
@@ -115,10 +119,15 @@ def silhouette_score(X: np.ndarray, labels: np.ndarray, **kwargs: object) -> flo
     return float(np.mean(silhouette_samples(X, labels, **kwargs)))
 
 
+def rescaled_width(width: _Width) -> _Width:
+    """A silhouette width (or mean width) in [−1, 1] mapped to scib's [0, 1]: ``(width + 1) / 2``."""
+    return (width + 1) / 2
+
+
 def silhouette_label(X: np.ndarray, labels: np.ndarray, rescale: bool = True, **kwargs: object) -> float:
-    """Cell-type ASW as scib-metrics defines it: ``(ASW + 1) / 2`` when ``rescale`` (higher = better)."""
+    """Cell-type ASW as scib-metrics defines it: :func:`rescaled_width` of the ASW when ``rescale`` (higher = better)."""
     asw = silhouette_score(X, labels, **kwargs)
-    return (asw + 1) / 2 if rescale else asw
+    return rescaled_width(asw) if rescale else asw
 
 
 def silhouette_batch(
@@ -180,5 +189,5 @@ def isolated_label_score(samples: np.ndarray, labels: np.ndarray, batch: np.ndar
     labels, batch = np.asarray(labels), np.asarray(batch)
     per_label = pd.DataFrame({"label": labels, "batch": batch}).drop_duplicates().groupby("label")["batch"].count()
     isolated = per_label[per_label <= per_label.min()].index
-    s = (samples + 1) / 2 if rescale else samples
+    s = rescaled_width(samples) if rescale else samples
     return float(np.mean([s[labels == lab].mean() for lab in isolated]))
