@@ -19,7 +19,10 @@ Benchmarker no longer computes), each side in its own fresh process; imports exc
 ``--per-metric`` also times each metric on its own in this process (ours first; scib-metrics'
 JIT compilation then falls on whichever of its metrics first needs it).
 
+``--skip-scib`` times scatlas alone (for sizes scib-metrics cannot finish on the machine).
+
     python benchmarks/metrics_speed.py --cells 10000 100000 [--per-metric]
+    python benchmarks/metrics_speed.py --cells 1000000 --skip-scib
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, nargs="+", default=[10000])
     parser.add_argument("--per-metric", action="store_true", help="also time each metric on its own")
+    parser.add_argument("--skip-scib", action="store_true", help="time scatlas alone on our graph (sizes scib-metrics cannot finish on this machine)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     for n in args.cells:
@@ -154,6 +158,11 @@ def main() -> None:
         graph_s = time.perf_counter() - start
         method = "GPU brute force" if torch.cuda.is_available() else "scikit-learn exact" if n <= 100_000 else "pynndescent"
         print(f"\n{n:,} cells × 30 dims, 40 donors, 4 cell types; our kNN graph ({method}, k = 90): {graph_s:.2f} s")
+        if args.skip_scib:
+            ours = isolated(_ours, data, graph, True)
+            print(ours.get("error") or f"suite, our graph, warmed: {ours['wall_s']:.1f} s (peak RSS {ours['peak_rss_gb']:.2f} GB); scib-metrics not run")
+            print("    " + ", ".join(f"{k} {v:.4f}" for k, v in ours.get("row", {}).items()))
+            continue
         print(f"{'':34s} {'scatlas s':>10s} {'scib-metrics s':>15s} {'ratio':>7s}")
         _compare("suite, same graph, warmed", isolated(_ours, data, graph, True), isolated(_scib, data, graph, True))
         _compare("suite + own graph, fresh process", isolated(_ours, data, None, False), isolated(_scib, data, None, False))

@@ -9,8 +9,10 @@ and no device synchronisation per minibatch. Minibatches travel as CSR triplets
 (``x_indptr``, ``x_indices``, ``x_data``) and are densified on the device (:func:`densify`).
 
 A chunk is read as the contiguous window of stored rows that spans its selected rows (when that
-window is at most twice their number), straight into pinned buffers; library-size normalisation,
-``log1p`` and the gene subset of the source are then applied on the device, once per chunk.
+window is at most twice their number). For a GPU it goes straight into pinned buffers, and the
+source's library-size normalisation, ``log1p`` and gene subset are applied on the device, once per
+chunk. On the CPU the source finishes its rows itself, and minibatches are cut and densified with
+SciPy (one C++ loop each), which beats the tensor gather there.
 
 Shuffling is by chunk and within chunk (seeded per epoch). Under ``torch.distributed`` (Lightning
 DDP) each rank streams only its own contiguous, equally sized shard of the rows.

@@ -75,6 +75,9 @@ class InMemoryCSR:
         Cells × genes sparse (or dense) matrix; converted to float32 CSR once.
     """
 
+    normalize = False  # rows are used as they are: no per-chunk normalisation, no gene subset
+    genes = None
+
     def __init__(self, X: Any) -> None:
         self.X = sp.csr_matrix(X, dtype=np.float32)
 
@@ -82,9 +85,6 @@ class InMemoryCSR:
     def shape(self) -> tuple[int, int]:
         """(cells, genes)."""
         return self.X.shape
-
-    normalize = False
-    genes = None
 
     @property
     def stored_shape(self) -> tuple[int, int]:
