@@ -184,7 +184,8 @@ class CSRLoader:
         self.pin_memory = pin_memory
         self.shard = shard
         genes = getattr(self.source, "genes", None)
-        self._needs_finish = bool(getattr(self.source, "normalize", False)) or genes is not None
+        self._normalize = bool(getattr(self.source, "normalize", False))
+        self._needs_finish = self._normalize or genes is not None
         # Chunks are read as windows of stored rows: as they are, or finished on an accelerator. On the CPU the
         # source finishes its own rows (leaner in memory than tensor ops). A column map cannot repeat a gene.
         self._windowed = hasattr(self.source, "read_window") and (genes is None or len(np.unique(genes)) == len(genes))
@@ -192,8 +193,8 @@ class CSRLoader:
         self._scipy_gather = True  # minibatches of CPU-resident chunks by SciPy row indexing (tests switch it off)
         self._gene_map: torch.Tensor | None = None  # output column of each stored gene (−1: dropped)
         if self._windowed and genes is not None:
-            self._gene_map = torch.full((self.source.stored_shape[1],), -1, dtype=torch.int64)
-            self._gene_map[torch.from_numpy(np.asarray(genes, dtype=np.int64))] = torch.arange(len(genes))
+            self._gene_map = torch.full((self.source.stored_shape[1],), -1, dtype=torch.int32)
+            self._gene_map[torch.from_numpy(np.asarray(genes, dtype=np.int64))] = torch.arange(len(genes), dtype=torch.int32)
         self._epoch = 0
         self._resident: _DeviceChunk | None = None  # the one chunk of a single-chunk loader, kept across epochs
 
@@ -260,7 +261,7 @@ class CSRLoader:
         host_indptr = chunk.indptr.numpy()
         if chunk.stored:
             gene_map = None if self._gene_map is None else put(self._gene_map)
-            indptr, indices, data = finish_on_device(indptr, indices, data, bool(getattr(self.source, "normalize", False)), gene_map)
+            indptr, indices, data = finish_on_device(indptr, indices, data, self._normalize, gene_map)
             host_indptr = indptr.cpu().numpy() if gene_map is not None else host_indptr
         return _DeviceChunk(host_indptr, indptr, indices, data, put(chunk.rows), {k: put(v) for k, v in chunk.covariates.items()}, chunk.selected)
 
