@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
 from _common import SHARED, isolated, machine, resampled_counts
-from scatlas.annotation import load_annotate_config, train_annotator
+from scatlas.tl._annotation import load_annotate_config, train_annotator
 from scatlas.data import highly_variable_genes, kfold_splits, normalize_log1p
 from scatlas.metrics import confidence_interval
 from scatlas.models import build_model

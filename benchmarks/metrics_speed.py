@@ -4,7 +4,7 @@ Real OneK1K PBMCs resampled to ``--cells`` (each draw binomially thinned to half
 repeated draws are distinct cells), log-normalised, 30-d PCA (the embedding) and 50-d PCA of the
 first 500 genes (the unintegrated reference for PCR comparison).
 
-Whole suite: ``scatlas.benchmark.score_embedding`` against scib-metrics' ``Benchmarker`` (its
+Whole suite: ``scatlas.tl._benchmark.score_embedding`` against scib-metrics' ``Benchmarker`` (its
 default metrics plus Leiden NMI/ARI) plus ``silhouette_batch`` (a column of ours that the
 Benchmarker no longer computes), each side in its own fresh process; imports excluded. Two ways:
 
@@ -75,7 +75,7 @@ def _timed(run: Suite, data: dict[str, np.ndarray], graph: I.Neighbors | None, w
 
 def _ours(data: dict[str, np.ndarray], graph: I.Neighbors | None, warm: bool) -> dict[str, Any]:
     """``score_embedding`` on ``graph`` (or on its own graph, built inside the timing, when None)."""
-    from scatlas.benchmark import score_embedding
+    from scatlas.tl._benchmark import score_embedding
 
     def run(d: dict[str, np.ndarray], g: I.Neighbors | None) -> dict[str, float]:
         return score_embedding(d["Z"], g or I.knn(d["Z"], 90), d["labels"], d["batch"], d["pre"])

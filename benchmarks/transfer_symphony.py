@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from _common import SHARED, machine
 from scatlas.data import normalize_log1p
-from scatlas.transfer import load_transfer_config, run_transfer
+from scatlas.tl._transfer import load_transfer_config, run_transfer
 
 SCANVI = {"3pv1": (0.914, 0.723), "5p": (0.956, 0.813)}
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from scatlas import InputError
-from scatlas.annotation import Annotator, load_annotate_config, train_annotator
+from scatlas.tl._annotation import Annotator, load_annotate_config, train_annotator
 from scatlas.cli import app
 from scatlas.losses import hierarchical_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct

@@ -64,7 +64,7 @@ def test_score_embedding_matches_benchmarker(symphony):
     """The whole row against scib-metrics' Benchmarker (+ Leiden) given the same kNN graph."""
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
 
-    from scatlas.benchmark import score_embedding
+    from scatlas.tl._benchmark import score_embedding
 
     X, Z, labels, batch = symphony
     pre = PCA(50, random_state=0).fit_transform(X)

@@ -116,7 +116,7 @@ def test_ddp_strategies_get_the_configured_timeout():
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    from scatlas.experiment.config import TrainingConfig
+    from scatlas.settings import TrainingConfig
     from scatlas.train import lightning_strategy
 
     config = TrainingConfig(strategy="ddp_spawn", ddp_timeout_minutes=7).to_train_config(seed=0, progress=False)

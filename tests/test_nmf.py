@@ -141,7 +141,7 @@ from scatlas.cli import app
 def rss(field):
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field)) / 2**20
 
-import scatlas.factors, scatlas.models, lightning  # everything the command imports, before the baseline
+import scatlas.tl._factors, scatlas.models, lightning  # everything the command imports, before the baseline
 print("baseline", rss("VmRSS:"))
 try:
     app(sys.argv[1:], standalone_mode=False)
@@ -194,8 +194,8 @@ def test_symphony_conditioning_removes_chemistry_and_keeps_cell_types(symphony_p
     from sklearn.metrics import silhouette_score
 
     from scatlas.data.dataset import DatasetConfig
-    from scatlas.experiment.config import TrainingConfig
-    from scatlas.factors import fit_factors
+    from scatlas.settings import TrainingConfig
+    from scatlas.tl._factors import fit_factors
     from scatlas.metrics.clustering import leiden_agreement
 
     dataset = DatasetConfig(name="sym", path=symphony_path, batch_key="batch", label_key="cell_type")

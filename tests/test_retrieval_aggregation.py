@@ -9,7 +9,7 @@ from statsmodels.stats.multitest import multipletests
 from typer.testing import CliRunner
 
 from scatlas import InputError
-from scatlas.aggregation import load_aggregate_config, make_samples, run_aggregation, toy_covariance
+from scatlas.tl._aggregation import load_aggregate_config, make_samples, run_aggregation, toy_covariance
 from scatlas.cli import app
 from scatlas.metrics import retrieval
 

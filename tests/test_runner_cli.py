@@ -181,7 +181,7 @@ def test_every_example_config_is_valid(example, monkeypatch):
     """Each shipped example parses, its dataset passes validation and its splits can be made."""
     from scatlas.data.dataset import load_dataset
     from scatlas.experiment import load_config
-    from scatlas.experiment.runner import make_splits
+    from scatlas.data.splits import make_splits
 
     monkeypatch.chdir(REPO)
     cfg = load_config(REPO / "examples" / example)

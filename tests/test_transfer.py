@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from scatlas.cli import app
 from scatlas.metrics import expected_calibration_error, fit_temperature
 from scatlas.metrics.calibration import softmax
-from scatlas.transfer import load_transfer_config, run_transfer
+from scatlas.tl._transfer import load_transfer_config, run_transfer
 
 runner = CliRunner()
 

@@ -8,8 +8,6 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import numpy as np
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -179,7 +177,7 @@ def annotate_train(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model."""
-    from scatlas.annotation import load_annotate_config, train_annotator
+    from scatlas.tl._annotation import load_annotate_config, train_annotator
 
     cfg = load_annotate_config(
         {
@@ -218,7 +216,7 @@ def annotate_predict(
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
 ) -> None:
     """Annotate a query with a trained model (genes aligned by name, missing ones zero-filled)."""
-    from scatlas.annotation import predict_annotations
+    from scatlas.tl._annotation import predict_annotations
 
     model_dir = model_dir / "model" if (model_dir / "model" / "annotator.yaml").exists() else model_dir
     adata = predict_annotations(model_dir, query, out, layer, min_overlap, log=console.print)
@@ -236,7 +234,7 @@ def annotate_evaluate(
     pred_key: Annotated[str | None, typer.Option(help="Prediction column (default: the one ending in _pred).")] = None,
 ) -> None:
     """Exact and (with CL ids) hierarchy-aware metrics of stored predictions."""
-    from scatlas.annotation import evaluate_annotations
+    from scatlas.tl._annotation import evaluate_annotations
 
     overall = evaluate_annotations(predictions, truth_key, out, pred_key)
     console.print(overall.to_string(index=False))
@@ -263,7 +261,7 @@ def transfer(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
-    from scatlas.transfer import METHODS, load_transfer_config, run_transfer
+    from scatlas.tl._transfer import METHODS, load_transfer_config, run_transfer
 
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
@@ -307,7 +305,7 @@ def aggregate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP."""
-    from scatlas.aggregation import load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
+    from scatlas.tl._aggregation import load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
                                 "max_epochs": max_epochs, "features": features, "group_key": group_key}
@@ -338,9 +336,64 @@ def aggregate(
         table.add_column(column)
     for _, r in shown.iterrows():
         half = r["ci_high"] - r["mean"]
-        table.add_row(r["task"], r["method"], r["metric"], f"{r['mean']:.3f}", "" if np.isnan(half) else f"{half:.3f}")
+        table.add_row(r["task"], r["method"], r["metric"], f"{r['mean']:.3f}", "" if half != half else f"{half:.3f}")
     console.print(table)
     console.print(f"results: {out} (report: {out / 'report.html'})")
+
+
+def _option_values(values: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each value parsed as YAML (``latent_dim=30``, ``hidden=[256,64]``)."""
+    import yaml
+
+    options = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. latent_dim=30")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+@app.command()
+@_user_errors
+def embed(
+    data: Annotated[Path, typer.Argument(help=".h5ad with raw counts or log-normalised values.")],
+    out: Annotated[Path, typer.Option(help="Results-only .h5ad (latent in .obsm, W in .varm for factor models); the model is saved beside it in OUT_model/.")],
+    model: Annotated[str, typer.Option(help="pca, ae, aec, fe, fec, re, nmf, aenmf or cond_aenmf (`scatlas models`).")] = "ae",
+    batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
+    label_key: Annotated[str | None, typer.Option(help="Cell-type column (aec, fec need it).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Layer holding the matrix (default .X).")] = None,
+    input: Annotated[str, typer.Option(help="auto (counts if whole numbers), counts or lognorm.")] = "auto",
+    key_added: Annotated[str | None, typer.Option(help=".obsm key (default X_<model>).")] = None,
+    n_top_genes: Annotated[int, typer.Option(help="Highly variable genes (0 = all genes).")] = 2000,
+    max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs (default 100, early stopping on 10% held-out cells).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same latent on CPU.")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Model or training option KEY=VALUE (repeatable), e.g. --set latent_dim=30 --set batch_size=512.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and model directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model."""
+    from scatlas._io import atomic_path
+    from scatlas.data import read_h5ad
+    from scatlas.tl._embed import embed as fit_embedding, results_anndata
+
+    model_dir = out.with_name(f"{out.stem}_model")
+    if out.suffix != ".h5ad":
+        raise ConfigError(f"--out {out}: give a .h5ad file name")
+    for path in (out, model_dir):
+        if path.exists() and not overwrite:
+            raise ConfigError(f"{path} exists (pass --overwrite)")
+    adata = read_h5ad(data)
+    result = fit_embedding(adata, model, batch_key=batch_key, label_key=label_key, layer=layer, input=input, key_added=key_added,  # type: ignore[arg-type]
+                           n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print,
+                           **_option_values(set_ or []))
+    result.save(model_dir, overwrite=overwrite)
+    with atomic_path(out) as tmp:
+        results_anndata(adata, [label_key, batch_key]).write_h5ad(tmp)
+    latent = adata.obsm[result.key]
+    console.print(f"{result.name}: {latent.shape[0]} cells × {latent.shape[1]} dimensions in .obsm[{result.key!r}], {len(result.history)} epochs; "
+                  f"{len(result.prep.genes)} genes")
+    console.print(f"results: {out}; model: {model_dir} (scatlas.load_model)", soft_wrap=True)
 
 
 @app.command()
@@ -363,8 +416,8 @@ def nmf(
 ) -> None:
     """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks."""
     from scatlas.data.dataset import DatasetConfig
-    from scatlas.experiment.config import TrainingConfig, parse_settings
-    from scatlas.factors import run_factors
+    from scatlas.settings import TrainingConfig, parse_settings
+    from scatlas.tl._factors import run_factors
 
     dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": input, "batch_key": batch_key, "label_key": label_key})
     training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size})
@@ -389,7 +442,7 @@ def benchmark_command(
     counts: Annotated[bool, typer.Option("--counts/--lognorm", help="X holds counts (for the default PCA).")] = True,
 ) -> None:
     """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding)."""
-    from scatlas.benchmark import benchmark, write_benchmark
+    from scatlas.tl._benchmark import benchmark, write_benchmark
     from scatlas.data import read_h5ad
 
     adata = read_h5ad(data)

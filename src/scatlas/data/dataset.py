@@ -150,24 +150,53 @@ def load_dataset(config: DatasetConfig, extra_keys: tuple[str, ...] = ()) -> Cel
     adata = read_h5ad(config.path, backed=config.backed)
     if config.filter:
         adata = apply_filter(adata, config.filter)
-    validate(
-        adata,
-        batch_key=config.batch_key,
-        label_key=config.label_key,
-        extra_keys=extra_keys,
-        layer=config.layer,
-        require_counts=config.input == "counts",
-    )
+    return cell_data(adata, config.name, batch_key=config.batch_key, label_key=config.label_key, layer=config.layer,
+                     counts=config.input == "counts", extra_keys=extra_keys)
+
+
+def cell_data(
+    adata: ad.AnnData,
+    name: str = "data",
+    *,
+    batch_key: str | None = None,
+    label_key: str | None = None,
+    layer: str | None = None,
+    counts: bool = True,
+    extra_keys: tuple[str | None, ...] = (),
+) -> CellData:
+    """Validate an AnnData (in memory or backed) and log-normalise its matrix.
+
+    Parameters
+    ----------
+    adata
+        The cells; nothing in it is changed.
+    name
+        Dataset name for the output layout.
+    batch_key, label_key
+        Batch / donor and cell-type columns (``None``: one batch, no labels).
+    layer
+        Layer holding the matrix (``None`` = ``.X``).
+    counts
+        The matrix holds raw integer counts (normalised + log1p here); else it is used as is.
+    extra_keys
+        Other obs columns that must exist.
+
+    Raises
+    ------
+    InputError
+        As :func:`~scatlas.data.validate.validate`, or when ``obs_names`` repeat.
+    """
+    validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts)
     obs = adata.obs.copy()
     obs.index = obs.index.astype(str)
     if not obs.index.is_unique:
         raise InputError(f"{source_name(adata)}: obs_names are not unique; run adata.obs_names_make_unique()")
     return CellData(
-        name=config.name,
-        lognorm=_lognorm_matrix(adata, config.layer, counts=config.input == "counts"),
+        name=name,
+        lognorm=_lognorm_matrix(adata, layer, counts=counts),
         var_names=adata.var_names.to_numpy().astype(str),
         obs=obs,
-        batch=_categorical(obs[config.batch_key] if config.batch_key else pd.Series("all", index=obs.index)),
-        label=_categorical(obs[config.label_key]) if config.label_key else None,
+        batch=_categorical(obs[batch_key] if batch_key else pd.Series("all", index=obs.index)),
+        label=_categorical(obs[label_key]) if label_key else None,
         obsm={k: np.asarray(v) for k, v in adata.obsm.items()},
     )

@@ -13,13 +13,17 @@ them into the table saved with a run so any result can be reproduced.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedKFold, train_test_split
 
-from scatlas._errors import InputError
+from scatlas._errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from scatlas.data.dataset import CellData
+    from scatlas.settings import SplitConfig
 
 SplitKind = Literal["kfold", "donor", "study"]
 PARTS = ("train", "val", "test")
@@ -123,3 +127,16 @@ def assignment_table(splits: list[Split], cell_ids: np.ndarray) -> pd.DataFrame:
             column[split.part(name)] = name
         table[f"split_{split.number}"] = column
     return table
+
+
+def make_splits(cfg: SplitConfig, group_key: str | None, data: CellData) -> list[Split]:
+    """The splits ``cfg`` describes over ``data`` (``group_key``: donor / study column)."""
+    if cfg.kind == "kfold":
+        return kfold_splits(data.strata(), cfg.n_splits, cfg.seed)
+    if group_key is None:
+        raise ConfigError(f"split kind {cfg.kind!r} needs a group_key (donor / study column)")
+    groups = data.obs[group_key].astype(str).to_numpy()
+    if cfg.kind == "donor":
+        return group_splits(groups, cfg.n_splits, cfg.seed)
+    strata = np.asarray(data.label, dtype=str) if data.label is not None else groups
+    return study_splits(groups, strata, cfg.val_fraction, cfg.seed)

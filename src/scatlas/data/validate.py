@@ -155,3 +155,10 @@ def validate(
     if label_key is not None:
         check_groups(adata, label_key, min_size=1, min_groups=2)
     check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key)
+
+
+def is_count_matrix(adata: ad.AnnData, layer: str | None = None, n_cells: int = 10_000) -> bool:
+    """Whether the first ``n_cells`` cells of the matrix hold only whole, non-negative numbers (raw counts)."""
+    values = _chunk_values(get_matrix(adata, layer)[:n_cells])
+    finite = values[np.isfinite(values)]
+    return bool(finite.size == 0 or ((finite >= 0) & (finite == np.round(finite))).all())

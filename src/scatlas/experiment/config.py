@@ -20,64 +20,18 @@ Example (``examples/cellbench_5cl.yaml``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
 from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, parse_model_config
-from scatlas.train import TrainConfig
+from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Strict, parse_settings
 
 
-S = TypeVar("S", bound=BaseModel)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PreprocessConfig(_Strict):
-    """Preprocessing (fitted on each split's training cells)."""
-
-    n_top_genes: int | None = Field(2000, ge=1)
-    scale: Literal["none", "maxabs", "standard"] = "none"
-
-
-class SplitConfig(_Strict):
-    """How cells are split: ``kfold`` (stratified by batch × label), ``donor`` or ``study`` held out."""
-
-    kind: Literal["kfold", "donor", "study"] = "kfold"
-    n_splits: int = Field(5, ge=3)
-    group_key: str | None = None
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
-
-
-class TrainingConfig(_Strict):
-    """Trainer settings shared by the neural models (see :class:`scatlas.train.TrainConfig`)."""
-
-    max_epochs: int = Field(100, ge=1)
-    batch_size: int = Field(256, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_decay: float | None = Field(None, gt=0, le=1)
-    gradient_clip: float | None = Field(None, gt=0)
-    patience: int = Field(10, ge=0)
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
-    num_nodes: int = Field(1, ge=1)
-    ddp_timeout_minutes: float = Field(180.0, gt=0)
-    chunk_size: int | None = Field(None, ge=1)
-
-    def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:
-        """The engine's dataclass (``extra``: engine fields such as ``monitor``)."""
-        return TrainConfig(**self.model_dump(), seed=seed, progress=progress, **extra)
-
-
-class EvaluationConfig(_Strict):
+class EvaluationConfig(Strict):
     """What is written and scored for every split."""
 
     sample_size: int = Field(10_000, ge=10)
@@ -86,7 +40,7 @@ class EvaluationConfig(_Strict):
     figures: bool = True
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     """Where results go: ``<dir>/<dataset>_outputs/latent_space/<scenario>/<model>/<run>``."""
 
     dir: Path = Path("outputs")
@@ -94,7 +48,7 @@ class OutputConfig(_Strict):
     run: str = "run1"
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Strict):
     """A whole experiment: data, preprocessing, splits, training, models, evaluation, outputs."""
 
     dataset: DatasetConfig
@@ -150,18 +104,6 @@ class ExperimentConfig(_Strict):
         return self.split.group_key or self.dataset.batch_key
 
 
-def _format_errors(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
-
-
-def parse_settings(schema: type[S], values: dict[str, Any], where: str = "") -> S:
-    """Validate ``values`` against a pydantic ``schema``; errors become one :class:`ConfigError` line."""
-    try:
-        return schema.model_validate(values)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}{_format_errors(exc)}") from exc
-
-
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file.
 
@@ -185,7 +127,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_format_errors(exc)}") from exc
+        raise ConfigError(f"{path}: {format_errors(exc)}") from exc
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     data_path = config.dataset.path

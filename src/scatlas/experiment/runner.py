@@ -25,14 +25,15 @@ from scatlas._errors import ConfigError
 from scatlas._io import write_csv, write_npy, write_yaml
 from scatlas.data.dataset import CellData, load_dataset
 from scatlas.data.preprocess import preprocess_split
-from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
-from scatlas.experiment.config import ExperimentConfig, SplitConfig
+from scatlas.data.splits import Split, assignment_table, make_splits
+from scatlas.experiment.config import ExperimentConfig
 from scatlas.experiment.compare import compare_runs
 from scatlas.experiment.layout import RunLayout, safe_name
 from scatlas.metrics.embedding import embedding_scores
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import REGISTRY, AnyModel, CounterfactualModel, EmbeddingModel, LatentClassifier, ModelConfig, SplitData, build_model
 from scatlas.plot.figures import embedding_panels, loss_curves, umap_coordinates
+from scatlas.tl._factors import ranked_loadings
 from scatlas.train import is_main_process
 
 Log = Callable[[str], None]
@@ -44,19 +45,6 @@ class RunResult:
 
     layouts: dict[str, RunLayout]
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def make_splits(cfg: SplitConfig, group_key: str | None, data: CellData) -> list[Split]:
-    """The splits ``cfg`` describes over ``data`` (``group_key``: donor / study column)."""
-    if cfg.kind == "kfold":
-        return kfold_splits(data.strata(), cfg.n_splits, cfg.seed)
-    if group_key is None:
-        raise ConfigError(f"split kind {cfg.kind!r} needs a group_key (donor / study column)")
-    groups = data.obs[group_key].astype(str).to_numpy()
-    if cfg.kind == "donor":
-        return group_splits(groups, cfg.n_splits, cfg.seed)
-    strata = np.asarray(data.label, dtype=str) if data.label is not None else groups
-    return study_splits(groups, strata, cfg.val_fraction, cfg.seed)
 
 
 def split_data(config: ExperimentConfig, data: CellData, split: Split) -> SplitData:
@@ -241,16 +229,6 @@ def _aggregate_classifier(layout: RunLayout, splits: list[int]) -> None:
     table = pd.concat(frames, ignore_index=True)
     write_csv(table, layout.latent_dir / "metrics_allfolds.csv")
     write_csv(fold_summary(table.drop(columns=["split"]), by=["part", "classifier"]), layout.latent_dir / "metrics_allfolds_95CI.csv")
-
-
-def ranked_loadings(W: np.ndarray, genes: np.ndarray | None, top: int = 50) -> pd.DataFrame:
-    """The ``top`` genes of every factor of a genes × K loading matrix, by weight."""
-    genes = np.asarray(genes) if genes is not None else np.arange(W.shape[0]).astype(str)
-    rows = []
-    for k in range(W.shape[1]):
-        order = np.argsort(-W[:, k])[:top]
-        rows += [{"factor": k, "rank": r + 1, "gene": genes[g], "weight": float(W[g, k])} for r, g in enumerate(order)]
-    return pd.DataFrame(rows)
 
 
 def _silent(_: str) -> None:

@@ -106,6 +106,8 @@ class EmbeddingModel(abc.ABC):
     latent_name: ClassVar[str] = "latent"
     #: Whether the model needs labels to train.
     needs_labels: ClassVar[bool] = False
+    #: Whether embedding a cell needs its batch (so new cells must come from a training batch).
+    uses_batch: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
         self.config = config
@@ -126,6 +128,61 @@ class EmbeddingModel(abc.ABC):
     def params(self) -> dict[str, Any]:
         """Hyper-parameters written to ``model_params.yaml``."""
         return self.config.model_dump(mode="json")
+
+    def save_state(self, directory: Path) -> None:
+        """Write what :meth:`load_state` needs to rebuild the fitted model into ``directory``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+
+    def load_state(self, directory: Path, shape: SplitData) -> None:
+        """Restore a model written by :meth:`save_state`; ``shape`` has the training data's dimensions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be loaded")
+
+
+def shape_stub(n_genes: int, batch_names: list[str], label_names: list[str] | None) -> SplitData:
+    """An all-zero :class:`SplitData` with given genes, batches and labels, to rebuild a module of those dimensions."""
+    n = max(2, len(batch_names), len(label_names or ()))
+    rows = np.arange(n)
+    return SplitData(
+        X=sp.csr_matrix((n, n_genes), dtype=np.float32), train=rows, val=rows[:0], batch=rows % len(batch_names), batch_names=list(batch_names),
+        label=rows % len(label_names) if label_names else None, label_names=list(label_names) if label_names else None,
+    )
+
+
+class SklearnState:
+    """Saving for models whose fitted state is one scikit-learn estimator, stored in attribute :attr:`estimator_attr`.
+
+    The estimator's constructor parameters go to ``estimator.yaml`` and its public fitted attributes
+    (names ending in ``_``) to ``estimator.npz``; nothing is pickled.
+    """
+
+    estimator_attr: ClassVar[str]
+
+    def save_state(self, directory: Path) -> None:
+        """Write ``estimator.yaml`` and ``estimator.npz``."""
+        import yaml
+
+        estimator = getattr(self, self.estimator_attr)
+        fitted = {k: np.asarray(v) for k, v in vars(estimator).items() if k.endswith("_") and not k.startswith("_")}
+        # a strided view (PCA's components are rows of an F-ordered Vt) is stored F-ordered, which np.load restores:
+        # BLAS then sees the layout the fitted estimator had, and the reloaded model gives the same bits
+        fitted = {k: v if v.flags.c_contiguous else np.asfortranarray(v) for k, v in fitted.items()}
+        (directory / "estimator.yaml").write_text(yaml.safe_dump({"class": type(estimator).__name__, "module": type(estimator).__module__,
+                                                                  "params": estimator.get_params()}))
+        np.savez(directory / "estimator.npz", **fitted)
+
+    def load_state(self, directory: Path, shape: SplitData) -> None:
+        """Rebuild the estimator from ``estimator.yaml`` and ``estimator.npz``."""
+        import importlib
+
+        import yaml
+
+        meta = yaml.safe_load((directory / "estimator.yaml").read_text())
+        estimator = getattr(importlib.import_module(meta["module"]), meta["class"])(**meta["params"])
+        with np.load(directory / "estimator.npz", allow_pickle=False) as arrays:
+            for name in arrays.files:
+                value = arrays[name]
+                setattr(estimator, name, value.item() if value.ndim == 0 else value)
+        setattr(self, self.estimator_attr, estimator)
 
 
 @runtime_checkable
@@ -240,6 +297,19 @@ class NeuralModel(EmbeddingModel):
         val = self.loader(data, data.val, shuffle=False) if len(data.val) else None
         result: FitResult = fit(self.plan, self.loader(data, data.train, shuffle=True), val, self.train_config, checkpoint_dir, resume)
         return result.history
+
+    def save_state(self, directory: Path) -> None:
+        """Write the trained module's weights to ``module.pt``."""
+        if self.plan is None:
+            raise RuntimeError("fit the model first")
+        torch.save(self.plan.module.state_dict(), directory / "module.pt")
+
+    def load_state(self, directory: Path, shape: SplitData) -> None:
+        """Rebuild the module for ``shape``'s dimensions and load ``module.pt`` into it (weights only)."""
+        module = self.build_module(shape)
+        module.load_state_dict(torch.load(directory / "module.pt", map_location="cpu", weights_only=True))
+        self.plan = self.build_plan(module)
+        self.plan.to(resolve_device(self.train_config.accelerator))
 
     @torch.no_grad()
     def apply(self, data: SplitData, rows: np.ndarray, method: str, **kwargs: Any) -> np.ndarray:

@@ -166,7 +166,7 @@ class AdversarialPlan(TrainingPlan):
 
 
 class FEConfig(AEConfig):
-    """scMEDAL-FE / FEC hyper-parameters (published defaults)."""
+    """scMEDAL-FE / FEC hyper-parameters: the published ones, except ``encoder_objective`` (published: ``negative_ce``; see the README)."""
 
     type: str = "fe"
     recon_weight: float = Field(2000.0, gt=0)
@@ -175,7 +175,7 @@ class FEConfig(AEConfig):
     adversary_hidden: list[int] = Field(default_factory=lambda: [512, 132])
     adversary: Literal["alternating", "reversal"] = "alternating"
     adversary_input: Literal["all", "latent"] = "all"
-    encoder_objective: Literal["negative_ce", "confusion"] = "negative_ce"
+    encoder_objective: Literal["negative_ce", "confusion"] = "confusion"
 
 
 @register("fe")
@@ -318,6 +318,7 @@ class ScMEDALRE(NeuralModel):
 
     Config = REConfig
     latent_name = "latent"
+    uses_batch = True
 
     def build_module(self, data: SplitData) -> RandomEffectsModule:
         """RE autoencoder over this split's batches."""
@@ -329,4 +330,8 @@ class ScMEDALRE(NeuralModel):
 
     def counterfactuals(self, data: SplitData, rows: np.ndarray) -> dict[str, np.ndarray]:
         """For every batch b (in ``data.batch_names`` order), all cells reconstructed as if from b."""
-        return {name: self.apply(data, rows, "counterfactual", code=i) for i, name in enumerate(data.batch_names)}
+        return {name: self.counterfactual(data, rows, name) for name in data.batch_names}
+
+    def counterfactual(self, data: SplitData, rows: np.ndarray, batch: str) -> np.ndarray:
+        """The cells ``rows`` reconstructed as if they came from ``batch`` (one of ``data.batch_names``)."""
+        return self.apply(data, rows, "counterfactual", code=data.batch_names.index(batch))

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from scatlas._errors import InputError
 from scatlas.data.loaders import Batch
 from scatlas.data.sources import read_rows
-from scatlas.models.base import EmbeddingModel, ModelConfig, NeuralModel, SplitData, register
+from scatlas.models.base import EmbeddingModel, ModelConfig, NeuralModel, SklearnState, SplitData, register
 from scatlas.train import TrainingPlan
 
 
@@ -53,7 +53,7 @@ class NMFConfig(ModelConfig):
 
 
 @register("nmf")
-class NMF(EmbeddingModel):
+class NMF(SklearnState, EmbeddingModel):
     """scikit-learn NMF (init nndsvda, coordinate descent) or MiniBatchNMF, fitted on the training cells.
 
     A streamed source (data too large for memory) always uses MiniBatchNMF, fed chunk by chunk
@@ -62,6 +62,7 @@ class NMF(EmbeddingModel):
 
     Config = NMFConfig
     latent_name = "H"
+    estimator_attr = "nmf"
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
         """Fit W on the training cells (no epoch history)."""
@@ -320,6 +321,7 @@ class CondAENMF(AENMF):
     """Donor-conditioned AE-NMF; latent ``H_shared`` (or ``cond`` / ``concat``)."""
 
     Config = CondAENMFConfig
+    uses_batch = True
 
     def build_module(self, data: SplitData) -> nn.Module:
         """The conditioned autoencoder over this split's donors."""

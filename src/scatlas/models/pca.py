@@ -9,7 +9,7 @@ import pandas as pd
 from pydantic import Field
 from sklearn.decomposition import PCA as SkPCA
 
-from scatlas.models.base import EmbeddingModel, ModelConfig, SplitData, register
+from scatlas.models.base import EmbeddingModel, ModelConfig, SklearnState, SplitData, register
 
 
 class PCAConfig(ModelConfig):
@@ -20,11 +20,12 @@ class PCAConfig(ModelConfig):
 
 
 @register("pca")
-class PCA(EmbeddingModel):
+class PCA(SklearnState, EmbeddingModel):
     """scikit-learn PCA fitted on the training cells; reconstructions via ``inverse_transform``."""
 
     Config = PCAConfig
     latent_name = "pca"
+    estimator_attr = "pca"
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
         """Fit PCA on the dense training matrix (no history)."""

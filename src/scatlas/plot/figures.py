@@ -1,9 +1,10 @@
-"""Matplotlib figures written atomically (headless backend)."""
+"""Matplotlib figures (headless backend): each is written atomically to ``path``, or returned open when ``path`` is ``None``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,7 +16,12 @@ import pandas as pd  # noqa: E402
 from scatlas._io import save_figure  # noqa: E402
 
 
-def loss_curves(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+def _finish(fig: plt.Figure, path: str | Path | None) -> Any:
+    """Save ``fig`` atomically to ``path`` and return the path; with ``path=None`` return the open figure."""
+    return fig if path is None else save_figure(fig, path)
+
+
+def loss_curves(history: pd.DataFrame, path: str | Path | None, title: str = "") -> Any:
     """Plot every ``train_*`` / ``val_*`` column of an epoch history against ``epoch``.
 
     One panel per loss term (``loss``, ``recon``, ...), train solid and validation dashed.
@@ -31,7 +37,7 @@ def loss_curves(history: pd.DataFrame, path: str | Path, title: str = "") -> Pat
         ax.set_title(term)
         ax.legend(frameon=False)
     fig.suptitle(title)
-    return save_figure(fig, path)
+    return _finish(fig, path)
 
 
 def umap_coordinates(X: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.5) -> np.ndarray:
@@ -46,8 +52,8 @@ def umap_coordinates(X: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_di
 
 
 def embedding_panels(
-    coords: np.ndarray, colours: Mapping[str, np.ndarray], path: str | Path, title: str = "", axis: str = "UMAP"
-) -> Path:
+    coords: np.ndarray, colours: Mapping[str, np.ndarray], path: str | Path | None, title: str = "", axis: str = "UMAP"
+) -> Any:
     """Scatter the 2-D ``coords`` once per entry of ``colours`` (e.g. label, batch), with legends."""
     fig, axes = plt.subplots(1, len(colours), figsize=(7 * len(colours), 4.5), squeeze=False)
     for ax, (name, values) in zip(axes[0], colours.items(), strict=True):
@@ -65,10 +71,10 @@ def embedding_panels(
         if len(cats) <= 25:
             ax.legend(markerscale=2.5, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, path)
 
 
-def confusion_heatmap(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path, title: str = "", labels: list[str] | None = None) -> Path:
+def confusion_heatmap(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path | None, title: str = "", labels: list[str] | None = None) -> Any:
     """Row-normalised confusion matrix (true × predicted) with each cell's share and count annotated."""
     y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
     rows = labels or sorted(set(y_true))
@@ -88,10 +94,10 @@ def confusion_heatmap(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path, 
     ax.set_title(title or "confusion matrix (row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, path)
 
 
-def per_class_bars(table: pd.DataFrame, path: str | Path, value: str = "f1", title: str = "") -> Path:
+def per_class_bars(table: pd.DataFrame, path: str | Path | None, value: str = "f1", title: str = "") -> Any:
     """Horizontal bars of ``table[value]`` per ``table['label']``, one colour per ``evaluation``."""
     kinds = list(pd.unique(table["evaluation"])) if "evaluation" in table else [None]
     labels = list(pd.unique(table["label"]))
@@ -108,4 +114,22 @@ def per_class_bars(table: pd.DataFrame, path: str | Path, value: str = "f1", tit
     if kinds != [None]:
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, path)
+
+
+def score_table(table: pd.DataFrame, path: str | Path | None, label: str = "Embedding", title: str = "") -> Any:
+    """Scores as a coloured table: one row per ``table[label]``, one column per numeric score, colour scaled per column."""
+    scores = table.set_index(label).select_dtypes("number")
+    span = (scores.max() - scores.min()).replace(0, 1)
+    shade = ((scores - scores.min()) / span).fillna(0).to_numpy()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * scores.shape[1], 0.8 + 0.4 * scores.shape[0]))
+    ax.imshow(shade, cmap="YlGnBu", vmin=0, vmax=1.6, aspect="auto")
+    for i in range(scores.shape[0]):
+        for j in range(scores.shape[1]):
+            value = scores.iat[i, j]
+            ax.text(j, i, "n/a" if pd.isna(value) else f"{value:.3f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(scores.shape[1]), scores.columns, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(scores.shape[0]), scores.index, fontsize=8)
+    ax.set_title(title or "benchmark (colour: rank within each column)")
+    fig.tight_layout()
+    return _finish(fig, path)

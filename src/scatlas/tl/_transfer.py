@@ -13,11 +13,12 @@ expected calibration error before and after temperature scaling on held-out refe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,11 +26,12 @@ from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
 from scatlas._io import staged_dir, write_csv, write_npy, write_parquet, write_yaml
-from scatlas.annotation import Annotator, LabelSpace, fit_classifier, label_space
-from scatlas.data.dataset import DatasetConfig, load_dataset
-from scatlas.data.io import read_h5ad
+from scatlas.tl._annotation import Annotator, LabelSpace, fit_classifier, label_space, write_calls
+from scatlas.tl._embed import resolve_input
+from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
+from scatlas.data.io import read_h5ad, source_name
 from scatlas.data.validate import check_obs_keys
-from scatlas.experiment.config import TrainingConfig, parse_settings
+from scatlas.settings import TrainingConfig, parse_settings
 from scatlas.metrics.annotation import overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
 from scatlas.ontology import CellOntology
@@ -160,10 +162,17 @@ def _query_stems(queries: list[Path]) -> list[str]:
     return stems
 
 
-def _fit_reference(config: TransferConfig, stage: Path, log: Log) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, np.ndarray]:
+def fit_reference(config: TransferConfig, data: CellData, log: Log = print) -> tuple[ReferenceModel, pd.DataFrame, pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """Fit the reference classifier, its temperature and its unknown thresholds on ``data`` alone.
+
+    Returns
+    -------
+    The frozen reference model; the predictions and probabilities of every reference cell (with
+    its role: train / val / calibration); the true label of the calibration cells (``""`` for
+    others); the calibration table.
+    """
     ontology = CellOntology() if config.ontology_key else None
     key = config.ontology_key or config.reference.label_key
-    data = load_dataset(config.reference, extra_keys=(config.ontology_key,) if config.ontology_key else ())
     truth = data.obs[key].astype(str).to_numpy()
     names = data.obs[config.reference.label_key].astype(str).to_numpy() if config.reference.label_key else None
     labels = label_space(truth, names, ontology, where=f"{config.reference.path}: obs column {key!r}: ")
@@ -180,10 +189,7 @@ def _fit_reference(config: TransferConfig, stage: Path, log: Log) -> tuple[Refer
     scaled = expected_calibration_error(softmax(logits[calib], fitted), codes[calib])
     # the NLL-optimal temperature is kept only if it also lowers the held-out ECE
     temperature, after = (fitted, scaled) if scaled <= before else (1.0, before)
-    write_csv(
-        pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}]),
-        stage / "calibration.csv",
-    )
+    calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
     embedding = model.embed(sdata, rows)
     centroids = np.stack([embedding[train][codes[train] == c].mean(0) for c in range(len(labels.classes))])
@@ -194,7 +200,7 @@ def _fit_reference(config: TransferConfig, stage: Path, log: Log) -> tuple[Refer
     role[val], role[calib] = "val", "calibration"
     predictions, probabilities = reference.predict(sdata.X, data.cell_ids)
     predictions.insert(1, "reference_split", role)
-    return reference, predictions, probabilities, np.where(role == "calibration", np.asarray(labels.names)[codes], "")
+    return reference, predictions, probabilities, np.where(role == "calibration", np.asarray(labels.names)[codes], ""), calibration
 
 
 def _stratify(codes: np.ndarray) -> np.ndarray | None:
@@ -216,8 +222,10 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     if config.query_label_key:
         for q in queries:
             check_obs_keys(q, [config.query_label_key])
+    data = load_dataset(config.reference, extra_keys=(config.ontology_key,) if config.ontology_key else ())
     with staged_dir(out, overwrite) as stage:
-        reference, predictions, probabilities, calib_truth = _fit_reference(config, stage, log)
+        reference, predictions, probabilities, calib_truth, calibration = fit_reference(config, data, log)
+        write_csv(calibration, stage / "calibration.csv")
         ref_dir = stage / "reference"
         write_csv(predictions, ref_dir / "predictions.csv")
         write_parquet(probabilities, ref_dir / "probabilities.parquet")
@@ -257,9 +265,90 @@ def _save_reference(reference: ReferenceModel, directory: Path) -> None:
     )
 
 
+def transfer(
+    reference: ad.AnnData,
+    query: ad.AnnData | Sequence[ad.AnnData],
+    *,
+    label_key: str,
+    ontology_key: str | None = None,
+    layer: str | None = None,
+    query_layer: str | None = None,
+    input: Literal["auto", "counts", "lognorm"] = "auto",
+    method: str = "mlp",
+    seed: int = 0,
+    log: Log = print,
+    **settings: Any,
+) -> ReferenceModel:
+    """Learn labels on ``reference`` and transfer them to each query; calls go into every AnnData.
+
+    The reference model, its calibration and its unknown thresholds are fitted on reference cells
+    only, so the reference's own predictions never depend on the query.
+
+    Parameters
+    ----------
+    reference
+        Labelled cells.
+    query
+        One or more AnnData to annotate (genes aligned by name, missing ones set to 0).
+    label_key
+        Reference cell-type column; with ``ontology_key``, the readable names of the CL ids.
+    ontology_key
+        Reference column of Cell Ontology ids (classes become CL ids; enables ``loss="hce"`` in ``model``).
+    layer, query_layer
+        Layers holding the reference's / queries' matrices (default ``.X``).
+    input
+        ``counts``, ``lognorm`` or ``auto`` (counts when the reference holds whole numbers).
+    method
+        Classifier: ``linear``, ``mlp`` or ``tabnet`` (see :data:`METHODS`).
+    seed
+        Seeds the held-out cells and the training.
+    log
+        Receives one line per step.
+    **settings
+        Other fields of :class:`TransferConfig` (``confidence_threshold``, ``n_top_genes``, ...).
+
+    Returns
+    -------
+    The frozen :class:`ReferenceModel`. Each AnnData gains ``obs['<key>_pred']``, ``_pred_label``,
+    ``_pred_score`` (calibrated confidence), ``_unknown``, ``obsm['<key>_proba']`` and
+    ``uns['<key>_classes']``, with ``key = ontology_key or label_key``; the reference also gets
+    ``obs['<key>_reference_split']`` (train / val / calibration).
+
+    Examples
+    --------
+    >>> ref = ad.read_h5ad("../shared/data/zheng17_sorted_pbmc_reference.h5ad")   # doctest: +SKIP
+    >>> query = ad.read_h5ad("../shared/data/zheng17_frozen_pbmc_donorA_query.h5ad")  # doctest: +SKIP
+    >>> sa.tl.transfer(ref, query, label_key="cell_type", ontology_key="cell_type_ontology_term_id")  # doctest: +SKIP
+    """
+    if method not in METHODS:
+        raise ConfigError(f"transfer: unknown method {method!r}; available: {sorted(METHODS)}")
+    queries = [query] if isinstance(query, ad.AnnData) else list(query)
+    counts = resolve_input(reference, layer, input, log)
+    values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
+                            "input": "counts" if counts else "lognorm"},
+              "ontology_key": ontology_key, "query_layer": query_layer, "model": dict(METHODS[method]), "seed": seed, **settings}
+    config = load_transfer_config(values)
+    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key,))
+    model, predictions, probabilities, _, _ = fit_reference(config, data, log)
+    key = ontology_key or label_key
+    _write_transfer(reference, model, predictions, probabilities, key)
+    reference.obs[f"{key}_reference_split"] = pd.Categorical(predictions["reference_split"].to_numpy())
+    for q in queries:
+        X, _ = model.annotator.prepare(q, query_layer, config.min_overlap)
+        pred, proba = model.predict(X, q.obs_names.astype(str).to_numpy())
+        _write_transfer(q, model, pred, proba, key)
+    return model
+
+
+def _write_transfer(adata: ad.AnnData, model: ReferenceModel, predictions: pd.DataFrame, probabilities: pd.DataFrame, key: str) -> None:
+    labels = model.annotator.labels
+    write_calls(adata, key, np.asarray(labels.classes), np.asarray(labels.names), probabilities.drop(columns=["cell_id"]).to_numpy(),
+                predictions["unknown"].to_numpy())
+
+
 def load_transfer_config(values: dict[str, Any]) -> TransferConfig:
     """Validate CLI/API settings into a :class:`TransferConfig` with readable errors."""
     return parse_settings(TransferConfig, values)
 
 
-__all__ = ["ReferenceModel", "TransferConfig", "load_transfer_config", "run_transfer"]
+__all__ = ["ReferenceModel", "TransferConfig", "fit_reference", "load_transfer_config", "run_transfer", "transfer"]

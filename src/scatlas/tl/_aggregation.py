@@ -26,7 +26,7 @@ from scatlas._errors import InputError
 from scatlas._io import atomic_path, staged_dir, write_csv, write_parquet, write_yaml
 from scatlas.data.io import get_matrix, read_h5ad, to_csr
 from scatlas.data.preprocess import highly_variable_genes, normalize_log1p
-from scatlas.experiment.config import parse_settings
+from scatlas.settings import parse_settings
 from scatlas.metrics.retrieval import average_precision
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.aggregation import SetAggregator
@@ -108,26 +108,34 @@ def read_cells(path: str | Path, config: AggregateConfig) -> CellTable:
     path = Path(path)
     keys = [k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k]
     if path.suffix == ".h5ad":
-        adata = read_h5ad(path)
-        obs, X = adata.obs.copy(), _h5ad_features(adata, config.features, path)
-    elif path.name.endswith((".csv", ".csv.gz", ".parquet")):
+        return cells_from_anndata(read_h5ad(path), config, str(path))
+    if path.name.endswith((".csv", ".csv.gz", ".parquet")):
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         meta = [c for c in table.columns if c in keys or c.startswith("Metadata_") or not pd.api.types.is_numeric_dtype(table[c])]
-        obs, X = table[meta].copy(), table.drop(columns=meta).to_numpy(dtype=np.float32)
-    else:
-        raise InputError(f"{path}: expected .h5ad, .csv(.gz) or .parquet")
+        return checked_cells(table[meta].copy(), table.drop(columns=meta).to_numpy(dtype=np.float32), config, str(path))
+    raise InputError(f"{path}: expected .h5ad, .csv(.gz) or .parquet")
+
+
+def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str = "<AnnData>") -> CellTable:
+    """Per-cell features of an AnnData: ``.X``, an ``.obsm`` key or ``pca:<k>`` (``config.features``)."""
+    return checked_cells(adata.obs.copy(), _h5ad_features(adata, config.features, source), config, source)
+
+
+def checked_cells(obs: pd.DataFrame, X: np.ndarray, config: AggregateConfig, source: str) -> CellTable:
+    """A :class:`CellTable` after checking that the configured columns exist and hold no missing values, and the features are finite."""
+    keys = [k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k]
     missing = [k for k in keys if k not in obs.columns]
     if missing:
-        raise InputError(f"{path}: columns {missing} not found; available: {list(obs.columns)[:30]}")
+        raise InputError(f"{source}: columns {missing} not found; available: {list(obs.columns)[:30]}")
     bad = [k for k in keys if obs[k].isna().any()]
     if bad:
-        raise InputError(f"{path}: columns {bad} have missing values")
+        raise InputError(f"{source}: columns {bad} have missing values")
     if not np.isfinite(X).all():
-        raise InputError(f"{path}: features contain NaN or infinite values")
-    return CellTable(X.astype(np.float32), obs.reset_index(drop=True), str(path))
+        raise InputError(f"{source}: features contain NaN or infinite values")
+    return CellTable(np.asarray(X, dtype=np.float32), obs.reset_index(drop=True), source)
 
 
-def _h5ad_features(adata: ad.AnnData, features: str | None, path: Path) -> np.ndarray:
+def _h5ad_features(adata: ad.AnnData, features: str | None, path: str) -> np.ndarray:
     if features is None:
         return np.asarray(to_csr(get_matrix(adata)).toarray())
     if features.startswith("pca:"):

@@ -17,43 +17,19 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from scatlas._errors import InputError
 from scatlas._io import atomic_path, write_csv
 from scatlas.data import AnnDataCSRSource, highly_variable_genes, read_h5ad, validate
 from scatlas.data.sources import read_rows
-from scatlas.data.dataset import DatasetConfig, load_dataset
-from scatlas.data.preprocess import preprocess_split
-from scatlas.experiment.config import TrainingConfig
-from scatlas.experiment.runner import ranked_loadings
+from scatlas.data.dataset import DatasetConfig, apply_filter
+from scatlas.settings import TrainingConfig
 from scatlas.metrics.classification import classify_embedding
 from scatlas.metrics.clustering import leiden_agreement
-from scatlas.models.base import SplitData, build_model, parse_model_config
+from scatlas.models.base import parse_model_config
+from scatlas.tl._embed import all_cells_split, embed, fit_all_cells, holdout
 
 Log = Callable[[str], None]
-
-
-def _str_categorical(column: pd.Series) -> pd.Series:
-    """``column`` as a categorical with string categories (without one string object per cell)."""
-    column = column.astype("category")
-    return column.cat.rename_categories([str(c) for c in column.cat.categories])
-
-
-def _codes(obs: pd.DataFrame, key: str | None) -> tuple[np.ndarray, list[str]] | None:
-    if not key:
-        return None
-    column = _str_categorical(obs[key])
-    return column.cat.codes.to_numpy().astype(np.int64), list(column.cat.categories)
-
-
-def _split_data(X: Any, obs: pd.DataFrame, dataset: DatasetConfig, genes: np.ndarray, seed: int) -> SplitData:
-    """All cells of ``X`` with 10% held out (seeded) for early stopping; batch and label codes from ``obs``."""
-    train, val = train_test_split(np.arange(len(obs)), test_size=0.1, random_state=seed)
-    batch = _codes(obs, dataset.batch_key) or (np.zeros(len(obs), dtype=np.int64), ["all"])
-    label = _codes(obs, dataset.label_key)
-    return SplitData(X=X, train=np.sort(train), val=np.sort(val), batch=batch[0], batch_names=batch[1],
-                     label=label[0] if label else None, label_names=label[1] if label else None, genes=genes)
 
 
 def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, hvg_cells: int = 50_000) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray]:
@@ -82,30 +58,45 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
                 stream: bool = False) -> tuple[ad.AnnData, str]:
     """Fit a factor model on all cells (10% held out for early stopping); return the results-only AnnData and its key.
 
-    With ``stream``, the matrix is never loaded: it is read from the file in chunks of
-    ``training.chunk_size`` cells (default 100,000) for gene selection, training and embedding.
+    In memory this is :func:`scatlas.tl.embed`. With ``stream``, the matrix is never loaded: it is
+    read from the file in chunks of ``training.chunk_size`` cells (default 100,000) for gene
+    selection, training and embedding, through the same :func:`~scatlas.tl._embed.fit_all_cells`.
     """
-    if stream:
-        training = training.model_copy(update={"chunk_size": training.chunk_size or 100_000})
-        X, obs, genes = streamed_source(dataset, n_top_genes, seed)
-    else:
-        data = load_dataset(dataset)
-        obs = data.obs
-        rows = np.arange(data.n_cells)
-        train, _ = train_test_split(rows, test_size=0.1, random_state=seed)
-        prep = preprocess_split(data.lognorm, data.var_names, np.sort(train), n_top_genes, "none")
-        X, genes = prep.X, prep.genes
-    sdata = _split_data(X, obs, dataset, genes, seed)
     entry = parse_model_config(model)
-    fitted = build_model(entry, training.to_train_config(seed, progress=False))
-    fitted.fit(sdata)
     key = f"{entry.type}_k{entry.rank}"  # type: ignore[attr-defined]
-    out = ad.AnnData(obs=pd.DataFrame({c: _str_categorical(obs[c]).to_numpy() for c in (dataset.label_key, dataset.batch_key) if c}, index=obs.index),
-                     var=pd.DataFrame(index=genes))
-    out.obsm[f"H_{key}"] = fitted.embed(sdata, np.arange(len(obs)))
-    out.varm[f"W_{key}"] = fitted.loadings()
+    settings = training.model_dump()
+    if stream:
+        settings["chunk_size"] = training.chunk_size or 100_000
+        X, obs, genes = streamed_source(dataset, n_top_genes, seed)
+        train, val = holdout(len(obs), 0.1, seed)
+        sdata = all_cells_split(X, obs, dataset.batch_key, dataset.label_key, genes, train, val)
+        fitted, _ = fit_all_cells(sdata, model, settings, seed)
+        H, W = fitted.embed(sdata, np.arange(len(obs))), fitted.loadings()  # type: ignore[attr-defined]
+    else:
+        adata = read_h5ad(dataset.path, backed=dataset.backed)
+        if dataset.filter:
+            adata = apply_filter(adata, dataset.filter)
+        obs = adata.obs
+        options = {k: v for k, v in model.items() if k != "type"}
+        result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,
+                       key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, **options, **settings)
+        genes, H, W = result.prep.genes, adata.obsm[f"H_{key}"], result.loadings()
+    out = ad.AnnData(obs=pd.DataFrame({c: obs[c].astype(str).astype("category").to_numpy() for c in (dataset.label_key, dataset.batch_key) if c},
+                                      index=obs.index.astype(str)), var=pd.DataFrame(index=genes))
+    out.obsm[f"H_{key}"] = H
+    out.varm[f"W_{key}"] = W
     out.uns["scatlas_factors"] = {"model": entry.model_dump(mode="json"), "data": str(dataset.path), "streamed": stream}
     return out, key
+
+
+def ranked_loadings(W: np.ndarray, genes: np.ndarray | None, top: int = 50) -> pd.DataFrame:
+    """The ``top`` genes of every factor of a genes × K loading matrix, by weight."""
+    genes = np.asarray(genes) if genes is not None else np.arange(W.shape[0]).astype(str)
+    rows = []
+    for k in range(W.shape[1]):
+        order = np.argsort(-W[:, k])[:top]
+        rows += [{"factor": k, "rank": r + 1, "gene": genes[g], "weight": float(W[g, k])} for r, g in enumerate(order)]
+    return pd.DataFrame(rows)
 
 
 def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int = 10) -> dict[str, pd.DataFrame]:

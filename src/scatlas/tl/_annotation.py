@@ -28,12 +28,12 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, staged_dir, write_csv, write_npy, write_parquet, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import get_matrix, read_h5ad, to_csr
+from scatlas.data.io import get_matrix, read_h5ad, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split
 from scatlas.data.validate import check_matrix
-from scatlas.experiment.config import SplitConfig, TrainingConfig, parse_settings
-from scatlas.experiment.runner import make_splits
+from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
+from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import SplitData, build_model, parse_model_config
@@ -335,28 +335,67 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     return summary
 
 
-def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5, log: Log = print) -> ad.AnnData:
-    """Annotate a query with a saved model; write ``out`` (``.h5ad``) atomically.
+def write_calls(adata: ad.AnnData, key: str, classes: np.ndarray, names: np.ndarray, proba: np.ndarray, unknown: np.ndarray | None = None) -> None:
+    """Write a classifier's calls into ``adata`` under the keys ``annotate`` and ``transfer`` share.
 
-    Adds ``obs['<key>_pred']`` (class id), ``obs['<key>_pred_label']`` (readable name),
-    ``obs['<key>_pred_score']`` (max probability), ``obsm['<key>_proba']`` and
-    ``uns['<key>_classes']``, plus the gene-overlap report in ``uns['scatlas_gene_overlap']``.
+    ``obs['<key>_pred']`` (class id), ``obs['<key>_pred_label']`` (readable name),
+    ``obs['<key>_pred_score']`` (max probability), ``obs['<key>_unknown']`` (when given),
+    ``obsm['<key>_proba']`` (cells × classes) and ``uns['<key>_classes']``.
     """
-    annotator = Annotator.load(model_dir)
-    adata = read_h5ad(query)
+    best = proba.argmax(1)
+    adata.obs[f"{key}_pred"] = pd.Categorical(np.asarray(classes)[best])
+    adata.obs[f"{key}_pred_label"] = pd.Categorical(np.asarray(names)[best])
+    adata.obs[f"{key}_pred_score"] = proba.max(1)
+    if unknown is not None:
+        adata.obs[f"{key}_unknown"] = np.asarray(unknown, dtype=bool)
+    adata.obsm[f"{key}_proba"] = proba.astype(np.float32)
+    adata.uns[f"{key}_classes"] = [str(c) for c in classes]
+
+
+def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | None = None, min_overlap: float = 0.5, log: Log = print) -> Annotator:
+    """Annotate the cells of ``adata`` with a trained classifier; calls and probabilities go into ``adata``.
+
+    Parameters
+    ----------
+    adata
+        Query cells (counts or log-normalised, as the model was trained); genes are aligned by name
+        and missing ones set to 0.
+    model
+        An :class:`Annotator` or the directory ``scatlas annotate train`` wrote (its ``model/``).
+    layer
+        Layer holding the matrix (default ``.X``).
+    min_overlap
+        Smallest share of the model's genes the query must have.
+    log
+        Receives the gene-overlap line.
+
+    Returns
+    -------
+    The annotator used. ``adata`` gains the keys of :func:`write_calls` (``<label_key>_pred`` ...)
+    and ``uns['scatlas_gene_overlap']``.
+
+    Examples
+    --------
+    >>> sa.tl.annotate(query, "annotator/model")       # doctest: +SKIP
+    >>> query.obs["cell_type_pred_label"].value_counts()   # doctest: +SKIP
+    """
+    annotator = model if isinstance(model, Annotator) else Annotator.load(model)
     X, alignment = annotator.prepare(adata, layer, min_overlap)
     report = alignment.report()
-    log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {query} ({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
+    log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
     proba = annotator.predict_proba(X)
     key = annotator.meta.get("label_key") or "cell_type"
-    classes = np.asarray(annotator.labels.classes)
-    adata.obs[f"{key}_pred"] = pd.Categorical(classes[proba.argmax(1)])
-    adata.obs[f"{key}_pred_label"] = pd.Categorical(np.asarray(annotator.labels.names)[proba.argmax(1)])
-    adata.obs[f"{key}_pred_score"] = proba.max(1)
-    adata.obsm[f"{key}_proba"] = proba.astype(np.float32)
-    adata.uns[f"{key}_classes"] = list(classes)
+    write_calls(adata, key, np.asarray(annotator.labels.classes), np.asarray(annotator.labels.names), proba)
     adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in report.items()}
-    adata.uns["scatlas_annotation"] = {"model": str(model_dir), "ontology": str(annotator.labels.ontology_version), "version": __version__}
+    adata.uns["scatlas_annotation"] = {"model": str(model) if not isinstance(model, Annotator) else "<in memory>",
+                                       "ontology": str(annotator.labels.ontology_version), "version": __version__}
+    return annotator
+
+
+def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5, log: Log = print) -> ad.AnnData:
+    """Annotate a query file with a saved model (:func:`annotate`); write ``out`` (``.h5ad``) atomically."""
+    adata = read_h5ad(query)
+    annotate(adata, model_dir, layer=layer, min_overlap=min_overlap, log=log)
     adata.uns.pop("scatlas_source", None)
     with atomic_path(out) as tmp:
         adata.write_h5ad(tmp)

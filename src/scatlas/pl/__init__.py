@@ -1,0 +1,65 @@
+"""AnnData-level figures (floor 2), scanpy style: each takes an AnnData or a result and returns a matplotlib figure.
+
+The CLI and the experiment runner draw the same figures through :mod:`scatlas.plot.figures`
+and write them to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scatlas._errors import InputError
+from scatlas.data.validate import check_obs_keys
+from scatlas.plot import figures
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from scatlas.tl import ScatlasModel
+
+
+def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, title: str = "", seed: int = 0) -> Figure:
+    """Side-by-side scatter panels of an ``.obsm`` embedding, one per ``obs`` column in ``color``, with legends.
+
+    An embedding of more than two dimensions is first laid out by UMAP (scanpy's neighbours + UMAP).
+
+    Examples
+    --------
+    >>> sa.pl.embedding(adata, "X_fe", ["cell_type", "batch"])   # doctest: +SKIP
+    """
+    if basis not in adata.obsm:
+        raise InputError(f"obsm key {basis!r} not found; available: {list(adata.obsm)}")
+    columns = [color] if isinstance(color, str) else list(color)
+    check_obs_keys(adata, columns)
+    coords = np.asarray(adata.obsm[basis])
+    axis = basis.removeprefix("X_").upper()
+    if coords.shape[1] > 2:
+        coords, axis = figures.umap_coordinates(coords, seed=seed), "UMAP"
+    return figures.embedding_panels(coords, {c: adata.obs[c].to_numpy() for c in columns}, None, title or basis, axis=axis)
+
+
+def loss_curves(result: ScatlasModel | pd.DataFrame, *, title: str = "") -> Figure:
+    """Training and validation loss terms per epoch of a fitted model (or of its ``history``)."""
+    history = result if isinstance(result, pd.DataFrame) else result.history
+    if history.empty:
+        raise InputError("this model has no epoch history (PCA and NMF are not trained by epochs)")
+    return figures.loss_curves(history, None, title)
+
+
+def confusion_matrix(adata: ad.AnnData, truth_key: str, pred_key: str, *, title: str = "") -> Figure:
+    """Row-normalised confusion matrix of two ``obs`` columns (true × predicted)."""
+    check_obs_keys(adata, [truth_key, pred_key])
+    return figures.confusion_heatmap(adata.obs[truth_key].astype(str).to_numpy(), adata.obs[pred_key].astype(str).to_numpy(), None, title)
+
+
+def benchmark_table(table: pd.DataFrame, *, title: str = "") -> Figure:
+    """The table of :func:`scatlas.tl.benchmark` as a coloured score table, one row per embedding."""
+    return figures.score_table(table, None, title=title)
+
+
+__all__ = ["benchmark_table", "confusion_matrix", "embedding", "loss_curves"]

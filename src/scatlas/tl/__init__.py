@@ -1,0 +1,62 @@
+"""AnnData-level tools (floor 2), scanpy style: AnnData in, results written under predictable keys.
+
+=====================  ========================================================================
+:func:`embed`          fit any embedding model on all cells → ``.obsm['X_<model>']`` (+ W in ``.varm``)
+:func:`counterfactual` ``re`` reconstructions "as if from batch b" → a layer
+:func:`annotate`       a trained classifier's calls → ``.obs`` / ``.obsm``
+:func:`transfer`       reference → queries: calibrated calls, ``unknown`` flags → ``.obs`` / ``.obsm``
+:func:`aggregate`      learned set model vs mean profiles per sample, scored by mAP → DataFrame
+:func:`benchmark`      scib-metrics' metric set for ``.obsm`` embeddings → DataFrame
+=====================  ========================================================================
+
+The CLI (``scatlas embed / nmf / annotate / transfer / aggregate / benchmark``) and the experiment
+runner call these functions; there is no second implementation of any step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anndata as ad
+import pandas as pd
+
+from scatlas.tl._aggregation import AggregateConfig, cells_from_anndata, load_aggregate_config, run_aggregation
+from scatlas.tl._annotation import Annotator, annotate
+from scatlas.tl._benchmark import benchmark
+from scatlas.tl._embed import ScatlasModel, counterfactual, embed, load_model
+from scatlas.tl._transfer import ReferenceModel, transfer
+
+
+def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: str | None = None, features: str | None = None,
+              **settings: Any) -> pd.DataFrame:
+    """Learn sample profiles with the set model and score them against mean / median aggregation by mAP.
+
+    Parameters
+    ----------
+    adata
+        Cells with per-cell features in ``.X``, an ``.obsm`` key or ``pca:<k>`` (``features``).
+    sample_key
+        Column naming each cell's sample (well, donor × condition, ...).
+    label_key
+        What a sample's replicates share (compound, cell type); retrieval queries by it.
+    batch_key
+        Plate / donor: positives must come from another batch, and whole batches are held out.
+    features
+        ``None`` (``.X``), an ``.obsm`` key, or ``pca:<k>``.
+    **settings
+        Other :class:`~scatlas.tl._aggregation.AggregateConfig` fields (``seeds``, ``width``, ...).
+
+    Returns
+    -------
+    Per retrieval task and method: mean ± 95% CI over seeds of the held-out mAP (copairs' definition).
+
+    Examples
+    --------
+    >>> sa.tl.aggregate(adata, sample_key="sample", label_key="cell_type", batch_key="donor_id")  # doctest: +SKIP
+    """
+    config = load_aggregate_config({"sample_key": sample_key, "label_key": label_key, "batch_key": batch_key, "features": features, **settings})
+    return run_aggregation(cells_from_anndata(adata, config), config, log=lambda _: None)
+
+
+__all__ = ["AggregateConfig", "Annotator", "ReferenceModel", "ScatlasModel", "aggregate", "annotate", "benchmark", "counterfactual", "embed",
+           "load_model", "transfer"]

@@ -1,0 +1,433 @@
+"""``tl.embed``: fit any registered embedding model on all cells of an AnnData; the fitted-model object.
+
+One implementation serves the Python API, ``scatlas embed``, ``scatlas nmf`` and the model
+objects reloaded from disk: :func:`fit_all_cells` fits a model on a prepared matrix with a seeded
+held-out fraction for early stopping, :class:`ScatlasModel` carries everything needed to embed new
+cells (genes, input kind, scaling, batch and label names) and saves / reloads it without pickles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import yaml
+from sklearn.model_selection import train_test_split
+
+from scatlas import __version__
+from scatlas._errors import ConfigError, InputError
+from scatlas._io import staged_dir, write_csv
+from scatlas.data.align import GeneAlignment, align_genes
+from scatlas.data.dataset import cell_data
+from scatlas.data.io import get_matrix, source_name, to_csr
+from scatlas.data.preprocess import GeneScaler, ScaleKind, normalize_log1p, preprocess_split
+from scatlas.data.validate import check_matrix, is_count_matrix
+from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub
+from scatlas.settings import TrainingConfig, parse_settings
+
+Log = Callable[[str], None]
+InputKind = Literal["auto", "counts", "lognorm"]
+MODEL_FILE = "scatlas_model.yaml"
+
+
+def _silent(_: str) -> None:
+    """A log that drops its lines."""
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted training and held-out rows of ``n`` cells, ``fraction`` held out (seeded) for early stopping."""
+    if fraction <= 0 or n < 10:
+        return np.arange(n), np.arange(0)
+    train, val = train_test_split(np.arange(n), test_size=fraction, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def categorical_codes(values: pd.Series | np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and string category names of a column (categories sorted, as pandas does)."""
+    column = pd.Series(values).astype("category")
+    return column.cat.codes.to_numpy().astype(np.int64), [str(c) for c in column.cat.categories]
+
+
+def all_cells_split(X: Any, obs: pd.DataFrame, batch_key: str | None, label_key: str | None, genes: np.ndarray, train: np.ndarray,
+                    val: np.ndarray) -> SplitData:
+    """All cells of ``X`` as one :class:`SplitData`, batch and label codes from ``obs``."""
+    batch, batch_names = categorical_codes(obs[batch_key]) if batch_key else (np.zeros(len(obs), dtype=np.int64), ["all"])
+    label, label_names = categorical_codes(obs[label_key]) if label_key else (None, None)
+    return SplitData(X=X, train=train, val=val, batch=batch, batch_names=batch_names, label=label, label_names=label_names, genes=genes)
+
+
+def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate keyword options into the model's entry (``{"type": model, ...}``) and training settings."""
+    training = {k: v for k, v in options.items() if k in TrainingConfig.model_fields}
+    entry = {"type": model, **{k: v for k, v in options.items() if k not in TrainingConfig.model_fields}}
+    return entry, training
+
+
+def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, Any], seed: int = 0, progress: bool = False) -> tuple[EmbeddingModel, pd.DataFrame]:
+    """Build and fit a registered embedding model on ``data`` (``data.val`` only for early stopping).
+
+    Returns
+    -------
+    The fitted model and its epoch history (empty for models trained without epochs).
+    """
+    kind = entry.get("type")
+    if kind in REGISTRY and issubclass(REGISTRY[kind], LatentClassifier):
+        raise ConfigError(f"model {kind!r} classifies other models' latents; it is only available in `scatlas run`")
+    config = parse_model_config(entry)
+    if REGISTRY[config.type].needs_labels and data.label is None:
+        raise ConfigError(f"model {config.type!r} needs labels: pass label_key")
+    settings = parse_settings(TrainingConfig, training, "training: ")
+    model = build_model(config, settings.to_train_config(seed, progress))
+    assert isinstance(model, EmbeddingModel)
+    history = model.fit(data)
+    return model, history if history is not None else pd.DataFrame()
+
+
+@dataclass
+class Preprocessing:
+    """How raw cells become a model's input: genes (by name), input kind, layer and per-gene scaling."""
+
+    genes: np.ndarray
+    counts: bool
+    layer: str | None
+    scaler: GeneScaler
+
+    def transform(self, adata: ad.AnnData, min_overlap: float = 0.5) -> tuple[sp.csr_matrix, GeneAlignment]:
+        """Validate ``adata``, align its genes by name (missing ones zero), normalise and scale.
+
+        Raises
+        ------
+        InputError
+            For bad values, or fewer than ``min_overlap`` of the model's genes in ``adata``.
+        """
+        source = source_name(adata)
+        check_matrix(adata, layer=self.layer, require_counts=self.counts)
+        alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source)
+        X = to_csr(get_matrix(adata, self.layer))
+        if self.counts:
+            X = normalize_log1p(X)
+        return self.scaler.transform(alignment.apply(X)), alignment
+
+
+@dataclass
+class ScatlasModel:
+    """A fitted scatlas embedding model with what it needs to embed new cells (scvi-tools style).
+
+    Made by :func:`scatlas.tl.embed` or :func:`scatlas.load_model`.
+
+    Attributes
+    ----------
+    model
+        The fitted :class:`~scatlas.models.base.EmbeddingModel`.
+    prep
+        Genes, input kind and scaling of the training data.
+    batch_key, label_key
+        The ``obs`` columns used in training.
+    key
+        The ``.obsm`` key of the latent.
+    history
+        One row per epoch (losses on training and held-out cells); empty for PCA / NMF.
+    data
+        The training cells as the model saw them (``None`` after :func:`~scatlas.load_model`).
+    """
+
+    model: EmbeddingModel
+    prep: Preprocessing
+    batch_key: str | None
+    label_key: str | None
+    key: str
+    batch_names: list[str]
+    label_names: list[str] | None
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    settings: dict[str, Any] = field(default_factory=dict)
+    data: SplitData | None = None
+    log: Log = field(default=_silent, repr=False)
+
+    @property
+    def name(self) -> str:
+        """Registry name of the model (``ae``, ``fe``, ...)."""
+        return self.model.config.type
+
+    def split_for(self, adata: ad.AnnData | None, min_overlap: float = 0.5) -> SplitData:
+        """The model's view of ``adata`` (genes aligned by name, batch codes of the training batches).
+
+        ``None`` gives the training cells. New cells from a batch the model never saw are refused by
+        models that embed with the batch (``re``, ``cond_aenmf``); others ignore the batch.
+        """
+        if adata is None:
+            if self.data is None:
+                raise InputError("this model was loaded from disk: pass the AnnData to embed")
+            return self.data
+        X, alignment = self.prep.transform(adata, min_overlap)
+        if alignment.n_shared < alignment.n_model_genes:
+            report = alignment.report()
+            self.log(f"{source_name(adata)}: {report['shared_genes']} of the model's {report['model_genes']} genes found "
+                     f"({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
+        batch = np.zeros(adata.n_obs, dtype=np.int64)
+        if self.batch_key is not None and self.batch_key in adata.obs:
+            values = adata.obs[self.batch_key].astype(str).to_numpy()
+            known = pd.Index(self.batch_names)
+            batch = known.get_indexer(values)
+            unseen = sorted(set(values[batch < 0]))
+            if unseen and type(self.model).uses_batch:
+                raise InputError(f"{source_name(adata)}: obs column {self.batch_key!r} has batches the {self.name} model was not trained on: "
+                                 f"{unseen[:5]} (known: {self.batch_names[:10]}); {self.name} embeds with the batch")
+            batch = np.maximum(batch, 0)
+        elif type(self.model).uses_batch and len(self.batch_names) > 1:
+            raise InputError(f"{source_name(adata)}: obs column {self.batch_key!r} not found; the {self.name} model embeds with the batch")
+        rows = np.arange(adata.n_obs)
+        return SplitData(X=X, train=rows[:0], val=rows[:0], batch=batch.astype(np.int64), batch_names=self.batch_names, genes=self.prep.genes)
+
+    def get_latent_representation(self, adata: ad.AnnData | None = None, min_overlap: float = 0.5) -> np.ndarray:
+        """Latent coordinates of the training cells, or of ``adata`` (genes aligned by name).
+
+        Parameters
+        ----------
+        adata
+            New cells (raw counts or log-normalised, as in training); ``None``: the training cells.
+        min_overlap
+            Smallest share of the model's genes that ``adata`` must hold.
+
+        Returns
+        -------
+        Cells × latent dimensions, float32.
+        """
+        data = self.split_for(adata, min_overlap)
+        return self.model.embed(data, np.arange(data.X.shape[0]))
+
+    def get_counterfactual(self, batch: str, adata: ad.AnnData | None = None) -> np.ndarray:
+        """Reconstructions of the cells "as if from batch ``batch``" (``re`` only), cells × model genes."""
+        counterfactual = getattr(self.model, "counterfactual", None)
+        if counterfactual is None:
+            raise ConfigError(f"model {self.name!r} has no counterfactual reconstructions; use 're'")
+        if str(batch) not in self.batch_names:
+            raise InputError(f"batch {batch!r} is not one the model was trained on: {self.batch_names[:10]}")
+        data = self.split_for(adata)
+        return counterfactual(data, np.arange(data.X.shape[0]), str(batch))
+
+    def loadings(self) -> np.ndarray | None:
+        """Genes × factors loading matrix W of factor models (``nmf``, ``aenmf``, ``cond_aenmf``), else ``None``."""
+        loadings = getattr(self.model, "loadings", None)
+        return loadings() if loadings is not None else None
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the model to ``directory`` (settings YAML, genes, weights; no pickles), atomically.
+
+        Reload it with :func:`scatlas.load_model`.
+        """
+        meta = {
+            "scatlas_version": __version__, "model": self.model.config.model_dump(mode="json"), "training": self.settings.get("training", {}),
+            "seed": self.model.train_config.seed, "key": self.key, "batch_key": self.batch_key, "label_key": self.label_key,
+            "batch_names": self.batch_names, "label_names": self.label_names, "input": "counts" if self.prep.counts else "lognorm",
+            "layer": self.prep.layer, "scale": self.prep.scaler.kind, "n_genes": len(self.prep.genes),
+        }
+        with staged_dir(directory, overwrite=overwrite) as stage:
+            (stage / MODEL_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+            (stage / "genes.txt").write_text("\n".join(map(str, self.prep.genes)) + "\n")
+            scaler = self.prep.scaler
+            if scaler.kind != "none":
+                np.savez(stage / "scaler.npz", **{k: v for k, v in {"center": scaler.center_, "scale": scaler.scale_}.items() if v is not None})
+            if len(self.history):
+                write_csv(self.history, stage / "history.csv")
+            self.model.save_state(stage)
+        return Path(directory)
+
+
+def load_model(directory: str | Path) -> ScatlasModel:
+    """Reload a model written by :meth:`ScatlasModel.save` (or ``scatlas embed``).
+
+    Examples
+    --------
+    >>> model = scatlas.load_model("symphony_fe")          # doctest: +SKIP
+    >>> query.obsm["X_fe"] = model.get_latent_representation(query)   # doctest: +SKIP
+    """
+    directory = Path(directory)
+    meta_path = directory / MODEL_FILE
+    if not meta_path.exists():
+        raise InputError(f"{directory}: not a saved scatlas model ({MODEL_FILE} missing)")
+    meta = yaml.safe_load(meta_path.read_text())
+    genes = np.array((directory / "genes.txt").read_text().split("\n")[:-1])
+    scaler = GeneScaler(meta.get("scale", "none"))
+    if (directory / "scaler.npz").exists():
+        with np.load(directory / "scaler.npz") as arrays:
+            scaler.center_ = arrays["center"] if "center" in arrays.files else None
+            scaler.scale_ = arrays["scale"]
+    config = parse_model_config(meta["model"])
+    settings = parse_settings(TrainingConfig, meta.get("training", {}), f"{meta_path}: training: ")
+    model = build_model(config, settings.to_train_config(meta.get("seed", 0), progress=False))
+    assert isinstance(model, EmbeddingModel)
+    model.load_state(directory, shape_stub(len(genes), meta["batch_names"], meta.get("label_names")))
+    history = pd.read_csv(directory / "history.csv") if (directory / "history.csv").exists() else pd.DataFrame()
+    return ScatlasModel(model, Preprocessing(genes, meta["input"] == "counts", meta.get("layer"), scaler), meta.get("batch_key"), meta.get("label_key"),
+                        meta["key"], meta["batch_names"], meta.get("label_names"), history, {"training": meta.get("training", {})})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with ``None`` entries dropped (h5ad cannot store them) and tuples as lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolve_input(adata: ad.AnnData, layer: str | None, input: InputKind, log: Log) -> bool:
+    """Whether the matrix holds counts: ``input`` as given, or for ``auto`` whether its values are whole numbers."""
+    if input != "auto":
+        return input == "counts"
+    counts = is_count_matrix(adata, layer)
+    log(f"{source_name(adata)}: {'layer ' + repr(layer) if layer else '.X'} holds "
+        f"{'whole numbers: treated as raw counts (normalised + log1p)' if counts else 'non-integer values: treated as log-normalised'}")
+    return counts
+
+
+def embed(
+    adata: ad.AnnData,
+    model: str = "ae",
+    *,
+    batch_key: str | None = None,
+    label_key: str | None = None,
+    layer: str | None = None,
+    input: InputKind = "auto",
+    key_added: str | None = None,
+    n_top_genes: int | None = 2000,
+    scale: ScaleKind = "none",
+    max_epochs: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+    log: Log = _silent,
+    **model_options: Any,
+) -> ScatlasModel:
+    """Fit a scatlas embedding model on all cells of ``adata`` and write its latent into it.
+
+    Like scanpy's ``tl`` functions, ``adata`` is annotated in place and nothing else in it
+    changes: the latent goes to ``adata.obsm[key_added or "X_<model>"]``, the settings and the genes
+    used to ``adata.uns["scatlas"][key]``, and a factor model's loadings W to
+    ``adata.varm["W_<model>"]`` (zero for genes the model did not use, as scanpy's PCs).
+
+    Parameters
+    ----------
+    adata
+        Cells × genes; raw counts or log-normalised values in ``.X`` or ``layer``.
+    model
+        A registered embedding model: ``pca``, ``ae``, ``aec``, ``fe``, ``fec``, ``re``, ``nmf``,
+        ``aenmf``, ``cond_aenmf`` (``scatlas models`` lists their options).
+    batch_key
+        Batch / donor column of ``obs`` (``None``: one batch).
+    label_key
+        Cell-type column, for the supervised models (``aec``, ``fec``) and stratified metrics.
+    layer
+        Layer holding the matrix (default ``.X``).
+    input
+        ``counts`` (normalised + log1p here), ``lognorm`` (used as is) or ``auto`` (counts when every
+        value of the first cells is a whole number).
+    key_added
+        ``.obsm`` key of the latent (default ``X_<model>``).
+    n_top_genes
+        Highly variable genes, chosen on the training cells (scanpy's ``seurat`` flavour); ``None``: all genes.
+    scale
+        Per-gene scaling: ``none``, ``maxabs`` (scMEDAL's min-max) or ``standard``.
+    max_epochs
+        Upper bound on training epochs (default 100, with early stopping on the held-out cells).
+    val_fraction
+        Share of cells held out, seeded, for early stopping only.
+    seed
+        Seeds the held-out cells, weights, dropout and shuffling: same seed, same latent (CPU).
+    progress
+        Show a progress bar.
+    log
+        Receives one line per notice (e.g. ``print``).
+    **model_options
+        The model's hyper-parameters (e.g. ``latent_dim=30``, ``adversary_weight=1.0``) and
+        training settings (``batch_size``, ``lr``, ``patience``, ``accelerator``, ...).
+
+    Returns
+    -------
+    The fitted :class:`ScatlasModel` (``get_latent_representation``, ``history``, ``save``).
+
+    Examples
+    --------
+    >>> import anndata as ad, scanpy as sc, scatlas as sa
+    >>> adata = ad.read_h5ad("../shared/data/symphony_pbmc_3tech.h5ad")       # doctest: +SKIP
+    >>> model = sa.tl.embed(adata, "fe", batch_key="batch", label_key="cell_type")  # doctest: +SKIP
+    >>> sc.pp.neighbors(adata, use_rep="X_fe"); sc.tl.umap(adata)               # doctest: +SKIP
+    """
+    if model not in REGISTRY:
+        raise ConfigError(f"unknown model {model!r}; available: {sorted(k for k, v in REGISTRY.items() if not issubclass(v, LatentClassifier))}")
+    counts = resolve_input(adata, layer, input, log)
+    data = cell_data(adata, batch_key=batch_key, label_key=label_key, layer=layer, counts=counts)
+    train, val = holdout(data.n_cells, val_fraction, seed)
+    prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, scale)
+    sdata = all_cells_split(prep.X, data.obs, batch_key, label_key, prep.genes, train, val)
+    entry, training = split_options(model, model_options)
+    if max_epochs is not None:
+        training["max_epochs"] = max_epochs
+    fitted, history = fit_all_cells(sdata, entry, training, seed, progress)
+    key = key_added or f"X_{model}"
+    result = ScatlasModel(fitted, Preprocessing(prep.genes, counts, layer, prep.scaler), batch_key, label_key, key, sdata.batch_names,
+                          sdata.label_names, history, {"training": training}, sdata, log)
+    write_results(adata, result)
+    return result
+
+
+def write_results(adata: ad.AnnData, result: ScatlasModel) -> None:
+    """Write a fitted model's latent, loadings and settings into ``adata`` (``.obsm``, ``.varm``, ``.uns["scatlas"]``)."""
+    adata.obsm[result.key] = result.get_latent_representation()
+    W = result.loadings()
+    if W is not None:
+        full = np.zeros((adata.n_vars, W.shape[1]), dtype=np.float32)
+        full[adata.var_names.get_indexer(result.prep.genes)] = W
+        adata.varm[f"W_{result.key.removeprefix('X_')}"] = full
+    store = dict(adata.uns.get("scatlas", {}))
+    store[result.key] = _plain({
+        "model": result.model.config.model_dump(mode="json"), "training": result.settings.get("training", {}), "seed": result.model.train_config.seed,
+        "batch_key": result.batch_key, "label_key": result.label_key, "layer": result.prep.layer,
+        "input": "counts" if result.prep.counts else "lognorm", "scale": result.prep.scaler.kind, "genes": [str(g) for g in result.prep.genes],
+        "epochs": len(result.history), "version": __version__,
+    })
+    adata.uns["scatlas"] = store
+
+
+def counterfactual(adata: ad.AnnData, model: ScatlasModel, batch: str, layer_added: str | None = None) -> str:
+    """Reconstruct every cell of ``adata`` "as if from batch ``batch``" with a fitted ``re`` model; write it as a layer.
+
+    The reconstruction lives in the model's input space (log-normalised, scaled as in training)
+    over the model's genes; other genes of the layer are 0.
+
+    Returns
+    -------
+    The layer's name (default ``<key>_as_<batch>``).
+
+    Examples
+    --------
+    >>> model = sa.tl.embed(adata, "re", batch_key="batch")                 # doctest: +SKIP
+    >>> sa.tl.counterfactual(adata, model, "10x 5'")                         # doctest: +SKIP
+    'X_re_as_10x 5''
+    """
+    recon = model.get_counterfactual(batch, adata)
+    columns = adata.var_names.get_indexer(model.prep.genes)
+    full = np.zeros((adata.n_obs, adata.n_vars), dtype=np.float32)
+    full[:, columns[columns >= 0]] = recon[:, columns >= 0]
+    name = layer_added or f"{model.key}_as_{batch}"
+    adata.layers[name] = full
+    return name
+
+
+def results_anndata(adata: ad.AnnData, keep_obs: list[str | None]) -> ad.AnnData:
+    """A results-only AnnData: ``adata``'s obs columns ``keep_obs``, its genes, and what scatlas wrote to obsm / varm / uns."""
+    obs = pd.DataFrame({c: adata.obs[c].astype(str).astype("category").to_numpy() for c in keep_obs if c}, index=adata.obs_names.astype(str))
+    out = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+    for k in adata.uns.get("scatlas", {}):
+        out.obsm[k] = adata.obsm[k]
+        w = f"W_{k.removeprefix('X_')}"
+        if w in adata.varm:
+            out.varm[w] = adata.varm[w]
+    out.uns["scatlas"] = adata.uns["scatlas"]
+    return out
