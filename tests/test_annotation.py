@@ -13,12 +13,12 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from scatlas import InputError
-from scatlas.tl._annotation import Annotator, load_annotate_config, train_annotator
+from scatlas.tl._annotation import Annotator, label_space, load_annotate_config, train_annotator
 from scatlas.cli import app
 from scatlas.losses import hierarchical_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
 from scatlas.nn.tabnet import entmax15, sparsemax
-from scatlas.ontology import CellOntology, map_author_labels, reachability
+from scatlas.ontology import CellOntology, fine_classes, map_author_labels, nested_label_pairs, reachability, source_reachability
 
 runner = CliRunner()
 CD4_SUBSETS = ["CL:0000492", "CL:0000792", "CL:0000895", "CL:0000897"]  # helper, Treg, naive CD4, memory CD4
@@ -79,16 +79,48 @@ def test_hce_hand_computed():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))  # softmax = (0.5, 0.3, 0.2)
     R = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # class 1 is a child of class 0
     # target 0 (parent): q = 0.5 + 0.3 = 0.8
-    assert hierarchical_cross_entropy(logits, torch.tensor([0]), R).item() == pytest.approx(-np.log(0.8 + 1e-6), abs=1e-6)
+    assert hierarchical_cross_entropy(logits, torch.tensor([0]), R).item() == pytest.approx(-np.log(0.8), abs=1e-6)
     # target 1 (leaf): plain CE
-    assert hierarchical_cross_entropy(logits, torch.tensor([1]), R).item() == pytest.approx(-np.log(0.3 + 1e-6), abs=1e-6)
+    assert hierarchical_cross_entropy(logits, torch.tensor([1]), R).item() == pytest.approx(-np.log(0.3), abs=1e-6)
     # weighted mean over a batch, as nll_loss
     w = torch.tensor([2.0, 1.0, 1.0])
     got = hierarchical_cross_entropy(logits.repeat(2, 1), torch.tensor([0, 2]), R, weight=w).item()
-    assert got == pytest.approx((2 * -np.log(0.8 + 1e-6) + -np.log(0.2 + 1e-6)) / 3, abs=1e-6)
+    assert got == pytest.approx((2 * -np.log(0.8) + -np.log(0.2)) / 3, abs=1e-6)
     z = torch.randn(6, 3)
     t = torch.tensor([0, 1, 2, 0, 1, 2])
-    assert hierarchical_cross_entropy(z, t, torch.eye(3)).item() == pytest.approx(F.cross_entropy(z, t).item(), abs=1e-4)
+    assert hierarchical_cross_entropy(z, t, torch.eye(3), w).item() == F.cross_entropy(z, t, weight=w).item()  # exactly
+
+
+def test_label_meaning_per_source_hand_computed():
+    # classes: 0 monocyte, 1 CD14 monocyte, 2 CD16 monocyte, 3 B cell; in the ontology 1 and 2 descend from 0, and 2 from 1
+    R = np.array([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float32)
+    # source 0 (coarse study) labels monocyte and B; source 1 (fine study) labels CD14, CD16 and B
+    codes = np.array([0, 3, 1, 2, 3])
+    sources = np.array([0, 0, 1, 1, 1])
+    per = source_reachability(R, codes, sources)
+    np.testing.assert_array_equal(per[0], R)  # monocyte keeps "monocyte or any descendant" in the coarse study
+    np.testing.assert_array_equal(per[1][1], [0, 1, 0, 0])  # CD14 next to labelled CD16 means "CD14, not CD16"
+    np.testing.assert_array_equal(per[1][2], [0, 0, 1, 0])
+    assert list(fine_classes(per, codes, sources)) == [False, True, True, True]
+    assert nested_label_pairs(R, codes, sources) == [(0, 1, 0, False), (0, 2, 0, False), (1, 2, 1, True)]
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1]])).repeat(2, 1)
+    target = torch.tensor([0, 1])
+    loss = hierarchical_cross_entropy(logits, target, torch.as_tensor(per), source=torch.tensor([0, 1])).item()
+    assert loss == pytest.approx((-np.log(0.9) - np.log(0.2)) / 2, abs=1e-6)  # coarse target satisfied by CD16; CD14 not
+    # one source with a flat author partition: every label exclusive, HCE is CE to the bit
+    flat = source_reachability(R, np.array([1, 2, 3, 1]), np.zeros(4, dtype=np.int64))
+    z, t = torch.randn(8, 4), torch.tensor([1, 2, 3, 1, 2, 3, 1, 2])
+    assert hierarchical_cross_entropy(z, t, torch.as_tensor(flat), source=torch.zeros(8, dtype=torch.int64)).item() == F.cross_entropy(z, t).item()
+
+
+def test_symphony_monocytes_nest_and_are_reported(symphony_path, ontology):
+    adata = ad.read_h5ad(symphony_path)
+    ids = adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
+    lines: list[str] = []
+    labels = label_space(ids, adata.obs["cell_type"].astype(str).to_numpy(), ontology, sources=None, log=lines.append)
+    cd14, cd16 = labels.classes.index("CL:0001054"), labels.classes.index("CL:0002396")
+    assert labels.reachability[cd14, cd16] == 1 and labels.per_source[0, cd14, cd16] == 0  # the ontology nests them; the source separates them
+    assert labels.fine.all() and len(lines) == 1 and "excludes" in lines[0] and "CD14-low, CD16-positive monocyte" in lines[0]
 
 
 def test_hierarchical_metric_credit():
@@ -245,3 +277,41 @@ def test_label_map_to_cell_ontology(symphony_path, tmp_path):
     table.write_text("author,cl\nB,CL:0000236\n")
     result = runner.invoke(app, ["annotate", "train", str(symphony_path), "--label-key", "author_cell_type", "--label-map", str(table), "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "no Cell Ontology id for labels" in result.output
+
+
+def test_a_class_labelled_exactly_by_one_source_stays_a_finest_call():
+    # classes 0 CD14 monocyte, 1 CD16 monocyte (a CL descendant of 0); the fine source labels both, the coarse one only 0
+    R = np.array([[1, 1], [0, 1]], dtype=np.float32)
+    codes, sources = np.array([0, 1, 0]), np.array([0, 0, 1])
+    per = source_reachability(R, codes, sources)
+    assert per[1, 0, 1] == 1 and per[0, 0, 1] == 0
+    assert list(fine_classes(per, codes, sources)) == [True, True]
+
+
+def test_hierarchical_calls_hand_computed():
+    from scatlas.ontology import choose_call_threshold, hierarchical_calls
+
+    R = np.array([[1, 1, 1], [0, 1, 0], [0, 0, 1]], dtype=float)  # 0 monocyte above siblings 1 CD14 and 2 CD16
+    depth = np.array([5.0, 6.0, 6.0])
+    proba = np.array([[0.05, 0.5, 0.45], [0.0, 0.9, 0.1]])
+    assert list(hierarchical_calls(proba, R, depth, 0.8)) == [0, 1]  # unsure cell: "monocyte"; sure cell: CD14
+    assert list(hierarchical_calls(proba, R, depth, 0.4)) == [1, 1]
+    assert list(hierarchical_calls(np.array([[0.3, 0.3, 0.4]]), R, depth, 1.01)) == [0]  # nothing reaches: the broadest class
+    assert choose_call_threshold(proba, np.array([1, 1]), R, depth) == 0.5
+    assert choose_call_threshold(proba, np.array([2, 1]), R, depth) == 0.51  # the unsure cell must fall back to its parent
+
+
+def test_transfer_makes_hierarchical_calls_at_the_stated_precision(symphony_path):
+    import scatlas as sa
+
+    adata = ad.read_h5ad(symphony_path)
+    reference, query = adata[adata.obs["batch"] != "3pv1"].copy(), adata[adata.obs["batch"] == "3pv1"].copy()
+    model = sa.tl.transfer(reference, query, label_key="cell_type", ontology_key="cell_type_ontology_term_id", loss="hce", log=lambda _: None,
+                           training={"max_epochs": 20, "batch_size": 64})
+    labels = model.annotator.labels
+    assert 0.5 <= labels.call_threshold <= 0.99
+    calls = query.obs["cell_type_ontology_term_id_pred_hierarchical"].astype(str).to_numpy()
+    truth = labels.codes(query.obs["cell_type_ontology_term_id"].astype(str).to_numpy())
+    correct = labels.reachability[labels.codes(calls), truth] > 0
+    exact = (query.obs["cell_type_ontology_term_id_pred"].astype(str) == query.obs["cell_type_ontology_term_id"].astype(str)).mean()
+    assert correct.mean() >= exact  # backing off to an ancestor never loses a right call

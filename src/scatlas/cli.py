@@ -158,11 +158,12 @@ def annotate_train(
     label_key: Annotated[str, typer.Option(help="Column of readable cell-type labels.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
     ontology_key: Annotated[str | None, typer.Option(help="Column of Cell Ontology ids (classes become CL ids; needed for --loss hce).")] = None,
+    dataset_key: Annotated[str | None, typer.Option(help="Column naming each cell's source study: a label's HCE meaning is set per source (default: one source).")] = None,
     model: Annotated[str, typer.Option(help="linear, mlp or tabnet.")] = "mlp",
     loss: Annotated[str, typer.Option(help="ce or hce (hierarchical cross-entropy).")] = "ce",
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column (stratifies splits and metrics).")] = None,
     split: Annotated[str, typer.Option(help="kfold, donor or study.")] = "kfold",
-    n_splits: Annotated[int, typer.Option(help="Folds for kfold / donor splits.")] = 5,
+    n_splits: Annotated[int, typer.Option(help="Folds for kfold / donor splits (0: no cross-validation, fit the final model only).")] = 5,
     group_key: Annotated[str | None, typer.Option(help="Donor / study column for donor / study splits (default: batch key).")] = None,
     input: Annotated[str, typer.Option(help="counts (normalised + log1p here) or lognorm.")] = "counts",
     layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
@@ -177,23 +178,30 @@ def annotate_train(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model."""
-    from scatlas.tl._annotation import load_annotate_config, train_annotator
+    from scatlas.tl._annotation import METHODS, load_annotate_config, train_annotator
 
+    if model not in METHODS:
+        raise ConfigError(f"--model must be one of {sorted(METHODS)}, got {model!r}")
     cfg = load_annotate_config(
         {
             "dataset": {"name": data.stem, "path": data, "layer": layer, "input": input, "batch_key": batch_key, "label_key": label_key, "filter": _filters(filter)},
             "ontology_key": ontology_key,
+            "dataset_key": dataset_key,
             "ontology_obo": ontology_obo,
             "label_map": label_map,
-            "model": {"type": model, "loss": loss},
+            "model": {**METHODS[model], "loss": loss},
             "n_top_genes": n_top_genes,
-            "split": {"kind": split, "n_splits": n_splits, "group_key": group_key, "seed": seed},
+            "split": {"kind": split, "n_splits": n_splits or 5, "group_key": group_key, "seed": seed},
+            "cross_validate": n_splits != 0,
             "training": {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10},
             "final_model": final,
             "seed": seed,
         }
     )
     summary = train_annotator(cfg, out, overwrite=overwrite, log=console.print)
+    if summary.empty:
+        console.print(f"model for `annotate predict`: {out / 'model'} (no cross-validation)", soft_wrap=True)
+        return
     table = Table(title=f"{model} + {loss}: test cells, mean ± 95% CI half-width over folds")
     table.add_column("evaluation")
     metrics = ["accuracy", "macro_f1", "weighted_f1"]
@@ -247,8 +255,8 @@ def transfer(
     label_key: Annotated[str, typer.Option(help="Reference column with the labels to transfer.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
     query: Annotated[list[Path], typer.Option(help="Query .h5ad (repeatable).")] = [],  # noqa: B006
-    batch_key: Annotated[str | None, typer.Option(help="Reference batch column.")] = None,
     ontology_key: Annotated[str | None, typer.Option(help="Reference column of Cell Ontology ids (enables --loss hce).")] = None,
+    dataset_key: Annotated[str | None, typer.Option(help="Reference column naming each cell's source study (sets each label's HCE meaning).")] = None,
     query_label_key: Annotated[str | None, typer.Option(help="Query column with known labels (evaluation mode).")] = None,
     method: Annotated[str, typer.Option(help="Reference classifier: linear, mlp or tabnet.")] = "mlp",
     loss: Annotated[str, typer.Option(help="ce or hce.")] = "ce",
@@ -267,9 +275,10 @@ def transfer(
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
     cfg = load_transfer_config(
         {
-            "reference": {"name": reference.stem, "path": reference, "input": input, "batch_key": batch_key, "label_key": label_key},
+            "reference": {"name": reference.stem, "path": reference, "input": input, "label_key": label_key},
             "queries": query,
             "ontology_key": ontology_key,
+            "dataset_key": dataset_key,
             "query_label_key": query_label_key,
             "model": {**METHODS[method], "loss": loss},
             "training": {"max_epochs": max_epochs, "batch_size": 64, "patience": 10},

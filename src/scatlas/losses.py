@@ -11,13 +11,14 @@ def hierarchical_cross_entropy(
     target: torch.Tensor,
     reachability: torch.Tensor,
     weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hierarchical cross-entropy over an ontology (scTab-based HCE).
+    """Hierarchical cross-entropy over an ontology (scTab-based HCE), with per-source label meaning.
 
-    ``p = softmax(logits)``, ``q = p · Rᵀ`` (``q_y`` = probability mass on ``y`` and its
-    descendants), loss ``= NLL(log(q + eps), target)`` with optional class weights
-    (weighted mean, as ``F.nll_loss``). For a leaf label it equals cross-entropy up to ``eps``.
+    ``q_y`` = probability mass on the classes that satisfy the target ``y`` (``y`` and the
+    descendants its row of the reachability matrix allows); loss ``= NLL(log q, target)`` with
+    optional class weights (weighted mean, as ``F.nll_loss``). ``log q`` is a log-sum-exp of
+    log-probabilities, so a target whose row holds only itself gives cross-entropy exactly.
 
     Parameters
     ----------
@@ -26,14 +27,20 @@ def hierarchical_cross_entropy(
     target
         ``(n,)`` class indices (may be internal nodes of the hierarchy).
     reachability
-        ``(n_classes, n_classes)`` matrix, ``R[i, j] = 1`` if class ``j`` is ``i`` or a descendant.
+        ``(n_classes, n_classes)``, ``R[i, j] = 1`` when class ``j`` satisfies target ``i``; or
+        ``(n_sources, n_classes, n_classes)``, one such matrix per source (see
+        :func:`scatlas.ontology.source_reachability`).
     weight
         Per-class weights.
-    eps
-        Added inside the log.
+    source
+        ``(n,)`` source index of each cell, for a per-source ``reachability`` (default: source 0).
     """
-    q = F.softmax(logits, dim=1) @ reachability.T
-    return F.nll_loss(torch.log(q + eps), target, weight=weight)
+    R = reachability if reachability.dim() == 3 else reachability[None]
+    src = source if source is not None else torch.zeros_like(target)
+    satisfies = R[src, target] > 0
+    log_p = F.log_softmax(logits, dim=1)
+    log_q = torch.logsumexp(log_p.masked_fill(~satisfies, float("-inf")), dim=1)
+    return F.nll_loss(log_p.scatter(1, target[:, None], log_q[:, None]), target, weight=weight)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -147,6 +147,80 @@ def reachability(labels: Sequence[str], ontology: CellOntology) -> np.ndarray:
     return R
 
 
+def source_reachability(R: np.ndarray, codes: np.ndarray, sources: np.ndarray, n_sources: int | None = None) -> np.ndarray:
+    """What each label means in each source: one reachability matrix per source.
+
+    Within a source, a label whose descendants that source also uses as labels means "this
+    term and not those labelled descendants" (nor anything below them); a label whose
+    descendants the source never uses keeps HCE's "this term or any descendant". A flat author
+    partition (one source, CD14 and CD16 monocytes both labelled) thus trains as plain
+    cross-entropy, while a coarse label of one study is still satisfied by the fine classes
+    another study labels.
+
+    Parameters
+    ----------
+    R
+        ``(C, C)`` ontology reachability of the classes (:func:`reachability`).
+    codes
+        Class index of each labelled cell.
+    sources
+        Source (dataset / study) index of each cell, ``0 .. n_sources-1``.
+    n_sources
+        Number of sources (default ``sources.max() + 1``).
+
+    Returns
+    -------
+    ``(n_sources, C, C)`` float32; row ``i`` of matrix ``s`` lists the classes that satisfy
+    target ``i`` in source ``s``.
+    """
+    n_sources = int(n_sources if n_sources is not None else (sources.max() + 1 if len(sources) else 1))
+    out = np.repeat(np.asarray(R, dtype=np.float32)[None], n_sources, axis=0)
+    for s in range(n_sources):
+        used = np.unique(codes[sources == s])
+        for i in used:
+            below = [k for k in used if k != i and R[i, k] > 0]
+            if below:
+                out[s, i, R[below].max(axis=0) > 0] = 0.0
+    return out
+
+
+def nested_label_pairs(R: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> list[tuple[int, int, int, bool]]:
+    """Ancestor / descendant pairs among the labels, per source.
+
+    Returns
+    -------
+    ``(ancestor, descendant, source, exclusive)`` for every pair of classes where the ancestor
+    is used as a label in the source and the descendant is used in any source; ``exclusive`` is
+    true when that same source also labels the descendant (the ancestor then means "not it").
+    """
+    pairs = []
+    everywhere = set(np.unique(codes).tolist())
+    for s in np.unique(sources):
+        used = set(np.unique(codes[sources == s]).tolist())
+        for i in sorted(used):
+            for j in sorted(everywhere - {i}):
+                if R[i, j] > 0:
+                    pairs.append((i, j, int(s), j in used))
+    return pairs
+
+
+def fine_classes(per_source: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Classes that a finest-class call may return: those some source uses as an exact label.
+
+    A class is coarse in a source when some other class satisfies it there (the source labels it
+    but none of its descendants, which other sources label); a class coarse in every source that
+    uses it is only ever a coarse label, and never a finest call.
+    """
+    C = per_source.shape[1]
+    fine = np.zeros(C, dtype=bool)
+    used = np.zeros(C, dtype=bool)
+    for s in range(per_source.shape[0]):
+        for i in np.unique(codes[sources == s]):
+            used[i] = True
+            fine[i] |= per_source[s, i].sum() <= 1
+    return fine | ~used
+
+
 def map_author_labels(values: Iterable[str], table: pd.DataFrame | str | Path, ontology: CellOntology | None = None) -> np.ndarray:
     """Map author labels to CL ids with a user table of two columns (author label, CL id).
 
@@ -169,3 +243,45 @@ def map_author_labels(values: Iterable[str], table: pd.DataFrame | str | Path, o
     if ontology is not None:
         ontology.check_terms(ids, where=f"{source}: ")
     return ids
+
+
+def hierarchical_calls(proba: np.ndarray, R: np.ndarray, depth: np.ndarray, threshold: float) -> np.ndarray:
+    """The deepest class whose probability, summed over itself and its descendant classes, reaches ``threshold``.
+
+    Parameters
+    ----------
+    proba
+        ``(n, C)`` class probabilities.
+    R
+        ``(C, C)`` ontology reachability (``R[i, j] = 1``: ``j`` is ``i`` or a descendant).
+    depth
+        Ontology depth of each class (number of ancestors); deeper = more specific.
+    threshold
+        Probability a call must reach. A cell where no class reaches it gets the class of largest
+        summed probability (the broadest one).
+
+    Returns
+    -------
+    Class index of each cell's call (ties in depth go to the larger summed probability).
+    """
+    q = proba @ R.T
+    reach = q >= threshold
+    score = np.where(reach, depth[None, :] * 2.0 + q, -np.inf)  # depth first, q (< 2) breaks ties
+    calls = score.argmax(1)
+    none = ~reach.any(1)
+    calls[none] = q[none].argmax(1)
+    return calls
+
+
+def choose_call_threshold(proba: np.ndarray, truth: np.ndarray, R: np.ndarray, depth: np.ndarray, precision: float = 0.95,
+                          grid: np.ndarray | None = None) -> float:
+    """Smallest threshold whose hierarchical calls on held-out cells are correct (the truth or an ancestor of it) at ``precision``.
+
+    Returns the largest grid value when none reaches ``precision``.
+    """
+    grid = np.round(np.arange(0.5, 1.0, 0.01), 2) if grid is None else grid
+    for t in grid:
+        calls = hierarchical_calls(proba, R, depth, float(t))
+        if (R[calls, truth] > 0).mean() >= precision:
+            return float(t)
+    return float(grid[-1])

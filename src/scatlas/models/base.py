@@ -50,6 +50,11 @@ class SplitData:
         ``R[i, j] = 1`` when label ``j`` is label ``i`` or a descendant (Cell Ontology labels), else ``None``.
     genes
         Gene names of ``X``'s columns.
+    source
+        Source (dataset / study) code of each cell, or ``None`` (one source).
+    label_reachability
+        ``(n_sources, n_labels, n_labels)``: which classes satisfy each label in each source
+        (:func:`scatlas.ontology.source_reachability`), for hierarchical cross-entropy.
     """
 
     X: sp.csr_matrix | CSRSource
@@ -61,6 +66,8 @@ class SplitData:
     label_names: list[str] | None = None
     reachability: np.ndarray | None = None
     genes: np.ndarray | None = None
+    source: np.ndarray | None = None
+    label_reachability: np.ndarray | None = None
 
     @property
     def n_genes(self) -> int:

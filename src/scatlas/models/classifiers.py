@@ -36,7 +36,8 @@ class ClassifierModule(nn.Module):
     class_weights
         Per-class weights of the training loss.
     reachability
-        Ontology reachability matrix (for ``hce``).
+        Per-source label reachability ``(n_sources, C, C)`` (for ``hce``; not saved with the
+        weights: prediction never needs it).
     sparsity_weight
         Weight of TabNet's mask-entropy regulariser.
     """
@@ -55,7 +56,7 @@ class ClassifierModule(nn.Module):
         self.backbone = backbone
         self.loss_kind = loss
         self.register_buffer("class_weights", class_weights)
-        self.register_buffer("reachability", reachability)
+        self.register_buffer("reachability", reachability, persistent=False)
         self.sparsity_weight = sparsity_weight
 
     def embed(self, batch: Batch) -> torch.Tensor:
@@ -76,7 +77,7 @@ class ClassifierModule(nn.Module):
         logits = self.backbone.head(h)
         weight = self.class_weights if self.training else None
         if self.loss_kind == "hce":
-            ce = hierarchical_cross_entropy(logits, batch["label"], self.reachability, weight)
+            ce = hierarchical_cross_entropy(logits, batch["label"], self.reachability, weight, batch.get("source"))
         else:
             ce = cross_entropy(logits, batch["label"], weight)
         terms = {"class": ce, "loss": ce + self.sparsity_weight * sparsity}
@@ -165,12 +166,20 @@ class CellTypeClassifier(NeuralModel):
         cfg: ClassifierConfig = self.config  # type: ignore[assignment]
         assert data.label_names is not None
         weights = torch.as_tensor(data.class_weights(), dtype=torch.float32) if cfg.class_weighted else None
-        R = torch.as_tensor(data.reachability) if data.reachability is not None else None
+        R = data.label_reachability if data.label_reachability is not None else data.reachability
+        R = torch.as_tensor(R) if R is not None else None
         if cfg.loss == "hce" and R is None:
             from scatlas._errors import ConfigError
 
             raise ConfigError(f"{cfg.type}: loss 'hce' needs Cell Ontology labels (set an ontology key)")
         return ClassifierModule(self.backbone(data.n_genes, len(data.label_names)), cfg.loss, weights, R, getattr(cfg, "sparsity_weight", 0.0))
+
+    def covariates(self, data: SplitData) -> dict[str, np.ndarray]:
+        """Batch and label codes, and each cell's source when the labels' meaning depends on it (HCE)."""
+        cov = super().covariates(data)
+        if data.source is not None:
+            cov["source"] = data.source
+        return cov
 
     def predict_proba(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), n_classes)`` softmax probabilities."""

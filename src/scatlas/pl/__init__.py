@@ -44,7 +44,13 @@ def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, titl
 
 
 def loss_curves(result: ScatlasModel | pd.DataFrame, *, title: str = "") -> Figure:
-    """Training and validation loss terms per epoch of a fitted model (or of its ``history``)."""
+    """Training and validation loss terms per epoch of a fitted model (or of its ``history``).
+
+    Examples
+    --------
+    >>> model = sa.tl.embed(adata, "ae", batch_key="batch")   # doctest: +SKIP
+    >>> sa.pl.loss_curves(model).savefig("loss.png")          # doctest: +SKIP
+    """
     history = result if isinstance(result, pd.DataFrame) else result.history
     if history.empty:
         raise InputError("this model has no epoch history (PCA and NMF are not trained by epochs)")
@@ -52,13 +58,24 @@ def loss_curves(result: ScatlasModel | pd.DataFrame, *, title: str = "") -> Figu
 
 
 def confusion_matrix(adata: ad.AnnData, truth_key: str, pred_key: str, *, title: str = "") -> Figure:
-    """Row-normalised confusion matrix of two ``obs`` columns (true × predicted)."""
+    """Row-normalised confusion matrix of two ``obs`` columns (true × predicted).
+
+    Examples
+    --------
+    >>> sa.tl.transfer(reference, query, label_key="cell_type")                     # doctest: +SKIP
+    >>> sa.pl.confusion_matrix(query, "cell_type", "cell_type_pred_label")           # doctest: +SKIP
+    """
     check_obs_keys(adata, [truth_key, pred_key])
     return figures.confusion_heatmap(adata.obs[truth_key].astype(str).to_numpy(), adata.obs[pred_key].astype(str).to_numpy(), None, title)
 
 
 def benchmark_table(table: pd.DataFrame, *, title: str = "") -> Figure:
-    """The table of :func:`scatlas.tl.benchmark` as a coloured score table, one row per embedding."""
+    """The table of :func:`scatlas.tl.benchmark` as a coloured score table, one row per embedding.
+
+    Examples
+    --------
+    >>> sa.pl.benchmark_table(sa.tl.benchmark(adata, ["X_pca", "X_fe"], label_key="cell_type", batch_key="batch"))  # doctest: +SKIP
+    """
     return figures.score_table(table, None, title=title)
 
 

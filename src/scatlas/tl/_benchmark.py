@@ -61,6 +61,16 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
         neighbour distances per cell, self excluded, as ``scanpy.pp.neighbors`` stores it). The
         graph metrics of that embedding use it instead of a new search; it must hold at least
         ``n_neighbors − 1`` neighbours per cell.
+
+    Returns
+    -------
+    One row per embedding: the columns of scib-metrics' ``Benchmarker`` (bio conservation,
+    batch correction, their aggregates and ``Total``), as ``benchmark.csv``.
+
+    Examples
+    --------
+    >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
+    >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
     check_obs_keys(adata, [label_key, batch_key])
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]

@@ -26,7 +26,7 @@ from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
 from scatlas._io import staged_dir, write_csv, write_npy, write_parquet, write_yaml
-from scatlas.tl._annotation import Annotator, LabelSpace, fit_classifier, label_space, write_calls
+from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, write_calls
 from scatlas.tl._embed import resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import read_h5ad, source_name
@@ -41,15 +41,6 @@ from scatlas.report.html import Section, write_report
 Log = Callable[[str], None]
 
 
-#: Classifier entries tuned for references of thousands of cells (scTab's defaults assume
-#: millions): on Symphony PBMCs with one chemistry held out, the MLP reaches 0.94-0.98 accuracy.
-METHODS: dict[str, dict[str, Any]] = {
-    "linear": {"type": "linear", "training": {"lr": 5e-3, "weight_decay": 0.01}},
-    "mlp": {"type": "mlp", "hidden": [256, 128], "dropout": 0.1, "training": {"lr": 1e-3, "weight_decay": 0.05}},
-    "tabnet": {"type": "tabnet", "training": {"lr": 5e-3, "weight_decay": 0.05}},
-}
-
-
 class TransferConfig(BaseModel):
     """Settings of ``scatlas transfer``.
 
@@ -61,6 +52,8 @@ class TransferConfig(BaseModel):
         Query ``.h5ad`` files (distinct file stems: each names an output folder).
     ontology_key
         Reference column of Cell Ontology ids (classes become CL ids; enables ``loss: hce``).
+    dataset_key
+        Reference column naming each cell's source (study); sets each label's meaning for HCE.
     query_label_key
         Query column with known labels (evaluation mode).
     model
@@ -74,6 +67,8 @@ class TransferConfig(BaseModel):
         than this quantile of the held-out reference cells' distances is called ``unknown``.
     min_overlap
         Smallest share of the model's genes a query must have.
+    call_precision
+        Precision the hierarchical calls must reach on the held-out calibration cells (sets their threshold).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -81,6 +76,7 @@ class TransferConfig(BaseModel):
     reference: DatasetConfig
     queries: list[Path] = Field(default_factory=list)
     ontology_key: str | None = None
+    dataset_key: str | None = None
     query_label_key: str | None = None
     query_layer: str | None = None
     model: dict[str, Any] = Field(default_factory=lambda: dict(METHODS["mlp"]))
@@ -91,6 +87,7 @@ class TransferConfig(BaseModel):
     confidence_threshold: float = Field(0.5, ge=0, le=1)
     distance_quantile: float = Field(0.99, gt=0, le=1)
     min_overlap: float = Field(0.5, ge=0, le=1)
+    call_precision: float = Field(0.95, gt=0, le=1)
     seed: int = 0
 
 
@@ -111,8 +108,8 @@ class ReferenceModel:
         proba = softmax(model.predict_logits(sdata, rows), self.temperature)
         distance = nearest_centroid_distance(model.embed(sdata, rows), self.centroids)
         names = np.asarray(self.annotator.labels.names)
-        best = proba.argmax(1)
-        confidence = proba.max(1)
+        best = self.annotator.labels.finest(proba)
+        confidence = proba[np.arange(len(best)), best]
         low, far = confidence < self.confidence_threshold, distance > self.distance_threshold
         predictions = pd.DataFrame(
             {
@@ -125,8 +122,14 @@ class ReferenceModel:
                 "latent_distance": distance,
             }
         )
-        if self.annotator.labels.reachability is not None:
-            predictions.insert(2, "predicted_id", np.asarray(self.annotator.labels.classes)[best])
+        labels = self.annotator.labels
+        if labels.reachability is not None:
+            predictions.insert(2, "predicted_id", np.asarray(labels.classes)[best])
+        calls = labels.hierarchical(proba)
+        if calls is not None:
+            predictions["hierarchical"] = names[calls]
+            predictions["hierarchical_id"] = np.asarray(labels.classes)[calls]
+            predictions["hierarchical_depth"] = labels.depth[calls]
         probabilities = pd.concat([pd.DataFrame({"cell_id": cell_ids}), pd.DataFrame(proba, columns=list(names))], axis=1)
         return predictions, probabilities
 
@@ -147,6 +150,11 @@ def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace,
     pred = predictions["predicted"].to_numpy().astype(str)
     metrics = overall_metrics(y_true[known], pred[known])
     metrics["unknown_fraction"] = float(predictions["unknown"].mean())
+    if "hierarchical" in predictions and labels.reachability is not None:  # a call is right when it is the truth or an ancestor of it
+        calls = labels.codes(predictions["hierarchical_id"].to_numpy()[known])
+        truth_codes = pd.Index(labels.names).get_indexer(y_true[known])
+        metrics["hierarchical_call_accuracy"] = float((labels.reachability[calls, truth_codes] > 0).mean()) if known.any() else float("nan")
+        metrics["hierarchical_call_depth"] = float(predictions["hierarchical_depth"].to_numpy()[known].mean()) if known.any() else float("nan")
     metrics["n_cells_unseen_label"] = float((~known).sum())
     write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
     write_csv(per_class_metrics(y_true[known], pred[known]), out / "per_class_metrics.csv")
@@ -175,24 +183,26 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print) -> t
     key = config.ontology_key or config.reference.label_key
     truth = data.obs[key].astype(str).to_numpy()
     names = data.obs[config.reference.label_key].astype(str).to_numpy() if config.reference.label_key else None
-    labels = label_space(truth, names, ontology, where=f"{config.reference.path}: obs column {key!r}: ")
+    sources = data.obs[config.dataset_key].astype(str).to_numpy() if config.dataset_key else None
+    labels = label_space(truth, names, ontology, where=f"{config.reference.path}: obs column {key!r}: ", sources=sources, log=log)
     codes = labels.codes(truth)
     rows = np.arange(data.n_cells)
     fit_rows, calib = train_test_split(rows, test_size=config.calibration_fraction, random_state=config.seed, stratify=_stratify(codes))
     train, val = train_test_split(fit_rows, test_size=config.val_fraction / (1 - config.calibration_fraction), random_state=config.seed, stratify=_stratify(codes[fit_rows]))
     train, val, calib = np.sort(train), np.sort(val), np.sort(calib)
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
-    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val)
+    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources)
     logits = model.predict_logits(sdata, rows)
     fitted = fit_temperature(logits[calib], codes[calib])
     before = expected_calibration_error(softmax(logits[calib]), codes[calib])
     scaled = expected_calibration_error(softmax(logits[calib], fitted), codes[calib])
     # the NLL-optimal temperature is kept only if it also lowers the held-out ECE
     temperature, after = (fitted, scaled) if scaled <= before else (1.0, before)
+    labels = labels.with_call_threshold(softmax(logits[calib], temperature), codes[calib], config.call_precision)
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
     embedding = model.embed(sdata, rows)
-    centroids = np.stack([embedding[train][codes[train] == c].mean(0) for c in range(len(labels.classes))])
+    centroids = np.stack([embedding[train][codes[train] == c].mean(0) for c in np.unique(codes[train])])  # classes with training cells
     threshold = float(np.quantile(nearest_centroid_distance(embedding[calib], centroids), config.distance_quantile))
     annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path)})
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
@@ -222,7 +232,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     if config.query_label_key:
         for q in queries:
             check_obs_keys(q, [config.query_label_key])
-    data = load_dataset(config.reference, extra_keys=(config.ontology_key,) if config.ontology_key else ())
+    data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k))
     with staged_dir(out, overwrite) as stage:
         reference, predictions, probabilities, calib_truth, calibration = fit_reference(config, data, log)
         write_csv(calibration, stage / "calibration.csv")
@@ -275,6 +285,8 @@ def transfer(
     query_layer: str | None = None,
     input: Literal["auto", "counts", "lognorm"] = "auto",
     method: str = "mlp",
+    loss: Literal["ce", "hce"] = "ce",
+    dataset_key: str | None = None,
     seed: int = 0,
     log: Log = print,
     **settings: Any,
@@ -300,6 +312,10 @@ def transfer(
         ``counts``, ``lognorm`` or ``auto`` (counts when the reference holds whole numbers).
     method
         Classifier: ``linear``, ``mlp`` or ``tabnet`` (see :data:`METHODS`).
+    loss
+        ``ce`` or ``hce`` (hierarchical cross-entropy over the Cell Ontology; needs ``ontology_key``).
+    dataset_key
+        Reference column naming each cell's source study; a label's HCE meaning is set per source.
     seed
         Seeds the held-out cells and the training.
     log
@@ -326,9 +342,10 @@ def transfer(
     counts = resolve_input(reference, layer, input, log)
     values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
                             "input": "counts" if counts else "lognorm"},
-              "ontology_key": ontology_key, "query_layer": query_layer, "model": dict(METHODS[method]), "seed": seed, **settings}
+              "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer, "model": {**METHODS[method], "loss": loss},
+              "seed": seed, **settings}
     config = load_transfer_config(values)
-    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key,))
+    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key))
     model, predictions, probabilities, _, _ = fit_reference(config, data, log)
     key = ontology_key or label_key
     _write_transfer(reference, model, predictions, probabilities, key)
@@ -342,8 +359,7 @@ def transfer(
 
 def _write_transfer(adata: ad.AnnData, model: ReferenceModel, predictions: pd.DataFrame, probabilities: pd.DataFrame, key: str) -> None:
     labels = model.annotator.labels
-    write_calls(adata, key, np.asarray(labels.classes), np.asarray(labels.names), probabilities.drop(columns=["cell_id"]).to_numpy(),
-                predictions["unknown"].to_numpy())
+    write_calls(adata, key, labels, probabilities.drop(columns=["cell_id"]).to_numpy(), predictions["unknown"].to_numpy())
 
 
 def load_transfer_config(values: dict[str, Any]) -> TransferConfig:
@@ -351,4 +367,4 @@ def load_transfer_config(values: dict[str, Any]) -> TransferConfig:
     return parse_settings(TransferConfig, values)
 
 
-__all__ = ["ReferenceModel", "TransferConfig", "fit_reference", "load_transfer_config", "run_transfer", "transfer"]
+__all__ = ["METHODS", "ReferenceModel", "TransferConfig", "fit_reference", "load_transfer_config", "run_transfer", "transfer"]
