@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -25,16 +26,53 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Interrupted(BaseException):
+    """Raised in the main thread on SIGINT / SIGTERM, so that every staged output is removed on the way out.
+
+    A ``BaseException`` that is not ``KeyboardInterrupt``: Lightning turns the latter into a silent
+    exit 1, and its own SIGTERM handling ends in ``SystemExit(None)``, i.e. exit 0.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _resume_hint(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str:
+    if fn.__name__ == "run":
+        return f"; finished splits are kept, resume with: scatlas run {kwargs['config']} --resume"
+    return "; no partial output was kept"
+
+
 def _user_errors(fn: F) -> F:
-    """Print a :class:`ScatlasError` as one line on stderr and exit with code 2."""
+    """Print a :class:`ScatlasError` as one line on stderr and exit 2; exit 130 / 143 on SIGINT / SIGTERM with one line."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        received: list[int] = []
+
+        def interrupt(signum: int, _frame: Any) -> None:
+            received.append(signum)
+            raise Interrupted(signum)
+
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except ScatlasError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+        except (Interrupted, SystemExit) as exc:  # Lightning turns a SIGTERM into SystemExit(None), i.e. exit 0
+            if not received:
+                raise
+            result = exc
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if received:  # also when a library swallowed the exception and the command ran on
+            name = signal.Signals(received[0]).name
+            err_console.print(f"[bold red]interrupted[/] by {name}{_resume_hint(fn, kwargs)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=128 + received[0])
+        return result
 
     return wrapper  # type: ignore[return-value]
 
