@@ -194,13 +194,12 @@ def nested_label_pairs(R: np.ndarray, codes: np.ndarray, sources: np.ndarray) ->
     true when that same source also labels the descendant (the ancestor then means "not it").
     """
     pairs = []
-    everywhere = set(np.unique(codes).tolist())
+    everywhere = np.unique(codes)
     for s in np.unique(sources):
-        used = set(np.unique(codes[sources == s]).tolist())
-        for i in sorted(used):
-            for j in sorted(everywhere - {i}):
-                if R[i, j] > 0:
-                    pairs.append((i, j, int(s), j in used))
+        used = np.unique(codes[sources == s])
+        for i in used:
+            below = everywhere[(R[i, everywhere] > 0) & (everywhere != i)]
+            pairs += [(int(i), int(j), int(s), bool(np.isin(j, used))) for j in below]
     return pairs
 
 
