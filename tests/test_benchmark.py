@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from scatlas.cli import app
 from scatlas.data import normalize_log1p
 from scatlas.metrics import integration as I
+from scatlas.metrics.silhouette import silhouette_batch, silhouette_label
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,28 @@ def test_pcr_matches_scib_metrics(symphony):
         centred[batch == b] -= Z[batch == b].mean(0)
     got = I.pcr_comparison(Z, centred, batch)
     assert got == pytest.approx(float(scib_metrics.pcr_comparison(Z, centred, batch, categorical=True)), rel=1e-4) and got > 0.9
+
+
+def test_pcr_continuous_covariate_matches_scib_metrics_default(symphony_path, symphony):
+    """scib-metrics' function default is ``categorical=False``; ours follows its Benchmarker (one-hot) unless asked."""
+    X, Z, _, batch = symphony
+    depth = np.log1p(np.asarray(ad.read_h5ad(symphony_path).X.sum(1)).ravel())  # a real continuous covariate: library size
+    ref = scib_metrics.utils.principal_component_regression(Z, depth, categorical=False)
+    assert I.principal_component_regression(Z, depth, categorical=False) == pytest.approx(ref, rel=1e-5)
+    centred = depth - depth.mean()
+    post = Z - np.outer(centred, Z.T @ centred / (centred @ centred)) * 0.7  # 70% of the depth signal regressed out
+    ref_cmp = float(scib_metrics.pcr_comparison(Z, post, depth, categorical=False))
+    assert I.pcr_comparison(Z, post, depth, categorical=False) == pytest.approx(ref_cmp, rel=1e-4) and ref_cmp > 0
+    assert I.principal_component_regression(Z, batch) != pytest.approx(I.principal_component_regression(Z, pd.Categorical(batch).codes, categorical=False))
+
+
+def test_silhouette_edge_cases_as_scib_metrics(symphony):
+    X, Z, labels, batch = symphony
+    for one_or_all in (np.zeros(len(Z), dtype=int), np.arange(len(Z))):
+        assert silhouette_label(Z, one_or_all) == float(scib_metrics.silhouette_label(Z, one_or_all)) == 0.5
+    with pytest.raises(ValueError):  # every batch holds one label: scib-metrics raises, we return NaN on purpose
+        scib_metrics.silhouette_batch(Z, labels, labels)
+    assert np.isnan(silhouette_batch(Z, labels, labels))
 
 
 def test_benchmark_cli(symphony_path, symphony, tmp_path):

@@ -238,7 +238,7 @@ def test_validation_names_file_key_and_values(cellbench, tmp_path):
     lonely = good.copy()
     lonely.obs["batch"] = lonely.obs["batch"].astype(str)
     lonely.obs.iloc[0, lonely.obs.columns.get_loc("batch")] = "lonely_plate"
-    with pytest.raises(InputError, match=r"fewer than 2 cells: 'lonely_plate \(1 cells\)'"):
+    with pytest.raises(InputError, match=r"fewer than 2 cells: 'lonely_plate' \(1 cells\)"):
         validate(read_h5ad(_write(lonely, tmp_path)), batch_key="batch")
 
 

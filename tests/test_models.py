@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -77,6 +78,39 @@ def test_checkpoints_and_resume(split, tmp_path):
     full = AE(AEConfig(latent_dim=8), _train(max_epochs=7))
     full_history = full.fit(sdata)
     np.testing.assert_allclose(history["train_loss"].iloc[:4], full_history["train_loss"].iloc[:4], rtol=1e-6)
+
+
+def test_checkpoint_policy_best_on_improvement_last_by_interval(split, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from scatlas.train import LastCheckpoint
+
+    sdata, s, _ = split
+    saves: dict[str, int] = {"last": 0, "best": 0}
+    real_last, real_best = LastCheckpoint._save, ModelCheckpoint._save_checkpoint
+
+    def count_last(self, trainer):
+        saves["last"] += 1
+        real_last(self, trainer)
+
+    def count_best(self, trainer, filepath):
+        saves["best"] += 1
+        real_best(self, trainer, filepath)
+
+    monkeypatch.setattr(LastCheckpoint, "_save", count_last)
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", count_best)
+    config = TrainConfig(max_epochs=200, batch_size=64, lr=5e-2, patience=2, progress=False, accelerator="cpu", checkpoint_interval_s=1e9)
+    model = AE(AEConfig(latent_dim=8), config)
+    history = model.fit(sdata, checkpoint_dir=tmp_path)
+    improved = int((history["val_loss"] < history["val_loss"].cummin().shift(fill_value=np.inf)).sum())
+    assert len(history) < 200 and saves == {"last": 2, "best": improved}  # after epoch 0 and at the end; best only on improvement
+    assert (tmp_path / "early_stopped").exists()
+    latent = model.embed(sdata, s.test)
+    again = AE(AEConfig(latent_dim=8), config)
+    rehistory = again.fit(sdata, checkpoint_dir=tmp_path, resume=True)  # early stopping had ended it: reload, no training
+    assert saves["last"] == 2
+    pd.testing.assert_frame_equal(rehistory, history)
+    np.testing.assert_array_equal(again.embed(sdata, s.test), latent)
 
 
 def test_early_stopping_watches_logged_metric(split):

@@ -56,6 +56,43 @@ def test_matches_copairs_on_lincs(lincs, task):
     assert (merged["below_corrected_p_ours"] == merged["below_corrected_p_ref"]).all()
 
 
+def test_edge_cases_against_copairs(lincs):
+    """copairs' behaviour where it is well defined, and our documented choice where it is not."""
+    from copairs.matching import UnpairedException
+
+    from scatlas import UnpairedError
+
+    meta, feats = lincs
+    # normalized AP is clipped to [-1, 1] as copairs does: two positives ranked below the one negative
+    toy = pd.DataFrame({"g": ["a", "a", "a", "b"]})
+    pts = np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.05]])
+    rules = (["g"], [], [], ["g"])
+    ours = retrieval.average_precision(toy, pts, *rules)
+    ref = copairs_map.average_precision(toy, pts, *rules, progress_bar=False)
+    assert ours.loc[0, "normalized_average_precision"] == ref.loc[0, "normalized_average_precision"] == -1.0
+    np.testing.assert_allclose(ours["average_precision"], ref["average_precision"], atol=1e-9)
+    # no positive pair at all: both raise (ours is also a ValueError)
+    unique = (["Metadata_Well"], [], [], ["Metadata_Well"])
+    with pytest.raises(UnpairedException):
+        copairs_map.average_precision(meta, feats, *unique, progress_bar=False)
+    with pytest.raises(UnpairedError, match="no positive pairs") as caught:
+        retrieval.average_precision(meta, feats, *unique)
+    assert isinstance(caught.value, ValueError) and isinstance(InputError("x"), ValueError)
+    # an all-zero profile: NaN scores of its own, similarity 0 as others' partner (copairs ranks NaN arbitrarily)
+    rules = TASKS["replicate"][0]
+    zeroed = feats.astype(np.float64).copy()
+    zeroed[0] = 0
+    ours = retrieval.average_precision(meta, zeroed, *rules)
+    assert np.isnan(ours.loc[0, "average_precision"]) and ours["average_precision"].iloc[1:].notna().all()
+    partner = np.flatnonzero(meta["Metadata_broad_sample"].to_numpy() == meta["Metadata_broad_sample"].iloc[0])[1]
+    unit = zeroed / np.maximum(np.linalg.norm(zeroed, axis=1, keepdims=True), 1e-300)
+    sims = (unit[partner] @ unit.T).astype(np.float32)
+    assert sims[0] == 0 and ours.loc[partner, "n_pos_pairs"] >= 1
+    # float32 input is ranked in float64 (copairs would rank in float32): same result as float64 input
+    np.testing.assert_array_equal(retrieval.average_precision(meta, feats.astype(np.float32), *rules)["average_precision"],
+                                  retrieval.average_precision(meta, feats.astype(np.float32).astype(np.float64), *rules)["average_precision"])
+
+
 def test_precision_at_r_baseline_and_bh(lincs):
     meta, feats = lincs
     ap = retrieval.average_precision(meta, feats, ["Metadata_broad_sample"], [], [], ["Metadata_broad_sample"])

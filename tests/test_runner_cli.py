@@ -57,10 +57,12 @@ def test_layout_written(finished_run):
         assert not list(run.glob(".splits_*"))
         figures = root / "figures" / "kfold" / model / "run1"
         assert (figures / "splits_1" / "umap_test.png").exists()
-        assert (root / "saved_models" / "kfold" / model / "run1" / "config.yaml").exists()
+        saved = root / "saved_models" / "kfold" / model / "run1"
+        assert (saved / "config.yaml").exists()
+        assert not (saved / "splits_1" / "checkpoints").exists()  # a finished split keeps its weights only
+        assert (saved / "splits_1" / ("estimator.npz" if model == "PCA" else "module.pt")).exists()
         if model != "PCA":
             assert (run / "history_allfolds.csv").exists() and (figures / "avg_loss.png").exists()
-            assert (root / "saved_models" / "kfold" / model / "run1" / "splits_1" / "checkpoints" / "best.ckpt").exists()
     side_by_side = pd.read_csv(root / "compare_models" / "kfold" / "run1" / "test_allscores.csv")
     assert sorted(side_by_side["model"].unique()) == ["AE", "AEC", "PCA"] and len(side_by_side) == 9
     ci = pd.read_csv(root / "compare_models" / "kfold" / "run1" / "test_scores_10000_95CI.csv")

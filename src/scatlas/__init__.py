@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from scatlas._errors import ConfigError, InputError, ScatlasError
+from scatlas._errors import ConfigError, InputError, ScatlasError, UnpairedError
 
 __version__ = "0.1.0"
 
@@ -53,4 +53,5 @@ __all__ = [
     "pl",
     "run_experiment",
     "tl",
+    "UnpairedError",
 ]

@@ -14,19 +14,56 @@ import pandas as pd
 import yaml
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def check_writable(path: str | os.PathLike[str], suffix: str | None = None) -> Path:
+    """Refuse an output path before any work: a directory (``suffix=None``) or a file ending in ``suffix``.
+
+    Raises
+    ------
+    ConfigError
+        When the path (for a directory) or one of its parents is an existing file, the nearest
+        existing parent is not writable, a file output is an existing directory, or its name
+        does not end in ``suffix``.
+    """
+    from scatlas._errors import ConfigError
+
+    path = Path(path)
+    if suffix is not None and path.suffix != suffix:
+        raise ConfigError(f"{path}: the output must be a {suffix} file name")
+    if path.exists() and path.is_dir() != (suffix is None):
+        raise ConfigError(f"{path}: exists and is a {'directory' if path.is_dir() else 'file'}; give a {'file name' if suffix else 'directory'}")
+    existing = path if suffix is None else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{path}: cannot be created, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: no permission to write in {existing}")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     On failure the temporary file is removed and ``path`` is left untouched.
     """
-    path = Path(path)
+    path = check_writable(path, path.suffix) if Path(path).suffix else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -85,6 +122,19 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
         plt.close(fig)
 
 
+def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse an output directory that cannot be written (:func:`check_writable`) or holds files, unless ``overwrite``.
+
+    Called before any work by every command that writes a directory, and again by :func:`staged_dir`.
+    """
+    from scatlas._errors import ConfigError
+
+    out = check_writable(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+    return out
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory of ``out``; rename it to ``out`` when the block succeeds.
@@ -94,11 +144,7 @@ def staged_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator
     """
     import shutil
 
-    from scatlas._errors import ConfigError
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+    out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -146,7 +146,8 @@ def demo(
             "preprocess": {"n_top_genes": None},
             "split": {"kind": "kfold", "n_splits": 3},
             "training": {"max_epochs": epochs, "batch_size": 128, "patience": 8},
-            "models": [{"type": "pca"}, {"type": "ae", "dropout": 0.1}, {"type": "aec", "dropout": 0.1}],
+            "models": [{"type": "pca"}, {"type": "ae", "hidden": [256, 64], "dropout": 0.1}, {"type": "aec", "hidden": [256, 64], "dropout": 0.1}],
+            "evaluation": {"save_recon": False},  # latents, scores, figures and one weights file per split: under 20 MB
             "output": {"dir": str(output_dir), "run": "demo"},
         }
     )
@@ -160,19 +161,31 @@ def demo(
 @app.command()
 @_user_errors
 def validate(
-    data: Annotated[Path, typer.Argument(help=".h5ad file to check.")],
+    data: Annotated[Path, typer.Argument(help=".h5ad file, or an experiment YAML (checks its dataset exactly as `scatlas run` will).")],
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column.")] = None,
     layer: Annotated[str | None, typer.Option(help="Layer holding the matrix (default .X).")] = None,
     counts: Annotated[bool, typer.Option("--counts/--lognorm", help="Require raw integer counts.")] = True,
 ) -> None:
-    """Check a dataset the way `scatlas run` will, and report what is wrong."""
-    from scatlas.data import read_h5ad
-    from scatlas.data import validate as check
+    """Run the checks every command runs on its data (one code path), and report what is wrong or will be left out."""
+    from scatlas.data.dataset import DatasetConfig, read_dataset
+    from scatlas.data.validate import one_batch_notice
+    from scatlas.settings import parse_settings
 
-    adata = read_h5ad(data, backed=True)
-    check(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts)
-    console.print(f"{data}: OK ({adata.n_obs} cells × {adata.n_vars} genes)")
+    if data.suffix in (".yaml", ".yml"):
+        from scatlas.experiment import load_config
+
+        cfg = load_config(data)
+        dataset, extra = cfg.dataset, ((cfg.group_key,) if cfg.split.kind != "kfold" else ())
+    else:
+        dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "layer": layer, "batch_key": batch_key, "label_key": label_key,
+                                                 "input": "counts" if counts else "lognorm", "backed": True})
+        extra = ()
+    adata, summary = read_dataset(dataset, extra)
+    for notice in (summary.notice(), one_batch_notice(adata, dataset.batch_key)):
+        if notice:
+            console.print(f"notice: {notice}", highlight=False, soft_wrap=True)
+    console.print(f"{dataset.path}: OK ({adata.n_obs} cells × {adata.n_vars} genes)", soft_wrap=True)
 
 
 annotate_app = typer.Typer(help="Cell-type annotation: train (CE or hierarchical CE over the Cell Ontology), predict, evaluate.", no_args_is_help=True)
@@ -352,6 +365,7 @@ def aggregate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP."""
+    from scatlas._io import check_output_dir
     from scatlas.tl._aggregation import load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
@@ -367,14 +381,15 @@ def aggregate(
             raise ConfigError("aggregate: give DATA, --label-key and --sample-key (or --cells-per-sample), or --toy covariance")
         combined = sample_key is None or "," in sample_key
         settings.update(sample_key="scatlas_sample" if combined else sample_key, label_key=label_key, batch_key=batch_key)
+        check_output_dir(out, overwrite)
         cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}))
+        columns = sample_key.split(",") if sample_key else []
+        missing = [c for c in columns if c not in cells.obs.columns]
+        if missing:
+            raise InputError(f"{data}: --sample-key columns {missing} not found; available: {list(cells.obs.columns)[:30]}")
         if sample_key is None:
             cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
         elif combined:  # e.g. --sample-key donor_id,cell_type
-            columns = sample_key.split(",")
-            missing = [c for c in columns if c not in cells.obs.columns]
-            if missing:
-                raise ConfigError(f"--sample-key: columns {missing} not found")
             cells.obs["scatlas_sample"] = cells.obs[columns].astype(str).agg("|".join, axis=1)
     summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=console.print)
     shown = summary[summary["metric"].isin(["map", "precision_at_r"])]
@@ -420,16 +435,15 @@ def embed(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model."""
-    from scatlas._io import atomic_path
+    from scatlas._io import atomic_path, check_output_dir, check_writable
     from scatlas.data import read_h5ad
     from scatlas.tl._embed import embed as fit_embedding, results_anndata
 
     model_dir = out.with_name(f"{out.stem}_model")
-    if out.suffix != ".h5ad":
-        raise ConfigError(f"--out {out}: give a .h5ad file name")
-    for path in (out, model_dir):
-        if path.exists() and not overwrite:
-            raise ConfigError(f"{path} exists (pass --overwrite)")
+    check_writable(out, ".h5ad")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists (pass --overwrite)")
+    check_output_dir(model_dir, overwrite)
     adata = read_h5ad(data)
     result = fit_embedding(adata, model, batch_key=batch_key, label_key=label_key, layer=layer, input=input, key_added=key_added,  # type: ignore[arg-type]
                            n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print,
@@ -489,6 +503,7 @@ def benchmark_command(
     counts: Annotated[bool, typer.Option("--counts/--lognorm", help="X holds counts (for the default PCA).")] = True,
 ) -> None:
     """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding)."""
+    from scatlas._io import check_output_dir
     from scatlas.tl._benchmark import benchmark, write_benchmark
     from scatlas.data import read_h5ad
 
@@ -496,7 +511,9 @@ def benchmark_command(
     pairs = [g.split("=", 1) for g in graph or []]
     if any(len(p) != 2 for p in pairs):
         raise InputError(f"--graph takes EMBEDDING=OBSP_KEY, got {graph}")
-    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs))
+    check_output_dir(out, overwrite=True)
+    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs),
+                      log=lambda line: console.print(f"notice: {line}", highlight=False, soft_wrap=True))
     write_benchmark(table, out, data.stem)
     console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(f"results: {out / 'benchmark.csv'} (report: {out / 'report.html'})")

@@ -57,6 +57,8 @@ class TrainingConfig(Strict):
     num_nodes: int = Field(1, ge=1)
     ddp_timeout_minutes: float = Field(180.0, gt=0)
     chunk_size: int | None = Field(None, ge=1)
+    checkpoint_interval_s: float = Field(60.0, ge=0)
+    keep_checkpoints: bool = False
 
     def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:
         """The engine's dataclass (``extra``: engine fields such as ``monitor``)."""

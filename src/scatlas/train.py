@@ -6,14 +6,20 @@
   optimiser. Models with several optimisers subclass it.
 * :class:`History` — a callback that keeps one row per epoch (saved in checkpoints so a
   resumed run keeps its past).
-* :func:`fit` — trainer construction: early stopping and best checkpoint on a metric the
-  plan really logs, ``last.ckpt`` for resuming, seeds, ``accelerator="auto"``.
+* :class:`ResumeState` / :class:`LastCheckpoint` — what makes a resumed run equal an
+  uninterrupted one: ``last.ckpt`` is written at the end of an epoch (at most every
+  ``checkpoint_interval_s`` seconds, and when training ends) with the weights, optimisers, loops,
+  callbacks and the torch / NumPy / Python random states; the training loader's position is its
+  epoch, set from the trainer at the start of every epoch.
+* :func:`fit` — trainer construction: early stopping and best checkpoint (written only when the
+  monitored value improves) on a metric the plan really logs, seeds, ``accelerator="auto"``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 
@@ -133,6 +140,69 @@ class History(Callback):
         return pd.DataFrame(self.rows)
 
 
+class ResumeState(Callback):
+    """Save and restore the random states in every checkpoint; give the training loader its epoch.
+
+    Restored right after the checkpoint is loaded, i.e. where the interrupted run was at the end
+    of the checkpointed epoch, so dropout, sampling and shuffling continue exactly as without the
+    interruption.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Set the training loader's epoch (its shuffling is seeded by ``seed + epoch``)."""
+        loader = trainer.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch (CPU and CUDA), NumPy and Python random states, as tensors and plain values (loadable with ``weights_only``)."""
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                                 "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Put the saved random states back."""
+        torch.set_rng_state(state_dict["torch"])
+        name, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state_dict["python"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class LastCheckpoint(Checkpoint):
+    """Write ``last.ckpt`` at the end of an epoch, at most every ``interval_s`` seconds, and when training ends.
+
+    A ``Checkpoint`` subclass, so Lightning runs it after every other callback of the epoch (early
+    stopping, best checkpoint, history): the file holds the epoch's complete state. When early
+    stopping ended training, an ``early_stopped`` marker is written beside it, so a resumed run
+    does not train another epoch (a run that reached ``max_epochs`` resumes to a larger one).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], interval_s: float) -> None:
+        self.path = Path(directory) / "last.ckpt"
+        self.interval_s = interval_s
+        self._saved_at: float | None = None
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_at = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save when ``interval_s`` has passed since the last save (always after the first epoch)."""
+        if self._saved_at is None or time.monotonic() - self._saved_at >= self.interval_s:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save the final state; mark it when early stopping ended training."""
+        self._save(trainer)
+        if trainer.is_global_zero and any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks):
+            (self.path.parent / "early_stopped").touch()
+
+
 @dataclass
 class TrainConfig:
     """Trainer settings shared by every neural model.
@@ -172,6 +242,11 @@ class TrainConfig:
         cells with figures can take longer.
     chunk_size
         Cells per chunk streamed to the device (``None``: all cells of the split at once).
+    checkpoint_interval_s
+        Smallest time between two writes of ``last.ckpt`` (written at epoch ends; 0: every epoch).
+    keep_checkpoints
+        Keep ``best.ckpt`` / ``last.ckpt`` once a split is finished (``scatlas run`` otherwise keeps
+        only the weights, ``module.pt``).
     seed
         Seed for weights, dropout and shuffling.
     progress
@@ -193,6 +268,8 @@ class TrainConfig:
     num_nodes: int = 1
     ddp_timeout_minutes: float = 180.0
     chunk_size: int | None = None
+    checkpoint_interval_s: float = 60.0
+    keep_checkpoints: bool = False
     seed: int = 0
     progress: bool = True
 
@@ -259,7 +336,8 @@ def fit(
     checkpoint_dir
         Where ``best.ckpt`` and ``last.ckpt`` go (``None``: no checkpoints on disk).
     resume
-        Continue from ``checkpoint_dir/last.ckpt`` if it exists.
+        Continue from ``checkpoint_dir/last.ckpt`` if it exists (on CPU the result equals an
+        uninterrupted run's to the bit); when early stopping had ended training, only reload.
 
     Returns
     -------
@@ -267,14 +345,12 @@ def fit(
     """
     L.seed_everything(config.seed, workers=True, verbose=False)
     history = History()
-    callbacks: list[Callback] = [history]
+    callbacks: list[Callback] = [history, ResumeState()]
     monitor = config.monitor if val is not None else config.monitor.replace("val_", "train_")
     checkpoint: ModelCheckpoint | None = None
     if checkpoint_dir is not None:
-        checkpoint = ModelCheckpoint(
-            dirpath=checkpoint_dir, filename="best", monitor=monitor, mode=config.monitor_mode, save_last=True, save_top_k=1
-        )
-        callbacks.append(checkpoint)
+        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=monitor, mode=config.monitor_mode, save_top_k=1)
+        callbacks += [checkpoint, LastCheckpoint(checkpoint_dir, config.checkpoint_interval_s)]
     if config.patience > 0 and val is not None:
         callbacks.append(EarlyStopping(monitor=monitor, patience=config.patience, mode=config.monitor_mode))
     if config.progress:
@@ -295,10 +371,17 @@ def fit(
         num_sanity_val_steps=0,
     )
     last = Path(checkpoint_dir) / "last.ckpt" if checkpoint_dir is not None else None
-    ckpt_path = str(last) if resume and last is not None and last.exists() else None
-    trainer.fit(plan, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
-    if not history.rows and last is not None and last.exists():  # spawned DDP workers kept the history
-        history.load_state_dict(torch.load(last, map_location="cpu", weights_only=False)["callbacks"].get("History", {"rows": []}))
+    if last is not None and not resume:
+        (last.parent / "early_stopped").unlink(missing_ok=True)
+    finished = resume and last is not None and last.exists() and (last.parent / "early_stopped").exists()
+    if not finished:
+        ckpt_path = str(last) if resume and last is not None and last.exists() else None
+        trainer.fit(plan, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
+    if (finished or not history.rows) and last is not None and last.exists():  # training done earlier, or in spawned DDP workers
+        state = torch.load(last, map_location="cpu", weights_only=False)["callbacks"]
+        history.load_state_dict(state.get("History", {"rows": []}))
+        if checkpoint is not None:
+            checkpoint.best_model_path = next((v["best_model_path"] for k, v in state.items() if k.startswith("ModelCheckpoint")), "")
     best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
     if best is not None and best.exists():
         state = torch.load(best, map_location=plan.device, weights_only=False)["state_dict"]

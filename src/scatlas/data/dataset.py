@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from scatlas._errors import InputError
 from scatlas.data.io import get_matrix, read_h5ad, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
-from scatlas.data.validate import CHUNK_ROWS, check_obs_keys, validate
+from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate
+
+Log = Callable[[str], None]
 
 
 class DatasetConfig(BaseModel):
@@ -75,6 +78,8 @@ class CellData:
         Categorical label of each cell, or ``None``.
     obsm
         The file's ``.obsm`` arrays (e.g. embeddings computed elsewhere), row-aligned.
+    empty_cells
+        Which kept cells are all zero (only kept with ``drop_empty_cells=False``; not trained on).
     """
 
     name: str
@@ -84,6 +89,7 @@ class CellData:
     batch: pd.Categorical
     label: pd.Categorical | None
     obsm: dict[str, np.ndarray] = field(default_factory=dict)
+    empty_cells: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
@@ -131,8 +137,23 @@ def _lognorm_matrix(adata: ad.AnnData, layer: str | None, counts: bool) -> sp.cs
     return normalize_log1p(X) if counts else X
 
 
-def load_dataset(config: DatasetConfig, extra_keys: tuple[str, ...] = ()) -> CellData:
-    """Read, filter and validate a dataset, and log-normalise it.
+def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ()) -> tuple[ad.AnnData, MatrixSummary]:
+    """Read and filter a dataset and run :func:`~scatlas.data.validate.validate` on it (what ``scatlas validate CONFIG`` runs).
+
+    Returns
+    -------
+    The (possibly backed) AnnData and the all-zero cells and genes found.
+    """
+    adata = read_h5ad(config.path, backed=config.backed)
+    if config.filter:
+        adata = apply_filter(adata, config.filter)
+    summary = validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=extra_keys, layer=config.layer,
+                       require_counts=config.input == "counts")
+    return adata, summary
+
+
+def load_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (), log: Log = print) -> CellData:
+    """Read, filter and validate a dataset, and log-normalise it; all-zero cells and genes are dropped with a notice.
 
     Parameters
     ----------
@@ -140,18 +161,18 @@ def load_dataset(config: DatasetConfig, extra_keys: tuple[str, ...] = ()) -> Cel
         Where the file is and which columns to use.
     extra_keys
         Other obs columns that must exist (e.g. a donor column for a donor split).
+    log
+        Receives the notice about all-zero cells and genes.
 
     Raises
     ------
     InputError
-        For a missing file or key, NaN/inf/negative values, non-integer counts with
-        ``input: counts``, empty or single-cell batches, or a label column with one class.
+        As :func:`~scatlas.data.validate.validate`: a missing file or key, NaN/inf/negative values,
+        non-integer counts with ``input: counts``, repeated names, an all-zero matrix, empty or
+        single-cell batches, or a label column with one class.
     """
-    adata = read_h5ad(config.path, backed=config.backed)
-    if config.filter:
-        adata = apply_filter(adata, config.filter)
-    return cell_data(adata, config.name, batch_key=config.batch_key, label_key=config.label_key, layer=config.layer,
-                     counts=config.input == "counts", extra_keys=extra_keys)
+    adata, summary = read_dataset(config, extra_keys)
+    return _cell_data(adata, summary, config.name, config.batch_key, config.label_key, config.layer, config.input == "counts", True, log)
 
 
 def cell_data(
@@ -163,6 +184,8 @@ def cell_data(
     layer: str | None = None,
     counts: bool = True,
     extra_keys: tuple[str | None, ...] = (),
+    drop_empty_cells: bool = True,
+    log: Log = print,
 ) -> CellData:
     """Validate an AnnData (in memory or backed) and log-normalise its matrix.
 
@@ -180,23 +203,40 @@ def cell_data(
         The matrix holds raw integer counts (normalised + log1p here); else it is used as is.
     extra_keys
         Other obs columns that must exist.
+    drop_empty_cells
+        Leave all-zero cells out (else they stay, marked in :attr:`CellData.empty_cells`, for
+        callers that output every cell but train without them). All-zero genes are always dropped.
+    log
+        Receives the notice about all-zero cells and genes.
 
     Raises
     ------
     InputError
-        As :func:`~scatlas.data.validate.validate`, or when ``obs_names`` repeat.
+        As :func:`~scatlas.data.validate.validate`.
     """
-    validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts)
-    obs = adata.obs.copy()
+    summary = validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts)
+    return _cell_data(adata, summary, name, batch_key, label_key, layer, counts, drop_empty_cells, log)
+
+
+def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: str | None, label_key: str | None, layer: str | None,
+               counts: bool, drop_empty_cells: bool, log: Log) -> CellData:
+    notice = summary.notice()
+    if notice:
+        log(notice)
+    keep_cells = ~summary.empty_cells if drop_empty_cells else np.ones(adata.n_obs, dtype=bool)
+    keep_genes = ~summary.empty_genes
+    X = _lognorm_matrix(adata, layer, counts=counts)
+    if not (keep_cells.all() and keep_genes.all()):
+        X = X[keep_cells][:, keep_genes]
+    obs = adata.obs[keep_cells].copy() if not keep_cells.all() else adata.obs.copy()
     obs.index = obs.index.astype(str)
-    if not obs.index.is_unique:
-        raise InputError(f"{source_name(adata)}: obs_names are not unique; run adata.obs_names_make_unique()")
     return CellData(
         name=name,
-        lognorm=_lognorm_matrix(adata, layer, counts=counts),
-        var_names=adata.var_names.to_numpy().astype(str),
+        lognorm=X,
+        var_names=adata.var_names.to_numpy().astype(str)[keep_genes],
         obs=obs,
         batch=_categorical(obs[batch_key] if batch_key else pd.Series("all", index=obs.index)),
         label=_categorical(obs[label_key]) if label_key else None,
-        obsm={k: np.asarray(v) for k, v in adata.obsm.items()},
+        obsm={k: np.asarray(v)[keep_cells] for k, v in adata.obsm.items()},
+        empty_cells=summary.empty_cells[keep_cells],
     )

@@ -290,6 +290,10 @@ class CSRLoader:
                 batch[key] = values[local_d]
             yield batch
 
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the next pass as epoch ``epoch`` (the trainer sets it, so a resumed run continues the same order)."""
+        self._epoch = epoch
+
     def __iter__(self) -> Iterator[Batch]:
         shard = self._shard()
         bounds = self._chunk_bounds(len(shard))

@@ -7,6 +7,7 @@ the offending values, so that a user can fix the input without a debugger.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -65,7 +66,8 @@ def check_groups(adata: ad.AnnData, key: str, min_size: int = 2, min_groups: int
     if len(small):
         raise InputError(
             f"{src}: obs column {key!r} has groups with fewer than {min_size} cells: "
-            f"{_examples(f'{k} ({v} cells)' for k, v in small.items())}"
+            + ", ".join(f"{k!r} ({v} cells)" for k, v in small.iloc[:5].items())
+            + (f", … ({len(small)} in all)" if len(small) > 5 else "")
         )
 
 
@@ -73,16 +75,80 @@ def _chunk_values(chunk: sp.spmatrix | np.ndarray) -> np.ndarray:
     return chunk.data if sp.issparse(chunk) else np.asarray(chunk).ravel()
 
 
+def check_names(adata: ad.AnnData) -> None:
+    """Refuse empty matrices and repeated cell or gene names, listing the first repeats."""
+    src = source_name(adata)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"{src}: the matrix is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
+    for axis, names, fix in (("cell", adata.obs_names, "obs_names_make_unique"), ("gene", adata.var_names, "var_names_make_unique")):
+        repeated = names[names.duplicated()]
+        if len(repeated):
+            raise InputError(f"{src}: {len(repeated)} {axis} names repeat ({_examples(pd.unique(repeated))}); "
+                             f"make them unique first, e.g. adata.{fix}()")
+
+
+@dataclass(frozen=True)
+class MatrixSummary:
+    """What a scan of the matrix found besides errors: cells and genes without a single non-zero value.
+
+    Attributes
+    ----------
+    source
+        File (or ``<AnnData>``) the matrix came from.
+    empty_cells, empty_genes
+        Boolean masks over cells / genes whose values are all zero.
+    """
+
+    source: str
+    empty_cells: np.ndarray
+    empty_genes: np.ndarray
+
+    def notice(self) -> str | None:
+        """One line naming the all-zero cells and genes and saying what happens to them (``None`` when there are none)."""
+        n_cells, n_genes = int(self.empty_cells.sum()), int(self.empty_genes.sum())
+        if not n_cells and not n_genes:
+            return None
+        return (f"{self.source}: {n_cells} all-zero cells and {n_genes} all-zero genes (of {self.empty_cells.size} × "
+                f"{self.empty_genes.size}) are left out of training")
+
+
+def _scan_chunk(chunk: sp.spmatrix | np.ndarray, require_counts: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Rows of one chunk with bad values (by kind), its all-zero rows and the columns it uses."""
+    if sp.issparse(chunk):
+        chunk = sp.csr_matrix(chunk)
+        row_of = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+        values = chunk.data
+        nonzero = values != 0
+        empty = np.bincount(row_of[nonzero], minlength=chunk.shape[0]) == 0
+        used = np.zeros(chunk.shape[1], dtype=bool)
+        used[chunk.indices[nonzero]] = True
+    else:
+        values = np.asarray(chunk)
+        nonzero = values != 0
+        empty, used = ~nonzero.any(axis=1), nonzero.any(axis=0)
+    finite = np.isfinite(values)
+    checks = {"NaN or infinite": ~finite, "negative": finite & (values < 0)}
+    if require_counts:
+        checks["non-integer"] = finite & (values != np.round(values))
+    bad = {name: np.unique(row_of[mask]) if sp.issparse(chunk) else np.flatnonzero(mask.any(axis=1))
+           for name, mask in checks.items() if mask.any()}
+    return bad, empty, used
+
+
 def check_matrix(
     adata: ad.AnnData,
     layer: str | None = None,
     require_counts: bool = False,
     batch_key: str | None = None,
-) -> None:
+) -> MatrixSummary:
     """Check the expression matrix for NaN/inf, negative and (for count models) non-integer values.
 
     The matrix is scanned in chunks of :data:`CHUNK_ROWS` rows, so backed files stay on disk.
     When ``batch_key`` is given, a failure names the batches that hold the bad values.
+
+    Returns
+    -------
+    The all-zero cells and genes found on the way (an all-zero matrix is an error).
     """
     src = source_name(adata)
     where = f"layer {layer!r}" if layer else ".X"
@@ -90,22 +156,15 @@ def check_matrix(
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{src}: {where} is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
     problems: dict[str, list[int]] = {"NaN or infinite": [], "negative": [], "non-integer": []}
+    empty_cells = np.zeros(adata.n_obs, dtype=bool)
+    used_genes = np.zeros(adata.n_vars, dtype=bool)
     for start in range(0, adata.n_obs, CHUNK_ROWS):
         chunk = matrix[start : start + CHUNK_ROWS]
-        if sp.issparse(chunk):
-            chunk = sp.csr_matrix(chunk)
-            rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
-        else:
-            chunk = np.asarray(chunk)
-            rows = np.repeat(np.arange(chunk.shape[0]), chunk.shape[1])
-        values = _chunk_values(chunk)
-        finite = np.isfinite(values)
-        checks = {"NaN or infinite": ~finite, "negative": finite & (values < 0)}
-        if require_counts:
-            checks["non-integer"] = finite & (values != np.round(values))
-        for name, mask in checks.items():
-            if mask.any():
-                problems[name].extend((np.unique(rows[mask]) + start).tolist())
+        bad, empty, used = _scan_chunk(chunk, require_counts)
+        empty_cells[start : start + chunk.shape[0]] = empty
+        used_genes |= used
+        for name, rows in bad.items():
+            problems[name].extend((rows + start).tolist())
     for name, bad_rows in problems.items():
         if not bad_rows:
             continue
@@ -116,6 +175,9 @@ def check_matrix(
             detail += f"; {batch_key} = {_examples(batches)}"
         hint = " (a count model needs raw integer counts: pass `layer` or `input: lognorm`)" if name == "non-integer" else ""
         raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({detail}){hint}")
+    if empty_cells.all():
+        raise InputError(f"{src}: {where} holds no non-zero value ({adata.n_obs} cells × {adata.n_vars} genes)")
+    return MatrixSummary(src, empty_cells, ~used_genes)
 
 
 def validate(
@@ -126,8 +188,8 @@ def validate(
     extra_keys: Sequence[str | None] = (),
     layer: str | None = None,
     require_counts: bool = False,
-) -> None:
-    """Run every check of DESIGN §3 that applies to one dataset.
+) -> MatrixSummary:
+    """Run every check of DESIGN §3 that applies to one dataset: the one validation every command runs.
 
     Parameters
     ----------
@@ -144,17 +206,32 @@ def validate(
     require_counts
         Demand integer values (raw counts).
 
+    Returns
+    -------
+    The all-zero cells and genes (callers leave them out of training and say so).
+
     Raises
     ------
     InputError
-        On the first problem found, naming file, key and values.
+        On the first problem found, naming file, key and values: an empty matrix, repeated cell or
+        gene names, a missing or incomplete column, too few classes, a batch of one cell, NaN /
+        infinite / negative / (with ``require_counts``) non-integer values, or an all-zero matrix.
     """
+    check_names(adata)
     check_obs_keys(adata, [batch_key, label_key, *extra_keys])
     if batch_key is not None:
         check_groups(adata, batch_key, min_size=2, min_groups=1)
     if label_key is not None:
         check_groups(adata, label_key, min_size=1, min_groups=2)
-    check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key)
+    return check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key)
+
+
+def one_batch_notice(adata: ad.AnnData, batch_key: str | None) -> str | None:
+    """A line saying that batch scores are undefined when ``obs[batch_key]`` holds a single batch (``None`` otherwise)."""
+    if batch_key is None or adata.obs[batch_key].nunique() > 1:
+        return None
+    return (f"{source_name(adata)}: obs column {batch_key!r} holds one batch ({adata.obs[batch_key].iloc[0]!r}): "
+            "batch-removal scores are undefined (NaN) and batch-aware models see no batch effect")
 
 
 def is_count_matrix(adata: ad.AnnData, layer: str | None = None, n_cells: int = 10_000) -> bool:

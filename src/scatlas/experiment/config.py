@@ -121,7 +121,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with dataset, models, ...")
     try:

@@ -22,7 +22,7 @@ import pandas as pd
 from sklearn.decomposition import PCA as SkPCA
 
 from scatlas._errors import ConfigError
-from scatlas._io import write_csv, write_npy, write_yaml
+from scatlas._io import check_writable, write_csv, write_npy, write_yaml
 from scatlas.data.dataset import CellData, load_dataset
 from scatlas.data.preprocess import preprocess_split
 from scatlas.data.splits import Split, assignment_table, make_splits
@@ -154,7 +154,10 @@ class _SplitRunner:
             write_csv(pd.DataFrame([scores]), stage / _score_name(part, cfg.evaluation.sample_size))
             if cfg.evaluation.figures and part == "test":
                 self._figures(latent, labels, batch, n)
+        model.save_state(layout.models_dir / f"splits_{n}")  # the weights only (module.pt / model.npz)
         layout.publish(n)
+        if not model.train_config.keep_checkpoints:
+            shutil.rmtree(layout.checkpoint_dir(n), ignore_errors=True)
 
     @staticmethod
     def _counterfactuals(recons: dict[str, np.ndarray], stage: Path, part: str) -> None:
@@ -285,7 +288,8 @@ def run_experiment(
         Before anything is written, for bad data or settings.
     """
     root = Path(output_dir or config.output.dir)
-    data = load_dataset(config.dataset, extra_keys=(config.group_key,) if config.split.kind != "kfold" else ())
+    check_writable(root)
+    data = load_dataset(config.dataset, extra_keys=(config.group_key,) if config.split.kind != "kfold" else (), log=log)
     splits = make_splits(config.split, config.group_key, data)
     models: list[tuple[ModelConfig, RunLayout]] = [
         (m, RunLayout(root, config.dataset.name, config.scenario, config.model_name(m), config.output.run))

@@ -227,19 +227,26 @@ def graph_connectivity(neighbors: Neighbors, labels: np.ndarray) -> float:
     return float(np.mean(shares))
 
 
-def principal_component_regression(X: np.ndarray, batch: np.ndarray, n_components: int | None = None) -> float:
-    """Variance-weighted R² of the principal components of ``X`` regressed on the one-hot batch.
+def principal_component_regression(X: np.ndarray, batch: np.ndarray, n_components: int | None = None, categorical: bool = True) -> float:
+    """Variance-weighted R² of the principal components of ``X`` regressed on the batch (or a continuous covariate).
 
     The R² of a regression on a one-hot batch is the between-batch share of the sum of squares,
     so Σ var_k R²_k / Σ var_k needs only batch means. With all components (the default, as
     scib-metrics) the rotation to principal axes drops out: the score is the between-batch
-    share of ``X``'s total sum of squares — O(n·d), no SVD.
+    share of ``X``'s total sum of squares — O(n·d), no SVD. With ``categorical=False`` the
+    covariate is one numeric column (scib-metrics' function default; its Benchmarker passes
+    ``categorical=True``, our default): the score is ``‖Xᵀc‖² / (‖c‖² ‖X‖²)`` for centred
+    ``X`` and ``c``.
     """
     Xc = np.asarray(X, dtype=np.float64)
     Xc = Xc - Xc.mean(0)
     if n_components is not None and n_components < min(Xc.shape):
         U, S, _ = np.linalg.svd(Xc, full_matrices=False)
         Xc = U[:, :n_components] * S[:n_components]
+    if not categorical:
+        c = np.asarray(batch, dtype=np.float64).ravel()
+        c = c - c.mean()
+        return float(((Xc.T @ c) ** 2).sum() / ((c @ c) * (Xc**2).sum()))
     codes = pd.Categorical(batch).codes.astype(np.int64)
     onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(codes.max() + 1, len(codes)))
     sums = np.asarray(onehot @ Xc)  # per-batch sums of the centred coordinates
@@ -247,10 +254,14 @@ def principal_component_regression(X: np.ndarray, batch: np.ndarray, n_component
     return float(between / (Xc**2).sum())
 
 
-def pcr_comparison(X_pre: np.ndarray, X_post: np.ndarray, batch: np.ndarray, n_components: int | None = None) -> float:
-    """``(PCR(pre) − PCR(post)) / PCR(pre)``, clipped at 0: the share of batch variance removed."""
-    pre = principal_component_regression(X_pre, batch, n_components)
-    post = principal_component_regression(X_post, batch, n_components)
+def pcr_comparison(X_pre: np.ndarray, X_post: np.ndarray, batch: np.ndarray, n_components: int | None = None, categorical: bool = True) -> float:
+    """``(PCR(pre) − PCR(post)) / PCR(pre)``, clipped at 0: the share of batch variance removed.
+
+    ``categorical`` as in :func:`principal_component_regression` (``True``: one-hot batch, as
+    scib-metrics' Benchmarker; ``False``: a numeric covariate, scib-metrics' function default).
+    """
+    pre = principal_component_regression(X_pre, batch, n_components, categorical)
+    post = principal_component_regression(X_post, batch, n_components, categorical)
     return float(max((pre - post) / pre, 0.0))
 
 

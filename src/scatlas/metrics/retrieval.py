@@ -12,6 +12,20 @@ Benjamini–Hochberg.
 
 Unlike copairs (SQL pair joins, per-pair similarity loops) everything here is computed in
 row blocks with matrix products and one vectorised sort per block.
+
+Where this module differs from copairs on purpose:
+
+* Cosine similarities are computed in float64 whatever the input dtype (then rounded to
+  float32). copairs computes them in the input dtype, so float32 profiles that are nearly
+  parallel get similarities whose ranking is rounding noise (e.g. mean AP 0.49 where the
+  float64 ranking gives 1.0); with float64 input both agree.
+* An all-zero profile has no direction: its similarity to any profile is 0 (scikit-learn's
+  convention) and its own scores are NaN. copairs propagates NaN similarities, whose rank
+  order is arbitrary (its AP for such a profile can be anything from 0 to 1).
+
+As copairs, ``normalized_average_precision`` is clipped to [−1, 1], and a rule set that yields
+no positive or no negative pair at all raises (:class:`~scatlas.UnpairedError`, copairs'
+``UnpairedException``); single profiles without positives get NaN scores.
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from scatlas._errors import InputError
+from scatlas._errors import InputError, UnpairedError
 
 _BLOCK_ENTRIES = 2**24
 
@@ -120,7 +134,12 @@ def average_precision(
     ``meta`` (filtered, index reset) with ``average_precision``, ``normalized_average_precision``
     (``(AP − E[AP]) / (1 − E[AP])``), ``baseline_corrected_ap`` (``AP − n_pos/n_total``),
     ``precision_at_r`` (R = number of positives), ``n_pos_pairs`` and ``n_total_pairs``.
-    Profiles without positives get NaN scores.
+    Profiles without positives, and all-zero profiles, get NaN scores.
+
+    Raises
+    ------
+    UnpairedError
+        When the rules give no positive pair, or no negative pair, at all (as copairs).
     """
     feats = np.asarray(feats, dtype=np.float64)
     if len(meta) != len(feats):
@@ -136,7 +155,9 @@ def average_precision(
     if np.isnan(feats).any():
         raise InputError("retrieval: profiles contain NaN")
     result = keep.reset_index(drop=True)
-    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    zero = norms[:, 0] == 0
+    unit = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
     codes = [_codes(result, cols) for cols in (ps, pd_, ns, nd)]
     n = len(result)
     out = {k: np.empty(n) for k in ("ap", "pr", "np", "nt")}
@@ -149,10 +170,16 @@ def average_precision(
         for key, value in zip(("ap", "pr", "np", "nt"), _ranked_precision(sim, pos, neg), strict=True):
             out[key][rows] = value
     n_pos, n_total = out["np"].astype(np.int64), out["nt"].astype(np.int64)
+    if not n_pos.any():
+        raise UnpairedError(f"retrieval: no positive pairs under pos_sameby={list(pos_sameby)}, pos_diffby={list(pos_diffby)} ({n} profiles)")
+    if not (n_total - n_pos).any():
+        raise UnpairedError(f"retrieval: no negative pairs under neg_sameby={list(neg_sameby)}, neg_diffby={list(neg_diffby)} ({n} profiles)")
+    out["ap"][zero] = out["pr"][zero] = np.nan
     mu = expected_average_precision(n_pos, n_total)
     result["average_precision"] = out["ap"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        result["normalized_average_precision"] = np.where(n_pos > 0, (out["ap"] - mu) / np.maximum(1 - mu, 1e-10), np.nan)
+        normalized = np.where(n_pos > 0, (out["ap"] - mu) / np.maximum(1 - mu, 1e-10), np.nan)
+        result["normalized_average_precision"] = np.clip(normalized, -1.0, 1.0)
         result["baseline_corrected_ap"] = out["ap"] - n_pos / np.where(n_total > 0, n_total, np.nan)
     result["precision_at_r"] = out["pr"]
     result["n_pos_pairs"] = n_pos

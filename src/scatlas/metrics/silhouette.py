@@ -125,8 +125,13 @@ def rescaled_width(width: _Width) -> _Width:
 
 
 def silhouette_label(X: np.ndarray, labels: np.ndarray, rescale: bool = True, **kwargs: object) -> float:
-    """Cell-type ASW as scib-metrics defines it: :func:`rescaled_width` of the ASW when ``rescale`` (higher = better)."""
-    asw = silhouette_score(X, labels, **kwargs)
+    """Cell-type ASW as scib-metrics defines it: :func:`rescaled_width` of the ASW when ``rescale`` (higher = better).
+
+    With one label, or as many labels as cells, the width is 0 (0.5 rescaled), as scib-metrics
+    returns; scikit-learn's ``silhouette_score`` (and :func:`silhouette_samples`) raise there.
+    """
+    n_labels = len(pd.unique(np.asarray(labels)))
+    asw = 0.0 if n_labels in (1, len(labels)) else silhouette_score(X, labels, **kwargs)
     return rescaled_width(asw) if rescale else asw
 
 
@@ -137,7 +142,10 @@ def silhouette_batch(
 
     For each label with at least two batches (and fewer batches than cells), the batch
     silhouette of its cells is computed; ``|s|`` (``1 − |s|`` when ``rescale``: 1 = well
-    mixed) is averaged per label, then over labels.
+    mixed) is averaged per label, then over labels. When no label has two batches (e.g. every
+    batch holds one label) there is no mixing to measure and the result is NaN; scib-metrics
+    raises there (``ValueError: No objects to concatenate``). NaN keeps a whole benchmark
+    table, and says which column is undefined.
 
     Parameters
     ----------

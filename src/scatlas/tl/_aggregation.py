@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from scatlas._errors import InputError
-from scatlas._io import atomic_path, staged_dir, write_csv, write_parquet, write_yaml
+from scatlas._errors import InputError, UnpairedError
+from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_yaml
 from scatlas.data.io import get_matrix, read_h5ad, to_csr
 from scatlas.data.preprocess import highly_variable_genes, normalize_log1p
 from scatlas.settings import parse_settings
@@ -243,7 +243,10 @@ class AggregationPlan(TrainingPlan):
         """Log ``val_map``."""
         feats = np.stack([p for p, _ in self._val])
         meta = pd.DataFrame({"label": [label for _, label in self._val]})
-        ap = average_precision(meta, feats, ["label"], [], [], ["label"])["average_precision"]
+        try:
+            ap = average_precision(meta, feats, ["label"], [], [], ["label"])["average_precision"].to_numpy()
+        except UnpairedError:  # no two validation samples share a label
+            ap = np.array([np.nan])
         self.log("val_map", float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0, prog_bar=True)
 
 
@@ -301,6 +304,8 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
     ``metrics_95CI`` table: per retrieval task and method, mean ± 95% CI over seeds of the
     mAP over held-out queries.
     """
+    if out is not None:
+        check_output_dir(out, overwrite)
     obs = cells.obs
     sample_ids = obs[config.sample_key].astype(str).to_numpy()
     samples = pd.unique(sample_ids)
@@ -308,7 +313,7 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
     for key in (config.label_key, config.batch_key, config.group_key):
         if key and (obs.groupby(sample_ids)[key].nunique() > 1).any():
             raise InputError(f"{cells.source}: {key!r} must be constant within each sample of {config.sample_key!r}")
-    meta = first[[k for k in (config.label_key, config.batch_key, config.group_key) if k]].reset_index(drop=True)
+    meta = first[[k for k in (config.label_key, config.batch_key, config.group_key) if k and k != config.sample_key]].reset_index(drop=True)
     meta.insert(0, config.sample_key, samples)
     label_codes = pd.factorize(meta[config.label_key])[0]
     rng = np.random.default_rng(0)
@@ -329,6 +334,9 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
     train_samples = samples[~test]
     if len(np.unique(label_codes[~test])) < 2:
         raise InputError(f"{cells.source}: fewer than two labels among training samples")
+    if np.bincount(label_codes[~test]).max() < 2:
+        raise InputError(f"{cells.source}: every {config.label_key!r} has one training sample of {config.sample_key!r}, so no profile has "
+                         "a positive to retrieve; use a finer sample key (e.g. donor_id,cell_type) or --cells-per-sample")
     log(f"{len(samples)} samples, {len(np.unique(label_codes))} labels; held out: {test.sum()} samples" + (f" of batches {sorted(map(str, test_batches))}" if config.batch_key else ""))
     tasks = [("label", config.label_key, None)] + ([("group", config.group_key, config.label_key)] if config.group_key else [])
     rows, profiles_seed0 = [], {}

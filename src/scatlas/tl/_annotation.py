@@ -25,13 +25,13 @@ from sklearn.model_selection import train_test_split
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import atomic_path, staged_dir, write_csv, write_npy, write_parquet, write_yaml
+from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import get_matrix, read_h5ad, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split
-from scatlas.data.validate import check_matrix
+from scatlas.data.validate import validate
 from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
@@ -249,7 +249,7 @@ class Annotator:
     def prepare(self, adata: ad.AnnData, layer: str | None = None, min_overlap: float = 0.5) -> tuple[Any, GeneAlignment]:
         """Validate, align genes (zero-fill missing ones) and log-normalise a query."""
         source = str(adata.uns.get("scatlas_source", "query"))
-        check_matrix(adata, layer=layer, require_counts=self.input == "counts")
+        validate(adata, layer=layer, require_counts=self.input == "counts")
         alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source)
         X = to_csr(get_matrix(adata, layer))
         if self.input == "counts":
@@ -456,7 +456,7 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     if config.label_map is not None and (config.ontology_key or not config.dataset.label_key):
         raise ConfigError("annotate: --label-map maps --label-key values to CL ids; do not combine it with --ontology-key")
     key = config.ontology_key or (f"{config.dataset.label_key}_cl_id" if config.label_map else config.dataset.label_key)
-    data = load_dataset(config.dataset, extra_keys=tuple(k for k in (config.ontology_key, config.split.group_key, config.dataset_key) if k))
+    data = load_dataset(config.dataset, extra_keys=tuple(k for k in (config.ontology_key, config.split.group_key, config.dataset_key) if k), log=log)
     if config.label_map is not None:
         data.obs[key] = map_author_labels(data.obs[config.dataset.label_key].astype(str), config.label_map, ontology)
     truth = data.obs[key].astype(str).to_numpy()
@@ -549,6 +549,7 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5, log: Log = print) -> ad.AnnData:
     """Annotate a query file with a saved model (:func:`annotate`); write ``out`` (``.h5ad``) atomically."""
+    check_writable(out, ".h5ad")
     adata = read_h5ad(query)
     annotate(adata, model_dir, layer=layer, min_overlap=min_overlap, log=log)
     adata.uns.pop("scatlas_source", None)
@@ -564,6 +565,7 @@ def evaluate_annotations(
 
     With ``ontology='auto'`` and CL ids on both sides, hierarchy-aware rows are added.
     """
+    check_writable(out)
     adata = read_h5ad(predictions)
     if pred_key is None:
         found = [c for c in adata.obs.columns if c.endswith("_pred")]
@@ -575,6 +577,10 @@ def evaluate_annotations(
             raise InputError(f"{predictions}: obs column {key!r} not found; available: {list(adata.obs.columns)}")
     truth = adata.obs[truth_key].astype(str).to_numpy()
     pred = adata.obs[pred_key].astype(str).to_numpy()
+    if not set(truth) & set(pred):
+        raise InputError(f"{predictions}: obs columns {truth_key!r} and {pred_key!r} share no label (truth e.g. {sorted(set(truth))[:3]}, "
+                         f"predictions e.g. {sorted(set(pred))[:3]}); compare ids with ids and names with names "
+                         f"(predict writes <key>_pred with the model's classes and <key>_pred_label with readable names)")
     cl = ontology == "auto" and all(v.startswith("CL:") for v in set(truth) | set(pred))
     labels = label_space(np.concatenate([truth, pred]), None, CellOntology() if cl else None)
     table = pd.DataFrame({"cell_id": adata.obs_names.astype(str), "y_true": truth, "y_pred": pred})

@@ -14,6 +14,7 @@ not aggregated.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from scatlas._errors import InputError
 from scatlas._io import write_csv
 from scatlas.data.io import get_matrix, to_csr
 from scatlas.data.preprocess import normalize_log1p
-from scatlas.data.validate import check_obs_keys
+from scatlas.data.validate import check_obs_keys, one_batch_notice
 from scatlas.metrics.clustering import kmeans_ari_nmi
 from scatlas.metrics.integration import Neighbors, neighbors_from_distances, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
 from scatlas.metrics.silhouette import bras, isolated_label_score, rescaled_width, silhouette_batch, silhouette_samples
@@ -35,8 +36,12 @@ BATCH = ["BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison"]
 Log = Callable[[str], None]
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90, counts: bool = True,
-              seed: int = 0, graphs: Mapping[str, str] | None = None) -> pd.DataFrame:
+              seed: int = 0, graphs: Mapping[str, str] | None = None, log: Log = _warn) -> pd.DataFrame:
     """Score every ``.obsm`` embedding; one row per embedding.
 
     Parameters
@@ -61,6 +66,9 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
         neighbour distances per cell, self excluded, as ``scanpy.pp.neighbors`` stores it). The
         graph metrics of that embedding use it instead of a new search; it must hold at least
         ``n_neighbors − 1`` neighbours per cell.
+    log
+        Receives notices (default: a ``UserWarning``), e.g. that one batch leaves the batch scores
+        and ``Total`` undefined (NaN).
 
     Returns
     -------
@@ -73,6 +81,9 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
     check_obs_keys(adata, [label_key, batch_key])
+    notice = one_batch_notice(adata, batch_key)
+    if notice:
+        log(f"{notice}; Batch correction and Total are NaN, compare Bio conservation")
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")

@@ -27,7 +27,7 @@ from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data
 from scatlas.data.io import get_matrix, source_name, to_csr
 from scatlas.data.preprocess import GeneScaler, ScaleKind, normalize_log1p, preprocess_split
-from scatlas.data.validate import check_matrix, is_count_matrix
+from scatlas.data.validate import is_count_matrix, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub
 from scatlas.settings import TrainingConfig, parse_settings
 
@@ -40,11 +40,15 @@ def _silent(_: str) -> None:
     """A log that drops its lines."""
 
 
-def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted training and held-out rows of ``n`` cells, ``fraction`` held out (seeded) for early stopping."""
-    if fraction <= 0 or n < 10:
-        return np.arange(n), np.arange(0)
-    train, val = train_test_split(np.arange(n), test_size=fraction, random_state=seed)
+def holdout(n: int, fraction: float, seed: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted training and held-out rows of ``n`` cells, ``fraction`` held out (seeded) for early stopping.
+
+    Rows where the boolean mask ``exclude`` is true (all-zero cells) are in neither.
+    """
+    rows = np.arange(n) if exclude is None else np.flatnonzero(~exclude)
+    if fraction <= 0 or len(rows) < 10:
+        return rows, np.arange(0)
+    train, val = train_test_split(rows, test_size=fraction, random_state=seed)
     return np.sort(train), np.sort(val)
 
 
@@ -107,7 +111,7 @@ class Preprocessing:
             For bad values, or fewer than ``min_overlap`` of the model's genes in ``adata``.
         """
         source = source_name(adata)
-        check_matrix(adata, layer=self.layer, require_counts=self.counts)
+        validate(adata, layer=self.layer, require_counts=self.counts)
         alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source)
         X = to_csr(get_matrix(adata, self.layer))
         if self.counts:
@@ -277,14 +281,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def resolve_input(adata: ad.AnnData, layer: str | None, input: InputKind, log: Log) -> bool:
-    """Whether the matrix holds counts: ``input`` as given, or for ``auto`` whether its values are whole numbers."""
+def resolve_input(adata: ad.AnnData, layer: str | None, input: InputKind) -> tuple[bool, str | None]:
+    """Whether the matrix holds counts: ``input`` as given, or for ``auto`` whether its values are whole numbers.
+
+    Returns
+    -------
+    The answer, and for ``auto`` a line saying what was decided (to log once the data passed validation).
+    """
     if input != "auto":
-        return input == "counts"
+        return input == "counts", None
     counts = is_count_matrix(adata, layer)
-    log(f"{source_name(adata)}: {'layer ' + repr(layer) if layer else '.X'} holds "
-        f"{'whole numbers: treated as raw counts (normalised + log1p)' if counts else 'non-integer values: treated as log-normalised'}")
-    return counts
+    return counts, (f"{source_name(adata)}: {'layer ' + repr(layer) if layer else '.X'} holds "
+                    f"{'whole numbers: treated as raw counts (normalised + log1p)' if counts else 'non-integer values: treated as log-normalised'}")
 
 
 def embed(
@@ -361,9 +369,11 @@ def embed(
     """
     if model not in REGISTRY:
         raise ConfigError(f"unknown model {model!r}; available: {sorted(k for k, v in REGISTRY.items() if not issubclass(v, LatentClassifier))}")
-    counts = resolve_input(adata, layer, input, log)
-    data = cell_data(adata, batch_key=batch_key, label_key=label_key, layer=layer, counts=counts)
-    train, val = holdout(data.n_cells, val_fraction, seed)
+    counts, decided = resolve_input(adata, layer, input)
+    data = cell_data(adata, batch_key=batch_key, label_key=label_key, layer=layer, counts=counts, drop_empty_cells=False, log=log)
+    if decided:
+        log(decided)
+    train, val = holdout(data.n_cells, val_fraction, seed, exclude=data.empty_cells)
     prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, scale)
     sdata = all_cells_split(prep.X, data.obs, batch_key, label_key, prep.genes, train, val)
     entry, training = split_options(model, model_options)

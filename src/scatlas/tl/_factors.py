@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas._errors import InputError
-from scatlas._io import atomic_path, write_csv
+from scatlas._io import atomic_path, check_writable, write_csv
 from scatlas.data import AnnDataCSRSource, highly_variable_genes, read_h5ad, validate
 from scatlas.data.sources import read_rows
 from scatlas.data.dataset import DatasetConfig, apply_filter
@@ -120,7 +120,7 @@ def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int =
 def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, out: str | Path, n_top_genes: int | None = 2000, benchmark_seeds: int = 10,
                 log: Log = print, stream: bool = False) -> dict[str, pd.DataFrame]:
     """Fit, write ``out`` (.h5ad), ``<out>_loadings.csv`` and ``<out>_benchmark_by_<key>.csv``; return the benchmark tables."""
-    out = Path(out)
+    out = check_writable(out, ".h5ad")
     adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream)
     H, W = adata.obsm[f"H_{key}"], adata.varm[f"W_{key}"]
     log(f"{key}: H {H.shape} (min {H.min():.3g}), W {W.shape} (min {W.min():.3g})")

@@ -25,12 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
-from scatlas._io import staged_dir, write_csv, write_npy, write_parquet, write_yaml
+from scatlas._io import check_output_dir, staged_dir, write_csv, write_npy, write_parquet, write_yaml
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, write_calls
 from scatlas.tl._embed import resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import read_h5ad, source_name
-from scatlas.data.validate import check_obs_keys
+from scatlas.data.align import align_genes
+from scatlas.data.validate import check_obs_keys, validate
 from scatlas.settings import TrainingConfig, parse_settings
 from scatlas.metrics.annotation import overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
@@ -213,6 +214,13 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print) -> t
     return reference, predictions, probabilities, np.where(role == "calibration", np.asarray(labels.names)[codes], ""), calibration
 
 
+def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData) -> None:
+    """Refuse, before the reference trains, a query with bad values or repeated names, or sharing too few of the reference's genes."""
+    for q in queries:
+        validate(q, layer=config.query_layer, require_counts=config.reference.input == "counts")
+        align_genes(q.var_names.to_numpy(), data.var_names, config.min_overlap, source_name(q))
+
+
 def _stratify(codes: np.ndarray) -> np.ndarray | None:
     counts = np.bincount(codes)
     return codes if counts[counts > 0].min() >= 5 else None
@@ -232,7 +240,9 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     if config.query_label_key:
         for q in queries:
             check_obs_keys(q, [config.query_label_key])
-    data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k))
+    check_output_dir(out, overwrite)
+    data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
+    check_queries(queries, config, data)
     with staged_dir(out, overwrite) as stage:
         reference, predictions, probabilities, calib_truth, calibration = fit_reference(config, data, log)
         write_csv(calibration, stage / "calibration.csv")
@@ -339,13 +349,16 @@ def transfer(
     if method not in METHODS:
         raise ConfigError(f"transfer: unknown method {method!r}; available: {sorted(METHODS)}")
     queries = [query] if isinstance(query, ad.AnnData) else list(query)
-    counts = resolve_input(reference, layer, input, log)
+    counts, decided = resolve_input(reference, layer, input)
     values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
                             "input": "counts" if counts else "lognorm"},
               "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer, "model": {**METHODS[method], "loss": loss},
               "seed": seed, **settings}
     config = load_transfer_config(values)
-    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key))
+    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key), log=log)
+    check_queries(queries, config, data)
+    if decided:
+        log(decided)
     model, predictions, probabilities, _, _ = fit_reference(config, data, log)
     key = ontology_key or label_key
     _write_transfer(reference, model, predictions, probabilities, key)

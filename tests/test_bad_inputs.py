@@ -1,0 +1,298 @@
+"""Bad input through every CLI command: exit 2, one line naming the file / column / value, nothing written.
+
+Each case builds its bad file from real shared data (mESC cells of scMerge, Kang18 PBMCs), then
+checks the exit code, that the output is exactly one ``error:`` line holding the expected words,
+and that nothing under the working directory was created or changed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import yaml
+from typer.testing import CliRunner
+
+from scatlas.cli import app
+
+runner = CliRunner()
+Mutate = Callable[[ad.AnnData], ad.AnnData]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def refused(workdir: Path, args: list[str], *words: str) -> None:
+    """``scatlas ARGS`` exits 2 with one ``error:`` line containing ``words`` and leaves ``workdir`` unchanged."""
+    before = _snapshot(workdir)
+    result = runner.invoke(app, args)
+    lines = _lines(result.output)
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert _snapshot(workdir) == before
+
+
+def _dense(a: ad.AnnData) -> ad.AnnData:
+    a.X = a.X.toarray()
+    return a
+
+
+def _set(a: ad.AnnData, value: float) -> ad.AnnData:
+    a = _dense(a)
+    a.X[3, 5] = value
+    return a
+
+
+def _zero_matrix(a: ad.AnnData) -> ad.AnnData:
+    a.X = sp.csr_matrix(a.shape, dtype=np.float32)
+    return a
+
+
+def _repeat(a: ad.AnnData, axis: str) -> ad.AnnData:
+    names = (a.obs_names if axis == "obs" else a.var_names).to_numpy().copy()
+    names[1] = names[0]
+    if axis == "obs":
+        a.obs_names = names
+    else:
+        a.var_names = names
+    return a
+
+
+def _one_cell_batch(a: ad.AnnData) -> ad.AnnData:
+    a.obs["batch"] = a.obs["batch"].astype(str)
+    a.obs.iloc[0, a.obs.columns.get_loc("batch")] = "lonely"
+    return a
+
+
+def _missing_batch(a: ad.AnnData) -> ad.AnnData:
+    a.obs["batch"] = a.obs["batch"].astype(object)
+    a.obs.iloc[:3, a.obs.columns.get_loc("batch")] = None
+    return a
+
+
+def _one_class(a: ad.AnnData) -> ad.AnnData:
+    a.obs["cellTypes"] = "2i"
+    return a
+
+
+MESC: dict[str, Mutate] = {
+    "nan": lambda a: _set(a, np.nan),
+    "negative": lambda a: _set(a, -2.0),
+    "fraction": lambda a: _set(a, 0.5),
+    "zeros": _zero_matrix,
+    "no_cells": lambda a: a[:0].copy(),
+    "dup_cells": lambda a: _repeat(a, "obs"),
+    "dup_genes": lambda a: _repeat(a, "var"),
+    "one_cell_batch": _one_cell_batch,
+    "missing_batch": _missing_batch,
+    "one_class": _one_class,
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Real mESC cells (scMerge, 2 batches) with one defect each; plus a good copy and a corrupt file."""
+    from conftest import data_path
+
+    root = tmp_path_factory.mktemp("bad_files")
+    good = ad.read_h5ad(data_path("scmerge_mesc_2batches.h5ad"))
+    paths = {"good": root / "good.h5ad"}
+    good.write_h5ad(paths["good"])
+    for name, mutate in MESC.items():
+        paths[name] = root / f"{name}.h5ad"
+        mutate(good.copy()).write_h5ad(paths[name])
+    paths["corrupt"] = root / "corrupt.h5ad"
+    paths["corrupt"].write_bytes(b"this is not HDF5")
+    kang = ad.read_h5ad(data_path("kang18_muscat_4samples.h5ad"))
+    paths["kang"] = root / "kang.h5ad"
+    kang.write_h5ad(paths["kang"])
+    renamed = kang.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    paths["kang_ensembl"] = root / "kang_ensembl.h5ad"
+    renamed.write_h5ad(paths["kang_ensembl"])
+    paths["kang_nan"] = root / "kang_nan.h5ad"
+    _set(kang.copy(), np.inf).write_h5ad(paths["kang_nan"])
+    names_vs_ids = ad.AnnData(obs=pd.DataFrame({"cell_type": kang.obs["cell_type"].astype(str).to_numpy(),
+                                                "cell_type_ontology_term_id_pred": kang.obs["cell_type_ontology_term_id"].astype(str).to_numpy()},
+                                               index=kang.obs_names))
+    paths["names_vs_ids"] = root / "names_vs_ids.h5ad"
+    names_vs_ids.write_h5ad(paths["names_vs_ids"])
+    embedded = kang.copy()
+    embedded.obsm["X_pca"] = np.random.default_rng(0).normal(size=(kang.n_obs, 10)).astype(np.float32)
+    paths["kang_embedded"] = root / "kang_embedded.h5ad"
+    embedded.write_h5ad(paths["kang_embedded"])
+    return paths
+
+
+@pytest.fixture()
+def work(tmp_path: Path, monkeypatch) -> Path:
+    """An empty working directory (the commands' outputs go under it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _run_config(work: Path, data: Path | str, **dataset: object) -> Path:
+    config = {
+        "dataset": {"name": "mesc", "path": str(data), "batch_key": "batch", "label_key": "cellTypes", **dataset},
+        "split": {"kind": "kfold", "n_splits": 3},
+        "training": {"max_epochs": 2},
+        "models": [{"type": "pca", "n_components": 10}],
+        "output": {"dir": str(work / "out")},
+    }
+    path = work / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+RUN_CASES = [
+    ("nan", "NaN or infinite values", {}),
+    ("negative", "negative values", {}),
+    ("fraction", "non-integer values", {}),
+    ("zeros", "holds no non-zero value", {}),
+    ("no_cells", "the matrix is empty (0 cells", {}),
+    ("dup_cells", "1 cell names repeat", {}),
+    ("dup_genes", "1 gene names repeat", {}),
+    ("one_cell_batch", "'lonely' (1 cells)", {}),
+    ("missing_batch", "obs column 'batch' has 3 missing values", {}),
+    ("one_class", "obs column 'cellTypes' has 1 distinct value", {}),
+    ("corrupt", "cannot be read as AnnData", {}),
+    ("good", "obs column 'donor' not found", {"batch_key": "donor"}),
+    ("good", "layer 'counts' not found", {"layer": "counts"}),
+    ("good", "values ['9i'] do not occur", {"filter": {"cellTypes": ["9i"]}}),
+]
+
+
+@pytest.mark.parametrize(("name", "message", "dataset"), RUN_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(RUN_CASES)])
+def test_run_refuses_bad_data(files, work, name, message, dataset):
+    refused(work, ["run", str(_run_config(work, files[name], **dataset)), "--quiet"], message, files[name].name)
+
+
+def test_run_refuses_bad_paths_and_configs(files, work):
+    refused(work, ["run", str(work / "absent.yaml")], "absent.yaml")
+    (work / "broken.yaml").write_text("dataset: [unclosed\n")
+    refused(work, ["run", str(work / "broken.yaml")], "broken.yaml")
+    config = _run_config(work, files["good"])
+    cfg = yaml.safe_load(config.read_text())
+    for models, word in (([{"type": "vae"}], "unknown model type 'vae'"), ([{"type": "ae", "latent_dim": -1}], "latent_dim")):
+        config.write_text(yaml.safe_dump({**cfg, "models": models}))
+        refused(work, ["run", str(config)], word)
+    refused(work, ["run", str(_run_config(work, work / "absent.h5ad"))], "absent.h5ad: file not found")
+    (work / "cells.txt").write_text("x")
+    refused(work, ["run", str(_run_config(work, work / "cells.txt"))], "expected an .h5ad file")
+
+
+def test_run_refuses_unwritable_outputs(files, work, monkeypatch):
+    config = _run_config(work, files["good"])
+    (work / "out").write_text("a file where the output directory should be")
+    refused(work, ["run", str(config), "--quiet"], "is a file")
+    refused(work, ["run", str(config), "--quiet", "-o", str(work / "out" / "below")], "cannot be created", "is a file")
+    (work / "out").unlink()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == work else real_access(path, mode))
+    refused(work, ["run", str(config), "--quiet"], "no permission to write in", str(work))
+
+
+def test_validate_runs_the_same_checks(files, work):
+    for name, word in (("zeros", "holds no non-zero value"), ("dup_genes", "gene names repeat"), ("no_cells", "is empty"), ("nan", "NaN")):
+        refused(work, ["validate", str(files[name])], word, files[name].name)
+    refused(work, ["validate", str(files["good"]), "--label-key", "cell_type"], "obs column 'cell_type' not found")
+    refused(work, ["validate", str(_run_config(work, files["one_cell_batch"]))], "(1 cells)")
+
+
+def test_validate_reports_empty_cells_genes_and_one_batch(files, work):
+    a = ad.read_h5ad(files["good"])
+    a.X = a.X.toarray()
+    a.X[:4] = 0
+    a.X[:, :7] = 0
+    a.obs["one"] = "b1"
+    a.write_h5ad(work / "sparse_holes.h5ad")
+    result = runner.invoke(app, ["validate", str(work / "sparse_holes.h5ad"), "--batch-key", "one"])
+    assert result.exit_code == 0, result.output
+    assert "4 all-zero cells and 7 all-zero genes (of 200 × 1047) are left out of training" in result.output
+    assert "holds one batch ('b1')" in result.output
+
+
+def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
+    good = str(files["good"])
+    refused(work, ["embed", good, "--out", "latent.txt"], "latent.txt", ".h5ad")
+    (work / "file").write_text("x")
+    refused(work, ["embed", good, "--out", "file/latent.h5ad"], "is a file")
+    refused(work, ["embed", good, "--out", "latent.h5ad", "--set", "latent_dim"], "--set 'latent_dim'")
+    refused(work, ["embed", good, "--out", "latent.h5ad", "--model", "vae"], "unknown model 'vae'")
+    refused(work, ["embed", str(files["dup_cells"]), "--out", "latent.h5ad"], "cell names repeat")
+    refused(work, ["embed", good, "--out", "latent.h5ad", "--batch-key", "plate"], "obs column 'plate' not found")
+    refused(work, ["nmf", good, "--out", "factors.txt"], "factors.txt", ".h5ad")
+    refused(work, ["nmf", str(files["negative"]), "--out", "factors.h5ad"], "negative values")
+
+
+def test_annotate_refuses_bad_input(files, work):
+    kang = str(files["kang"])
+    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--model", "forest"], "--model", "'forest'")
+    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--filter", "sample_id"], "COLUMN=VALUE")
+    refused(work, ["annotate", "train", kang, "--label-key", "celltype", "--out", "ann"], "obs column 'celltype' not found")
+    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--ontology-key", "cl_id", "--out", "ann"], "'cl_id' not found")
+    (work / "ann").mkdir()
+    (work / "ann" / "keep.txt").write_text("earlier results")
+    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann"], "not empty", "--overwrite")
+    refused(work, ["annotate", "predict", str(work / "no_model"), kang, "--out", "pred.h5ad"], "no_model")
+    refused(work, ["annotate", "evaluate", str(files["names_vs_ids"]), "--truth-key", "cell_typ", "--out", "ev"], "'cell_typ' not found")
+    refused(work, ["annotate", "evaluate", str(files["names_vs_ids"]), "--truth-key", "cell_type", "--out", "ev"], "share no label", "ids with ids")
+
+
+def test_transfer_refuses_before_training(files, work):
+    kang = str(files["kang"])
+    base = ["transfer", "--reference", kang, "--label-key", "cell_type", "--out", "tr"]
+    refused(work, [*base, "--query", kang, "--method", "forest"], "--method", "'forest'")
+    refused(work, [*base, "--query", str(work / "absent.h5ad")], "absent.h5ad: file not found")
+    refused(work, [*base, "--query", str(files["kang_ensembl"])], "kang_ensembl.h5ad", "0 of the model's 1267 genes", "symbols vs Ensembl")
+    refused(work, [*base, "--query", str(files["kang_nan"])], "kang_nan.h5ad", "NaN or infinite")
+    refused(work, [*base, "--query", kang, "--query-label-key", "truth"], "obs column 'truth' not found")
+    refused(work, ["transfer", "--reference", kang, "--label-key", "celltype", "--out", "tr", "--query", kang], "'celltype' not found")
+
+
+def test_aggregate_and_benchmark_refuse_bad_input(files, work):
+    kang = str(files["kang"])
+    refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "donor"], "--sample-key", "['donor'] not found")
+    refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "sample_id,donor"], "['donor'] not found")
+    refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "cell_type", "--features", "pca:10"],
+            "one training sample", "finer sample key")
+    refused(work, ["aggregate", kang, "--out", "agg", "--sample-key", "sample_id"], "--label-key")
+    refused(work, ["aggregate", "--out", "agg", "--toy", "spiral"], "unknown check 'spiral'")
+    embedded = str(files["kang_embedded"])
+    refused(work, ["benchmark", embedded, "--embedding", "X_scvi", "--label-key", "cell_type", "--batch-key", "sample_id"], "['X_scvi'] not in .obsm")
+    refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
+    refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
+    refused(work, ["compare", str(work)], "no scatlas run outputs")
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["validate", "{zeros}"], "holds no non-zero value"),
+        (["embed", "{good}", "--out", "latent.txt"], ".h5ad file name"),
+        (["run", "{config}", "--quiet"], "NaN or infinite values"),
+    ],
+)
+def test_real_process_exits_2_with_one_line(files, work, args, word):
+    values = {k: str(v) for k, v in files.items()} | {"config": str(_run_config(work, files["nan"]))}
+    before = _snapshot(work)
+    proc = subprocess.run([sys.executable, "-m", "scatlas", *(a.format(**values) for a in args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    lines = _lines(proc.stdout + proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], proc.stdout + proc.stderr
+    assert _snapshot(work) == before
