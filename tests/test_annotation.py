@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -181,6 +182,14 @@ def test_classifiers_learn_zheng17(zheng, tmp_path, model, min_accuracy):
     detail = pd.read_parquet(tmp_path / "out" / "detailed_results.parquet")
     assert len(detail) == 2140 and {"y_true", "y_pred", "correct", "correct_hierarchical", "p_CL:0000236"} <= set(detail.columns)
     np.testing.assert_allclose(detail.filter(like="p_CL").sum(1), 1, atol=1e-5)
+    per_class = pd.read_csv(tmp_path / "out" / "per_class_metrics.csv")
+    assert set(per_class.loc[per_class["label"] == "CL:0000236", "name"]) == {"B cell"}  # readable name beside the CL id
+    if model == "linear":
+        from test_runner_cli import render_in_chromium
+
+        dom, console_log = render_in_chromium(tmp_path / "out" / "report.html")
+        assert "B cell" in dom and "macro F1 ↑" in dom and "Uncaught" not in console_log
+        assert all(re.search(r"<table|<img|<p", body) for body in re.findall(r"<section>(.*?)</section>", dom, flags=re.S))
 
 
 def test_mixed_fine_and_coarse_labels(zheng, tmp_path):

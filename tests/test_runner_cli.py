@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -210,9 +211,24 @@ def test_run_report_renders_in_chromium(finished_run):
     root, _, _ = finished_run
     page = root / "compare_models" / "kfold" / "run1" / "report.html"
     dom, console_log = render_in_chromium(page)
-    assert "Test cells: mean over folds" in dom and "<table" in dom and "silhouette_label" in dom
+    assert "Test cells: mean ± 95% CI half-width over folds" in dom and "<table" in dom
+    assert "ASW label (raw) ↑" in dom and "k-means ARI ↑" in dom and "↑ higher is better" in dom  # readable names, direction
+    headline = dom.split("<tbody>")[1].split("</tbody>")[0]
+    assert headline.split("<td>")[1].startswith("PCA") and " ± " in headline  # the reference first, mean ± CI
     assert dom.count("data:image/png;base64") >= 3
     assert "Uncaught" not in console_log
+    sections = re.findall(r"<section>(.*?)</section>", dom, flags=re.S)
+    assert sections and all(re.search(r"<table|<img|<p", body) for body in sections)  # no empty sections
+
+
+def test_report_leaves_out_empty_sections_and_explains_empty_columns(tmp_path):
+    from scatlas.report import Section, write_report
+
+    table = pd.DataFrame({"model": ["PCA", "AE"], "kmeans_ari": [0.5, 0.7], "silhouette_batch_scib": [np.nan, np.nan]})
+    page = write_report(tmp_path / "r.html", "t", [Section("Scores", [table], nan_reasons={"silhouette_batch_scib": "one batch only"}),
+                                                  Section("Figures", [], [tmp_path / "absent.png"])])
+    text = page.read_text()
+    assert "Figures" not in text and "ASW batch (scib, 1 = mixed) ↑: one batch only." in text
 
 
 def test_compare_command_over_run_outputs(finished_run):

@@ -21,7 +21,7 @@ from scatlas._io import write_csv
 from scatlas.experiment.layout import RunLayout, compare_dir, safe_name
 from scatlas.metrics.stats import fold_summary
 from scatlas.plot.figures import umap_coordinates
-from scatlas.report.html import Section, write_report
+from scatlas.report.html import Section, mean_ci_table, write_report
 
 _SCORES = re.compile(r"^all_scores_(train|val|test)_samplesize-(\d+)\.csv$")
 
@@ -50,6 +50,9 @@ def _extremes(table: pd.DataFrame, how: str) -> pd.DataFrame:
     return table.loc[pick.dropna()]
 
 
+HEADLINE = ("silhouette_label", "silhouette_batch", "silhouette_label_scib", "silhouette_batch_scib", "kmeans_ari", "kmeans_nmi")
+
+
 def _umaps(layouts: list[RunLayout], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
@@ -67,14 +70,19 @@ def _umaps(layouts: list[RunLayout], out: Path) -> Path | None:
         return None
     write_csv(pd.concat([o.assign(model=m, umap1=c[:, 0], umap2=c[:, 1]) for m, c, o in panels], ignore_index=True), out / "umap_coordinates.csv")
     keys = [k for k in ("label", "batch") if k in panels[0][2]]
-    fig, axes = plt.subplots(len(keys), len(panels), figsize=(3.2 * len(panels), 3.2 * len(keys)), squeeze=False)
-    for j, (model, coords, obs) in enumerate(panels):
-        for i, key in enumerate(keys):
-            codes = pd.factorize(obs[key].astype(str))[0]
-            axes[i, j].scatter(coords[:, 0], coords[:, 1], c=codes, cmap="tab10", s=4, linewidths=0)
+    fig, axes = plt.subplots(len(keys), len(panels), figsize=(3.2 * len(panels) + 2.0, 3.2 * len(keys)), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for i, key in enumerate(keys):
+        categories = sorted(set().union(*(o[key].astype(str) for _, _, o in panels)))
+        for j, (model, coords, obs) in enumerate(panels):
+            values = obs[key].astype(str).to_numpy()
+            for c, category in enumerate(categories):  # same colour for a category in every panel
+                mask = values == category
+                axes[i, j].scatter(coords[mask, 0], coords[mask, 1], color=cmap(c % 20), s=4, linewidths=0, label=category)
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
             axes[i, j].set_title(f"{model} — {key}", fontsize=8)
+        axes[i, -1].legend(markerscale=2.5, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5), title=key)
     fig.tight_layout()
     return save_figure(fig, out / "umap_models.png")
 
@@ -135,10 +143,9 @@ def compare_runs(layouts: list[RunLayout], umaps: bool = True, genomaps: bool = 
         for how in ("min", "max"):
             write_csv(_extremes(table, how), out / f"{part}_scores_{size}_{how}_silhouette_batch.csv")
         if part == "test":
-            headline = ci.pivot(index="model", columns="metric", values="mean")
-            order = [m for m in ("silhouette_label", "silhouette_batch", "silhouette_label_scib", "silhouette_batch_scib", "kmeans_ari", "kmeans_nmi") if m in headline]
-            headline = headline[order + [m for m in headline.columns if m not in order]].rename_axis(columns=None).reset_index()
-            sections.append(Section("Test cells: mean over folds", [headline], note=f"95% CIs: {part}_scores_{size}_95CI.csv; ASW = silhouette (raw), *_scib = scib-metrics scaling."))
+            sections.append(Section("Test cells: mean ± 95% CI half-width over folds", [mean_ci_table(ci, "model", HEADLINE, first="PCA")],
+                                    note=f"↑ higher is better, ↓ lower is better. ASW = average silhouette width (raw, −1…1); "
+                                         f"scib = scib-metrics' scaling (0…1). The reference (PCA) comes first. Every fold's value: {part}_allscores.csv."))
     figure = _umaps(layouts, out) if umaps else None
     if figure is not None:
         sections.append(Section("Test latents side by side (split 1)", [], [figure], captions=["UMAP per model, coloured by label (top) and batch"]))

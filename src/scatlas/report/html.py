@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from scatlas._io import write_text
@@ -20,8 +21,8 @@ from scatlas._io import write_text
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-.meta{color:#666;font-size:.85rem} table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0;display:block;overflow-x:auto}
-th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right} th{background:#f3f3f3;cursor:pointer;user-select:none}
+.meta{color:#666;font-size:.85rem} table{border-collapse:collapse;font-size:.8rem;margin:.6rem 0;max-width:100%}
+th,td{border:1px solid #ddd;padding:.2rem .4rem;text-align:right} th{background:#f3f3f3;cursor:pointer;user-select:none;white-space:normal;max-width:9em;vertical-align:bottom;font-weight:600}
 td:first-child,th:first-child{text-align:left} tr:nth-child(even){background:#fafafa}
 figure{display:inline-block;margin:.5rem 1rem .5rem 0;vertical-align:top} figure img{max-width:560px;border:1px solid #eee}
 figcaption{font-size:.8rem;color:#555} p.note{font-size:.9rem}
@@ -41,19 +42,87 @@ document.querySelectorAll('table.sortable').forEach(function(t){
 """
 
 
+#: Readable names of the metric columns scatlas writes, with the direction that is better.
+METRIC_NAMES: dict[str, str] = {
+    "silhouette_label": "ASW label (raw) ↑",
+    "silhouette_batch": "ASW batch (raw) ↓",
+    "silhouette_label_scib": "ASW label (scib) ↑",
+    "silhouette_batch_scib": "ASW batch (scib, 1 = mixed) ↑",
+    "davies_bouldin_label": "Davies–Bouldin label ↓",
+    "davies_bouldin_batch": "Davies–Bouldin batch ↑",
+    "calinski_harabasz_label": "Calinski–Harabasz label ↑",
+    "calinski_harabasz_batch": "Calinski–Harabasz batch ↓",
+    "kmeans_ari": "k-means ARI ↑",
+    "kmeans_nmi": "k-means NMI ↑",
+    "n_cells": "cells",
+    "accuracy": "accuracy ↑",
+    "balanced_accuracy": "balanced accuracy ↑",
+    "macro_f1": "macro F1 ↑",
+    "weighted_f1": "weighted F1 ↑",
+    "f1": "F1 ↑",
+    "precision": "precision ↑",
+    "recall": "recall ↑",
+    "support": "cells (support)",
+    "unknown_fraction": "share called unknown",
+    "ece_before": "ECE before ↓",
+    "ece_after": "ECE after ↓",
+    "map": "mAP ↑",
+    "precision_at_r": "precision@R ↑",
+    "Total": "Total ↑",
+    "Bio conservation": "Bio conservation ↑",
+    "Batch correction": "Batch correction ↑",
+}
+
+
 @dataclass
 class Section:
-    """A titled part of a report: a note, tables and figures."""
+    """A titled part of a report: a note, tables and figures.
+
+    ``nan_reasons`` says why a column can be undefined (NaN); a column that is NaN in every row
+    gets that sentence (or a generic one) under the table instead of an unexplained empty column.
+    """
 
     title: str
     tables: Sequence[pd.DataFrame] = ()
     figures: Sequence[Path] = ()
     note: str = ""
     captions: Sequence[str] = field(default_factory=list)
+    nan_reasons: dict[str, str] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        """No table, no existing figure and no note: the section is left out of the page."""
+        return not self.note and not any(len(t) for t in self.tables) and not any(Path(f).exists() for f in self.figures)
 
 
-def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, classes="sortable", border=0, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)
+def _nan_sentence(df: pd.DataFrame, reasons: dict[str, str]) -> str:
+    empty = [c for c in df.columns if df[c].isna().all()]
+    if not empty or df.empty:
+        return ""
+    lines = [f"{METRIC_NAMES.get(c, c)}: {reasons.get(c, 'undefined on these data (e.g. a single batch, or no label present in two batches)')}."
+             for c in empty]
+    return f"<p class='note'>Empty columns — {html.escape(' '.join(lines))}</p>"
+
+
+def mean_ci_table(ci: pd.DataFrame, index: str | list[str], order: Sequence[str] = (), first: str | None = None) -> pd.DataFrame:
+    """A long ``fold_summary`` table (``metric``, ``mean``, ``ci_high``) as one row per ``index``, one ``mean ± half-width`` cell per metric.
+
+    ``order`` puts those metrics first; ``first`` puts the row whose (first) index value starts
+    with it on top (e.g. ``"PCA"``, the unintegrated reference); other rows keep their order.
+    """
+    index = [index] if isinstance(index, str) else list(index)
+    cells = ci.assign(cell=[f"{m:.3f} ± {h - m:.3f}" if np.isfinite(h) else f"{m:.3f}" for m, h in zip(ci["mean"], ci["ci_high"], strict=True)])
+    table = cells.pivot_table(index=index, columns="metric", values="cell", aggfunc="first", sort=False)
+    columns = [m for m in order if m in table] + [m for m in table.columns if m not in order and m != "n_cells"]
+    rows = sorted(table.index, key=lambda r: not (first and str(r[0] if isinstance(r, tuple) else r).upper().startswith(first.upper())))
+    return table.loc[rows, columns].rename_axis(columns=None).reset_index()
+
+
+def _table(df: pd.DataFrame, reasons: dict[str, str] | None = None) -> str:
+    shown = df.rename(columns=lambda c: METRIC_NAMES.get(str(c), str(c)))
+    if "metric" in shown:
+        shown["metric"] = shown["metric"].map(lambda m: METRIC_NAMES.get(str(m), m))
+    table = shown.to_html(index=False, classes="sortable", border=0, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)
+    return table + _nan_sentence(df, reasons or {})
 
 
 def _figure(path: Path, caption: str) -> str:
@@ -71,7 +140,8 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], subt
     title, subtitle
         Page heading and a line under it (e.g. the command that produced it).
     sections
-        Content; figures that do not exist are skipped.
+        Content; figures that do not exist are skipped, and so are sections left with nothing.
+        Known metric columns are shown with readable names and the better direction (↑ / ↓).
     """
     from scatlas import __version__
 
@@ -79,10 +149,12 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], subt
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><p class='meta'>{html.escape(subtitle)} · scatlas {__version__} · {stamp}</p>"]
     for section in sections:
+        if section.is_empty():
+            continue
         parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
         if section.note:
             parts.append(f"<p class='note'>{html.escape(section.note)}</p>")
-        parts.extend(_table(t) for t in section.tables)
+        parts.extend(_table(t, section.nan_reasons) for t in section.tables if len(t))
         captions = list(section.captions) + [Path(f).stem for f in section.figures[len(section.captions):]]
         parts.extend(_figure(Path(f), c) for f, c in zip(section.figures, captions, strict=True) if Path(f).exists())
         parts.append("</section>")

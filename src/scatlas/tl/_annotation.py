@@ -40,7 +40,7 @@ from scatlas.models.base import SplitData, build_model, parse_model_config
 from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.ontology import CellOntology, choose_call_threshold, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
-from scatlas.report.html import Section, write_report
+from scatlas.report.html import Section, mean_ci_table, write_report
 from scatlas.tl._embed import categorical_codes
 
 STRATA = ("assay", "dataset_id", "dataset", "disease", "tissue", "tissue_general")
@@ -381,15 +381,18 @@ def _detailed(data: CellData, rows: np.ndarray, truth: np.ndarray, proba: np.nda
 def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str], out: Path, title: str = "") -> pd.DataFrame:
     """Write the metric tables and figures of a detailed-results table; return the overall table."""
     tables = annotation_tables(table["y_true"].to_numpy(), table["y_pred"].to_numpy(), labels.classes, labels.reachability, table[strata] if strata else None)
+    names = dict(zip(labels.classes, labels.names, strict=True))
+    per_class = tables["per_class"]
+    if any(c != n for c, n in names.items()):  # CL ids: put the readable name beside each
+        per_class.insert(1, "name", per_class["label"].map(names).fillna(per_class["label"]))
     for name, frame in tables.items():
         write_csv(frame, out / f"{name}_metrics.csv")
     write_parquet(table, out / "detailed_results.parquet")
     if "call_correct" in table:
         write_csv(pd.DataFrame([{"threshold": labels.call_threshold, "accuracy": table["call_correct"].mean(), "mean_depth": table["call_depth"].mean(),
                                  "exact_share": (table["y_call"] == table["y_true"]).mean(), "n_cells": len(table)}]), out / "hierarchical_calls.csv")
-    names = dict(zip(labels.classes, labels.names, strict=True))
     confusion_heatmap(table["y_true"].map(names).to_numpy(), table["y_pred"].map(names).to_numpy(), out / "confusion_matrix.png", title)
-    per_class_bars(tables["per_class"].assign(label=lambda d: d["label"].map(names)), out / "per_class_f1.png", title=title)
+    per_class_bars(per_class.assign(label=per_class["label"].map(names).fillna(per_class["label"])), out / "per_class_f1.png", title=title)
     return tables["overall"]
 
 
@@ -474,7 +477,9 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
         write_yaml({**config.model_dump(mode="json"), "ontology": labels.ontology_version}, stage / "config.yaml")
         sections = []
         if config.cross_validate:
-            sections = [Section("Test cells: mean and 95% CI over folds", [summary]),
+            sections = [Section("Test cells: mean ± 95% CI half-width over folds", [mean_ci_table(summary, "evaluation", ("accuracy", "macro_f1", "weighted_f1"))],
+                                note="↑ higher is better. exact: the predicted class is the truth; hierarchical: the truth or one of its "
+                                     "Cell Ontology descendants counts as right (scTab). Every fold: fold_metrics.csv."),
                         Section("Per class (all test cells)", [pd.read_csv(stage / "per_class_metrics.csv")], [stage / "per_class_f1.png", stage / "confusion_matrix.png"]),
                         *[Section(f"By {c}", [pd.read_csv(stage / f"per_{c}_metrics.csv")]) for c in _strata(config, data)]]
         if len(labels.nested):
