@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -10,6 +12,16 @@ import pytest
 import scipy.sparse as sp
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_stops_the_tests():
+    """A command invoked in-process turns Ctrl-C into exit 130 (as it must for users); re-raise it here so pytest stops."""
+    yield
+    cli = sys.modules.get("scatlas.cli")
+    if cli is not None and cli.last_interrupt == signal.SIGINT:
+        cli.last_interrupt = None
+        raise KeyboardInterrupt
 
 
 def data_path(name: str) -> Path:

@@ -277,6 +277,8 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     refused(work, ["benchmark", embedded, "--embedding", "X_scvi", "--label-key", "cell_type", "--batch-key", "sample_id"], "['X_scvi'] not in .obsm")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
+    refused(work, ["benchmark", str(files["dup_cells"]), "--embedding", "X_pca", "--label-key", "cellTypes", "--batch-key", "batch"], "cell names repeat")
+    refused(work, ["aggregate", str(files["nan"]), "--out", "agg", "--label-key", "cellTypes", "--sample-key", "batch"], "nan.h5ad", "NaN or infinite")
     refused(work, ["compare", str(work)], "no scatlas run outputs")
 
 

@@ -94,3 +94,25 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(*read)
     assert not checkpoints.exists()  # a finished split keeps module.pt only
     assert (checkpoints.parent / "module.pt").exists()
+
+
+def test_ctrl_c_stops_pytest_while_a_command_runs_in_process(tmp_path, cellbench5_path):
+    """The CLI exits 130 on SIGINT; under pytest (CliRunner, same process) the run must still stop."""
+    test = tmp_path / "test_inner.py"
+    test.write_text(f"""
+import os, signal, threading
+from typer.testing import CliRunner
+from scatlas.cli import app
+
+def test_long_run():
+    threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    CliRunner().invoke(app, ["run", {str(_config(tmp_path, cellbench5_path))!r}, "--quiet"])
+
+def test_after():
+    pass
+""")
+    conftest = Path(__file__).with_name("conftest.py")
+    (tmp_path / "conftest.py").write_text(conftest.read_text())
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and "KeyboardInterrupt" in proc.stdout and "test_after" not in proc.stdout.split("KeyboardInterrupt")[-1], proc.stdout

@@ -24,6 +24,9 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+#: The signal that ended the last command run in this process (``None``: none). Lets an embedding
+#: process — e.g. a test runner invoking commands in-process — stop on Ctrl-C as well.
+last_interrupt: int | None = None
 
 
 class Interrupted(BaseException):
@@ -69,6 +72,8 @@ def _user_errors(fn: F) -> F:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if received:  # also when a library swallowed the exception and the command ran on
+            global last_interrupt
+            last_interrupt = received[0]
             name = signal.Signals(received[0]).name
             err_console.print(f"[bold red]interrupted[/] by {name}{_resume_hint(fn, kwargs)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=128 + received[0])

@@ -188,7 +188,8 @@ def validate(
     extra_keys: Sequence[str | None] = (),
     layer: str | None = None,
     require_counts: bool = False,
-) -> MatrixSummary:
+    check_values: bool = True,
+) -> MatrixSummary | None:
     """Run every check of DESIGN §3 that applies to one dataset: the one validation every command runs.
 
     Parameters
@@ -205,10 +206,14 @@ def validate(
         Layer holding the matrix (``None`` = ``.X``).
     require_counts
         Demand integer values (raw counts).
+    check_values
+        Scan the matrix (``False`` for commands that read only ``.obsm``, e.g. a benchmark of
+        stored embeddings).
 
     Returns
     -------
-    The all-zero cells and genes (callers leave them out of training and say so).
+    The all-zero cells and genes (callers leave them out of training and say so); ``None``
+    without ``check_values``.
 
     Raises
     ------
@@ -223,7 +228,7 @@ def validate(
         check_groups(adata, batch_key, min_size=2, min_groups=1)
     if label_key is not None:
         check_groups(adata, label_key, min_size=1, min_groups=2)
-    return check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key)
+    return check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key) if check_values else None
 
 
 def one_batch_notice(adata: ad.AnnData, batch_key: str | None) -> str | None:

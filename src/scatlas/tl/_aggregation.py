@@ -26,6 +26,7 @@ from scatlas._errors import InputError, UnpairedError
 from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_yaml
 from scatlas.data.io import get_matrix, read_h5ad, to_csr
 from scatlas.data.preprocess import highly_variable_genes, normalize_log1p
+from scatlas.data.validate import validate
 from scatlas.settings import parse_settings
 from scatlas.metrics.retrieval import average_precision
 from scatlas.metrics.stats import fold_summary
@@ -117,7 +118,10 @@ def read_cells(path: str | Path, config: AggregateConfig) -> CellTable:
 
 
 def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str = "<AnnData>") -> CellTable:
-    """Per-cell features of an AnnData: ``.X``, an ``.obsm`` key or ``pca:<k>`` (``config.features``)."""
+    """Per-cell features of an AnnData: ``.X``, an ``.obsm`` key or ``pca:<k>`` (``config.features``), after :func:`~scatlas.data.validate.validate`."""
+    uses_x = config.features is None or config.features.startswith("pca:")
+    validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=[config.sample_key, config.group_key],
+             require_counts=config.features is not None and uses_x, check_values=uses_x)
     return checked_cells(adata.obs.copy(), _h5ad_features(adata, config.features, source), config, source)
 
 

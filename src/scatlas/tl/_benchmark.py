@@ -26,7 +26,7 @@ from scatlas._errors import InputError
 from scatlas._io import write_csv
 from scatlas.data.io import get_matrix, to_csr
 from scatlas.data.preprocess import normalize_log1p
-from scatlas.data.validate import check_obs_keys, one_batch_notice
+from scatlas.data.validate import one_batch_notice, validate
 from scatlas.metrics.clustering import kmeans_ari_nmi
 from scatlas.metrics.integration import Neighbors, neighbors_from_distances, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
 from scatlas.metrics.silhouette import bras, isolated_label_score, rescaled_width, silhouette_batch, silhouette_samples
@@ -80,7 +80,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
-    check_obs_keys(adata, [label_key, batch_key])
+    validate(adata, batch_key=batch_key, label_key=label_key, require_counts=counts, check_values=pre_key is None)
     notice = one_batch_notice(adata, batch_key)
     if notice:
         log(f"{notice}; Batch correction and Total are NaN, compare Bio conservation")
