@@ -213,3 +213,20 @@ def test_symphony_conditioning_removes_chemistry_and_keeps_cell_types(symphony_p
     assert cond["batch_nmi"] < plain["batch_nmi"] - 0.1, scores
     assert cond["batch_asw"] < plain["batch_asw"], scores
     assert cond["ari"] > plain["ari"] - 0.05, scores
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_all_zero_cells_left_out_of_training_with_a_notice(tmp_path, stream):
+    import scipy.sparse as sp
+    from conftest import data_path
+
+    adata = ad.read_h5ad(data_path("scmerge_mesc_2batches.h5ad"))
+    X = adata.X.toarray()
+    X[:5] = 0
+    adata.X = sp.csr_matrix(X)
+    adata.write_h5ad(tmp_path / "holes.h5ad")
+    args = ["nmf", str(tmp_path / "holes.h5ad"), "--out", str(tmp_path / "f.h5ad"), "--rank", "5", "--max-epochs", "2", "--benchmark-seeds", "0"]
+    result = CliRunner().invoke(app, args + (["--stream"] if stream else []))
+    assert result.exit_code == 0, result.output
+    assert "5 all-zero cells and 0 all-zero genes (of 200 × 1047) are left out of training" in " ".join(result.output.split())
+    assert ad.read_h5ad(tmp_path / "f.h5ad").obsm["H_aenmf_k5"].shape == (200, 5)  # every cell still gets its factors

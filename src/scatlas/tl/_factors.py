@@ -22,6 +22,7 @@ from scatlas._errors import InputError
 from scatlas._io import atomic_path, check_writable, write_csv
 from scatlas.data import AnnDataCSRSource, highly_variable_genes, read_h5ad, validate
 from scatlas.data.sources import read_rows
+from scatlas.data.validate import MatrixSummary
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
 from scatlas.metrics.classification import classify_embedding
@@ -32,30 +33,32 @@ from scatlas.tl._embed import all_cells_split, embed, fit_all_cells, holdout
 Log = Callable[[str], None]
 
 
-def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, hvg_cells: int = 50_000) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray]:
-    """A source streaming ``dataset`` from disk (normalised per chunk when it holds counts), its obs and genes.
+def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, hvg_cells: int = 50_000) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray, MatrixSummary]:
+    """A source streaming ``dataset`` from disk (normalised per chunk when it holds counts), its obs, genes and all-zero cells / genes.
 
     The file is validated in chunks; highly variable genes are chosen on ``hvg_cells`` random
-    cells read in one pass over the file. Only ``obs`` is held in memory.
+    cells read in one pass over the file (an all-zero gene is never among them). Only ``obs`` is
+    held in memory.
     """
     if dataset.filter:
         raise InputError(f"{dataset.path}: `filter` is not supported when streaming; subset the file first")
     adata = read_h5ad(dataset.path, backed=True)
-    validate(adata, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, require_counts=dataset.input == "counts")
+    summary = validate(adata, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, require_counts=dataset.input == "counts")
+    assert summary is not None
     obs, var_names = adata.obs.copy(), adata.var_names.to_numpy()
     adata.file.close()
     source = AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts")
     n = len(obs)
     if not n_top_genes or n_top_genes >= source.shape[1]:
-        return source, obs, var_names
+        return source, obs, var_names, summary
     sample = np.sort(np.random.default_rng(seed).choice(n, min(n, hvg_cells), replace=False))
     sampled = read_rows(source, sample)
     genes = highly_variable_genes(sampled, np.arange(sampled.shape[0]), n_top_genes)
-    return AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts", genes=genes), obs, var_names[genes]
+    return AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts", genes=genes), obs, var_names[genes], summary
 
 
 def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, n_top_genes: int | None = 2000, seed: int = 0,
-                stream: bool = False) -> tuple[ad.AnnData, str]:
+                stream: bool = False, log: Log = print) -> tuple[ad.AnnData, str]:
     """Fit a factor model on all cells (10% held out for early stopping); return the results-only AnnData and its key.
 
     In memory this is :func:`scatlas.tl.embed`. With ``stream``, the matrix is never loaded: it is
@@ -67,8 +70,11 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     settings = training.model_dump()
     if stream:
         settings["chunk_size"] = training.chunk_size or 100_000
-        X, obs, genes = streamed_source(dataset, n_top_genes, seed)
-        train, val = holdout(len(obs), 0.1, seed)
+        X, obs, genes, summary = streamed_source(dataset, n_top_genes, seed)
+        notice = summary.notice()
+        if notice:
+            log(notice)
+        train, val = holdout(len(obs), 0.1, seed, exclude=summary.empty_cells)
         sdata = all_cells_split(X, obs, dataset.batch_key, dataset.label_key, genes, train, val)
         fitted, _ = fit_all_cells(sdata, model, settings, seed)
         H, W = fitted.embed(sdata, np.arange(len(obs))), fitted.loadings()  # type: ignore[attr-defined]
@@ -79,7 +85,7 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
         obs = adata.obs
         options = {k: v for k, v in model.items() if k != "type"}
         result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,
-                       key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, **options, **settings)
+                       key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, log=log, **options, **settings)
         genes, H, W = result.prep.genes, adata.obsm[f"H_{key}"], result.loadings()
     out = ad.AnnData(obs=pd.DataFrame({c: obs[c].astype(str).astype("category").to_numpy() for c in (dataset.label_key, dataset.batch_key) if c},
                                       index=obs.index.astype(str)), var=pd.DataFrame(index=genes))
@@ -121,7 +127,7 @@ def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
                 log: Log = print, stream: bool = False) -> dict[str, pd.DataFrame]:
     """Fit, write ``out`` (.h5ad), ``<out>_loadings.csv`` and ``<out>_benchmark_by_<key>.csv``; return the benchmark tables."""
     out = check_writable(out, ".h5ad")
-    adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream)
+    adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream, log=log)
     H, W = adata.obsm[f"H_{key}"], adata.varm[f"W_{key}"]
     log(f"{key}: H {H.shape} (min {H.min():.3g}), W {W.shape} (min {W.min():.3g})")
     tables: dict[str, pd.DataFrame] = {}
