@@ -53,7 +53,7 @@ Log = Callable[[str], None]
 #: 0.855 on kang18 ctrl <-> stim.
 METHODS: dict[str, dict[str, Any]] = {
     "linear": {"type": "linear", "training": {"lr": 5e-3, "weight_decay": 0.01}},
-    "mlp": {"type": "mlp", "hidden": [256, 128], "dropout": 0.1, "training": {"lr": 1e-3, "weight_decay": 0.05}},
+    "mlp": {"type": "mlp", "hidden": [256, 128], "dropout": 0.3, "training": {"lr": 1e-3, "weight_decay": 0.05}},  # dropout: benchmarks/transfer_defaults.py
     "tabnet": {"type": "tabnet", "training": {"lr": 5e-3, "weight_decay": 0.05}},
 }
 

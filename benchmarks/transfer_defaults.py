@@ -1,0 +1,62 @@
+"""Choosing the classifier preset of ``tl.transfer`` / ``annotate`` by held-out batches, over seeds.
+
+Every held-out split of ``benchmarks/hce_transfer.py`` (symphony: each chemistry in turn; kang18:
+ctrl → stim and stim → ctrl), one ``scatlas.tl.transfer`` per split, seed and candidate MLP
+setting; the table gives the mean and the range over seeds of exact accuracy and macro F1 on the
+queries. scikit-learn's LogisticRegression on the same genes is the peer (it has no seed).
+
+    python benchmarks/transfer_defaults.py [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score
+
+import scatlas as sa
+from _common import SHARED, machine
+from hce_transfer import lr_peer
+
+CANDIDATES = {f"mlp 256-128, dropout {d}": {"type": "mlp", "hidden": [256, 128], "dropout": d, "training": {"lr": 1e-3, "weight_decay": 0.05}}
+              for d in (0.1, 0.3)}
+
+
+def splits() -> list[tuple[str, ad.AnnData, np.ndarray, str, str | None]]:
+    """(name, data, held-out mask, label key, ontology key) of every held-out split."""
+    symphony = ad.read_h5ad(SHARED / "symphony_pbmc_3tech.h5ad")
+    kang = ad.read_h5ad(SHARED / "kang18_muscat_4samples.h5ad")
+    out = [(f"symphony → {b}", symphony, (symphony.obs["batch"] == b).to_numpy(), "cell_type", "cell_type_ontology_term_id") for b in ("3pv1", "3pv2", "5p")]
+    return out + [(f"kang {a} → other", kang, (kang.obs["group_id"] != a).to_numpy(), "author_cell_type", None) for a in ("ctrl", "stim")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    print(machine())
+    rows = []
+    for name, adata, held, label, ontology in splits():
+        key = ontology or label
+        for setting, model in CANDIDATES.items():
+            for seed in range(args.seeds):
+                reference, query = adata[~held].copy(), adata[held].copy()
+                sa.tl.transfer(reference, query, label_key=label, ontology_key=ontology, model=model, seed=seed, log=lambda _: None)
+                truth, pred = query.obs[key].astype(str).to_numpy(), query.obs[f"{key}_pred"].astype(str).to_numpy()
+                rows.append({"split": name, "setting": setting, "seed": seed, "accuracy": accuracy_score(truth, pred), "macro_f1": f1_score(truth, pred, average="macro")})
+        acc, f1, _ = lr_peer(adata, np.flatnonzero(~held), np.flatnonzero(held), key)
+        rows.append({"split": name, "setting": "LogisticRegression", "seed": 0, "accuracy": acc, "macro_f1": f1})
+        print(name, "done", flush=True)
+    table = pd.DataFrame(rows)
+    table["data"] = table["split"].str.split(" ").str[0]
+    per_seed = table.groupby(["data", "setting", "seed"], sort=False)[["accuracy", "macro_f1"]].mean()
+    summary = per_seed.groupby(["data", "setting"], sort=False).agg(["mean", "min", "max"])
+    print(f"\nmean over the held-out splits of each dataset; mean / min / max over {args.seeds} seeds:")
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
