@@ -152,9 +152,7 @@ def check_matrix(
     """
     src = source_name(adata)
     where = f"layer {layer!r}" if layer else ".X"
-    matrix = get_matrix(adata, layer)
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(f"{src}: {where} is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
+    matrix = get_matrix(adata, layer)  # an empty matrix was refused by check_names (validate runs it first)
     problems: dict[str, list[int]] = {"NaN or infinite": [], "negative": [], "non-integer": []}
     empty_cells = np.zeros(adata.n_obs, dtype=bool)
     used_genes = np.zeros(adata.n_vars, dtype=bool)
