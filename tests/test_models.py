@@ -135,6 +135,19 @@ def test_tied_decoder_shares_encoder_weights():
     assert module.encoder.linears[0].weight.grad is not None
 
 
+def test_batch_aware_decoder_reads_the_batch_and_not_the_encoder():
+    torch.manual_seed(0)
+    module = AutoencoderModule(30, hidden=(16, 8), latent_dim=4, decoder_batches=3).eval()
+    x = torch.rand(5, 30)
+    as_batch = [module.reconstruct({"x": x, "batch": torch.full((5,), b)}) for b in range(3)]
+    assert module.decoder.linears[0].in_features == 4 + 3
+    assert not torch.allclose(as_batch[0], as_batch[1])  # the same latent decodes differently per batch
+    # the latent itself does not depend on the batch
+    assert torch.equal(module.embed({"x": x, "batch": torch.zeros(5, dtype=torch.long)}), module.embed({"x": x, "batch": torch.ones(5, dtype=torch.long)}))
+    with pytest.raises(ValueError, match="decoder_batch"):
+        AEConfig(tied=True, decoder_batch=True)
+
+
 def test_pca_baseline_reconstructs(split):
     sdata, s, _ = split
     model = PCA(PCAConfig(n_components=20), _train())

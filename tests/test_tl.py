@@ -11,11 +11,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import scanpy as sc
 from typer.testing import CliRunner
 
 import scatlas as sa
 from scatlas import InputError
+from scatlas._errors import ConfigError
 from scatlas.cli import app
 
 runner = CliRunner()
@@ -201,10 +203,33 @@ def test_readme_api_reference_names_exist():
         assert hasattr(obj, attr), name
 
 
-def test_fe_defaults_to_confusion_and_the_published_objective_is_one_option_away(cellbench3_path):
+def test_fe_defaults_and_the_published_configuration_is_one_option_away(cellbench3_path):
     adata = ad.read_h5ad(cellbench3_path)
     default = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=2, key_added="X_default")
-    published = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=2, key_added="X_published", encoder_objective="negative_ce")
-    assert default.model.config.encoder_objective == "confusion" and published.model.config.encoder_objective == "negative_ce"
-    assert published.model.config.recon_weight == 2000.0 and published.model.config.adversary_input == "all"
+    published = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=2, key_added="X_published", published=True)
+    d, p = default.model.config, published.model.config
+    assert (d.encoder_objective, d.adversary_input, d.adversary_weight, d.decoder_batch) == ("confusion", "latent", 10.0, True)
+    assert (p.encoder_objective, p.adversary_input, p.adversary_weight, p.decoder_batch) == ("negative_ce", "all", 1.0, False)
+    assert p.recon_weight == 2000.0 and d.recon_weight == 2000.0
+    # the measured minibatch default applies unless the user sets one; the published run keeps the global 256
+    assert default.model.train_config.batch_size == 128 and published.model.train_config.batch_size == 256
+    chosen = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=1, key_added="X_bs", batch_size=64)
+    assert chosen.model.train_config.batch_size == 64
+    # the published decoder is blind to the batch: its first layer reads the latent only
+    assert published.model.plan.module.decoder.linears[0].in_features == p.latent_dim
+    assert default.model.plan.module.decoder.linears[0].in_features == d.latent_dim + 2
     assert not np.array_equal(adata.obsm["X_default"], adata.obsm["X_published"])
+    with pytest.raises(ConfigError, match="published"):
+        sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=1, published=True, adversary_input="latent")
+
+def test_fe_saved_before_the_batch_aware_decoder_still_loads(cellbench3_path, tmp_path):
+    adata = ad.read_h5ad(cellbench3_path)
+    model = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=1, decoder_batch=False)
+    model.save(tmp_path / "old_fe")
+    meta_path = tmp_path / "old_fe" / "scatlas_model.yaml"
+    meta = yaml.safe_load(meta_path.read_text())
+    del meta["model"]["decoder_batch"]  # as written by scatlas before the field existed
+    meta_path.write_text(yaml.safe_dump(meta))
+    reloaded = sa.load_model(tmp_path / "old_fe")
+    assert reloaded.model.config.decoder_batch is False
+    np.testing.assert_allclose(reloaded.get_latent_representation(adata), adata.obsm["X_fe"], rtol=1e-5, atol=1e-6)

@@ -61,10 +61,10 @@ class TrainingConfig(Strict):
     keep_checkpoints: bool = False
 
     def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:
-        """The engine's dataclass (``extra``: engine fields such as ``monitor``)."""
+        """The engine's dataclass (``extra``: engine fields such as ``monitor``), knowing which fields the user set."""
         from scatlas.train import TrainConfig  # torch and Lightning load only when training
 
-        return TrainConfig(**self.model_dump(), seed=seed, progress=progress, **extra)
+        return TrainConfig(**self.model_dump(), seed=seed, progress=progress, explicit=frozenset(self.model_fields_set), **extra)
 
 
 def format_errors(exc: ValidationError) -> str:

@@ -251,6 +251,10 @@ class TrainConfig:
         Seed for weights, dropout and shuffling.
     progress
         Show a progress bar.
+    explicit
+        The fields the user set (``None``: all of them, as when this class is built directly); a
+        model's own training defaults (:meth:`~scatlas.models.base.EmbeddingModel.training_defaults`)
+        replace only the others.
     """
 
     max_epochs: int = 100
@@ -272,6 +276,7 @@ class TrainConfig:
     keep_checkpoints: bool = False
     seed: int = 0
     progress: bool = True
+    explicit: frozenset[str] | None = None
 
 
 def lightning_strategy(config: TrainConfig) -> str | Strategy:

@@ -2,7 +2,9 @@
 
 Encoder: Dense 512 → BN → SELU → Dense 132 → BN → SELU → Dense latent (the scMEDAL
 backbone; widths, activation, dropout and latent size are config fields). The decoder
-mirrors the encoder (untied, or tied to the transposed encoder kernels). The loss is the
+mirrors the encoder (untied, or tied to the transposed encoder kernels). With
+``decoder_batch`` the decoder also reads the cell's one-hot batch (as scVI's decoder does), so the
+latent need not carry what differs between batches. The loss is the
 mean squared error on the (log-normalised, optionally scaled) input; AEC adds a linear
 cell-type head on the latent trained with class-weighted cross-entropy:
 ``loss = recon_weight · MSE + class_weight · CE``.
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,6 +50,8 @@ class AutoencoderModule(nn.Module):
         Per-class weights of the cross-entropy.
     recon_weight, class_weight
         Loss weights.
+    decoder_batches
+        With more than 0, the decoder reads ``[z, one-hot batch]`` (untied decoders only).
     """
 
     def __init__(
@@ -63,14 +67,18 @@ class AutoencoderModule(nn.Module):
         class_weights: torch.Tensor | None = None,
         recon_weight: float = 1.0,
         class_weight: float = 0.1,
+        decoder_batches: int = 0,
     ) -> None:
         super().__init__()
+        if tied and decoder_batches:
+            raise ValueError("a tied decoder cannot read the batch")
         self.encoder = DenseStack([n_genes, *hidden, latent_dim], activation, True, dropout, latent_activation)
         self.decoder: nn.Module = (
             TiedDecoder(self.encoder, activation)
             if tied
-            else DenseStack([latent_dim, *reversed(hidden), n_genes], activation, True, dropout, "linear")
+            else DenseStack([latent_dim + decoder_batches, *reversed(hidden), n_genes], activation, True, dropout, "linear")
         )
+        self.decoder_batches = decoder_batches
         self.head = nn.Linear(latent_dim, n_labels) if n_labels else None
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(max(n_labels, 1)))
         self.recon_weight = recon_weight
@@ -80,13 +88,19 @@ class AutoencoderModule(nn.Module):
         """Latent coordinates of ``batch["x"]``."""
         return self.encoder(batch["x"])
 
+    def decode(self, z: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Decoder output for latents ``z`` of the cells of ``batch`` (given their batch when the decoder reads it)."""
+        if self.decoder_batches:
+            z = torch.cat([z, F.one_hot(batch["batch"], self.decoder_batches).to(z.dtype)], dim=1)
+        return self.decoder(z)
+
     def reconstruct(self, batch: Batch) -> torch.Tensor:
         """Decoder output for ``batch["x"]``."""
-        return self.decoder(self.embed(batch))
+        return self.decode(self.embed(batch), batch)
 
     def supervised_terms(self, batch: Batch, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Loss terms of a latent ``z``: ``recon`` (MSE) and ``class`` (weighted CE, with a head); their weighted sum."""
-        recon = F.mse_loss(self.decoder(z), batch["x"])
+        recon = F.mse_loss(self.decode(z, batch), batch["x"])
         terms = {"recon": recon}
         total = self.recon_weight * recon
         if self.head is not None:
@@ -112,8 +126,15 @@ class AEConfig(ModelConfig):
     activation: str = "selu"
     latent_activation: str = "selu"
     tied: bool = False
+    decoder_batch: bool = False
     recon_weight: float = Field(1.0, gt=0)
     class_weight: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _untied_if_batch(self) -> AEConfig:
+        if self.tied and self.decoder_batch:
+            raise ValueError("decoder_batch needs an untied decoder (tied: false)")
+        return self
 
 
 @register("ae")
@@ -143,6 +164,7 @@ class AE(NeuralModel):
             "class_weights": torch.as_tensor(data.class_weights(), dtype=torch.float32) if n_labels else None,
             "recon_weight": cfg.recon_weight,
             "class_weight": cfg.class_weight,
+            "decoder_batches": len(data.batch_names) if cfg.decoder_batch else 0,
         }
 
     def build_module(self, data: SplitData) -> AutoencoderModule:

@@ -115,10 +115,14 @@ class EmbeddingModel(abc.ABC):
     needs_labels: ClassVar[bool] = False
     #: Whether embedding a cell needs its batch (so new cells must come from a training batch).
     uses_batch: ClassVar[bool] = False
-
     def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
         self.config = config
-        self.train_config = replace(train, **config.training)
+        unset = {} if train.explicit is None else {k: v for k, v in self.training_defaults().items() if k not in train.explicit}
+        self.train_config = replace(train, **{**unset, **config.training})
+
+    def training_defaults(self) -> dict[str, Any]:
+        """Training settings this model defaults to where the user set none (e.g. FE's minibatch size)."""
+        return {}
 
     @abc.abstractmethod
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:

@@ -262,7 +262,10 @@ def load_model(directory: str | Path) -> ScatlasModel:
         with np.load(directory / "scaler.npz") as arrays:
             scaler.center_ = arrays["center"] if "center" in arrays.files else None
             scaler.scale_ = arrays["scale"]
-    config = parse_model_config(meta["model"])
+    entry = dict(meta["model"])
+    if entry.get("type") in ("fe", "fec"):
+        entry.setdefault("decoder_batch", False)  # saved before FE's decoder could read the batch
+    config = parse_model_config(entry)
     settings = parse_settings(TrainingConfig, meta.get("training", {}), f"{meta_path}: training: ")
     model = build_model(config, settings.to_train_config(meta.get("seed", 0), progress=False))
     assert isinstance(model, EmbeddingModel)
