@@ -4,7 +4,8 @@ For each dataset, every method is fitted on **all cells** without labels:
 
 * ``PCA`` (peer, the unintegrated reference): scanpy's recipe — ``normalize_total``, ``log1p``,
   2,000 ``seurat`` highly variable genes, 50-component PCA;
-* ``Harmony`` (peer): ``harmonypy.run_harmony`` on those 50 PCs, its defaults;
+* ``Harmony`` (peer): ``harmonypy.run_harmony`` on those 50 PCs, its defaults (its time includes
+  computing them, as each method's time covers all its preprocessing);
 * ``scVI`` (peer): ``scvi.model.SCVI`` with its defaults on the raw counts of the same 2,000 genes,
   ``--scvi-epochs`` epochs (200, as in issue 18);
 * every scatlas embedding model through ``scatlas.tl.embed`` with its defaults (2,000 HVGs,

@@ -115,6 +115,7 @@ class EmbeddingModel(abc.ABC):
     needs_labels: ClassVar[bool] = False
     #: Whether embedding a cell needs its batch (so new cells must come from a training batch).
     uses_batch: ClassVar[bool] = False
+
     def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
         self.config = config
         unset = {} if train.explicit is None else {k: v for k, v in self.training_defaults().items() if k not in train.explicit}
