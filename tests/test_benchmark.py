@@ -12,6 +12,8 @@ from scib_metrics.nearest_neighbors import NeighborsResults
 from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
+from conftest import data_path
+
 from scatlas.cli import app
 from scatlas.data import normalize_log1p
 from scatlas.metrics import integration as I
@@ -157,6 +159,7 @@ def test_benchmark_cli(symphony_path, symphony, tmp_path):
     result = CliRunner().invoke(app, ["benchmark", str(tmp_path / "emb.h5ad"), "--embedding", "X_pca", "--embedding", "X_centred",
                                       "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "bench")])
     assert result.exit_code == 0, result.output
+    assert "KBET: " in result.output and "Silhouette label, Isolated labels: " in result.output  # progress per metric
     table = pd.read_csv(tmp_path / "bench" / "benchmark.csv").set_index("Embedding")
     for column in ("Isolated labels", "BRAS", "Silhouette label", "cLISI", "iLISI", "KBET", "Graph connectivity", "PCR comparison", "KMeans NMI",
                    "KMeans ARI", "Leiden NMI", "Leiden ARI", "Silhouette batch", "Total"):
@@ -196,3 +199,36 @@ def test_knn_methods_agree_with_sklearn(method):
     else:
         recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(other.indices, exact.indices)])
         assert recall > 0.95
+
+
+def test_widths_of_chosen_rows_are_the_exact_widths(symphony):
+    from scatlas.metrics.silhouette import silhouette_samples
+
+    _, Z, labels, _ = symphony
+    rows = np.random.default_rng(0).choice(len(Z), 300, replace=False)
+    for kwargs in ({}, {"metric": "cosine", "between": "mean_other"}):
+        np.testing.assert_allclose(silhouette_samples(Z, labels, rows=rows, chunk_size=97, **kwargs), silhouette_samples(Z, labels, **kwargs)[rows], atol=1e-6)
+
+
+def test_sampled_estimators_are_close_to_the_exact_columns():
+    """The opt-out estimators of `score_embedding` (a stratified cell sample) against every exact column, on OneK1K.
+
+    A sample of 1,000 cells per label (of 689–3,606) is not the exact value, but within sampling
+    error of it; the other columns do not change. (At 100,000 cells: `benchmarks/metrics_speed.py`.)
+    """
+    from scatlas.metrics.sampling import sample_rows
+    from scatlas.tl._benchmark import score_embedding
+
+    adata = ad.read_h5ad(data_path("onek1k_4types_40donors.h5ad"))
+    Z = PCA(30, random_state=0).fit_transform(normalize_log1p(adata.X).toarray())
+    labels, batch = adata.obs["cell_type"].astype(str).to_numpy(), adata.obs["donor_id"].astype(str).to_numpy()
+    rows = sample_rows(labels, 4000)
+    assert rows is not None and len(rows) == 3 * 1000 + 689 and set(labels[rows]) == set(labels)
+    assert sample_rows(labels, 4 * 3606) is None  # a quota above every label's size: exact
+    graph, pre = I.knn(Z, 90), Z[:, :10]
+    exact = score_embedding(Z, graph, labels, batch, pre)
+    estimated = score_embedding(Z, graph, labels, batch, pre, sample_size=4000)
+    sampled = ["Silhouette label", "Isolated labels", "Silhouette batch", "BRAS", "KBET"]
+    assert estimated["Silhouette label"] != exact["Silhouette label"] and estimated["KBET"] != exact["KBET"]  # sampled, not exact
+    for key in exact:
+        assert estimated[key] == pytest.approx(exact[key], abs=0.01 if key in (*sampled, "Bio conservation", "Batch correction", "Total") else 0), key

@@ -506,8 +506,11 @@ def benchmark_command(
     n_neighbors: Annotated[int, typer.Option(help="k of the shared kNN graph.")] = 90,
     graph: Annotated[list[str] | None, typer.Option(help="Precomputed kNN distances for an embedding: EMBEDDING=OBSP_KEY (repeatable).")] = None,
     counts: Annotated[bool, typer.Option("--counts/--lognorm", help="X holds counts (for the default PCA).")] = True,
+    exact: Annotated[bool | None, typer.Option("--exact/--estimate", help="Exact silhouettes and KBET, or estimated from a cell sample "
+                                               "(default: exact up to 100,000 cells, estimated above).", show_default=False)] = None,
+    sample_size: Annotated[int, typer.Option(min=1000, help="Cells sampled by the estimators (split equally over labels).")] = 50_000,
 ) -> None:
-    """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding)."""
+    """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding); prints each metric's time."""
     from scatlas._io import check_output_dir
     from scatlas.tl._benchmark import benchmark, write_benchmark
     from scatlas.data import read_h5ad
@@ -518,7 +521,8 @@ def benchmark_command(
         raise InputError(f"--graph takes EMBEDDING=OBSP_KEY, got {graph}")
     check_output_dir(out, overwrite=True)
     table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs),
-                      log=lambda line: console.print(f"notice: {line}", highlight=False, soft_wrap=True))
+                      log=lambda line: console.print(f"notice: {line}", highlight=False, soft_wrap=True), exact=exact, sample_size=sample_size,
+                      progress=lambda line: console.print(f"  {line}", highlight=False))
     write_benchmark(table, out, data.stem)
     console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(f"results: {out / 'benchmark.csv'} (report: {out / 'report.html'})")
