@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import platform
 import resource
 import subprocess
@@ -17,7 +18,8 @@ import scipy.sparse as sp
 import torch
 from lightning.pytorch.callbacks import Callback
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout; SCATLAS_SHARED_DATA names another copy (gpu_check.sh carries one to the device)
+SHARED = Path(os.environ.get("SCATLAS_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def resampled_counts(name: str, n_cells: int, seed: int = 0, thin: float | None = None) -> ad.AnnData:

@@ -99,6 +99,7 @@ def test_kbet_matches_scib_metrics(symphony):
     np.testing.assert_allclose(p_values, ref_p, rtol=1e-3, atol=1e-6)
     per_label = I.kbet_per_label(ours, batch, labels)
     assert per_label == pytest.approx(float(scib_metrics.kbet_per_label(ref, batch, labels)), abs=0.02)
+    assert I.kbet_per_label(ours, batch, labels, n_jobs=1) == per_label  # forked workers or not, the same score
     shuffled = I.kbet_per_label(ours, np.random.default_rng(0).permutation(batch), labels)
     assert shuffled > per_label  # Symphony's chemistries separate; random batches mix
 

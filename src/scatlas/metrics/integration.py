@@ -18,9 +18,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -354,7 +354,7 @@ def _diffusion_neighbors(connectivities: sp.csr_matrix, k: int, n_comps: int, ro
 
 
 def kbet_per_label(neighbors: Neighbors, batch: np.ndarray, labels: np.ndarray, alpha: float = 0.05, diffusion_n_comps: int = 100,
-                   sample_size: int | None = None, seed: int = 0) -> float:
+                   sample_size: int | None = None, seed: int = 0, n_jobs: int | None = None) -> float:
     """kBET per cell type on diffusion neighbourhoods, averaged over cell types (scib-metrics' ``KBET``).
 
     For each label: the UMAP connectivities restricted to its cells; labels with fewer than 10
@@ -369,37 +369,56 @@ def kbet_per_label(neighbors: Neighbors, batch: np.ndarray, labels: np.ndarray, 
     all of the label's cells), as the original kBET tests a random ``testSize`` share of cells:
     the acceptance rate is then an estimate, at a cost of ``quota × n_label`` instead of
     ``n_label²`` diffusion-space distances. ``None`` (default): every cell, exact.
+
+    The labels run on ``n_jobs`` forked processes (default: every usable CPU), largest first; each
+    label's score does not depend on ``n_jobs``.
     """
     from scatlas.metrics.sampling import sample_rows
 
-    codes = np.asarray(pd.Categorical(batch).codes)
     labels = np.asarray(labels)
-    conn = _connectivities(neighbors)
-    sampled = sample_rows(labels, sample_size, seed)
-    scores = []
-    for label in np.unique(labels):
-        mask = labels == label
-        sub, sub_batch = conn[mask][:, mask], codes[mask]
-        if mask.sum() < 10 or len(np.unique(sub_batch)) == 1:
-            continue
-        k0 = int(min(70, max(10, np.floor(np.mean(np.bincount(sub_batch)[np.bincount(sub_batch) > 0]) / 4))))
-        n_comp, comp = connected_components(sub, connection="strong")
-        keep = np.arange(mask.sum())
-        if n_comp > 1:
-            sizes = np.bincount(comp)
-            keep = np.flatnonzero(sizes[comp] >= 3 * k0)
-            if len(keep) < 0.75 * len(comp):
-                scores.append(0.0)
-                continue
-        sub_keep = sub[keep][:, keep]
-        members = np.flatnonzero(mask)[keep]
-        queries = None if sampled is None else np.flatnonzero(np.isin(members, sampled, assume_unique=True))
-        try:
-            diffusion = _diffusion_neighbors(sub_keep, k0, min(diffusion_n_comps, sub_keep.shape[0] - 1), queries)
-            scores.append(kbet(diffusion, sub_batch[keep], alpha)[0])
-        except ValueError:
-            scores.append(0.0)
+    state = _KbetInputs(_connectivities(neighbors), np.asarray(pd.Categorical(batch).codes), labels,
+                        sample_rows(labels, sample_size, seed), alpha, diffusion_n_comps)
+    names, sizes = np.unique(labels, return_counts=True)
+    order = np.argsort(-sizes, kind="stable")  # largest first: the longest eigensolves start at once
+    by_size = _forked_map(_kbet_of_label, list(names[order]), state, n_jobs)
+    scores = [score for _, score in sorted(zip(order, by_size, strict=True), key=lambda pair: pair[0]) if score is not None]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+@dataclass(frozen=True)
+class _KbetInputs:
+    """What every label's kBET reads: the whole graph's connectivities, batch codes, labels, sampled rows (or None), settings."""
+
+    connectivities: sp.csr_matrix
+    codes: np.ndarray
+    labels: np.ndarray
+    sampled: np.ndarray | None
+    alpha: float
+    n_comps: int
+
+
+def _kbet_of_label(inputs: _KbetInputs, label: object) -> float | None:
+    """kBET acceptance rate of one label's cells (see :func:`kbet_per_label`); None when the label is skipped."""
+    mask = inputs.labels == label
+    sub, sub_batch = inputs.connectivities[mask][:, mask], inputs.codes[mask]
+    if mask.sum() < 10 or len(np.unique(sub_batch)) == 1:
+        return None
+    counts = np.bincount(sub_batch)
+    k0 = int(min(70, max(10, np.floor(np.mean(counts[counts > 0]) / 4))))
+    n_comp, comp = connected_components(sub, connection="strong")
+    keep = np.arange(mask.sum())
+    if n_comp > 1:
+        keep = np.flatnonzero(np.bincount(comp)[comp] >= 3 * k0)
+        if len(keep) < 0.75 * len(comp):
+            return 0.0
+    sub_keep = sub[keep][:, keep]
+    members = np.flatnonzero(mask)[keep]
+    queries = None if inputs.sampled is None else np.flatnonzero(np.isin(members, inputs.sampled, assume_unique=True))
+    try:
+        diffusion = _diffusion_neighbors(sub_keep, k0, min(inputs.n_comps, sub_keep.shape[0] - 1), queries)
+        return kbet(diffusion, sub_batch[keep], inputs.alpha)[0]
+    except ValueError:
+        return 0.0
 
 
 def leiden_clusters(connectivities: sp.csr_matrix | igraph.Graph, resolution: float, seed: int = 42) -> np.ndarray:
@@ -426,40 +445,50 @@ def leiden_graph(connectivities: sp.csr_matrix) -> igraph.Graph:
     return graph
 
 
-_SWEEP_GRAPH: igraph.Graph | None = None  # the graph forked sweep workers cluster (inherited, never pickled)
+_FORK_STATE: object = None  # what forked workers read (inherited, never pickled)
 
 
-def _cluster_sweep_graph(resolution: float, seed: int) -> np.ndarray:
-    return leiden_clusters(_SWEEP_GRAPH, resolution, seed)
+def _in_worker(fn: Callable[[Any, Any], Any], item: Any) -> Any:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)  # one thread per worker: OpenMP in a forked child hangs unless reset, and the workers fill the CPUs
+    with threadpool_limits(1):
+        return fn(_FORK_STATE, item)
 
 
-def _leiden_many(graph: igraph.Graph, resolutions: Sequence[float], seed: int, n_jobs: int | None) -> list[np.ndarray]:
-    """``leiden_clusters`` at each resolution; in forked worker processes when more than one CPU is usable.
+def _forked_map(fn: Callable[[Any, Any], Any], items: Sequence[Any], state: Any, n_jobs: int | None = None) -> list[Any]:
+    """``[fn(state, item) for item in items]``, in forked worker processes when more than one CPU is usable.
 
-    igraph holds the GIL, so threads cannot overlap the runs; forked workers inherit the graph
-    instead of rebuilding it. Each run is seeded on its own, so the result does not depend on
-    ``n_jobs``. Without ``fork`` (Windows, macOS defaults) the runs are sequential.
+    The workers inherit ``state`` instead of receiving a pickled copy (a graph of millions of
+    cells costs nothing to share); ``fn`` (module level) and the items and results are pickled.
+    Items are handed out in order, one at a time, so put the longest first. Without ``fork``
+    (Windows, macOS defaults), with one CPU or one item the calls run here, in order.
     """
     import multiprocessing as mp
     import os
     import warnings
     from concurrent.futures import ProcessPoolExecutor
 
-    global _SWEEP_GRAPH
+    global _FORK_STATE
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    jobs = min(len(resolutions), n_jobs or usable)
+    jobs = min(len(items), n_jobs or usable)
     if jobs < 2 or "fork" not in mp.get_all_start_methods():
-        return [leiden_clusters(graph, r, seed) for r in resolutions]
-    _SWEEP_GRAPH = graph
+        return [fn(state, item) for item in items]
+    _FORK_STATE = state
     try:
         with warnings.catch_warnings():
             # Python ≥ 3.12 warns on fork from a process with threads (torch's pool); the workers
-            # only run igraph on their inherited copy of the graph and never touch those threads.
+            # reset their thread pools before any work and never touch the parent's threads.
             warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
             with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
-                return list(pool.map(_cluster_sweep_graph, resolutions, [seed] * len(resolutions)))
+                return list(pool.map(_in_worker, [fn] * len(items), items))
     finally:
-        _SWEEP_GRAPH = None
+        _FORK_STATE = None
+
+
+def _cluster_at(graph: igraph.Graph, resolution_seed: tuple[float, int]) -> np.ndarray:
+    return leiden_clusters(graph, *resolution_seed)
 
 
 def leiden_sweep(neighbors: Neighbors, labels: np.ndarray, resolutions: Sequence[float] = tuple(2 * i / 10 for i in range(1, 11)),
@@ -467,7 +496,8 @@ def leiden_sweep(neighbors: Neighbors, labels: np.ndarray, resolutions: Sequence
     """Leiden NMI / ARI with the resolution chosen by best NMI over a sweep (scib-metrics' ``Leiden NMI`` / ``Leiden ARI``).
 
     The kNN graph's UMAP connectivities are clustered at each resolution (0.2, 0.4, ..., 2.0),
-    the resolutions in parallel on ``n_jobs`` processes (default: every usable CPU).
+    the resolutions in parallel on ``n_jobs`` processes (default: every usable CPU; processes, as
+    igraph holds the GIL). Each run is seeded on its own, so the result does not depend on ``n_jobs``.
 
     Returns
     -------
@@ -477,7 +507,7 @@ def leiden_sweep(neighbors: Neighbors, labels: np.ndarray, resolutions: Sequence
 
     graph = leiden_graph(_connectivities(neighbors))
     best = {"leiden_nmi": -1.0, "leiden_ari": float("nan"), "leiden_resolution": float("nan")}
-    for resolution, clusters in zip(resolutions, _leiden_many(graph, resolutions, seed, n_jobs), strict=True):
+    for resolution, clusters in zip(resolutions, _forked_map(_cluster_at, [(r, seed) for r in resolutions], graph, n_jobs), strict=True):
         nmi = float(normalized_mutual_info_score(labels, clusters, average_method="arithmetic"))
         if nmi > best["leiden_nmi"]:
             best = {"leiden_nmi": nmi, "leiden_ari": float(adjusted_rand_score(labels, clusters)), "leiden_resolution": float(resolution)}
