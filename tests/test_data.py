@@ -16,6 +16,7 @@ from scatlas.data import (
     CSRLoader,
     SomaCSRSource,
     densify,
+    gene_moments,
     group_splits,
     highly_variable_genes,
     kfold_splits,
@@ -53,6 +54,36 @@ def test_hvg_uses_training_cells_only(cellbench):
     prep = preprocess_split(X, cellbench.var_names.to_numpy(), train, 500, scale="maxabs")
     assert prep.X.shape == (cellbench.n_obs, 500)
     assert prep.X[train].max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["cellbench_5cl_celseq2_3plates.h5ad", "symphony_pbmc_3tech.h5ad", "zheng17_sorted_pbmc_reference.h5ad", "kang18_muscat_4samples.h5ad"])
+def test_hvg_equal_scanpy_in_memory_and_streamed_from_disk(name, tmp_path):
+    """scanpy's Seurat genes on the same cells: all cells, a training half (whose zero-variance genes
+    are left out first), and streamed in chunks from an on-disk counts file normalised on the fly."""
+    from conftest import data_path
+
+    counts = sp.csr_matrix(ad.read_h5ad(data_path(name)).X, dtype=np.float32)
+    X = normalize_log1p(counts)
+
+    def scanpy_genes(rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
+        ref = ad.AnnData(X[rows][:, genes])
+        sc.pp.highly_variable_genes(ref, n_top_genes=500, flavor="seurat")
+        return genes[ref.var["highly_variable"].to_numpy()]
+
+    every = np.arange(X.shape[0])
+    assert np.array_equal(highly_variable_genes(X, every, 500), scanpy_genes(every, np.arange(X.shape[1])))
+    half = np.flatnonzero(np.random.default_rng(0).random(X.shape[0]) < 0.5)
+    sub = X[half]
+    expressed = np.flatnonzero(np.asarray(sub.power(2).mean(0)).ravel() - np.asarray(sub.mean(0)).ravel() ** 2 > 0)
+    genes = highly_variable_genes(X, half, 500)
+    assert np.array_equal(genes, scanpy_genes(half, expressed))
+    mean, var = gene_moments(X, half[::-1], expm1=True, chunk_size=150)  # chunks merged, rows in any order
+    values = np.expm1(sub.toarray()).astype(np.float64)
+    np.testing.assert_allclose(mean, values.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(var, values.var(0, ddof=1), rtol=1e-8, atol=1e-12)
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(X=counts).write_h5ad(path)
+    assert np.array_equal(highly_variable_genes(AnnDataCSRSource(path, normalize=True), half, 500, chunk_size=150), genes)
 
 
 @pytest.mark.parametrize("scipy_gather", [True, False], ids=["scipy-gather", "tensor-gather"])

@@ -8,11 +8,10 @@ applied unchanged to its validation and test cells.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-import anndata as ad
 import numpy as np
-import scanpy as sc
+import pandas as pd
 import scipy.sparse as sp
 
 ScaleKind = Literal["none", "maxabs", "standard"]
@@ -43,26 +42,93 @@ def normalize_log1p(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_ma
     return counts
 
 
-def highly_variable_genes(lognorm: sp.csr_matrix, train: np.ndarray, n_top_genes: int) -> np.ndarray:
+def gene_moments(X: Any, rows: np.ndarray | None = None, expm1: bool = False, chunk_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance over the cells ``rows`` of a matrix or on-disk source, in one streamed pass.
+
+    Reads at most ``chunk_size`` of the cells at a time
+    (:func:`~scatlas.data.sources.read_rows`), so host memory does not grow with the number of
+    cells. Each chunk's moments are computed in float64 as scanpy's sparse mean / variance does
+    (mean, then squared deviations of the stored values plus the zeros' share); chunks are merged
+    by Chan et al.'s pairwise update, which is as accurate as one pass over all cells.
+
+    Parameters
+    ----------
+    X
+        Cells × genes CSR matrix, or a :class:`~scatlas.data.sources.CSRSource` (``.h5ad`` /
+        ``.zarr`` / TileDB-SOMA on disk).
+    rows
+        Cells to use, in any order (default: all).
+    expm1
+        Moments of ``expm1(X)`` (what the Seurat dispersion is computed on) instead of ``X``.
+    chunk_size
+        Cells read per step.
+
+    Returns
+    -------
+    ``(mean, var)``, float64 arrays over genes; ``var`` with ``n − 1`` in the denominator.
+    """
+    from scatlas.data.sources import as_source, read_rows
+
+    source = as_source(X)
+    n_genes = source.shape[1]
+    rows = np.arange(source.shape[0]) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+    n, mean, m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
+    for start in range(0, len(rows), chunk_size):
+        block = sp.csr_matrix(read_rows(source, rows[start:start + chunk_size]))
+        values = np.expm1(block.data) if expm1 else block.data
+        k = block.shape[0]
+        block_mean = np.bincount(block.indices, values.astype(np.float64), minlength=n_genes) / k
+        deviations = values - block_mean[block.indices]
+        stored = np.bincount(block.indices, minlength=n_genes)
+        block_m2 = np.bincount(block.indices, deviations**2, minlength=n_genes) + (k - stored) * block_mean**2
+        delta, total = block_mean - mean, n + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + block_m2 + delta**2 * (n * k / total)
+        n = total
+    return mean, m2 / max(n - 1, 1)
+
+
+def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
+    """Normalised dispersions of Seurat v2 (scanpy's ``flavor="seurat"``) from per-gene moments of ``expm1`` of log data.
+
+    ``log(var / mean)`` standardised within ``n_bins`` equal-width bins of ``log1p(mean)``; a gene
+    alone in its bin gets 1, a gene of zero dispersion NaN.
+    """
+    mean = np.where(mean == 0, 1e-12, mean)
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    dispersion = np.log(dispersion)
+    bins = pd.cut(np.log1p(mean), bins=n_bins)
+    stats = pd.Series(dispersion).groupby(bins, observed=True).agg(["mean", "std"])
+    alone = stats["std"].isna()
+    stats.loc[alone, "std"] = stats.loc[alone, "mean"]
+    stats.loc[alone, "mean"] = 0.0
+    per_gene = stats.reindex(bins)
+    return (dispersion - per_gene["mean"].to_numpy()) / per_gene["std"].to_numpy()
+
+
+def highly_variable_genes(lognorm: Any, train: np.ndarray, n_top_genes: int, chunk_size: int = 65_536) -> np.ndarray:
     """Indices of the ``n_top_genes`` most variable genes among the training cells.
 
-    Uses scanpy's ``highly_variable_genes`` (flavor ``"seurat"``, on log-normalised
-    values) restricted to the rows ``train``. When ``n_top_genes`` is at least the number
-    of genes with non-zero variance, all such genes are kept.
+    scanpy's ``highly_variable_genes`` (flavor ``"seurat"``, on log-normalised values) computed
+    from the moments of one streamed pass over the rows ``train`` (:func:`gene_moments`), so
+    ``lognorm`` may be an on-disk source that never fits in memory; on the same cells the genes
+    equal scanpy's (tested). Genes of zero variance among those cells are left out first; when
+    ``n_top_genes`` is at least the number of the others, all of those are kept. Ties at the
+    cut-off are all kept, as in scanpy.
 
     Returns
     -------
     Sorted gene indices (columns of ``lognorm``).
     """
-    sub = lognorm[train]
-    mean = np.asarray(sub.mean(axis=0)).ravel()
-    sq = np.asarray(sub.multiply(sub).mean(axis=0)).ravel()
-    variable = np.flatnonzero(sq - mean**2 > 0)
+    mean, var = gene_moments(lognorm, train, expm1=True, chunk_size=chunk_size)
+    variable = np.flatnonzero(var > 0)
     if n_top_genes >= variable.size:
         return variable
-    tmp = ad.AnnData(sub[:, variable])
-    sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat", subset=False)
-    return variable[np.flatnonzero(tmp.var["highly_variable"].to_numpy())]
+    normalised = seurat_dispersions(mean[variable], var[variable])
+    ranked = np.sort(normalised[~np.isnan(normalised)])[::-1]
+    cut = ranked[min(n_top_genes, ranked.size) - 1]
+    return variable[np.nan_to_num(normalised, nan=-np.inf) >= cut]
 
 
 @dataclass

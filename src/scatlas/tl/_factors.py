@@ -21,7 +21,6 @@ import pandas as pd
 from scatlas._errors import InputError
 from scatlas._io import atomic_path, check_writable, write_csv
 from scatlas.data import AnnDataCSRSource, highly_variable_genes, read_h5ad, validate
-from scatlas.data.sources import read_rows
 from scatlas.data.validate import MatrixSummary
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
@@ -33,12 +32,13 @@ from scatlas.tl._embed import all_cells_split, embed, fit_all_cells, holdout
 Log = Callable[[str], None]
 
 
-def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, hvg_cells: int = 50_000) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray, MatrixSummary]:
+def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, chunk_size: int) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray, MatrixSummary]:
     """A source streaming ``dataset`` from disk (normalised per chunk when it holds counts), its obs, genes and all-zero cells / genes.
 
-    The file is validated in chunks; highly variable genes are chosen on ``hvg_cells`` random
-    cells read in one pass over the file (an all-zero gene is never among them). Only ``obs`` is
-    held in memory.
+    The file is validated in chunks; highly variable genes are chosen from the gene moments of one
+    streamed pass over every cell, ``chunk_size`` cells at a time (the genes scanpy would choose on
+    the whole matrix; an all-zero gene is never among them). Only ``obs`` and per-gene statistics
+    are held in memory.
     """
     if dataset.filter:
         raise InputError(f"{dataset.path}: `filter` is not supported when streaming; subset the file first")
@@ -48,12 +48,9 @@ def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, seed: int, 
     obs, var_names = adata.obs.copy(), adata.var_names.to_numpy()
     adata.file.close()
     source = AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts")
-    n = len(obs)
     if not n_top_genes or n_top_genes >= source.shape[1]:
         return source, obs, var_names, summary
-    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, hvg_cells), replace=False))
-    sampled = read_rows(source, sample)
-    genes = highly_variable_genes(sampled, np.arange(sampled.shape[0]), n_top_genes)
+    genes = highly_variable_genes(source, np.arange(len(obs)), n_top_genes, chunk_size)
     return AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts", genes=genes), obs, var_names[genes], summary
 
 
@@ -70,7 +67,7 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     settings = training.model_dump()
     if stream:
         settings["chunk_size"] = training.chunk_size or 100_000
-        X, obs, genes, summary = streamed_source(dataset, n_top_genes, seed)
+        X, obs, genes, summary = streamed_source(dataset, n_top_genes, settings["chunk_size"])
         notice = summary.notice()
         if notice:
             log(notice)
