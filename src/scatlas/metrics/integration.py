@@ -380,8 +380,8 @@ def kbet_per_label(neighbors: Neighbors, batch: np.ndarray, labels: np.ndarray, 
                         sample_rows(labels, sample_size, seed), alpha, diffusion_n_comps)
     names, sizes = np.unique(labels, return_counts=True)
     order = np.argsort(-sizes, kind="stable")  # largest first: the longest eigensolves start at once
-    by_size = _forked_map(_kbet_of_label, list(names[order]), state, n_jobs)
-    scores = [score for _, score in sorted(zip(order, by_size, strict=True), key=lambda pair: pair[0]) if score is not None]
+    by_label = dict(zip(names[order], _forked_map(_kbet_of_label, list(names[order]), state, n_jobs), strict=True))
+    scores = [by_label[name] for name in names if by_label[name] is not None]  # label order: the mean does not depend on the schedule
     return float(np.mean(scores)) if scores else float("nan")
 
 
@@ -449,7 +449,6 @@ _FORK_STATE: object = None  # what forked workers read (inherited, never pickled
 
 
 def _in_worker(fn: Callable[[Any, Any], Any], item: Any) -> Any:
-    import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)  # one thread per worker: OpenMP in a forked child hangs unless reset, and the workers fill the CPUs

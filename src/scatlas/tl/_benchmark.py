@@ -84,7 +84,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
         labels, Silhouette batch, BRAS, KBET) are estimated from the exact values of a
         stratified sample of ``sample_size`` cells. ``None`` (default): exact up to
         :data:`EXACT_MAX_CELLS` (100,000) cells, estimated above. Measured error of the
-        estimators at 100,000 cells: ≤ 0.002 per column (``benchmarks/metrics_speed.py``).
+        estimators at 100,000 cells: ≤ 0.0003 per column (``benchmarks/metrics_speed.py``).
     sample_size
         Cells the estimators sample, split equally over the labels (at least 1,000 each).
     progress
