@@ -20,15 +20,24 @@ Peers, same script:
 
 With ``--loaders``, the loader alone (a shuffled pass, every minibatch densified on the device, no
 model) on the log-normalised file and on a raw-count copy normalised + gene-subset on the way,
-against the same pass written with backed AnnData, scanpy and SciPy (the peer).
+each median of ``--repeats`` fresh processes with the page cache dropped first, against:
+
+* the same pass written with backed AnnData, scanpy and SciPy on the ``.h5ad`` (the peer);
+* scverse's ``annbatch`` (with ``--annbatch-python``, the interpreter of an environment that has
+  it: it needs Python >= 3.12; run by ``annbatch_peer.py``) on an AnnData ``.zarr`` copy of the
+  same cells, which scatlas' loader also reads (annbatch 0.3 cannot read a CSR ``.h5ad``), at its
+  default chunks and at a window like scatlas' chunk, and on its own preshuffled sharded zarr.
 
     python benchmarks/atlas_scale.py --sizes 1000000 10000000 --rank 256 --batch-size 16384 [--loaders]
+    python benchmarks/atlas_scale.py --sizes 1000000 --loaders --skip-models --annbatch-python /tmp/annbatch-venv/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -42,6 +51,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+import zarr
 
 from _common import SHARED, isolated, machine
 from scatlas.data import AnnDataCSRSource, normalize_log1p, write_chunked_h5ad
@@ -62,6 +72,28 @@ def write_resampled(path: Path, n_cells: int, seed: int = 0, write_chunk: int = 
     obs = pd.DataFrame({key: pd.Categorical.from_codes(src.obs[key].cat.codes.to_numpy()[rows], src.obs[key].cat.categories.astype(str).to_numpy(dtype=object))
                         for key in ("donor_id", "cell_type")}, index=np.arange(n_cells).astype(str))
     write_chunked_h5ad(path, (X[rows[a : a + write_chunk]] for a in range(0, n_cells, write_chunk)), obs, src.var[[]])
+
+
+def write_zarr_copy(path: Path, write_chunk: int = 1_000_000) -> Path:
+    """The cells of the ``.h5ad`` at ``path`` as an AnnData ``.zarr`` store beside it (AnnData's default chunks and
+    compression), written chunk by chunk; returned as is when it already exists."""
+    out = path.with_suffix(".zarr")
+    if out.exists():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with h5py.File(path, "r") as f:
+        ad.AnnData(obs=ad.io.read_elem(f["obs"]), var=ad.io.read_elem(f["var"])).write_zarr(partial)
+    source = AnnDataCSRSource(path)
+    n = source.shape[0]
+    root = zarr.open_group(str(partial), mode="r+", use_consolidated=False)
+    ad.io.write_elem(root, "X", source.read(0, min(write_chunk, n)))
+    X = ad.io.sparse_dataset(root["X"])
+    for a in range(write_chunk, n, write_chunk):
+        X.append(source.read(a, min(a + write_chunk, n)))
+    zarr.consolidate_metadata(str(partial))
+    partial.rename(out)
+    return out
 
 
 class GpuSampler:
@@ -173,6 +205,28 @@ def backed_anndata_run(path: str, counts: bool, batch_size: int, chunk_size: int
     return {"cells": n, "wall_s": wall, "cells_per_s": n / wall}
 
 
+def annbatch_run(python: str, path: Path, counts: bool, batch_size: int, chunk: int, preload: int, mode: str, workdir: Path) -> dict[str, Any]:
+    """One pass of annbatch's loader (``annbatch_peer.py`` under the interpreter ``python``), its JSON result."""
+    command = [python, str(Path(__file__).with_name("annbatch_peer.py")), str(path), "--batch-size", str(batch_size), "--ab-chunk", str(chunk),
+               "--ab-preload", str(preload), "--mode", mode, "--workdir", str(workdir)] + (["--counts"] if counts else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_run(repeats: int, fn: Any, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` ``repeats`` times, each in a fresh process after dropping the page cache; the run of median cells/s."""
+    runs = []
+    for _ in range(repeats):
+        drop_page_cache()
+        runs.append(fn(*args) if fn is annbatch_run else isolated(fn, *args))
+        if "error" in runs[-1]:
+            return runs[-1]
+    median = sorted(runs, key=lambda r: r["cells_per_s"])[len(runs) // 2]
+    return {**median, "convert_s": max(r["convert_s"] for r in runs)} if "convert_s" in median else median
+
+
 def bare_run(path: str, rank: int, batch_size: int, chunk_size: int) -> dict[str, Any]:
     """The tied non-negative AE step in plain PyTorch on CSR chunks pre-loaded into pinned host memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -252,6 +306,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1_000_000)
     parser.add_argument("--models", nargs="+", default=["aenmf", "cond_aenmf"])
     parser.add_argument("--loaders", action="store_true", help="also time the loader alone (log-normalised and raw-count files) against backed AnnData")
+    parser.add_argument("--skip-models", action="store_true", help="no streamed models, bare step or scikit-learn NMF (with --loaders: the loaders alone)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per loader configuration (median reported)")
+    parser.add_argument("--annbatch-python", default=None, help="interpreter of an environment with annbatch (Python >= 3.12): adds annbatch to --loaders")
     parser.add_argument("--sk-cells", type=int, default=50_000)
     parser.add_argument("--sk-rank", type=int, default=80)
     parser.add_argument("--sk-epochs", type=int, default=20)
@@ -269,7 +326,7 @@ def main() -> None:
             write_resampled(path, n)
         size_gb = path.stat().st_size / 2**30
         print(f"N={n:,}: {path} ({size_gb:.1f} GB) ready in {time.perf_counter() - start:.0f} s; page cache dropped: {drop_page_cache()}", flush=True)
-        for kind in args.models:
+        for kind in [] if args.skip_models else args.models:
             rows.append((f"scatlas {kind} (streamed)", n, isolated(stream_run, str(path), kind, args.rank, args.batch_size, args.chunk_size)))
             print(rows[-1], flush=True)
         if args.loaders:
@@ -277,22 +334,35 @@ def main() -> None:
             if not counts_path.exists():
                 write_resampled(counts_path, n, counts=True)
             for what, file, counts in (("log-normalised", path, False), ("counts → lognorm, 500 genes", counts_path, True)):
-                for name, fn in (("scatlas loader", loader_run), ("backed AnnData + scanpy (peer)", backed_anndata_run)):
-                    drop_page_cache()
-                    rows.append((f"{name}, {what}", n, isolated(fn, str(file), counts, args.batch_size, args.chunk_size)))
+                zarr_file = write_zarr_copy(file)
+                runs: list[tuple[str, Any, tuple[Any, ...]]] = [
+                    ("scatlas loader, .h5ad", loader_run, (str(file), counts, args.batch_size, args.chunk_size)),
+                    ("backed AnnData + scanpy (peer), .h5ad", backed_anndata_run, (str(file), counts, args.batch_size, args.chunk_size)),
+                    ("scatlas loader, .zarr", loader_run, (str(zarr_file), counts, args.batch_size, args.chunk_size))]
+                if args.annbatch_python:
+                    # a fetch of about --chunk-size cells in chunks of a quarter minibatch (annbatch needs whole minibatches per fetch)
+                    chunk = max(1, args.batch_size // 4)
+                    preload = 4 * max(1, round(args.chunk_size / chunk / 4))
+                    runs += [("annbatch (512 × 32, its default), .zarr", annbatch_run, (args.annbatch_python, zarr_file, counts, args.batch_size, 512, 32, "backed", workdir)),
+                             (f"annbatch ({chunk} × {preload}), .zarr", annbatch_run, (args.annbatch_python, zarr_file, counts, args.batch_size, chunk, preload, "backed", workdir))]
+                    if not counts:
+                        runs.append((f"annbatch ({chunk} × {preload}), its preshuffled zarr", annbatch_run,
+                                     (args.annbatch_python, file, counts, args.batch_size, chunk, preload, "zarr", workdir)))
+                for name, fn, fn_args in runs:
+                    rows.append((f"{name}, {what}", n, median_run(args.repeats, fn, *fn_args)))
                     print(rows[-1], flush=True)
-        if n == args.sizes[0]:
+        if n == args.sizes[0] and not args.skip_models:
             rows.append(("bare PyTorch step (pinned host)", n, isolated(bare_run, str(path), args.rank, args.batch_size, args.chunk_size)))
             print(rows[-1], flush=True)
             sk = isolated(sklearn_vs_aenmf, str(path), args.sk_rank, args.sk_cells, args.sk_epochs)
             print(f"scikit-learn NMF vs aenmf (rank {args.sk_rank}, {args.sk_cells:,} cells): {sk}", flush=True)
     print(f"\nrank {args.rank}, batch {args.batch_size:,}, chunk {args.chunk_size:,} cells, {os.cpu_count()} CPUs")
-    print(f"{'what':52s} {'cells':>12s} {'wall s':>8s} {'cells/s':>12s} {'GPU %':>6s} {'peak RSS GB':>12s} {'peak GPU GB':>12s}")
+    print(f"{'what':76s} {'cells':>12s} {'wall s':>8s} {'cells/s':>12s} {'GPU %':>6s} {'peak RSS GB':>12s} {'peak GPU GB':>12s}")
     for name, n, r in rows:
         if "error" in r:
-            print(f"{name:52s} {n:12,d} error: {r['error']}")
+            print(f"{name:76s} {n:12,d} error: {r['error']}")
         else:
-            print(f"{name:52s} {n:12,d} {r['wall_s']:8.1f} {r['cells_per_s']:12,.0f} {r.get('gpu_util', float('nan')):6.0f} "
+            print(f"{name:76s} {n:12,d} {r['wall_s']:8.1f} {r['cells_per_s']:12,.0f} {r.get('gpu_util', float('nan')):6.0f} "
                   f"{r['peak_rss_gb']:12.2f} {r.get('peak_gpu_gb', float('nan')):12.2f}")
 
 
