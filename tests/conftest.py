@@ -63,3 +63,41 @@ def symphony_pca(symphony_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     X = normalize_log1p(sp.csr_matrix(adata.X)).toarray()
     pcs = PCA(30, random_state=0).fit_transform(X)
     return pcs, adata.obs["cell_type"].astype(str).to_numpy(), adata.obs["batch"].astype(str).to_numpy()
+
+
+_PEAK_SCRIPT = """
+import sys
+from pathlib import Path
+from scatlas.cli import app
+
+def rss(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field)) / 2**20
+
+import scatlas.tl._factors, scatlas.models, lightning  # everything the command imports, before the baseline
+print("baseline", rss("VmRSS:"))
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    print("peak", rss("VmHWM:"))
+"""
+
+
+def streamed_peak(tmp_path: Path, src: ad.AnnData, n: int, args: list[str]) -> tuple[float, float, Path]:
+    """Write ``n`` cells resampled from ``src`` (raw counts) as a CSR .h5ad; run ``scatlas ARGS`` in a fresh process, with
+    ``{data}`` in ARGS replaced by that file and ``{out}`` by an output path; return its memory growth over the imports (GB),
+    the size of the matrix it must not load (GB) and the output path."""
+    import subprocess
+
+    from scatlas.data import write_chunked_h5ad
+
+    rows = np.random.default_rng(0).integers(0, src.n_obs, n)
+    counts = src.X.tocsr()
+    obs = src.obs[["donor_id", "cell_type"]].iloc[rows].reset_index(drop=True)
+    path = tmp_path / f"cells_{n}.h5ad"
+    write_chunked_h5ad(path, (counts[rows[a : a + 50_000]] for a in range(0, n, 50_000)), obs.set_index(np.arange(n).astype(str)), src.var[[]])
+    out = tmp_path / f"{args[0]}_{n}"
+    command = [a.replace("{data}", str(path)).replace("{out}", str(out)) for a in args]
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *command], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    numbers = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("baseline", "peak")))
+    return float(numbers["peak"]) - float(numbers["baseline"]), counts[rows].nnz * 8 / 2**30, out

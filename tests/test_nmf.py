@@ -133,44 +133,6 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     assert (ddp.loadings() >= 0).all()
 
 
-_PEAK_SCRIPT = """
-import sys
-from pathlib import Path
-from scatlas.cli import app
-
-def rss(field):
-    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field)) / 2**20
-
-import scatlas.tl._factors, scatlas.models, lightning  # everything the command imports, before the baseline
-print("baseline", rss("VmRSS:"))
-try:
-    app(sys.argv[1:], standalone_mode=False)
-finally:
-    print("peak", rss("VmHWM:"))
-"""
-
-
-def _streamed_nmf_peak(tmp_path, src, n: int) -> tuple[float, float, ad.AnnData]:
-    """Write ``n`` resampled OneK1K cells as a CSR .h5ad; run `scatlas nmf --stream` in a fresh process; return its memory growth, the matrix size (GB) and the result."""
-    import subprocess
-    import sys
-
-    from scatlas.data import write_chunked_h5ad
-
-    rows = np.random.default_rng(0).integers(0, src.n_obs, n)
-    counts = src.X.tocsr()
-    obs = src.obs[["donor_id", "cell_type"]].iloc[rows].reset_index(drop=True)
-    path = tmp_path / f"cells_{n}.h5ad"
-    write_chunked_h5ad(path, (counts[rows[a : a + 50_000]] for a in range(0, n, 50_000)), obs.set_index(np.arange(n).astype(str)), src.var[[]])
-    out = tmp_path / f"factors_{n}.h5ad"
-    args = ["nmf", str(path), "--stream", "--chunk-size", "20000", "--model", "aenmf", "--rank", "8", "--batch-key", "donor_id", "--label-key", "cell_type",
-            "--max-epochs", "1", "--batch-size", "4096", "--n-top-genes", "300", "--benchmark-seeds", "0", "--out", str(out)]
-    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    numbers = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("baseline", "peak")))
-    return float(numbers["peak"]) - float(numbers["baseline"]), counts[rows].nnz * 8 / 2**30, ad.read_h5ad(out)
-
-
 def test_streamed_nmf_keeps_host_memory_flat(tmp_path):
     """`scatlas nmf --stream`: from 100k to 400k cells peak memory grows by well under the matrix it never loads.
 
@@ -178,12 +140,15 @@ def test_streamed_nmf_keeps_host_memory_flat(tmp_path):
     per-cell metadata (obs, codes, H), about a fifth of it (the bound is half, so that the
     allocator's noise on a loaded machine does not fail the test).
     """
-    from conftest import data_path
+    from conftest import data_path, streamed_peak
 
+    args = ["nmf", "{data}", "--out", "{out}.h5ad", "--stream", "--chunk-size", "20000", "--model", "aenmf", "--rank", "8", "--batch-key", "donor_id", "--label-key", "cell_type",
+            "--max-epochs", "1", "--batch-size", "4096", "--n-top-genes", "300", "--benchmark-seeds", "0"]
     src = ad.read_h5ad(data_path("onek1k_4types_40donors.h5ad"))
-    small_growth, small_gb, _ = _streamed_nmf_peak(tmp_path, src, 100_000)
-    large_growth, large_gb, result = _streamed_nmf_peak(tmp_path, src, 400_000)
+    small_growth, small_gb, _ = streamed_peak(tmp_path, src, 100_000, args)
+    large_growth, large_gb, out = streamed_peak(tmp_path, src, 400_000, args)
     assert large_growth - small_growth < 0.5 * (large_gb - small_gb), (small_growth, large_growth, small_gb, large_gb)
+    result = ad.read_h5ad(f"{out}.h5ad")
     H = result.obsm["H_aenmf_k8"]
     assert H.shape == (400_000, 8) and (H >= 0).all() and result.uns["scatlas_factors"]["streamed"]
     assert result.varm["W_aenmf_k8"].shape == (300, 8)

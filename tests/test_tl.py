@@ -154,7 +154,48 @@ def test_cli_embed_writes_the_latent_of_tl_embed(symphony_path, symphony, tmp_pa
     assert again.exit_code == 2 and "exists (pass --overwrite)" in again.output
 
 
-def test_transfer_and_annotate_write_calls_into_anndata(symphony):
+def test_embed_streams_a_backed_anndata_with_the_in_memory_genes_and_scaling(symphony_path, symphony, tmp_path):
+    """A backed AnnData is embedded from its file: same genes and scaling as in memory (streamed passes), a latent as good."""
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from scatlas.data import read_h5ad
+
+    models, knn = {}, {}
+    for backed in (True, False):
+        adata = read_h5ad(symphony_path, backed=True) if backed else symphony.copy()
+        models[backed] = sa.tl.embed(adata, "ae", batch_key="batch", n_top_genes=800, scale="standard", chunk_size=300, seed=1)
+        latent = adata.obsm["X_ae"]
+        assert latent.shape == (symphony.n_obs, 50) and np.isfinite(latent).all()
+        knn[backed] = cross_val_score(KNeighborsClassifier(15), latent, symphony.obs["cell_type"].to_numpy(), cv=5).mean()
+    streamed, loaded = models[True], models[False]
+    np.testing.assert_array_equal(streamed.prep.genes, loaded.prep.genes)
+    np.testing.assert_allclose(streamed.prep.scaler.center_, loaded.prep.scaler.center_, atol=1e-5)
+    np.testing.assert_allclose(streamed.prep.scaler.scale_, loaded.prep.scaler.scale_, rtol=1e-4)
+    assert knn[True] > knn[False] - 0.02 and knn[True] > 0.85, knn
+    streamed.save(tmp_path / "model")  # reloads and embeds in-memory cells like any model
+    assert sa.load_model(tmp_path / "model").get_latent_representation(symphony).shape == (symphony.n_obs, 50)
+    with pytest.raises(ConfigError, match="'pca' needs the matrix in memory"):
+        sa.tl.embed(read_h5ad(symphony_path, backed=True), "pca")
+
+
+def test_cli_embed_stream_keeps_host_memory_flat(tmp_path):
+    """`scatlas embed --stream` (AE): from 100k to 400k cells peak memory grows by well under the matrix it never loads
+    (what grows is obs, codes and the latent); the latent covers every cell."""
+    from conftest import data_path, streamed_peak
+
+    args = ["embed", "{data}", "--out", "{out}.h5ad", "--stream", "--chunk-size", "20000", "--model", "ae", "--batch-key", "donor_id", "--label-key", "cell_type",
+            "--max-epochs", "1", "--n-top-genes", "300", "--set", "batch_size=4096", "--set", "latent_dim=8", "--quiet"]
+    src = ad.read_h5ad(data_path("onek1k_4types_40donors.h5ad"))
+    small_growth, small_gb, _ = streamed_peak(tmp_path, src, 100_000, args)
+    large_growth, large_gb, out = streamed_peak(tmp_path, src, 400_000, args)
+    assert large_growth - small_growth < 0.5 * (large_gb - small_gb), (small_growth, large_growth, small_gb, large_gb)
+    result = ad.read_h5ad(f"{out}.h5ad")
+    assert result.obsm["X_ae"].shape == (400_000, 8) and np.isfinite(result.obsm["X_ae"]).all()
+    assert len(result.uns["scatlas"]["X_ae"]["genes"]) == 300
+
+
+def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     reference = symphony[symphony.obs["batch"] != "5p"].copy()
     query = symphony[symphony.obs["batch"] == "5p"].copy()
     model = sa.tl.transfer(reference, query, label_key="author_cell_type", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
@@ -164,6 +205,14 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony):
         assert adata.obsm["author_cell_type_proba"].shape == (adata.n_obs, len(adata.uns["author_cell_type_classes"]))
     accuracy = (query.obs["author_cell_type_pred_label"].astype(str) == query.obs["author_cell_type"].astype(str)).mean()
     assert accuracy > 0.8
+    from scatlas.data import read_h5ad
+
+    query.write_h5ad(tmp_path / "query.h5ad")
+    backed = read_h5ad(tmp_path / "query.h5ad", backed=True)  # mapped 100 cells at a time from the file
+    sa.tl.transfer(reference.copy(), backed, label_key="author_cell_type", log=lambda _: None, query_chunk_size=100,
+                   training={"max_epochs": 15, "batch_size": 64})
+    pd.testing.assert_frame_equal(backed.obs, query.obs)
+    np.testing.assert_allclose(backed.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"], rtol=1e-6)
     alone = reference.copy()
     sa.tl.annotate(alone, model.annotator, log=lambda _: None)  # the frozen reference classifier, uncalibrated
     assert (alone.obs["author_cell_type_pred"].astype(str) == reference.obs["author_cell_type_pred"].astype(str)).all()  # argmax ignores the temperature

@@ -84,6 +84,35 @@ def test_reference_predictions_do_not_depend_on_queries(chemistries, tmp_path):
     assert (tmp_path / "a" / "query_3pv1" / "predictions.csv").read_bytes() == (tmp_path / "ab" / "query_3pv1" / "predictions.csv").read_bytes()
 
 
+def test_query_mapped_in_chunks_from_disk_equals_one_piece(chemistries, tmp_path):
+    """A query read and mapped 37 cells at a time gives the same files as one piece (outputs are appended chunk by chunk)."""
+    reference, query = chemistries["3pv1"]
+    fast = {"training": {"max_epochs": 3, "batch_size": 64, "patience": 0}}
+    one = run_transfer(_config(reference, [query], **fast), tmp_path / "one", log=lambda _: None)
+    chunked = run_transfer(_config(reference, [query], query_chunk_size=37, **fast), tmp_path / "chunks", log=lambda _: None)
+    pd.testing.assert_frame_equal(one, chunked)
+    a, b = (pd.read_csv(tmp_path / d / "query_3pv1" / "predictions.csv") for d in ("one", "chunks"))
+    assert len(a) == ad.read_h5ad(query).n_obs
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(*(pd.read_parquet(tmp_path / d / "query_3pv1" / "probabilities.parquet") for d in ("one", "chunks")))
+
+
+def test_cli_transfer_keeps_host_memory_flat_in_the_query_size(tmp_path):
+    """`scatlas transfer`: from a 100k- to a 400k-cell query, peak memory grows by well under the query matrix it never loads."""
+    from conftest import data_path, streamed_peak
+
+    name = "onek1k_4types_40donors.h5ad"
+    args = ["transfer", "--reference", str(data_path(name)), "--label-key", "cell_type", "--query", "{data}", "--out", "{out}",
+            "--max-epochs", "2", "--query-chunk-size", "20000"]
+    src = ad.read_h5ad(data_path(name))
+    small_growth, small_gb, _ = streamed_peak(tmp_path, src, 100_000, args)
+    large_growth, large_gb, out = streamed_peak(tmp_path, src, 400_000, args)
+    assert large_growth - small_growth < 0.5 * (large_gb - small_gb), (small_growth, large_growth, small_gb, large_gb)
+    pred = pd.read_csv(out / "cells_400000" / "predictions.csv")
+    assert len(pred) == 400_000 and (pred["cell_id"].to_numpy() == np.arange(400_000)).all()
+    assert len(pd.read_parquet(out / "cells_400000" / "probabilities.parquet")) == 400_000
+
+
 def test_unseen_labels_reported_and_unknowns(chemistries, tmp_path):
     reference, query = chemistries["5p"]
     adata = ad.read_h5ad(query)

@@ -86,6 +86,46 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return _write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+class ChunkedTable:
+    """Append DataFrame chunks to one ``.csv`` or ``.parquet`` file, for outputs too large to hold at once.
+
+    Meant for a staged output directory (:func:`staged_dir`), which makes the whole directory
+    appear at once; the file itself is written in place. Chunks must share their columns.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._parquet: Any = None
+        self._started = False
+
+    def write(self, df: pd.DataFrame) -> None:
+        """Append ``df`` (the first chunk also writes the CSV header / parquet schema)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path, table.schema)
+            self._parquet.write_table(table)
+        else:
+            df.to_csv(self.path, mode="a" if self._started else "w", header=not self._started, index=False)
+        self._started = True
+
+    def close(self) -> None:
+        """Finish the file (a parquet footer)."""
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+
+    def __enter__(self) -> ChunkedTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def write_npy(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write ``array`` as ``.npy`` atomically (``np.save`` would append a suffix to the temp name)."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -323,6 +322,7 @@ def transfer(
     max_epochs: Annotated[int, typer.Option()] = 100,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
+    query_chunk_size: Annotated[int, typer.Option(help="Query cells read from disk and mapped at a time (queries are never loaded whole).")] = 100_000,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
     from scatlas.tl._transfer import METHODS, load_transfer_config, run_transfer
@@ -341,6 +341,7 @@ def transfer(
             "confidence_threshold": confidence_threshold,
             "distance_quantile": distance_quantile,
             "min_overlap": min_overlap,
+            "query_chunk_size": query_chunk_size,
             "seed": seed,
         }
     )
@@ -438,6 +439,8 @@ def embed(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model or training option KEY=VALUE (repeatable), e.g. --set latent_dim=30 --set batch_size=512.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and model directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
+    chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream).")] = None,
 ) -> None:
     """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model."""
     from scatlas._io import atomic_path, check_output_dir, check_writable
@@ -449,10 +452,12 @@ def embed(
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists (pass --overwrite)")
     check_output_dir(model_dir, overwrite)
-    adata = read_h5ad(data)
+    adata = read_h5ad(data, backed=stream)
+    options = _option_values(set_ or [])
+    if chunk_size is not None:
+        options["chunk_size"] = chunk_size
     result = fit_embedding(adata, model, batch_key=batch_key, label_key=label_key, layer=layer, input=input, key_added=key_added,  # type: ignore[arg-type]
-                           n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print,
-                           **_option_values(set_ or []))
+                           n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print, **options)
     result.save(model_dir, overwrite=overwrite)
     with atomic_path(out) as tmp:
         results_anndata(adata, [label_key, batch_key]).write_h5ad(tmp)

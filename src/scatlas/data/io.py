@@ -47,6 +47,20 @@ def source_name(adata: ad.AnnData) -> str:
     return str(adata.uns.get("scatlas_source", "<AnnData>")) if not adata.isbacked else str(adata.filename)
 
 
+def string_categorical(values: pd.Series) -> pd.Categorical:
+    """An obs column as a categorical of its values' strings (``values.astype(str).astype("category")``).
+
+    A categorical column is converted through its categories, without a string per cell (which,
+    for millions of cells, costs more memory than the matrix chunks a streamed command holds).
+    """
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        column = values.cat.remove_unused_categories()
+        codes, names = column.cat.codes.to_numpy(), column.cat.categories.astype(str)
+        if names.is_unique and (codes >= 0).all():
+            return pd.Categorical.from_codes(codes, categories=names).reorder_categories(sorted(names))
+    return pd.Categorical(values.astype(str))
+
+
 def get_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix | np.ndarray:
     """Return ``adata.X`` or ``adata.layers[layer]`` (as stored: sparse or dense).
 

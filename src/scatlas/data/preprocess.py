@@ -7,6 +7,7 @@ applied unchanged to its validation and test cells.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +43,25 @@ def normalize_log1p(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_ma
     return counts
 
 
+def _row_blocks(X: Any, rows: np.ndarray | None, chunk_size: int) -> Iterator[sp.csr_matrix]:
+    """The cells ``rows`` (sorted; default all) of a matrix or source as CSR blocks of at most ``chunk_size`` cells."""
+    from scatlas.data.sources import as_source, read_rows
+
+    source = as_source(X)
+    rows = np.arange(source.shape[0]) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+    for start in range(0, len(rows), chunk_size):
+        yield sp.csr_matrix(read_rows(source, rows[start : start + chunk_size]))
+
+
+def gene_maxabs(X: Any, rows: np.ndarray | None = None, chunk_size: int = 65_536) -> np.ndarray:
+    """Largest absolute value of each gene over the cells ``rows`` of a matrix or on-disk source, in one streamed pass
+    (:func:`gene_moments`' reading); 0 for a gene never stored."""
+    peak = np.zeros(X.shape[1], dtype=np.float64)
+    for block in _row_blocks(X, rows, chunk_size):
+        np.maximum.at(peak, block.indices, np.abs(block.data))
+    return peak
+
+
 def gene_moments(X: Any, rows: np.ndarray | None = None, expm1: bool = False, chunk_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and unbiased variance over the cells ``rows`` of a matrix or on-disk source, in one streamed pass.
 
@@ -67,14 +87,9 @@ def gene_moments(X: Any, rows: np.ndarray | None = None, expm1: bool = False, ch
     -------
     ``(mean, var)``, float64 arrays over genes; ``var`` with ``n − 1`` in the denominator.
     """
-    from scatlas.data.sources import as_source, read_rows
-
-    source = as_source(X)
-    n_genes = source.shape[1]
-    rows = np.arange(source.shape[0]) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+    n_genes = X.shape[1]
     n, mean, m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
-    for start in range(0, len(rows), chunk_size):
-        block = sp.csr_matrix(read_rows(source, rows[start:start + chunk_size]))
+    for block in _row_blocks(X, rows, chunk_size):
         values = np.expm1(block.data) if expm1 else block.data
         k = block.shape[0]
         block_mean = np.bincount(block.indices, values.astype(np.float64), minlength=n_genes) / k
@@ -149,15 +164,30 @@ class GeneScaler:
     def fit(self, X: sp.csr_matrix) -> GeneScaler:
         """Estimate per-gene statistics on the training matrix ``X``."""
         if self.kind == "maxabs":
-            peak = np.asarray(abs(X).max(axis=0).todense()).ravel()
-            self.scale_ = np.where(peak > 0, peak, 1.0).astype(np.float32)
-        elif self.kind == "standard":
+            return self._set(None, np.asarray(abs(X).max(axis=0).todense()).ravel())
+        if self.kind == "standard":
             mean = np.asarray(X.mean(axis=0)).ravel()
             var = np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean**2
             n = X.shape[0]
-            sd = np.sqrt(np.maximum(var * n / max(n - 1, 1), 0))
-            self.center_ = mean.astype(np.float32)
-            self.scale_ = np.where(sd > 0, sd, 1.0).astype(np.float32)
+            return self._set(mean, np.sqrt(np.maximum(var * n / max(n - 1, 1), 0)))
+        return self
+
+    def fit_streamed(self, X: Any, rows: np.ndarray, chunk_size: int = 65_536) -> GeneScaler:
+        """Estimate the same statistics on the cells ``rows`` of a matrix or on-disk source, ``chunk_size`` cells at a time.
+
+        Equal to :meth:`fit` on those cells up to float rounding (moments merged in float64).
+        """
+        if self.kind == "maxabs":
+            return self._set(None, gene_maxabs(X, rows, chunk_size))
+        if self.kind == "standard":
+            mean, var = gene_moments(X, rows, chunk_size=chunk_size)
+            return self._set(mean, np.sqrt(var))
+        return self
+
+    def _set(self, center: np.ndarray | None, spread: np.ndarray) -> GeneScaler:
+        """Store the centre and the per-gene divisor (a gene of zero spread is divided by 1)."""
+        self.center_ = None if center is None else center.astype(np.float32)
+        self.scale_ = np.where(spread > 0, spread, 1.0).astype(np.float32)
         return self
 
     def transform(self, X: sp.csr_matrix) -> sp.csr_matrix:
@@ -168,6 +198,23 @@ class GeneScaler:
             return sp.csr_matrix(X @ sp.diags(1.0 / self.scale_), dtype=np.float32)
         dense = (X.toarray() - self.center_) / self.scale_
         return sp.csr_matrix(np.clip(dense, -self.clip, self.clip).astype(np.float32))
+
+
+@dataclass
+class ScaledSource:
+    """A source whose rows come out scaled by a fitted :class:`GeneScaler`, chunk by chunk (streamed model input)."""
+
+    source: Any
+    scaler: GeneScaler
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells, genes) of the source."""
+        return self.source.shape
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop``, scaled."""
+        return self.scaler.transform(self.source.read(start, stop))
 
 
 @dataclass

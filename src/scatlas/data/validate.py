@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
-from scatlas.data.io import get_matrix, source_name
+from scatlas.data.io import get_matrix, source_name, string_categorical
 
 #: Rows read at a time when scanning a matrix (keeps backed files out of memory).
 CHUNK_ROWS = 50_000
@@ -56,7 +56,7 @@ def check_groups(adata: ad.AnnData, key: str, min_size: int = 2, min_groups: int
         Smallest allowed number of distinct groups (a label column needs two classes).
     """
     src = source_name(adata)
-    counts = adata.obs[key].astype(str).value_counts()
+    counts = pd.Series(string_categorical(adata.obs[key])).value_counts()
     if len(counts) < min_groups:
         raise InputError(
             f"{src}: obs column {key!r} has {len(counts)} distinct value(s) ({_examples(counts.index)}); "

@@ -330,13 +330,18 @@ class NeuralModel(EmbeddingModel):
             raise RuntimeError("fit the model first")
         plan = self.plan.eval()
         device = next(plan.parameters()).device
-        outputs = []
+        out: np.ndarray | None = None  # filled in place: no second copy of a multi-million-cell result
         loader = CSRLoader(data.X, rows, batch_size=max(self.train_config.batch_size, 1024), covariates=self.covariates(data),
                            chunk_size=self.train_config.chunk_size, device=device, shard=False)  # every DDP rank embeds all rows
+        done = 0
         for batch in loader:
             batch["x"] = densify(batch)
-            outputs.append(getattr(plan.module, method)(batch, **kwargs).float().cpu().numpy())
-        return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+            values = getattr(plan.module, method)(batch, **kwargs).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(rows), *values.shape[1:]), dtype=np.float32)
+            out[done : done + len(values)] = values
+            done += len(values)
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
     def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """Latent coordinates (``module.embed``)."""

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from pydantic import Field
 from sklearn.decomposition import PCA as SkPCA
 
+from scatlas._errors import ConfigError
 from scatlas.models.base import EmbeddingModel, ModelConfig, SklearnState, SplitData, register
 
 
@@ -29,6 +31,9 @@ class PCA(SklearnState, EmbeddingModel):
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
         """Fit PCA on the dense training matrix (no history)."""
+        if not sp.issparse(data.X):
+            raise ConfigError("model 'pca' needs the matrix in memory (it densifies the training cells); it cannot be streamed from a "
+                              "backed file: load the file, or stream a trained model (ae, fe, aenmf, ...)")
         n = min(self.config.n_components, len(data.train) - 1, data.n_genes)  # type: ignore[attr-defined]
         self.pca = SkPCA(n_components=n, random_state=self.train_config.seed)
         self.pca.fit(data.X[data.train].toarray())

@@ -251,10 +251,14 @@ class Annotator:
         source = str(adata.uns.get("scatlas_source", "query"))
         validate(adata, layer=layer, require_counts=self.input == "counts")
         alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source)
+        return self.model_input(adata, layer, alignment), alignment
+
+    def model_input(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment) -> Any:
+        """The model's matrix of validated cells: log-normalised (counts) and aligned to the model's genes by ``alignment``."""
         X = to_csr(get_matrix(adata, layer))
         if self.input == "counts":
             X = normalize_log1p(X)
-        return alignment.apply(X), alignment
+        return alignment.apply(X)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Probabilities of a model-ready matrix (all rows)."""

@@ -25,8 +25,9 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data
-from scatlas.data.io import get_matrix, source_name, to_csr
-from scatlas.data.preprocess import GeneScaler, ScaleKind, normalize_log1p, preprocess_split
+from scatlas.data.io import get_matrix, source_name, string_categorical, to_csr
+from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
+from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import is_count_matrix, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub
 from scatlas.settings import TrainingConfig, parse_settings
@@ -34,6 +35,8 @@ from scatlas.settings import TrainingConfig, parse_settings
 Log = Callable[[str], None]
 InputKind = Literal["auto", "counts", "lognorm"]
 MODEL_FILE = "scatlas_model.yaml"
+STREAM_CHUNK = 100_000
+"""Cells per chunk when a backed AnnData is streamed (unless the ``chunk_size`` training option says otherwise)."""
 
 
 def _silent(_: str) -> None:
@@ -64,6 +67,32 @@ def all_cells_split(X: Any, obs: pd.DataFrame, batch_key: str | None, label_key:
     batch, batch_names = categorical_codes(obs[batch_key]) if batch_key else (np.zeros(len(obs), dtype=np.int64), ["all"])
     label, label_names = categorical_codes(obs[label_key]) if label_key else (None, None)
     return SplitData(X=X, train=train, val=val, batch=batch, batch_names=batch_names, label=label, label_names=label_names, genes=genes)
+
+
+def streamed_split(adata: ad.AnnData, batch_key: str | None, label_key: str | None, layer: str | None, counts: bool, n_top_genes: int | None,
+                   scale: ScaleKind, val_fraction: float, seed: int, chunk_size: int, log: Log) -> tuple[SplitData, Preprocessing]:
+    """All cells of a backed AnnData as model input streamed from its file; ``X`` is never loaded.
+
+    The file is validated in chunks; highly variable genes (scanpy's ``seurat`` genes of the
+    training cells, as in memory) and the per-gene scaling come from streamed passes over the
+    training cells, ``chunk_size`` cells at a time; every later read normalises (counts), subsets
+    and scales one chunk. Host memory holds ``obs``, per-gene statistics and a few chunks.
+    """
+    summary = validate(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts)
+    assert summary is not None
+    notice = summary.notice()
+    if notice:
+        log(notice)
+    train, val = holdout(adata.n_obs, val_fraction, seed, exclude=summary.empty_cells)
+    path = Path(adata.filename)
+    source = AnnDataCSRSource(path, layer=layer, normalize=counts)
+    genes = highly_variable_genes(source, train, n_top_genes, chunk_size) if n_top_genes else np.flatnonzero(~summary.empty_genes)
+    if len(genes) < source.shape[1]:
+        source = AnnDataCSRSource(path, layer=layer, normalize=counts, genes=genes)
+    scaler = GeneScaler(scale).fit_streamed(source, train, chunk_size)
+    names = adata.var_names.to_numpy().astype(str)[genes]
+    X = source if scale == "none" else ScaledSource(source, scaler)
+    return all_cells_split(X, adata.obs, batch_key, label_key, names, train, val), Preprocessing(names, counts, layer, scaler)
 
 
 def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -323,6 +352,12 @@ def embed(
     used to ``adata.uns["scatlas"][key]``, and a factor model's loadings W to
     ``adata.varm["W_<model>"]`` (zero for genes the model did not use, as scanpy's PCs).
 
+    A backed AnnData (``anndata.read_h5ad(path, backed="r")``, a CSR ``X``) is streamed from
+    its file and never loaded: validation, gene selection, scaling statistics, training and the
+    latent read ``chunk_size`` cells at a time (default 100,000; host memory flat in the number
+    of cells, up to the latent itself and ``obs``). Minibatches then come from one chunk at a
+    time, so the latent differs from the in-memory fit's (same genes, same held-out cells).
+
     Parameters
     ----------
     adata
@@ -373,19 +408,25 @@ def embed(
     if model not in REGISTRY:
         raise ConfigError(f"unknown model {model!r}; available: {sorted(k for k, v in REGISTRY.items() if not issubclass(v, LatentClassifier))}")
     counts, decided = resolve_input(adata, layer, input)
-    data = cell_data(adata, batch_key=batch_key, label_key=label_key, layer=layer, counts=counts, drop_empty_cells=False, log=log)
-    if decided:
-        log(decided)
-    train, val = holdout(data.n_cells, val_fraction, seed, exclude=data.empty_cells)
-    prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, scale)
-    sdata = all_cells_split(prep.X, data.obs, batch_key, label_key, prep.genes, train, val)
     entry, training = split_options(model, model_options)
     if max_epochs is not None:
         training["max_epochs"] = max_epochs
+    if adata.isbacked:
+        training["chunk_size"] = training.get("chunk_size") or STREAM_CHUNK
+        if decided:
+            log(decided)
+        sdata, prep = streamed_split(adata, batch_key, label_key, layer, counts, n_top_genes, scale, val_fraction, seed, training["chunk_size"], log)
+    else:
+        data = cell_data(adata, batch_key=batch_key, label_key=label_key, layer=layer, counts=counts, drop_empty_cells=False, log=log)
+        if decided:
+            log(decided)
+        train, val = holdout(data.n_cells, val_fraction, seed, exclude=data.empty_cells)
+        split = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, scale)
+        sdata = all_cells_split(split.X, data.obs, batch_key, label_key, split.genes, train, val)
+        prep = Preprocessing(split.genes, counts, layer, split.scaler)
     fitted, history = fit_all_cells(sdata, entry, training, seed, progress)
     key = key_added or f"X_{model}"
-    result = ScatlasModel(fitted, Preprocessing(prep.genes, counts, layer, prep.scaler), batch_key, label_key, key, sdata.batch_names,
-                          sdata.label_names, history, {"training": training}, sdata, log)
+    result = ScatlasModel(fitted, prep, batch_key, label_key, key, sdata.batch_names, sdata.label_names, history, {"training": training}, sdata, log)
     write_results(adata, result)
     return result
 
@@ -435,7 +476,7 @@ def counterfactual(adata: ad.AnnData, model: ScatlasModel, batch: str, layer_add
 
 def results_anndata(adata: ad.AnnData, keep_obs: list[str | None]) -> ad.AnnData:
     """A results-only AnnData: ``adata``'s obs columns ``keep_obs``, its genes, and what scatlas wrote to obsm / varm / uns."""
-    obs = pd.DataFrame({c: adata.obs[c].astype(str).astype("category").to_numpy() for c in keep_obs if c}, index=adata.obs_names.astype(str))
+    obs = pd.DataFrame({c: string_categorical(adata.obs[c]) for c in keep_obs if c}, index=adata.obs_names.astype(str))
     out = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
     for k in adata.uns.get("scatlas", {}):
         out.obsm[k] = adata.obsm[k]

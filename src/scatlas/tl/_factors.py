@@ -20,71 +20,40 @@ import pandas as pd
 
 from scatlas._errors import InputError
 from scatlas._io import atomic_path, check_writable, write_csv
-from scatlas.data import AnnDataCSRSource, highly_variable_genes, read_h5ad, validate
-from scatlas.data.validate import MatrixSummary
+from scatlas.data import read_h5ad
+from scatlas.data.io import string_categorical
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
 from scatlas.metrics.classification import classify_embedding
 from scatlas.metrics.clustering import leiden_agreement
 from scatlas.models.base import parse_model_config
-from scatlas.tl._embed import all_cells_split, embed, fit_all_cells, holdout
+from scatlas.tl._embed import embed
 
 Log = Callable[[str], None]
-
-
-def streamed_source(dataset: DatasetConfig, n_top_genes: int | None, chunk_size: int) -> tuple[AnnDataCSRSource, pd.DataFrame, np.ndarray, MatrixSummary]:
-    """A source streaming ``dataset`` from disk (normalised per chunk when it holds counts), its obs, genes and all-zero cells / genes.
-
-    The file is validated in chunks; highly variable genes are chosen from the gene moments of one
-    streamed pass over every cell, ``chunk_size`` cells at a time (the genes scanpy would choose on
-    the whole matrix; an all-zero gene is never among them). Only ``obs`` and per-gene statistics
-    are held in memory.
-    """
-    if dataset.filter:
-        raise InputError(f"{dataset.path}: `filter` is not supported when streaming; subset the file first")
-    adata = read_h5ad(dataset.path, backed=True)
-    summary = validate(adata, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, require_counts=dataset.input == "counts")
-    assert summary is not None
-    obs, var_names = adata.obs.copy(), adata.var_names.to_numpy()
-    adata.file.close()
-    source = AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts")
-    if not n_top_genes or n_top_genes >= source.shape[1]:
-        return source, obs, var_names, summary
-    genes = highly_variable_genes(source, np.arange(len(obs)), n_top_genes, chunk_size)
-    return AnnDataCSRSource(dataset.path, layer=dataset.layer, normalize=dataset.input == "counts", genes=genes), obs, var_names[genes], summary
 
 
 def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, n_top_genes: int | None = 2000, seed: int = 0,
                 stream: bool = False, log: Log = print) -> tuple[ad.AnnData, str]:
     """Fit a factor model on all cells (10% held out for early stopping); return the results-only AnnData and its key.
 
-    In memory this is :func:`scatlas.tl.embed`. With ``stream``, the matrix is never loaded: it is
-    read from the file in chunks of ``training.chunk_size`` cells (default 100,000) for gene
-    selection, training and embedding, through the same :func:`~scatlas.tl._embed.fit_all_cells`.
+    This is :func:`scatlas.tl.embed`; with ``stream`` on the backed file, so the matrix is never
+    loaded: it is read in chunks of ``training.chunk_size`` cells (default 100,000) for
+    validation, gene selection, training and embedding.
     """
     entry = parse_model_config(model)
     key = f"{entry.type}_k{entry.rank}"  # type: ignore[attr-defined]
-    settings = training.model_dump()
-    if stream:
-        settings["chunk_size"] = training.chunk_size or 100_000
-        X, obs, genes, summary = streamed_source(dataset, n_top_genes, settings["chunk_size"])
-        notice = summary.notice()
-        if notice:
-            log(notice)
-        train, val = holdout(len(obs), 0.1, seed, exclude=summary.empty_cells)
-        sdata = all_cells_split(X, obs, dataset.batch_key, dataset.label_key, genes, train, val)
-        fitted, _ = fit_all_cells(sdata, model, settings, seed)
-        H, W = fitted.embed(sdata, np.arange(len(obs))), fitted.loadings()  # type: ignore[attr-defined]
-    else:
-        adata = read_h5ad(dataset.path, backed=dataset.backed)
-        if dataset.filter:
-            adata = apply_filter(adata, dataset.filter)
-        obs = adata.obs
-        options = {k: v for k, v in model.items() if k != "type"}
-        result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,
-                       key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, log=log, **options, **settings)
-        genes, H, W = result.prep.genes, adata.obsm[f"H_{key}"], result.loadings()
-    out = ad.AnnData(obs=pd.DataFrame({c: obs[c].astype(str).astype("category").to_numpy() for c in (dataset.label_key, dataset.batch_key) if c},
+    if stream and dataset.filter:
+        raise InputError(f"{dataset.path}: `filter` is not supported when streaming; subset the file first")
+    adata = read_h5ad(dataset.path, backed=stream or dataset.backed)
+    if dataset.filter:
+        adata = apply_filter(adata, dataset.filter)
+    if adata.isbacked and not stream:
+        adata = adata.to_memory()
+    options = {k: v for k, v in model.items() if k != "type"}
+    result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,
+                   key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, log=log, **options, **training.model_dump())
+    obs, genes, H, W = adata.obs, result.prep.genes, adata.obsm[f"H_{key}"], result.loadings()
+    out = ad.AnnData(obs=pd.DataFrame({c: string_categorical(obs[c]) for c in (dataset.label_key, dataset.batch_key) if c},
                                       index=obs.index.astype(str)), var=pd.DataFrame(index=genes))
     out.obsm[f"H_{key}"] = H
     out.varm[f"W_{key}"] = W

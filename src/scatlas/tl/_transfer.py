@@ -13,7 +13,7 @@ expected calibration error before and after temperature scaling on held-out refe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,12 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
-from scatlas._io import check_output_dir, staged_dir, write_csv, write_npy, write_parquet, write_yaml
+from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_parquet, write_yaml
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, write_calls
-from scatlas.tl._embed import resolve_input
+from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import read_h5ad, source_name
-from scatlas.data.align import align_genes
+from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.validate import check_obs_keys, validate
 from scatlas.settings import TrainingConfig, parse_settings
 from scatlas.metrics.annotation import overall_metrics, per_class_metrics
@@ -70,6 +70,9 @@ class TransferConfig(BaseModel):
         Smallest share of the model's genes a query must have.
     call_precision
         Precision the hierarchical calls must reach on the held-out calibration cells (sets their threshold).
+    query_chunk_size
+        Query cells mapped at a time; a query file (or a backed AnnData in :func:`transfer`) is
+        read this many cells at a time, never whole, and its outputs are written chunk by chunk.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -89,6 +92,7 @@ class TransferConfig(BaseModel):
     distance_quantile: float = Field(0.99, gt=0, le=1)
     min_overlap: float = Field(0.5, ge=0, le=1)
     call_precision: float = Field(0.95, gt=0, le=1)
+    query_chunk_size: int = Field(STREAM_CHUNK, ge=1)
     seed: int = 0
 
 
@@ -133,6 +137,43 @@ class ReferenceModel:
             predictions["hierarchical_depth"] = labels.depth[calls]
         probabilities = pd.concat([pd.DataFrame({"cell_id": cell_ids}), pd.DataFrame(proba, columns=list(names))], axis=1)
         return predictions, probabilities
+
+
+    def query_chunks(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment, chunk_size: int) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
+        """Predictions and probabilities of a validated query: ``chunk_size`` cells at a time read from the file of a backed
+        AnnData (host memory flat in its size), in one piece otherwise; each cell's result does not depend on the chunking."""
+        ids = adata.obs_names.astype(str).to_numpy()
+        step = chunk_size if adata.isbacked else max(adata.n_obs, 1)
+        for start in range(0, adata.n_obs, step):
+            part = adata[start : start + step].to_memory() if adata.isbacked else adata
+            yield self.predict(self.annotator.model_input(part, layer, alignment), ids[start : start + step])
+
+    def alignment(self, adata: ad.AnnData, min_overlap: float) -> GeneAlignment:
+        """How a query's genes map onto the model's (missing ones set to 0); refuses one sharing under ``min_overlap``."""
+        return align_genes(adata.var_names.to_numpy(), self.annotator.genes, min_overlap, source_name(adata))
+
+
+def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
+    """A chunk's predictions without cell ids, label columns as categoricals over the label space (concatenates as such)."""
+    categories = {"predicted": labels.names, "hierarchical": labels.names, "predicted_id": labels.classes, "hierarchical_id": labels.classes}
+    compact = predictions.drop(columns=["cell_id"])
+    return compact.astype({c: pd.CategoricalDtype(list(v)) for c, v in categories.items() if c in compact})
+
+
+def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, min_overlap: float, chunk_size: int,
+                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[pd.DataFrame, GeneAlignment]:
+    """Map a validated query through the frozen reference model, chunk by chunk (see :meth:`ReferenceModel.query_chunks`).
+
+    Each chunk's predictions and probabilities go to ``sink`` (e.g. appended to files); returned
+    are the compact predictions of every cell (:func:`_compact`) and the gene alignment.
+    """
+    alignment = model.alignment(adata, min_overlap)
+    kept = []
+    for predictions, probabilities in model.query_chunks(adata, layer, alignment, chunk_size):
+        if sink is not None:
+            sink(predictions, probabilities)
+        kept.append(_compact(predictions, model.annotator.labels))
+    return pd.concat(kept, ignore_index=True), alignment
 
 
 def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -236,7 +277,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     if config.reference.label_key is None:
         raise ConfigError("transfer: the reference needs --label-key")
     stems = _query_stems(config.queries)
-    queries = [read_h5ad(q) for q in config.queries]  # fail on a missing/corrupt query before training
+    queries = [read_h5ad(q, backed=True) for q in config.queries]  # fail on a missing/corrupt query before training; X stays on disk
     if config.query_label_key:
         for q in queries:
             check_obs_keys(q, [config.query_label_key])
@@ -255,13 +296,12 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         _save_reference(reference, ref_dir / "model")
         for stem, adata in zip(stems, queries, strict=True):
             qdir = stage / stem
-            X, alignment = reference.annotator.prepare(adata, config.query_layer, config.min_overlap)
+            with ChunkedTable(qdir / "predictions.csv") as csv, ChunkedTable(qdir / "probabilities.parquet") as parquet:
+                pred, alignment = predict_query(reference, adata, config.query_layer, config.min_overlap, config.query_chunk_size,
+                                                lambda p, q: (csv.write(p), parquet.write(q)))
             report = alignment.report()
             write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
             log(f"{stem}: {adata.n_obs} cells; {report['shared_genes']} of {report['model_genes']} model genes present ({report['fraction_of_model_genes']:.1%}), the rest set to 0")
-            pred, proba = reference.predict(X, adata.obs_names.astype(str).to_numpy())
-            write_csv(pred, qdir / "predictions.csv")
-            write_parquet(proba, qdir / "probabilities.parquet")
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 truth = adata.obs[config.query_label_key].astype(str).to_numpy()
@@ -311,7 +351,9 @@ def transfer(
     reference
         Labelled cells.
     query
-        One or more AnnData to annotate (genes aligned by name, missing ones set to 0).
+        One or more AnnData to annotate (genes aligned by name, missing ones set to 0). A backed
+        one (``anndata.read_h5ad(path, backed="r")``) is mapped ``query_chunk_size`` cells at a
+        time from its file, never loaded whole.
     label_key
         Reference cell-type column; with ``ontology_key``, the readable names of the CL ids.
     ontology_key
@@ -361,18 +403,15 @@ def transfer(
         log(decided)
     model, predictions, probabilities, _, _ = fit_reference(config, data, log)
     key = ontology_key or label_key
-    _write_transfer(reference, model, predictions, probabilities, key)
+    labels = model.annotator.labels
+    write_calls(reference, key, labels, probabilities.drop(columns=["cell_id"]).to_numpy(), predictions["unknown"].to_numpy())
     reference.obs[f"{key}_reference_split"] = pd.Categorical(predictions["reference_split"].to_numpy())
     for q in queries:
-        X, _ = model.annotator.prepare(q, query_layer, config.min_overlap)
-        pred, proba = model.predict(X, q.obs_names.astype(str).to_numpy())
-        _write_transfer(q, model, pred, proba, key)
+        parts: list[np.ndarray] = []
+        pred, _ = predict_query(model, q, query_layer, config.min_overlap, config.query_chunk_size,
+                                lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
+        write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
-
-
-def _write_transfer(adata: ad.AnnData, model: ReferenceModel, predictions: pd.DataFrame, probabilities: pd.DataFrame, key: str) -> None:
-    labels = model.annotator.labels
-    write_calls(adata, key, labels, probabilities.drop(columns=["cell_id"]).to_numpy(), predictions["unknown"].to_numpy())
 
 
 def load_transfer_config(values: dict[str, Any]) -> TransferConfig:
