@@ -251,6 +251,13 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     assert {f"{key}_pred", f"{key}_pred_label", f"{key}_pred_score"} <= set(p.obs.columns)
     assert p.obsm[f"{key}_proba"].shape == (p.n_obs, 9)
     assert (p.obs[f"{key}_pred"].astype(str) == p.obs[key].astype(str)).mean() > 0.7
+    # streamed: the same calls, 97 cells at a time from the file, in a results-only file
+    result = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "s.h5ad"), "--stream", "--chunk-size", "97"])
+    assert result.exit_code == 0, result.output
+    streamed = ad.read_h5ad(tmp_path / "s.h5ad")
+    assert streamed.X is None and list(streamed.var_names) == list(p.var_names)
+    pd.testing.assert_frame_equal(streamed.obs, p.obs)
+    np.testing.assert_allclose(streamed.obsm[f"{key}_proba"], p.obsm[f"{key}_proba"], atol=1e-6)  # other minibatch sizes: float rounding
     result = runner.invoke(app, ["annotate", "evaluate", str(pred), "--truth-key", key, "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "eval" / "overall_metrics.csv").exists()

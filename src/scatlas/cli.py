@@ -277,12 +277,14 @@ def annotate_predict(
     out: Annotated[Path, typer.Option(help="Output .h5ad with predictions in .obs / .obsm.")],
     layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
+    stream: Annotated[bool, typer.Option("--stream", help="Never load X: map the query chunk by chunk; OUT holds the results only (no matrix).")] = False,
+    chunk_size: Annotated[int, typer.Option(help="Query cells mapped at a time with --stream.")] = 100_000,
 ) -> None:
     """Annotate a query with a trained model (genes aligned by name, missing ones zero-filled)."""
     from scatlas.tl._annotation import predict_annotations
 
     model_dir = model_dir / "model" if (model_dir / "model" / "annotator.yaml").exists() else model_dir
-    adata = predict_annotations(model_dir, query, out, layer, min_overlap, log=console.print)
+    adata = predict_annotations(model_dir, query, out, layer, min_overlap, stream=stream, chunk_size=chunk_size, log=console.print)
     key = next(c for c in adata.obs.columns if c.endswith("_pred_label"))
     console.print(adata.obs[key].value_counts().to_string())
     console.print(f"predictions: {out}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import anndata as ad
@@ -59,6 +59,16 @@ def string_categorical(values: pd.Series) -> pd.Categorical:
         if names.is_unique and (codes >= 0).all():
             return pd.Categorical.from_codes(codes, categories=names).reorder_categories(sorted(names))
     return pd.Categorical(values.astype(str))
+
+
+def cell_chunks(adata: ad.AnnData, chunk_size: int) -> Iterator[ad.AnnData]:
+    """The cells of ``adata`` in order: ``chunk_size`` at a time loaded from the file of a backed AnnData (never
+    all of them), else ``adata`` itself in one piece."""
+    if not adata.isbacked:
+        yield adata
+        return
+    for start in range(0, adata.n_obs, chunk_size):
+        yield adata[start : start + chunk_size].to_memory()
 
 
 def get_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix | np.ndarray:

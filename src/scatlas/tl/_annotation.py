@@ -28,7 +28,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import get_matrix, read_h5ad, source_name, to_csr
+from scatlas.data.io import cell_chunks, get_matrix, read_h5ad, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split
 from scatlas.data.validate import validate
@@ -245,13 +245,6 @@ class Annotator:
             X=X, train=train, val=val, batch=np.zeros(n, dtype=np.int64), batch_names=["all"],
             label=label, label_names=self.labels.classes, reachability=self.labels.reachability,
         )
-
-    def prepare(self, adata: ad.AnnData, layer: str | None = None, min_overlap: float = 0.5) -> tuple[Any, GeneAlignment]:
-        """Validate, align genes (zero-fill missing ones) and log-normalise a query."""
-        source = str(adata.uns.get("scatlas_source", "query"))
-        validate(adata, layer=layer, require_counts=self.input == "counts")
-        alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source)
-        return self.model_input(adata, layer, alignment), alignment
 
     def model_input(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment) -> Any:
         """The model's matrix of validated cells: log-normalised (counts) and aligned to the model's genes by ``alignment``."""
@@ -516,7 +509,8 @@ def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarr
     adata.uns[f"{key}_classes"] = [str(c) for c in labels.classes]
 
 
-def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | None = None, min_overlap: float = 0.5, log: Log = print) -> Annotator:
+def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | None = None, min_overlap: float = 0.5, chunk_size: int = 100_000,
+             log: Log = print) -> Annotator:
     """Annotate the cells of ``adata`` with a trained classifier; calls and probabilities go into ``adata``.
 
     Parameters
@@ -530,6 +524,9 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
         Layer holding the matrix (default ``.X``).
     min_overlap
         Smallest share of the model's genes the query must have.
+    chunk_size
+        Cells mapped at a time when ``adata`` is backed (``anndata.read_h5ad(path, backed="r")``):
+        its matrix is read from the file chunk by chunk, never whole.
     log
         Receives the gene-overlap line.
 
@@ -544,10 +541,11 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     >>> query.obs["cell_type_pred_label"].value_counts()   # doctest: +SKIP
     """
     annotator = model if isinstance(model, Annotator) else Annotator.load(model)
-    X, alignment = annotator.prepare(adata, layer, min_overlap)
+    validate(adata, layer=layer, require_counts=annotator.input == "counts")
+    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata))
     report = alignment.report()
     log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
-    proba = annotator.predict_proba(X)
+    proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)])
     key = annotator.meta.get("label_key") or "cell_type"
     write_calls(adata, key, annotator.labels, proba)
     adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in report.items()}
@@ -556,11 +554,19 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     return annotator
 
 
-def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5, log: Log = print) -> ad.AnnData:
-    """Annotate a query file with a saved model (:func:`annotate`); write ``out`` (``.h5ad``) atomically."""
+def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,
+                        stream: bool = False, chunk_size: int = 100_000, log: Log = print) -> ad.AnnData:
+    """Annotate a query file with a saved model (:func:`annotate`); write ``out`` (``.h5ad``) atomically.
+
+    ``out`` is the query with the calls added; with ``stream`` the query's matrix is never
+    loaded (read ``chunk_size`` cells at a time) and ``out`` holds the results only: ``obs``
+    with the calls, the genes, the probabilities in ``.obsm`` and no matrix.
+    """
     check_writable(out, ".h5ad")
-    adata = read_h5ad(query)
-    annotate(adata, model_dir, layer=layer, min_overlap=min_overlap, log=log)
+    adata = read_h5ad(query, backed=stream)
+    annotate(adata, model_dir, layer=layer, min_overlap=min_overlap, chunk_size=chunk_size, log=log)
+    if stream:
+        adata = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), uns=dict(adata.uns))
     adata.uns.pop("scatlas_source", None)
     with atomic_path(out) as tmp:
         adata.write_h5ad(tmp)

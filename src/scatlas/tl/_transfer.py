@@ -29,7 +29,7 @@ from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, w
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import read_h5ad, source_name
+from scatlas.data.io import cell_chunks, read_h5ad, source_name
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.validate import check_obs_keys, validate
 from scatlas.settings import TrainingConfig, parse_settings
@@ -142,11 +142,8 @@ class ReferenceModel:
     def query_chunks(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment, chunk_size: int) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
         """Predictions and probabilities of a validated query: ``chunk_size`` cells at a time read from the file of a backed
         AnnData (host memory flat in its size), in one piece otherwise; each cell's result does not depend on the chunking."""
-        ids = adata.obs_names.astype(str).to_numpy()
-        step = chunk_size if adata.isbacked else max(adata.n_obs, 1)
-        for start in range(0, adata.n_obs, step):
-            part = adata[start : start + step].to_memory() if adata.isbacked else adata
-            yield self.predict(self.annotator.model_input(part, layer, alignment), ids[start : start + step])
+        for part in cell_chunks(adata, chunk_size):
+            yield self.predict(self.annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy())
 
     def alignment(self, adata: ad.AnnData, min_overlap: float) -> GeneAlignment:
         """How a query's genes map onto the model's (missing ones set to 0); refuses one sharing under ``min_overlap``."""
