@@ -58,7 +58,7 @@ def gene_maxabs(X: Any, rows: np.ndarray | None = None, chunk_size: int = 65_536
     (:func:`gene_moments`' reading); 0 for a gene never stored."""
     peak = np.zeros(X.shape[1], dtype=np.float64)
     for block in _row_blocks(X, rows, chunk_size):
-        np.maximum.at(peak, block.indices, np.abs(block.data))
+        np.maximum(peak, np.asarray(abs(block).max(axis=0).todense()).ravel(), out=peak)
     return peak
 
 
@@ -164,7 +164,7 @@ class GeneScaler:
     def fit(self, X: sp.csr_matrix) -> GeneScaler:
         """Estimate per-gene statistics on the training matrix ``X``."""
         if self.kind == "maxabs":
-            return self._set(None, np.asarray(abs(X).max(axis=0).todense()).ravel())
+            return self._set(None, gene_maxabs(X))
         if self.kind == "standard":
             mean = np.asarray(X.mean(axis=0)).ravel()
             var = np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean**2

@@ -13,7 +13,7 @@ expected calibration error before and after temperature scaling on held-out refe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -139,17 +139,6 @@ class ReferenceModel:
         return predictions, probabilities
 
 
-    def query_chunks(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment, chunk_size: int) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
-        """Predictions and probabilities of a validated query: ``chunk_size`` cells at a time read from the file of a backed
-        AnnData (host memory flat in its size), in one piece otherwise; each cell's result does not depend on the chunking."""
-        for part in cell_chunks(adata, chunk_size):
-            yield self.predict(self.annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy())
-
-    def alignment(self, adata: ad.AnnData, min_overlap: float) -> GeneAlignment:
-        """How a query's genes map onto the model's (missing ones set to 0); refuses one sharing under ``min_overlap``."""
-        return align_genes(adata.var_names.to_numpy(), self.annotator.genes, min_overlap, source_name(adata))
-
-
 def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
     """A chunk's predictions without cell ids, label columns as categoricals over the label space (concatenates as such)."""
     categories = {"predicted": labels.names, "hierarchical": labels.names, "predicted_id": labels.classes, "hierarchical_id": labels.classes}
@@ -159,17 +148,20 @@ def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
 
 def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, min_overlap: float, chunk_size: int,
                   sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[pd.DataFrame, GeneAlignment]:
-    """Map a validated query through the frozen reference model, chunk by chunk (see :meth:`ReferenceModel.query_chunks`).
+    """Map a validated query through the frozen reference model: ``chunk_size`` cells at a time read from the file of a
+    backed AnnData (host memory flat in its size), in one piece otherwise.
 
     Each chunk's predictions and probabilities go to ``sink`` (e.g. appended to files); returned
     are the compact predictions of every cell (:func:`_compact`) and the gene alignment.
     """
-    alignment = model.alignment(adata, min_overlap)
+    annotator = model.annotator
+    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata))
     kept = []
-    for predictions, probabilities in model.query_chunks(adata, layer, alignment, chunk_size):
+    for part in cell_chunks(adata, chunk_size):  # each cell's result does not depend on the chunking
+        predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy())
         if sink is not None:
             sink(predictions, probabilities)
-        kept.append(_compact(predictions, model.annotator.labels))
+        kept.append(_compact(predictions, annotator.labels))
     return pd.concat(kept, ignore_index=True), alignment
 
 
