@@ -12,6 +12,10 @@ the N-cell file as its query, ``--query-chunk-size`` cells at a time from disk. 
 transfer through ``scatlas.tl.transfer`` with the query loaded (``anndata.read_h5ad``), at the
 sizes in ``--in-memory-sizes``.
 
+``reference`` (``--workflows reference``): ``scatlas transfer --stream`` learns the MLP on the
+N-cell file itself (streamed, minibatches of ``--batch-size``, ``--transfer-epochs`` epochs at
+most) and maps the 7,811 OneK1K cells. Peer: ``tl.transfer`` with that reference loaded.
+
     python benchmarks/streamed_workflows.py --sizes 1000000 5000000 --in-memory-sizes 1000000
 """
 
@@ -42,7 +46,7 @@ import anndata as ad
 import scatlas as sa
 reference, query = ad.read_h5ad(sys.argv[1]), ad.read_h5ad(sys.argv[2])
 sa.tl.transfer(reference, query, label_key="cell_type", input="counts", log=lambda _: None,
-               training={{"max_epochs": int(sys.argv[3]), "batch_size": 64, "patience": 10}})
+               training={{"max_epochs": int(sys.argv[3]), "batch_size": int(sys.argv[4]), "patience": 10}})
 {_PEAK_LINE}
 """
 
@@ -61,9 +65,18 @@ def _peak_run(command: list[str]) -> dict[str, float | str]:
 def transfer_run(path: Path, out: Path, stream: bool, epochs: int, chunk_size: int) -> dict[str, float | str]:
     """``scatlas transfer`` (query ``path`` streamed) or ``tl.transfer`` with the query loaded, in a fresh process."""
     if not stream:
-        return _peak_run([_IN_MEMORY_TRANSFER, str(SHARED / DATASET), str(path), str(epochs)])
+        return _peak_run([_IN_MEMORY_TRANSFER, str(SHARED / DATASET), str(path), str(epochs), "64"])
     return _peak_run([_CLI, "transfer", "--reference", str(SHARED / DATASET), "--label-key", "cell_type", "--query", str(path), "--out", str(out),
                       "--overwrite", "--max-epochs", str(epochs), "--query-chunk-size", str(chunk_size)])
+
+
+def reference_run(path: Path, out: Path, stream: bool, epochs: int, batch_size: int, chunk_size: int) -> dict[str, float | str]:
+    """``scatlas transfer --stream`` with the N-cell file ``path`` as the reference, or ``tl.transfer`` with it loaded, in a fresh process."""
+    if not stream:
+        return _peak_run([_IN_MEMORY_TRANSFER, str(path), str(SHARED / DATASET), str(epochs), str(batch_size)])
+    return _peak_run([_CLI, "transfer", "--reference", str(path), "--label-key", "cell_type", "--query", str(SHARED / DATASET), "--out", str(out),
+                      "--overwrite", "--stream", "--max-epochs", str(epochs), "--batch-size", str(batch_size), "--chunk-size", str(chunk_size),
+                      "--query-chunk-size", str(chunk_size)])
 
 
 def embed_run(path: Path, out: Path, stream: bool, epochs: int, n_top_genes: int, batch_size: int, chunk_size: int) -> dict[str, float | str]:
@@ -84,7 +97,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--chunk-size", type=int, default=100_000)
     parser.add_argument("--transfer-epochs", type=int, default=20)
-    parser.add_argument("--workflows", nargs="+", default=["embed", "transfer"], choices=["embed", "transfer"])
+    parser.add_argument("--workflows", nargs="+", default=["embed", "transfer", "reference"], choices=["embed", "transfer", "reference"])
     parser.add_argument("--workdir", default=None, help="where the .h5ad files go (default: a temporary directory)")
     args = parser.parse_args()
 
@@ -108,8 +121,12 @@ def main() -> None:
                 result = transfer_run(path, workdir / f"transfer_{n}", stream, args.transfer_epochs, args.chunk_size)
                 rows.append((f"scatlas transfer{' (query streamed)' if stream else ': tl.transfer, query loaded (peer)'}", n, size_gb, result))
                 print(rows[-1], flush=True)
-    print(f"\nembed: AE, {args.epochs} epoch(s), {args.n_top_genes} HVGs, batch {args.batch_size:,}; transfer: MLP on {DATASET}, "
-          f"{args.transfer_epochs} epochs at most; chunk {args.chunk_size:,} cells")
+            if "reference" in args.workflows:
+                result = reference_run(path, workdir / f"reference_{n}", stream, args.transfer_epochs, args.batch_size, args.chunk_size)
+                rows.append((f"scatlas transfer{' --stream (reference streamed)' if stream else ': tl.transfer, reference loaded (peer)'}", n, size_gb, result))
+                print(rows[-1], flush=True)
+    print(f"\nembed: AE, {args.epochs} epoch(s), {args.n_top_genes} HVGs, batch {args.batch_size:,}; transfer: MLP on {DATASET} (reference: "
+          f"on the N cells, batch {args.batch_size:,}), {args.transfer_epochs} epochs at most; chunk {args.chunk_size:,} cells")
     print(f"{'what':50s} {'cells':>12s} {'file GB':>8s} {'wall s':>8s} {'peak RSS GB':>12s}")
     for name, n, size_gb, r in rows:
         if "error" in r:

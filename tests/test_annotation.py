@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from scatlas import InputError
-from scatlas.tl._annotation import Annotator, label_space, load_annotate_config, train_annotator
+from scatlas.tl._annotation import Annotator, annotate, label_space, load_annotate_config, train_annotator
 from scatlas.cli import app
 from scatlas.losses import hierarchical_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
@@ -264,6 +264,22 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     # too few shared genes: a clear error, no output
     result = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "p2.h5ad"), "--min-overlap", "0.9"])
     assert result.exit_code == 2 and "below the minimum 90%" in result.output and not (tmp_path / "p2.h5ad").exists()
+
+
+def test_cli_train_stream_gives_the_loaded_models(zheng, tmp_path):
+    """`annotate train --stream` trains every fold and the final model from the file (X never loaded): the same metrics and calls."""
+    args = ["annotate", "train", str(zheng), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id", "--model", "linear",
+            "--loss", "hce", "--n-splits", "3", "--max-epochs", "3", "--n-top-genes", "1000"]
+    for name, extra in (("loaded", []), ("streamed", ["--stream"])):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / name / "fold_metrics.csv") for name in ("loaded", "streamed")))
+    calls = []
+    for name in ("loaded", "streamed"):
+        query = ad.read_h5ad(zheng)
+        annotate(query, tmp_path / name / "model", log=lambda _: None)
+        calls.append(query.obs)
+    pd.testing.assert_frame_equal(*calls)
 
 
 def test_hce_requires_ontology(zheng, tmp_path):

@@ -298,6 +298,35 @@ def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):
         load_dataset(cfg.model_copy(update={"path": tmp_path / "nope.h5ad"}))
 
 
+@pytest.mark.parametrize("scale", ["none", "maxabs", "standard"])
+def test_streamed_dataset_equals_the_loaded_one(cellbench5_path, tmp_path, scale):
+    """`stream: true` leaves X on disk; the filter and the all-zero cells and genes it drops, the HVGs, the scaling
+    and every chunk of the model input equal the loaded dataset's."""
+    adata = ad.read_h5ad(cellbench5_path)
+    X = sp.csr_matrix(adata.X)
+    singlets = np.flatnonzero(adata.obs["demuxlet_cls"].astype(str).to_numpy() == "SNG")
+    for row in singlets[[0, 5, 9]]:  # three all-zero singlets, dropped with a notice
+        X.data[X.indptr[row] : X.indptr[row + 1]] = 0
+    genes = np.ones(adata.n_vars, dtype=np.float32)
+    genes[[3, 100, 2000]] = 0  # and three all-zero genes
+    X = sp.csr_matrix(X @ sp.diags(genes))
+    X.eliminate_zeros()
+    adata.X = X
+    adata.write_h5ad(tmp_path / "cb.h5ad")
+    cfg = DatasetConfig(name="cb", path=tmp_path / "cb.h5ad", batch_key="batch", label_key="cell_line", filter={"demuxlet_cls": ["SNG"]})
+    loaded = load_dataset(cfg, log=lambda _: None)
+    streamed = load_dataset(cfg.model_copy(update={"stream": True}), log=lambda _: None)
+    assert sp.issparse(loaded.lognorm) and not sp.issparse(streamed.lognorm)
+    assert streamed.n_cells == loaded.n_cells == len(singlets) - 3 and len(streamed.var_names) < adata.n_vars
+    pd.testing.assert_frame_equal(streamed.obs, loaded.obs)
+    np.testing.assert_array_equal(streamed.var_names, loaded.var_names)
+    train = np.arange(0, loaded.n_cells, 2)
+    a, b = (preprocess_split(d.lognorm, d.var_names, train, 500, scale) for d in (loaded, streamed))
+    np.testing.assert_array_equal(a.genes, b.genes)
+    chunks = sp.vstack([b.X.read(lo, min(lo + 97, loaded.n_cells)) for lo in range(0, loaded.n_cells, 97)])
+    np.testing.assert_allclose(chunks.toarray(), a.X.toarray(), rtol=1e-5, atol=1e-5)
+
+
 def test_soma_source_streams_like_the_h5ad(symphony_path, tmp_path):
     import tiledbsoma.io
 

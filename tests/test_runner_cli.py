@@ -274,3 +274,26 @@ def test_run_under_torchrun_two_cpu_ranks(tmp_path, cellbench5_path):
         history = pd.read_csv(run / split / "history.csv")
         assert len(history) == 2
     assert (run / "mean_scores_test_samplesize-10000.csv").exists()
+
+
+def test_run_streams_the_dataset_from_disk(tmp_path, cellbench5_path):
+    """`dataset.stream: true`: every split trains and is scored from the file, X never loaded; the latents equal the loaded run's."""
+    cfg = yaml.safe_load(_config(tmp_path, cellbench5_path).read_text())
+    cfg["preprocess"].update(n_top_genes=300, scale="maxabs")
+    cfg["training"].update(max_epochs=2)
+    cfg["models"] = [{"type": "ae", "latent_dim": 10}]
+    for name, stream in (("loaded", False), ("streamed", True)):
+        cfg["dataset"]["stream"] = stream
+        cfg["output"]["dir"] = str(tmp_path / name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = runner.invoke(app, ["run", str(path), "--quiet"])
+        assert result.exit_code == 0, result.output
+    runs = [tmp_path / name / "cellbench_5cl_outputs" / "latent_space" / "kfold" / "AE" / "run1" for name in ("loaded", "streamed")]
+    for split in ("splits_1", "splits_2", "splits_3"):
+        np.testing.assert_allclose(*(np.load(run / split / "latent_test.npy") for run in runs), rtol=1e-5, atol=1e-6)
+    cfg["models"] = [{"type": "pca", "n_components": 5}]  # an in-memory model: one line saying so, exit 2
+    cfg["output"]["dir"] = str(tmp_path / "pca")
+    (tmp_path / "pca.yaml").write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["run", str(tmp_path / "pca.yaml"), "--quiet"])
+    assert result.exit_code == 2 and "needs the matrix in memory" in result.output

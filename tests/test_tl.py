@@ -213,6 +213,13 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
                    training={"max_epochs": 15, "batch_size": 64})
     pd.testing.assert_frame_equal(backed.obs, query.obs)
     np.testing.assert_allclose(backed.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"], rtol=1e-6)
+    reference.write_h5ad(tmp_path / "reference.h5ad")  # a backed reference: trained from its file, never loaded
+    streamed, streamed_query = read_h5ad(tmp_path / "reference.h5ad", backed=True), query.copy()
+    sa.tl.transfer(streamed, streamed_query, label_key="author_cell_type", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
+    pd.testing.assert_frame_equal(streamed.obs, reference.obs)
+    pd.testing.assert_frame_equal(streamed_query.obs, query.obs)
+    with pytest.raises(InputError, match="only a whole backed AnnData"):
+        sa.tl.transfer(streamed[:100], query.copy(), label_key="author_cell_type", log=lambda _: None)
     alone = reference.copy()
     sa.tl.annotate(alone, model.annotator, log=lambda _: None)  # the frozen reference classifier, uncalibrated
     assert (alone.obs["author_cell_type_pred"].astype(str) == reference.obs["author_cell_type_pred"].astype(str)).all()  # argmax ignores the temperature

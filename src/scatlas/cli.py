@@ -229,6 +229,8 @@ def annotate_train(
     ontology_obo: Annotated[Path | None, typer.Option(help="Cell Ontology .obo file for an is_a-only hierarchy.")] = None,
     label_map: Annotated[Path | None, typer.Option(help="CSV (author label, CL id) mapping --label-key values to Cell Ontology ids.")] = None,
     final: Annotated[bool, typer.Option(help="Train the final model on all cells (needed for predict).")] = True,
+    stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
+    chunk_size: Annotated[int | None, typer.Option(help="Cells per training chunk with --stream (default 100,000).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -239,7 +241,8 @@ def annotate_train(
         raise ConfigError(f"--model must be one of {sorted(METHODS)}, got {model!r}")
     cfg = load_annotate_config(
         {
-            "dataset": {"name": data.stem, "path": data, "layer": layer, "input": input, "batch_key": batch_key, "label_key": label_key, "filter": _filters(filter)},
+            "dataset": {"name": data.stem, "path": data, "layer": layer, "input": input, "batch_key": batch_key, "label_key": label_key, "filter": _filters(filter),
+                        "stream": stream},
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
             "ontology_obo": ontology_obo,
@@ -248,7 +251,7 @@ def annotate_train(
             "n_top_genes": n_top_genes,
             "split": {"kind": split, "n_splits": n_splits or 5, "group_key": group_key, "seed": seed},
             "cross_validate": n_splits != 0,
-            "training": {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10},
+            "training": {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "chunk_size": chunk_size},
             "final_model": final,
             "seed": seed,
         }
@@ -325,6 +328,9 @@ def transfer(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     query_chunk_size: Annotated[int, typer.Option(help="Query cells read from disk and mapped at a time (queries are never loaded whole).")] = 100_000,
+    stream: Annotated[bool, typer.Option("--stream", help="Never load the reference's X either: read its (CSR) file in chunks; flat host memory.")] = False,
+    chunk_size: Annotated[int | None, typer.Option(help="Reference cells per training chunk with --stream (default 100,000).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Reference cells per minibatch (larger for atlas-sized references).")] = 64,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
     from scatlas.tl._transfer import METHODS, load_transfer_config, run_transfer
@@ -333,13 +339,13 @@ def transfer(
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
     cfg = load_transfer_config(
         {
-            "reference": {"name": reference.stem, "path": reference, "input": input, "label_key": label_key},
+            "reference": {"name": reference.stem, "path": reference, "input": input, "label_key": label_key, "stream": stream},
             "queries": query,
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
             "query_label_key": query_label_key,
             "model": {**METHODS[method], "loss": loss},
-            "training": {"max_epochs": max_epochs, "batch_size": 64, "patience": 10},
+            "training": {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "chunk_size": chunk_size},
             "confidence_threshold": confidence_threshold,
             "distance_quantile": distance_quantile,
             "min_overlap": min_overlap,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scatlas._errors import InputError
 from scatlas.data.io import get_matrix, read_h5ad, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
+from scatlas.data.sources import AnnDataCSRSource, RowSubset
 from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate
 
 Log = Callable[[str], None]
@@ -43,7 +44,11 @@ class DatasetConfig(BaseModel):
         Keep only cells whose ``obs[column]`` is in the listed values, e.g.
         ``{demuxlet_cls: [SNG]}``.
     backed
-        Open the file in backed mode (the matrix is read in chunks).
+        Open the file in backed mode (the matrix is read in chunks, then held in memory).
+    stream
+        Never load the matrix: it stays on disk (a CSR ``X`` or layer), and highly variable
+        genes, scaling, minibatches and predictions read it in chunks, so host memory stays
+        flat as the number of cells grows (``obs`` and per-gene statistics are held).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +61,7 @@ class DatasetConfig(BaseModel):
     label_key: str | None = None
     filter: dict[str, list[str]] = Field(default_factory=dict)
     backed: bool = False
+    stream: bool = False
 
 
 @dataclass
@@ -67,7 +73,8 @@ class CellData:
     name
         Dataset name.
     lognorm
-        Cells × genes CSR, log-normalised.
+        Cells × genes CSR, log-normalised; for a streamed dataset an on-disk source of it
+        (:mod:`scatlas.data.sources`) that normalises each chunk as it is read.
     var_names
         Gene names.
     obs
@@ -83,7 +90,7 @@ class CellData:
     """
 
     name: str
-    lognorm: sp.csr_matrix
+    lognorm: Any
     var_names: np.ndarray
     obs: pd.DataFrame
     batch: pd.Categorical
@@ -116,6 +123,12 @@ def _categorical(values: pd.Series) -> pd.Categorical:
 
 def apply_filter(adata: ad.AnnData, filters: dict[str, list[str]]) -> ad.AnnData:
     """Keep the cells whose ``obs[column]`` is one of the given values, for every column."""
+    keep = filter_mask(adata, filters)
+    return adata[keep] if not keep.all() else adata
+
+
+def filter_mask(adata: ad.AnnData, filters: dict[str, list[str]]) -> np.ndarray:
+    """Which cells :func:`apply_filter` keeps."""
     check_obs_keys(adata, list(filters))
     keep = np.ones(adata.n_obs, dtype=bool)
     for column, allowed in filters.items():
@@ -127,7 +140,7 @@ def apply_filter(adata: ad.AnnData, filters: dict[str, list[str]]) -> ad.AnnData
                 f"(present: {sorted(values.unique())[:20]})"
             )
         keep &= values.isin(allowed).to_numpy()
-    return adata[keep] if not keep.all() else adata
+    return keep
 
 
 def _lognorm_matrix(adata: ad.AnnData, layer: str | None, counts: bool) -> sp.csr_matrix:
@@ -137,6 +150,14 @@ def _lognorm_matrix(adata: ad.AnnData, layer: str | None, counts: bool) -> sp.cs
     return normalize_log1p(X) if counts else X
 
 
+def _streamed_matrix(path: Path, layer: str | None, counts: bool, rows: np.ndarray, keep_genes: np.ndarray) -> Any:
+    """The log-normalised rows ``rows`` and genes ``keep_genes`` of a file's CSR matrix, as a source that reads it in chunks."""
+    source = AnnDataCSRSource(path, layer=layer, normalize=counts)
+    if not keep_genes.all():
+        source = source.with_genes(np.flatnonzero(keep_genes))
+    return source if len(rows) == source.shape[0] else RowSubset(source, rows)
+
+
 def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ()) -> tuple[ad.AnnData, MatrixSummary]:
     """Read and filter a dataset and run :func:`~scatlas.data.validate.validate` on it (what ``scatlas validate CONFIG`` runs).
 
@@ -144,12 +165,19 @@ def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ())
     -------
     The (possibly backed) AnnData and the all-zero cells and genes found.
     """
-    adata = read_h5ad(config.path, backed=config.backed)
-    if config.filter:
-        adata = apply_filter(adata, config.filter)
+    adata, summary, _ = _read(config, extra_keys)
+    return adata, summary
+
+
+def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...]) -> tuple[ad.AnnData, MatrixSummary, np.ndarray]:
+    """:func:`read_dataset`, and the rows of the file its cells are."""
+    adata = read_h5ad(config.path, backed=config.backed or config.stream)
+    keep = filter_mask(adata, config.filter) if config.filter else np.ones(adata.n_obs, dtype=bool)
+    if not keep.all():
+        adata = adata[keep]
     summary = validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=extra_keys, layer=config.layer,
                        require_counts=config.input == "counts")
-    return adata, summary
+    return adata, summary, np.flatnonzero(keep)
 
 
 def load_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (), log: Log = print) -> CellData:
@@ -171,8 +199,9 @@ def load_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (),
         non-integer counts with ``input: counts``, repeated names, an all-zero matrix, empty or
         single-cell batches, or a label column with one class.
     """
-    adata, summary = read_dataset(config, extra_keys)
-    return _cell_data(adata, summary, config.name, config.batch_key, config.label_key, config.layer, config.input == "counts", True, log)
+    adata, summary, rows = _read(config, extra_keys)
+    return _cell_data(adata, summary, config.name, config.batch_key, config.label_key, config.layer, config.input == "counts", True, log,
+                      rows if config.stream else None)
 
 
 def cell_data(
@@ -185,6 +214,7 @@ def cell_data(
     counts: bool = True,
     extra_keys: tuple[str | None, ...] = (),
     drop_empty_cells: bool = True,
+    stream: bool = False,
     log: Log = print,
 ) -> CellData:
     """Validate an AnnData (in memory or backed) and log-normalise its matrix.
@@ -206,6 +236,8 @@ def cell_data(
     drop_empty_cells
         Leave all-zero cells out (else they stay, marked in :attr:`CellData.empty_cells`, for
         callers that output every cell but train without them). All-zero genes are always dropped.
+    stream
+        For a backed AnnData (not a view): leave its matrix on disk (see :attr:`DatasetConfig.stream`).
     log
         Receives the notice about all-zero cells and genes.
 
@@ -214,20 +246,26 @@ def cell_data(
     InputError
         As :func:`~scatlas.data.validate.validate`.
     """
+    if stream and (not adata.isbacked or adata.is_view):
+        raise InputError(f"{source_name(adata)}: only a whole backed AnnData (anndata.read_h5ad(path, backed='r'), not a subset of one) can be streamed")
     summary = validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts)
-    return _cell_data(adata, summary, name, batch_key, label_key, layer, counts, drop_empty_cells, log)
+    return _cell_data(adata, summary, name, batch_key, label_key, layer, counts, drop_empty_cells, log, np.arange(adata.n_obs) if stream else None)
 
 
 def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: str | None, label_key: str | None, layer: str | None,
-               counts: bool, drop_empty_cells: bool, log: Log) -> CellData:
+               counts: bool, drop_empty_cells: bool, log: Log, file_rows: np.ndarray | None = None) -> CellData:
+    """The kept cells and genes as :class:`CellData`; streamed from the file when ``file_rows`` (the file's row of each cell) is given."""
     notice = summary.notice()
     if notice:
         log(notice)
     keep_cells = ~summary.empty_cells if drop_empty_cells else np.ones(adata.n_obs, dtype=bool)
     keep_genes = ~summary.empty_genes
-    X = _lognorm_matrix(adata, layer, counts=counts)
-    if not (keep_cells.all() and keep_genes.all()):
-        X = X[keep_cells][:, keep_genes]
+    if file_rows is not None:
+        X = _streamed_matrix(Path(adata.filename), layer, counts, file_rows[keep_cells], keep_genes)
+    else:
+        X = _lognorm_matrix(adata, layer, counts=counts)
+        if not (keep_cells.all() and keep_genes.all()):
+            X = X[keep_cells][:, keep_genes]
     obs = adata.obs[keep_cells].copy() if not keep_cells.all() else adata.obs.copy()
     obs.index = obs.index.astype(str)
     return CellData(

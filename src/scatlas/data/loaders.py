@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scatlas.data.sources import CSRSource, as_source, read_rows
+from scatlas.data.sources import CSRSource, InMemoryCSR, as_source, read_rows
 
 _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
 
@@ -120,6 +120,10 @@ class _DeviceChunk:
     selected: np.ndarray
 
 
+STREAM_CHUNK = 100_000
+"""Cells per chunk when a source on disk is streamed (unless a ``chunk_size`` option says otherwise)."""
+
+
 class CSRLoader:
     """Iterate over minibatches of the rows ``rows`` of a CSR matrix or source.
 
@@ -144,8 +148,9 @@ class CSRLoader:
     prefetch
         Chunks read ahead by a background thread (0 = read in the consuming thread).
     chunk_size
-        Selected rows per chunk (``None``: all rows in one chunk, kept on the device across
-        epochs). Host memory holds at most ``prefetch + 1`` chunks.
+        Selected rows per chunk (``None``: for a matrix in memory all rows in one chunk, kept on
+        the device across epochs; for a streamed source :data:`STREAM_CHUNK` rows). Host memory
+        holds at most ``prefetch + 1`` chunks.
     device
         Where chunks live and minibatches are gathered: ``"cpu"``, ``"cuda"`` (the current CUDA
         device at iteration time, i.e. each DDP rank's own) or a :class:`torch.device`.
@@ -179,7 +184,7 @@ class CSRLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.prefetch = prefetch
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or (None if isinstance(self.source, InMemoryCSR) else STREAM_CHUNK)
         self.device = device
         self.pin_memory = pin_memory
         self.shard = shard

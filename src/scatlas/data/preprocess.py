@@ -219,15 +219,15 @@ class ScaledSource:
 
 @dataclass
 class Preprocessed:
-    """One split's model input: log-normalised (and scaled) HVG matrix of all cells."""
+    """One split's model input: log-normalised (and scaled) HVG matrix of all cells, or a source of it (streamed)."""
 
-    X: sp.csr_matrix
+    X: Any
     genes: np.ndarray
     scaler: GeneScaler
 
 
 def preprocess_split(
-    lognorm: sp.csr_matrix,
+    lognorm: Any,
     var_names: np.ndarray,
     train: np.ndarray,
     n_top_genes: int | None,
@@ -238,7 +238,10 @@ def preprocess_split(
     Parameters
     ----------
     lognorm
-        Log-normalised cells × genes matrix (all cells of the dataset).
+        Log-normalised cells × genes matrix (all cells of the dataset), or an on-disk source of
+        it (:mod:`scatlas.data.sources`): then the genes and the scaling come from streamed
+        passes over the training rows and the model input stays a source, each chunk subset and
+        scaled as it is read.
     var_names
         Gene names of ``lognorm``'s columns.
     train
@@ -251,6 +254,10 @@ def preprocess_split(
     genes = (
         np.arange(lognorm.shape[1]) if n_top_genes is None else highly_variable_genes(lognorm, train, n_top_genes)
     )
+    if hasattr(lognorm, "read"):  # an on-disk source: streamed
+        source = lognorm if len(genes) == lognorm.shape[1] else lognorm.with_genes(genes)
+        scaler = GeneScaler(scale).fit_streamed(source, train)
+        return Preprocessed(X=source if scale == "none" else ScaledSource(source, scaler), genes=np.asarray(var_names)[genes], scaler=scaler)
     X = lognorm[:, genes]
     scaler = GeneScaler(scale).fit(X[train])
     return Preprocessed(X=scaler.transform(X), genes=np.asarray(var_names)[genes], scaler=scaler)

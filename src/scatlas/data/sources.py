@@ -131,6 +131,14 @@ class _OnDiskSource:
         """Rows ``start:stop`` as stored (float32 CSR, all genes, not normalised)."""
         raise NotImplementedError
 
+    def with_genes(self, genes: np.ndarray) -> _OnDiskSource:
+        """The same file keeping only the columns ``genes`` of what this source reads (composed with its own subset)."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__getstate__())
+        genes = np.asarray(genes, dtype=np.int64)
+        copy.genes = genes if self.genes is None else self.genes[genes]
+        return copy
+
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` as float32 CSR (normalised and gene-subset when asked)."""
         X = self._read_stored(start, stop)
@@ -377,6 +385,28 @@ class _Extents:
 def _close(fd: int, pool: ThreadPoolExecutor) -> None:
     pool.shutdown(wait=False)
     os.close(fd)
+
+
+@dataclass
+class RowSubset:
+    """The rows ``rows`` (increasing) of an on-disk source, seen as a source: a filtered dataset, or one without
+    its all-zero cells, that stays on disk."""
+
+    source: Any
+    rows: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(cells kept, genes)."""
+        return len(self.rows), self.source.shape[1]
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        """Kept rows ``start:stop``."""
+        return read_rows(self.source, self.rows[start:stop]) if stop > start else sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+
+    def with_genes(self, genes: np.ndarray) -> RowSubset:
+        """The same rows keeping only the columns ``genes``."""
+        return RowSubset(self.source.with_genes(genes), self.rows)
 
 
 def read_rows(source: CSRSource, rows: np.ndarray) -> sp.csr_matrix:

@@ -25,6 +25,7 @@ from scatlas._errors import ConfigError
 from scatlas._io import check_writable, write_csv, write_npy, write_yaml
 from scatlas.data.dataset import CellData, load_dataset
 from scatlas.data.preprocess import preprocess_split
+from scatlas.data.sources import as_source, read_rows
 from scatlas.data.splits import Split, assignment_table, make_splits
 from scatlas.experiment.config import ExperimentConfig
 from scatlas.experiment.compare import compare_runs
@@ -145,7 +146,7 @@ class _SplitRunner:
             if recon is not None:
                 write_npy(recon, stage / f"recon_{part}.npy")
                 if part == "test":  # the model's input beside its reconstruction, for genomaps in `scatlas compare`
-                    write_npy(np.asarray(sdata.X[rows].todense(), dtype=np.float32), stage / "input_test.npy")
+                    write_npy(read_rows(as_source(sdata.X), rows).toarray().astype(np.float32), stage / "input_test.npy")
             if cfg.evaluation.save_recon and isinstance(model, CounterfactualModel):
                 self._counterfactuals(model.counterfactuals(sdata, rows), stage, part)
             labels = np.asarray(self.data.label)[rows] if self.data.label is not None else None

@@ -156,7 +156,8 @@ def score_embedding(Z: np.ndarray, graph: Neighbors, labels: np.ndarray, batch: 
         ``None``: every column exact. Otherwise the silhouettes (label, batch, BRAS, isolated
         labels) and KBET are estimated from a stratified sample of about this many cells
         (:func:`~scatlas.metrics.sampling.sample_rows`): each sampled cell's value is exact,
-        the mean is estimated.
+        the mean is estimated; KBET's per-label eigensolve then also runs in single precision
+        with a float64 refinement (``diffusion_dtype`` of :func:`~scatlas.metrics.integration.kbet_per_label`).
     progress
         Receives one line per metric with its wall time.
     """
@@ -181,7 +182,8 @@ def score_embedding(Z: np.ndarray, graph: Neighbors, labels: np.ndarray, batch: 
         "Silhouette batch": step("Silhouette batch", lambda: silhouette_batch(Z, labels, batch, sample_size=sample_size, seed=seed)),
         "BRAS": step("BRAS", lambda: bras(Z, labels, batch, sample_size=sample_size, seed=seed)),
         "iLISI": step("iLISI", lambda: ilisi(graph, batch)),
-        "KBET": step("KBET", lambda: kbet_per_label(graph.first(50), batch, labels, sample_size=sample_size, seed=seed)),
+        "KBET": step("KBET", lambda: kbet_per_label(graph.first(50), batch, labels, sample_size=sample_size, seed=seed,
+                                                    diffusion_dtype=np.float64 if sample_size is None else np.float32)),
         "Graph connectivity": step("Graph connectivity", lambda: graph_connectivity(graph.first(15), labels)),
         "PCR comparison": step("PCR comparison", lambda: pcr_comparison(pre, Z, batch)),
     }

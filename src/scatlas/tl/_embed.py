@@ -27,6 +27,7 @@ from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data
 from scatlas.data.io import get_matrix, source_name, string_categorical, to_csr
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
+from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import is_count_matrix, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub
@@ -35,8 +36,6 @@ from scatlas.settings import TrainingConfig, parse_settings
 Log = Callable[[str], None]
 InputKind = Literal["auto", "counts", "lognorm"]
 MODEL_FILE = "scatlas_model.yaml"
-STREAM_CHUNK = 100_000
-"""Cells per chunk when a backed AnnData is streamed (unless the ``chunk_size`` training option says otherwise)."""
 
 
 def _silent(_: str) -> None:

@@ -25,13 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
-from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_parquet, write_yaml
+from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, read_h5ad, source_name
 from scatlas.data.align import GeneAlignment, align_genes
+from scatlas.data.sources import as_source
 from scatlas.data.validate import check_obs_keys, validate
+from scatlas.models.base import SplitData
+from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.settings import TrainingConfig, parse_settings
 from scatlas.metrics.annotation import overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
@@ -201,14 +204,20 @@ def _query_stems(queries: list[Path]) -> list[str]:
     return stems
 
 
-def fit_reference(config: TransferConfig, data: CellData, log: Log = print) -> tuple[ReferenceModel, pd.DataFrame, pd.DataFrame, np.ndarray, pd.DataFrame]:
+def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
+                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, pd.DataFrame]:
     """Fit the reference classifier, its temperature and its unknown thresholds on ``data`` alone.
+
+    ``data`` may be streamed (:attr:`~scatlas.data.DatasetConfig.stream`): then no step holds more
+    than ``config.query_chunk_size`` cells' inputs, latents or probabilities at once. Every
+    reference cell is then predicted, that many cells at a time; each chunk's predictions (with
+    the cell's role: train / val / calibration) and probabilities go to ``sink``.
 
     Returns
     -------
-    The frozen reference model; the predictions and probabilities of every reference cell (with
-    its role: train / val / calibration); the true label of the calibration cells (``""`` for
-    others); the calibration table.
+    The frozen reference model; the compact predictions of every reference cell (as
+    :func:`predict_query` returns them, with ``reference_split``); the rows of the held-out
+    calibration cells; the calibration table.
     """
     ontology = CellOntology() if config.ontology_key else None
     key = config.ontology_key or config.reference.label_key
@@ -223,25 +232,42 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print) -> t
     train, val, calib = np.sort(train), np.sort(val), np.sort(calib)
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources)
-    logits = model.predict_logits(sdata, rows)
-    fitted = fit_temperature(logits[calib], codes[calib])
-    before = expected_calibration_error(softmax(logits[calib]), codes[calib])
-    scaled = expected_calibration_error(softmax(logits[calib], fitted), codes[calib])
+    logits = model.predict_logits(sdata, calib)
+    fitted = fit_temperature(logits, codes[calib])
+    before = expected_calibration_error(softmax(logits), codes[calib])
+    scaled = expected_calibration_error(softmax(logits, fitted), codes[calib])
     # the NLL-optimal temperature is kept only if it also lowers the held-out ECE
     temperature, after = (fitted, scaled) if scaled <= before else (1.0, before)
-    labels = labels.with_call_threshold(softmax(logits[calib], temperature), codes[calib], config.call_precision)
+    labels = labels.with_call_threshold(softmax(logits, temperature), codes[calib], config.call_precision)
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
-    embedding = model.embed(sdata, rows)
-    centroids = np.stack([embedding[train][codes[train] == c].mean(0) for c in np.unique(codes[train])])  # classes with training cells
-    threshold = float(np.quantile(nearest_centroid_distance(embedding[calib], centroids), config.distance_quantile))
+    centroids = class_centroids(model, sdata, train, codes[train], config.query_chunk_size)
+    threshold = float(np.quantile(nearest_centroid_distance(model.embed(sdata, calib), centroids), config.distance_quantile))
     annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path)})
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
     role = np.full(data.n_cells, "train", dtype=object)
     role[val], role[calib] = "val", "calibration"
-    predictions, probabilities = reference.predict(sdata.X, data.cell_ids)
-    predictions.insert(1, "reference_split", role)
-    return reference, predictions, probabilities, np.where(role == "calibration", np.asarray(labels.names)[codes], ""), calibration
+    source, kept = as_source(sdata.X), []
+    for lo in range(0, data.n_cells, config.query_chunk_size):
+        hi = min(lo + config.query_chunk_size, data.n_cells)
+        predictions, probabilities = reference.predict(source.read(lo, hi), data.cell_ids[lo:hi])
+        predictions.insert(1, "reference_split", pd.Categorical(role[lo:hi], categories=["train", "val", "calibration"]))
+        if sink is not None:
+            sink(predictions, probabilities)
+        kept.append(_compact(predictions, labels))
+    return reference, pd.concat(kept, ignore_index=True), calib, calibration
+
+
+def class_centroids(model: CellTypeClassifier, sdata: SplitData, rows: np.ndarray, codes: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Mean latent of the cells ``rows`` of each class among ``codes`` (classes in code order), ``chunk_size`` cells embedded at a time."""
+    present = np.unique(codes)
+    sums: np.ndarray | None = None
+    for a in range(0, len(rows), chunk_size):
+        latent = model.embed(sdata, rows[a : a + chunk_size]).astype(np.float64)
+        sums = np.zeros((len(present), latent.shape[1])) if sums is None else sums
+        np.add.at(sums, np.searchsorted(present, codes[a : a + chunk_size]), latent)
+    assert sums is not None
+    return (sums / np.bincount(np.searchsorted(present, codes))[:, None]).astype(np.float32)
 
 
 def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData) -> None:
@@ -274,14 +300,15 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
     check_queries(queries, config, data)
     with staged_dir(out, overwrite) as stage:
-        reference, predictions, probabilities, calib_truth, calibration = fit_reference(config, data, log)
-        write_csv(calibration, stage / "calibration.csv")
         ref_dir = stage / "reference"
-        write_csv(predictions, ref_dir / "predictions.csv")
-        write_parquet(probabilities, ref_dir / "probabilities.parquet")
-        held_out = calib_truth != ""
-        metrics = _evaluate(calib_truth[held_out], predictions[held_out].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells")
-        summary = [{"dataset": "reference (held-out cells)", "n_cells": int(held_out.sum()), **metrics}]
+        with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
+            reference, predictions, calib, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)))
+        write_csv(calibration, stage / "calibration.csv")
+        truth = data.obs[config.ontology_key or config.reference.label_key].astype(str).to_numpy()[calib]
+        labels = reference.annotator.labels
+        truth = np.asarray(labels.names)[labels.codes(truth)]
+        metrics = _evaluate(truth, predictions.iloc[calib].reset_index(drop=True), labels, ref_dir, "reference, held-out cells")
+        summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
         _save_reference(reference, ref_dir / "model")
         for stem, adata in zip(stems, queries, strict=True):
             qdir = stage / stem
@@ -338,7 +365,7 @@ def transfer(
     Parameters
     ----------
     reference
-        Labelled cells.
+        Labelled cells. A backed one is streamed from its file (never loaded), as with ``--stream``.
     query
         One or more AnnData to annotate (genes aligned by name, missing ones set to 0). A backed
         one (``anndata.read_h5ad(path, backed="r")``) is mapped ``query_chunk_size`` cells at a
@@ -386,17 +413,19 @@ def transfer(
               "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer, "model": {**METHODS[method], "loss": loss},
               "seed": seed, **settings}
     config = load_transfer_config(values)
-    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key), log=log)
+    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
+                     stream=reference.isbacked, log=log)
     check_queries(queries, config, data)
     if decided:
         log(decided)
-    model, predictions, probabilities, _, _ = fit_reference(config, data, log)
+    parts: list[np.ndarray] = []
+    model, predictions, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
     key = ontology_key or label_key
     labels = model.annotator.labels
-    write_calls(reference, key, labels, probabilities.drop(columns=["cell_id"]).to_numpy(), predictions["unknown"].to_numpy())
+    write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy())
     reference.obs[f"{key}_reference_split"] = pd.Categorical(predictions["reference_split"].to_numpy())
     for q in queries:
-        parts: list[np.ndarray] = []
+        parts = []
         pred, _ = predict_query(model, q, query_layer, config.min_overlap, config.query_chunk_size,
                                 lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
         write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
