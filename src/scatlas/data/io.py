@@ -61,6 +61,12 @@ def string_categorical(values: pd.Series) -> pd.Categorical:
     return pd.Categorical(values.astype(str))
 
 
+def string_values(values: pd.Series) -> np.ndarray:
+    """An obs column's values as an object array of strings; for a categorical column each cell points at its
+    category's string (8 bytes per cell) instead of holding a string of its own (``astype(str)``)."""
+    return np.asarray(string_categorical(values), dtype=object)
+
+
 def cell_chunks(adata: ad.AnnData, chunk_size: int) -> Iterator[ad.AnnData]:
     """The cells of ``adata`` in order: ``chunk_size`` at a time loaded from the file of a backed AnnData (never
     all of them), else ``adata`` itself in one piece."""

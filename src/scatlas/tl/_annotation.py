@@ -28,7 +28,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, read_h5ad, source_name, to_csr
+from scatlas.data.io import cell_chunks, get_matrix, read_h5ad, source_name, string_values, to_csr
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split
 from scatlas.data.validate import validate
@@ -370,7 +370,7 @@ def _detailed(data: CellData, rows: np.ndarray, truth: np.ndarray, proba: np.nda
         table["call_correct"] = labels.reachability[calls, labels.codes(truth)] > 0
         table["call_depth"] = labels.depth[calls]
     for column in strata:
-        table[column] = data.obs[column].astype(str).to_numpy()[rows]
+        table[column] = string_values(data.obs[column])[rows]
     probs = pd.DataFrame(proba, columns=[f"p_{c}" for c in labels.classes])
     return pd.concat([table, probs], axis=1)
 
@@ -398,7 +398,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
     counts = np.bincount(codes, minlength=len(labels.classes))
     stratify = codes if counts[counts > 0].min() >= 2 else None
     train, val = train_test_split(rows, test_size=0.1, random_state=config.seed, stratify=stratify)
-    sources = data.obs[config.dataset_key].astype(str).to_numpy() if config.dataset_key else None
+    sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     train, val = np.sort(train), np.sort(val)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources)
     labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision)
@@ -409,7 +409,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
 def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, truth: np.ndarray, stage: Path, log: Log) -> pd.DataFrame:
     """Fit and evaluate on every fold of ``config.split``; write per-fold and pooled tables; return the mean ± 95% CI table."""
     strata = _strata(config, data)
-    sources = data.obs[config.dataset_key].astype(str).to_numpy() if config.dataset_key else None
+    sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     split_data = CellData(data.name, data.lognorm, data.var_names, data.obs, data.batch, pd.Categorical(truth))
     splits: list[Split] = make_splits(config.split, config.split.group_key or config.dataset.batch_key, split_data)
     pooled, folds = [], []
@@ -459,9 +459,9 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     data = load_dataset(config.dataset, extra_keys=tuple(k for k in (config.ontology_key, config.split.group_key, config.dataset_key) if k), log=log)
     if config.label_map is not None:
         data.obs[key] = map_author_labels(data.obs[config.dataset.label_key].astype(str), config.label_map, ontology)
-    truth = data.obs[key].astype(str).to_numpy()
-    names = data.obs[config.dataset.label_key].astype(str).to_numpy() if config.dataset.label_key else None
-    sources = data.obs[config.dataset_key].astype(str).to_numpy() if config.dataset_key else None
+    truth = string_values(data.obs[key])
+    names = string_values(data.obs[config.dataset.label_key]) if config.dataset.label_key else None
+    sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     labels = label_space(truth, names, ontology, where=f"{config.dataset.path}: obs column {key!r}: ", sources=sources, log=log)
     codes = labels.codes(truth)
     if not (config.cross_validate or config.final_model):
@@ -590,8 +590,8 @@ def evaluate_annotations(
     for key in (truth_key, pred_key):
         if key not in adata.obs:
             raise InputError(f"{predictions}: obs column {key!r} not found; available: {list(adata.obs.columns)}")
-    truth = adata.obs[truth_key].astype(str).to_numpy()
-    pred = adata.obs[pred_key].astype(str).to_numpy()
+    truth = string_values(adata.obs[truth_key])
+    pred = string_values(adata.obs[pred_key])
     if not set(truth) & set(pred):
         raise InputError(f"{predictions}: obs columns {truth_key!r} and {pred_key!r} share no label (truth e.g. {sorted(set(truth))[:3]}, "
                          f"predictions e.g. {sorted(set(pred))[:3]}); compare ids with ids and names with names "
@@ -601,7 +601,7 @@ def evaluate_annotations(
     table = pd.DataFrame({"cell_id": adata.obs_names.astype(str), "y_true": truth, "y_pred": pred})
     strata = [c for c in STRATA if c in adata.obs.columns]
     for column in strata:
-        table[column] = adata.obs[column].astype(str).to_numpy()
+        table[column] = string_values(adata.obs[column])
     out = Path(out)
     return write_evaluation(table, labels, strata, out, str(Path(predictions).name))
 

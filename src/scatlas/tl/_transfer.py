@@ -29,7 +29,7 @@ from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, w
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import cell_chunks, read_h5ad, source_name
+from scatlas.data.io import cell_chunks, read_h5ad, source_name, string_values
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.validate import check_obs_keys, validate
@@ -221,9 +221,9 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     """
     ontology = CellOntology() if config.ontology_key else None
     key = config.ontology_key or config.reference.label_key
-    truth = data.obs[key].astype(str).to_numpy()
-    names = data.obs[config.reference.label_key].astype(str).to_numpy() if config.reference.label_key else None
-    sources = data.obs[config.dataset_key].astype(str).to_numpy() if config.dataset_key else None
+    truth = string_values(data.obs[key])
+    names = string_values(data.obs[config.reference.label_key]) if config.reference.label_key else None
+    sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     labels = label_space(truth, names, ontology, where=f"{config.reference.path}: obs column {key!r}: ", sources=sources, log=log)
     codes = labels.codes(truth)
     rows = np.arange(data.n_cells)
@@ -242,7 +242,9 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
     centroids = class_centroids(model, sdata, train, codes[train], config.query_chunk_size)
-    threshold = float(np.quantile(nearest_centroid_distance(model.embed(sdata, calib), centroids), config.distance_quantile))
+    step = config.query_chunk_size
+    distances = [nearest_centroid_distance(model.embed(sdata, calib[a : a + step]), centroids) for a in range(0, len(calib), step)]
+    threshold = float(np.quantile(np.concatenate(distances), config.distance_quantile))
     annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path)})
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
     role = np.full(data.n_cells, "train", dtype=object)
@@ -304,7 +306,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
             reference, predictions, calib, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)))
         write_csv(calibration, stage / "calibration.csv")
-        truth = data.obs[config.ontology_key or config.reference.label_key].astype(str).to_numpy()[calib]
+        truth = string_values(data.obs[config.ontology_key or config.reference.label_key])[calib]
         labels = reference.annotator.labels
         truth = np.asarray(labels.names)[labels.codes(truth)]
         metrics = _evaluate(truth, predictions.iloc[calib].reset_index(drop=True), labels, ref_dir, "reference, held-out cells")
@@ -320,7 +322,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             log(f"{stem}: {adata.n_obs} cells; {report['shared_genes']} of {report['model_genes']} model genes present ({report['fraction_of_model_genes']:.1%}), the rest set to 0")
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
-                truth = adata.obs[config.query_label_key].astype(str).to_numpy()
+                truth = string_values(adata.obs[config.query_label_key])
                 row.update(_evaluate(truth, pred, reference.annotator.labels, qdir, stem))
             summary.append(row)
         table = pd.DataFrame(summary)
