@@ -205,7 +205,7 @@ def _query_stems(queries: list[Path]) -> list[str]:
 
 
 def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
-                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, pd.DataFrame]:
+                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
     """Fit the reference classifier, its temperature and its unknown thresholds on ``data`` alone.
 
     ``data`` may be streamed (:attr:`~scatlas.data.DatasetConfig.stream`): then no step holds more
@@ -217,7 +217,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     -------
     The frozen reference model; the compact predictions of every reference cell (as
     :func:`predict_query` returns them, with ``reference_split``); the rows of the held-out
-    calibration cells; the calibration table.
+    calibration cells and their true labels (names); the calibration table.
     """
     ontology = CellOntology() if config.ontology_key else None
     key = config.ontology_key or config.reference.label_key
@@ -257,7 +257,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
         if sink is not None:
             sink(predictions, probabilities)
         kept.append(_compact(predictions, labels))
-    return reference, pd.concat(kept, ignore_index=True), calib, calibration
+    return reference, pd.concat(kept, ignore_index=True), calib, np.asarray(labels.names)[codes[calib]], calibration
 
 
 def class_centroids(model: CellTypeClassifier, sdata: SplitData, rows: np.ndarray, codes: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -304,12 +304,9 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     with staged_dir(out, overwrite) as stage:
         ref_dir = stage / "reference"
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
-            reference, predictions, calib, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)))
+            reference, predictions, calib, calib_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)))
         write_csv(calibration, stage / "calibration.csv")
-        truth = string_values(data.obs[config.ontology_key or config.reference.label_key])[calib]
-        labels = reference.annotator.labels
-        truth = np.asarray(labels.names)[labels.codes(truth)]
-        metrics = _evaluate(truth, predictions.iloc[calib].reset_index(drop=True), labels, ref_dir, "reference, held-out cells")
+        metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells")
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
         _save_reference(reference, ref_dir / "model")
         for stem, adata in zip(stems, queries, strict=True):
@@ -421,7 +418,7 @@ def transfer(
     if decided:
         log(decided)
     parts: list[np.ndarray] = []
-    model, predictions, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
+    model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
     key = ontology_key or label_key
     labels = model.annotator.labels
     write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy())
