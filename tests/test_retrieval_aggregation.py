@@ -127,7 +127,7 @@ def test_toy_covariance_learned_beats_mean(tmp_path):
 
 def test_aggregate_cli_on_cellbench_held_out_plate(tmp_path, cellbench5_path):
     result = runner.invoke(app, ["aggregate", str(cellbench5_path), "--cells-per-sample", "10", "--label-key", "cell_line", "--batch-key", "batch",
-                                 "--features", "pca:30", "--width", "128", "--seeds", "2", "--max-epochs", "15", "--out", str(tmp_path / "cb")])
+                                 "--features", "pca:30", "--width", "128", "--seeds", "2", "--max-epochs", "15", "--out", str(tmp_path / "cb"), "--stream"])
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(tmp_path / "cb" / "metrics_95CI.csv")
     learned = metrics[(metrics["method"] == "learned") & (metrics["metric"] == "map")].iloc[0]
@@ -140,6 +140,31 @@ def test_aggregate_cli_on_cellbench_held_out_plate(tmp_path, cellbench5_path):
     assert "Held-out queries" in dom and "data:image/png;base64" in dom and "Uncaught" not in console_log
     profiles = pd.read_parquet(tmp_path / "cb" / "profiles_mean.parquet")
     assert profiles["batch"].nunique() == 3
+
+
+@pytest.mark.parametrize("features", ["pca:30", None, "obsm"])
+def test_streamed_features_equal_loaded(tmp_path, cellbench5_path, features):
+    """``read_cells(..., stream=True)`` never loads X and gives the loaded file's features: the same HVGs and exact PCA
+    (bit-equal), ``.X`` densified chunk by chunk, an obsm key; a backed view is refused in one line."""
+    import anndata as ad
+
+    from scatlas.tl._aggregation import cells_from_anndata, read_cells
+
+    path = cellbench5_path
+    if features == "obsm":
+        adata = ad.read_h5ad(path)
+        adata.obsm["X_cells"] = np.random.default_rng(0).normal(size=(adata.n_obs, 7)).astype(np.float32)
+        adata.write_h5ad(path := tmp_path / "with_obsm.h5ad")
+        features = "X_cells"
+    config = load_aggregate_config({"sample_key": "batch", "label_key": "cell_line", "features": features})
+    loaded, streamed = read_cells(path, config), read_cells(path, config, stream=True)
+    assert np.array_equal(loaded.X, streamed.X) and loaded.obs.equals(streamed.obs)
+    if features is None:
+        assert np.array_equal(loaded.X, ad.read_h5ad(path).X.toarray())
+    backed = ad.read_h5ad(path, backed="r")
+    if features != "X_cells":
+        with pytest.raises(InputError, match="subset of a backed AnnData"):
+            cells_from_anndata(backed[:10], config)
 
 
 def test_make_samples_groups():

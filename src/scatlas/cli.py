@@ -377,10 +377,11 @@ def aggregate(
     max_epochs: Annotated[int, typer.Option()] = 100,
     toy: Annotated[str | None, typer.Option(help="Run the built-in check instead of DATA: 'covariance'.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP."""
     from scatlas._io import check_output_dir
-    from scatlas.tl._aggregation import load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
+    from scatlas.tl._aggregation import joined_samples, load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
                                 "max_epochs": max_epochs, "features": features, "group_key": group_key}
@@ -396,7 +397,7 @@ def aggregate(
         combined = sample_key is None or "," in sample_key
         settings.update(sample_key="scatlas_sample" if combined else sample_key, label_key=label_key, batch_key=batch_key)
         check_output_dir(out, overwrite)
-        cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}))
+        cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}), stream=stream)
         columns = sample_key.split(",") if sample_key else []
         missing = [c for c in columns if c not in cells.obs.columns]
         if missing:
@@ -404,7 +405,7 @@ def aggregate(
         if sample_key is None:
             cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
         elif combined:  # e.g. --sample-key donor_id,cell_type
-            cells.obs["scatlas_sample"] = cells.obs[columns].astype(str).agg("|".join, axis=1)
+            cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
     summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=console.print)
     shown = summary[summary["metric"].isin(["map", "precision_at_r"])]
     table = Table(title="held-out queries: mean ± 95% CI half-width over seeds")

@@ -2,7 +2,7 @@
 
 from scatlas.data.io import get_matrix, read_h5ad, to_csr, write_chunked_h5ad
 from scatlas.data.loaders import CSRLoader, densify
-from scatlas.data.preprocess import GeneScaler, Preprocessed, gene_moments, highly_variable_genes, normalize_log1p, preprocess_split, seurat_dispersions
+from scatlas.data.preprocess import GenePCA, GeneScaler, Preprocessed, fit_gene_pca, gene_moments, highly_variable_genes, normalize_log1p, preprocess_split, seurat_dispersions
 from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR, SomaCSRSource
 from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
 from scatlas.data.validate import validate
@@ -19,6 +19,8 @@ __all__ = [
     "densify",
     "get_matrix",
     "group_splits",
+    "GenePCA",
+    "fit_gene_pca",
     "gene_moments",
     "highly_variable_genes",
     "InMemoryCSR",

@@ -43,7 +43,7 @@ def normalize_log1p(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_ma
     return counts
 
 
-def _row_blocks(X: Any, rows: np.ndarray | None, chunk_size: int) -> Iterator[sp.csr_matrix]:
+def row_blocks(X: Any, rows: np.ndarray | None, chunk_size: int) -> Iterator[sp.csr_matrix]:
     """The cells ``rows`` (sorted; default all) of a matrix or source as CSR blocks of at most ``chunk_size`` cells."""
     from scatlas.data.sources import as_source, read_rows
 
@@ -57,7 +57,7 @@ def gene_maxabs(X: Any, rows: np.ndarray | None = None, chunk_size: int = 65_536
     """Largest absolute value of each gene over the cells ``rows`` of a matrix or on-disk source, in one streamed pass
     (:func:`gene_moments`' reading); 0 for a gene never stored."""
     peak = np.zeros(X.shape[1], dtype=np.float64)
-    for block in _row_blocks(X, rows, chunk_size):
+    for block in row_blocks(X, rows, chunk_size):
         np.maximum(peak, np.asarray(abs(block).max(axis=0).todense()).ravel(), out=peak)
     return peak
 
@@ -89,7 +89,7 @@ def gene_moments(X: Any, rows: np.ndarray | None = None, expm1: bool = False, ch
     """
     n_genes = X.shape[1]
     n, mean, m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
-    for block in _row_blocks(X, rows, chunk_size):
+    for block in row_blocks(X, rows, chunk_size):
         values = np.expm1(block.data) if expm1 else block.data
         k = block.shape[0]
         block_mean = np.bincount(block.indices, values.astype(np.float64), minlength=n_genes) / k
@@ -144,6 +144,72 @@ def highly_variable_genes(lognorm: Any, train: np.ndarray, n_top_genes: int, chu
     ranked = np.sort(normalised[~np.isnan(normalised)])[::-1]
     cut = ranked[min(n_top_genes, ranked.size) - 1]
     return variable[np.nan_to_num(normalised, nan=-np.inf) >= cut]
+
+
+@dataclass(frozen=True)
+class GenePCA:
+    """Principal components of cells × genes, fitted by :func:`fit_gene_pca`.
+
+    Attributes
+    ----------
+    mean
+        Per-gene mean of the fitted cells.
+    components
+        Components × genes, unit rows, by decreasing variance (signs as scikit-learn's ``svd_flip``:
+        each row's largest-magnitude loading is positive).
+    explained_variance
+        Variance along each component (``n − 1`` in the denominator).
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+
+    def transform(self, X: Any, chunk_size: int = 65_536) -> np.ndarray:
+        """Coordinates of every cell of a matrix or on-disk source, read ``chunk_size`` cells at a time (float32)."""
+        offset = self.mean @ self.components.T
+        out, start = np.empty((X.shape[0], len(self.components)), dtype=np.float32), 0
+        for block in row_blocks(X, None, chunk_size):
+            out[start : start + block.shape[0]] = np.asarray(block @ self.components.T) - offset
+            start += block.shape[0]
+        return out
+
+
+def fit_gene_pca(X: Any, n_components: int, rows: np.ndarray | None = None, chunk_size: int = 65_536) -> GenePCA:
+    """Exact PCA of the cells ``rows`` of a sparse matrix or on-disk source, from one streamed pass.
+
+    The gene × gene scatter matrix is accumulated in float64 chunk by chunk (sparse products, so
+    host memory holds one chunk and a genes² matrix, not the cells), centred, and its leading
+    eigenvectors taken: the components of scikit-learn's ``PCA(svd_solver="full")`` on the dense
+    centred matrix (tested), with no randomised approximation. Meant for up to a few thousand
+    genes (e.g. the highly variable ones).
+
+    Parameters
+    ----------
+    X
+        Cells × genes CSR matrix or :class:`~scatlas.data.sources.CSRSource`.
+    n_components
+        Components kept (at most the number of genes and of cells − 1).
+    rows
+        Cells to fit on (default all).
+    chunk_size
+        Cells read per step.
+    """
+    n_genes = X.shape[1]
+    scatter, total, n = np.zeros((n_genes, n_genes)), np.zeros(n_genes), 0
+    for block in row_blocks(X, rows, chunk_size):
+        block = block.astype(np.float64)
+        scatter += (block.T @ block).toarray()
+        total += np.asarray(block.sum(axis=0)).ravel()
+        n += block.shape[0]
+    k = min(n_components, n_genes, max(n - 1, 1))
+    mean = total / max(n, 1)
+    covariance = (scatter - n * np.outer(mean, mean)) / max(n - 1, 1)
+    values, vectors = np.linalg.eigh(covariance)
+    components = vectors[:, ::-1][:, :k].T.copy()
+    largest = np.abs(components).argmax(axis=1)
+    components *= np.sign(components[np.arange(k), largest])[:, None]
+    return GenePCA(mean, components, np.clip(values[::-1][:k], 0, None))
 
 
 @dataclass

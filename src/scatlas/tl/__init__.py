@@ -34,7 +34,9 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
     Parameters
     ----------
     adata
-        Cells with per-cell features in ``.X``, an ``.obsm`` key or ``pca:<k>`` (``features``).
+        Cells with per-cell features in ``.X``, an ``.obsm`` key or ``pca:<k>`` (``features``). A
+        backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read in chunks, its matrix never
+        loaded (``pca:<k>``: streamed highly variable genes, then an exact PCA).
     sample_key
         Column naming each cell's sample (well, donor × condition, ...).
     label_key

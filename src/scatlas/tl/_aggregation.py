@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError, UnpairedError
 from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_yaml
-from scatlas.data.io import get_matrix, read_h5ad, to_csr
-from scatlas.data.preprocess import highly_variable_genes, normalize_log1p
+from scatlas.data.io import get_matrix, read_h5ad, string_values, to_csr
+from scatlas.data.preprocess import row_blocks, fit_gene_pca, highly_variable_genes, normalize_log1p
+from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import validate
 from scatlas.settings import parse_settings
 from scatlas.metrics.retrieval import average_precision
@@ -104,12 +105,17 @@ class AggregateConfig(BaseModel):
     weight_decay: float = 0.01
 
 
-def read_cells(path: str | Path, config: AggregateConfig) -> CellTable:
-    """Per-cell features from an ``.h5ad`` (``.X``, an ``.obsm`` key or ``pca:<k>``) or a CSV/parquet table."""
+def read_cells(path: str | Path, config: AggregateConfig, stream: bool = False) -> CellTable:
+    """Per-cell features from an ``.h5ad`` (``.X``, an ``.obsm`` key or ``pca:<k>``) or a CSV/parquet table.
+
+    With ``stream`` an ``.h5ad``'s matrix is never loaded: an ``.obsm`` key is read alone, and
+    ``pca:<k>`` comes from streamed passes (highly variable genes, then an exact PCA of them), so
+    host memory holds the cells' features, not their genes.
+    """
     path = Path(path)
     keys = [k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k]
     if path.suffix == ".h5ad":
-        return cells_from_anndata(read_h5ad(path), config, str(path))
+        return cells_from_anndata(read_h5ad(path, backed=stream), config, str(path))
     if path.name.endswith((".csv", ".csv.gz", ".parquet")):
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         meta = [c for c in table.columns if c in keys or c.startswith("Metadata_") or not pd.api.types.is_numeric_dtype(table[c])]
@@ -140,17 +146,27 @@ def checked_cells(obs: pd.DataFrame, X: np.ndarray, config: AggregateConfig, sou
 
 
 def _h5ad_features(adata: ad.AnnData, features: str | None, path: str) -> np.ndarray:
+    """The per-cell features ``features`` names; a backed AnnData's matrix is read in chunks, never loaded."""
+    if features is not None and not features.startswith("pca:"):
+        if features not in adata.obsm:
+            raise InputError(f"{path}: obsm key {features!r} not found; available: {list(adata.obsm)}")
+        return np.asarray(adata.obsm[features])
     if features is None:
-        return np.asarray(to_csr(get_matrix(adata)).toarray())
-    if features.startswith("pca:"):
-        from sklearn.decomposition import PCA
+        return np.vstack([block.toarray() for block in row_blocks(_matrix(adata, normalize=False), None, 65_536)])
+    lognorm = _matrix(adata, normalize=True)
+    genes = highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000)
+    lognorm = lognorm.with_genes(genes) if isinstance(lognorm, AnnDataCSRSource) else lognorm[:, genes]
+    return fit_gene_pca(lognorm, int(features[4:])).transform(lognorm)
 
-        lognorm = normalize_log1p(to_csr(get_matrix(adata)))
-        genes = highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000)
-        return PCA(int(features[4:]), random_state=0).fit_transform(lognorm[:, genes].toarray())
-    if features not in adata.obsm:
-        raise InputError(f"{path}: obsm key {features!r} not found; available: {list(adata.obsm)}")
-    return np.asarray(adata.obsm[features])
+
+def _matrix(adata: ad.AnnData, normalize: bool) -> Any:
+    """``.X`` (log-normalised when ``normalize``): in memory, or for a backed AnnData a source that reads the file in chunks."""
+    if not adata.isbacked:
+        X = to_csr(get_matrix(adata))
+        return normalize_log1p(X) if normalize else X
+    if adata.is_view:
+        raise InputError(f"{adata.filename}: a subset of a backed AnnData cannot be streamed; pass the whole backed file or load the subset")
+    return AnnDataCSRSource(adata.filename, normalize=normalize)
 
 
 def normalize_per_batch(X: np.ndarray, batch: np.ndarray | None, method: str) -> np.ndarray:
@@ -266,7 +282,7 @@ def _cells_per_view(config: AggregateConfig, sizes: np.ndarray) -> tuple[float, 
 def train_aggregator(cells: CellTable, sample_ids: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray, config: AggregateConfig, seed: int) -> SetAggregator:
     """Fit the set model on the samples ``train`` (checkpoint with the best mAP on ``val``)."""
     rows_of = pd.Series(np.arange(len(cells.X))).groupby(sample_ids).apply(np.asarray).to_dict()
-    label_of = dict(zip(sample_ids, labels, strict=True))
+    label_of = pd.Series(labels).groupby(sample_ids, sort=False).first().to_dict()
     train_cells = {s: rows_of[s] for s in train}
     sampler = ViewSampler(cells.X, train_cells, label_of, config, _cells_per_view(config, np.array([len(r) for r in train_cells.values()])), seed)
     torch.manual_seed(seed)
@@ -311,7 +327,7 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
     if out is not None:
         check_output_dir(out, overwrite)
     obs = cells.obs
-    sample_ids = obs[config.sample_key].astype(str).to_numpy()
+    sample_ids = string_values(obs[config.sample_key])  # a categorical's cells share its strings
     samples = pd.unique(sample_ids)
     first = obs.groupby(sample_ids, sort=False).first().loc[samples]
     for key in (config.label_key, config.batch_key, config.group_key):
@@ -350,7 +366,7 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
         rows += _score(profiles, meta, config, tasks, test, how, seed=None)
     for seed in config.seeds:
         val_mask = np.random.default_rng(seed).random(len(train_samples)) < 0.2
-        cell_labels = _labels_by_sample(sample_ids, samples, label_codes)
+        cell_labels = pd.Series(label_codes, index=samples).reindex(sample_ids).to_numpy()
         module = train_aggregator(CellTable(X, obs), sample_ids, cell_labels, train_samples[~val_mask], train_samples[val_mask], config, seed)
         profiles = learned_profiles(module, X, sample_ids, samples)
         rows += _score(profiles, meta, config, tasks, test, "learned", seed)
@@ -372,11 +388,6 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
             write_report(stage / "report.html", "Profile aggregation: learned vs mean vs median",
                          [Section("Held-out queries: mean and 95% CI over seeds", [summary], [stage / "precision_recall.png"]), Section("Per seed", [metrics])], cells.source)
     return summary
-
-
-def _labels_by_sample(sample_ids: np.ndarray, samples: np.ndarray, label_codes: np.ndarray) -> np.ndarray:
-    code_of = dict(zip(samples, label_codes, strict=True))
-    return np.array([code_of[s] for s in sample_ids])
 
 
 def _score(profiles: np.ndarray, meta: pd.DataFrame, config: AggregateConfig, tasks: list, test: np.ndarray, method: str, seed: int | None) -> list[dict[str, Any]]:
@@ -441,8 +452,9 @@ def toy_covariance(seed: int = 0, n_classes: int = 10, n_sets: int = 4, n_points
     return CellTable(np.concatenate(X).astype(np.float32), pd.DataFrame(rows), "toy covariance")
 
 
-def make_samples(obs: pd.DataFrame, by: list[str], size: int, seed: int = 0) -> np.ndarray:
-    """Sample ids that split the cells of each ``by`` group into random chunks of about ``size`` cells."""
+def make_samples(obs: pd.DataFrame, by: list[str], size: int, seed: int = 0) -> pd.Categorical:
+    """Sample ids that split the cells of each ``by`` group into random chunks of about ``size`` cells (a categorical:
+    the cells of a sample share one string)."""
     rng = np.random.default_rng(seed)
     ids = np.empty(len(obs), dtype=object)
     for key, rows in obs.groupby(by, observed=True).indices.items():
@@ -451,7 +463,16 @@ def make_samples(obs: pd.DataFrame, by: list[str], size: int, seed: int = 0) -> 
         n_chunks = max(1, len(rows) // size)
         for i, chunk in enumerate(np.array_split(rows, n_chunks)):
             ids[chunk] = "|".join(map(str, key)) + f"|s{i}"
-    return ids.astype(str)
+    return pd.Categorical(ids)
+
+
+def joined_samples(obs: pd.DataFrame, columns: list[str]) -> pd.Categorical:
+    """One sample per combination of ``columns`` (e.g. donor × cell type), named ``"a|b"``, as a categorical (one
+    string per sample, not per cell)."""
+    codes = obs.groupby(columns, sort=False, observed=True, dropna=False).ngroup().to_numpy()
+    first = np.unique(codes, return_index=True)[1]  # one cell of each sample, in code order
+    names = obs[columns].iloc[first].astype(str).agg("|".join, axis=1)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(names.to_numpy()))
 
 
 def load_aggregate_config(values: dict[str, Any]) -> AggregateConfig:
@@ -459,4 +480,4 @@ def load_aggregate_config(values: dict[str, Any]) -> AggregateConfig:
     return parse_settings(AggregateConfig, values)
 
 
-__all__ = ["AggregateConfig", "CellTable", "load_aggregate_config", "make_samples", "read_cells", "run_aggregation", "toy_covariance"]
+__all__ = ["AggregateConfig", "CellTable", "joined_samples", "load_aggregate_config", "make_samples", "read_cells", "run_aggregation", "toy_covariance"]
