@@ -1,4 +1,4 @@
-"""Streamed workflows on atlas-sized files: peak host memory (``VmHWM``) and wall time of ``scatlas embed --stream`` and ``scatlas transfer``.
+"""Streamed workflows on atlas-sized files: peak host memory (``VmHWM``) and wall time of ``scatlas embed --stream``, ``scatlas transfer`` and ``scatlas aggregate --stream``.
 
 Cells: OneK1K PBMCs (``../shared/data``, raw counts, 1,000 genes, 114 non-zeros per cell)
 resampled with replacement to each ``--sizes`` N and written chunk by chunk as a CSR ``.h5ad``
@@ -15,6 +15,11 @@ sizes in ``--in-memory-sizes``.
 ``reference`` (``--workflows reference``): ``scatlas transfer --stream`` learns the MLP on the
 N-cell file itself (streamed, minibatches of ``--batch-size``, ``--transfer-epochs`` epochs at
 most) and maps the 7,811 OneK1K cells. Peer: ``tl.transfer`` with that reference loaded.
+
+``aggregate`` (``--workflows aggregate``): ``scatlas aggregate --stream`` with ``pca:50`` features
+(streamed HVGs and exact PCA; the matrix never loaded), pseudo-bulk samples of one cell type in one
+donor, label = cell type, ``--epochs`` epochs of the set model, one seed. Peer: the same command
+without ``--stream`` (the matrix loaded).
 
     python benchmarks/streamed_workflows.py --sizes 1000000 5000000 --in-memory-sizes 1000000
 """
@@ -36,9 +41,10 @@ _CLI = f"""
 import sys
 from scatlas.cli import app
 try:
-    app(sys.argv[1:], standalone_mode=False)
+    code = app(sys.argv[1:], standalone_mode=False)  # an InputError comes back as exit code 2, not raised
 finally:
     {_PEAK_LINE}
+sys.exit(code)
 """
 _IN_MEMORY_TRANSFER = f"""
 import sys
@@ -88,6 +94,13 @@ def embed_run(path: Path, out: Path, stream: bool, epochs: int, n_top_genes: int
     return _peak_run([_CLI, *args])
 
 
+def aggregate_run(path: Path, out: Path, stream: bool, epochs: int) -> dict[str, float | str]:
+    """``scatlas aggregate`` (``pca:50`` features, samples = donor × cell type) on ``path`` in a fresh process."""
+    args = ["aggregate", str(path), "--out", str(out), "--overwrite", "--sample-key", "donor_id,cell_type", "--label-key", "cell_type",
+            "--batch-key", "donor_id", "--features", "pca:50", "--seeds", "1", "--max-epochs", str(epochs)]
+    return _peak_run([_CLI, *args, *(["--stream"] if stream else [])])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000])
@@ -97,7 +110,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--chunk-size", type=int, default=100_000)
     parser.add_argument("--transfer-epochs", type=int, default=20)
-    parser.add_argument("--workflows", nargs="+", default=["embed", "transfer", "reference"], choices=["embed", "transfer", "reference"])
+    parser.add_argument("--workflows", nargs="+", default=["embed", "transfer", "reference"],
+                        choices=["embed", "transfer", "reference", "aggregate"])
     parser.add_argument("--workdir", default=None, help="where the .h5ad files go (default: a temporary directory)")
     args = parser.parse_args()
 
@@ -124,6 +138,10 @@ def main() -> None:
             if "reference" in args.workflows:
                 result = reference_run(path, workdir / f"reference_{n}", stream, args.transfer_epochs, args.batch_size, args.chunk_size)
                 rows.append((f"scatlas transfer{' --stream (reference streamed)' if stream else ': tl.transfer, reference loaded (peer)'}", n, size_gb, result))
+                print(rows[-1], flush=True)
+            if "aggregate" in args.workflows:
+                result = aggregate_run(path, workdir / f"aggregate_{n}", stream, args.epochs)
+                rows.append((f"scatlas aggregate{' --stream' if stream else ' (matrix loaded: peer)'}", n, size_gb, result))
                 print(rows[-1], flush=True)
     print(f"\nembed: AE, {args.epochs} epoch(s), {args.n_top_genes} HVGs, batch {args.batch_size:,}; transfer: MLP on {DATASET} (reference: "
           f"on the N cells, batch {args.batch_size:,}), {args.transfer_epochs} epochs at most; chunk {args.chunk_size:,} cells")

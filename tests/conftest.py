@@ -76,9 +76,10 @@ def rss(field):
 import scatlas.tl._factors, scatlas.models, lightning  # everything the command imports, before the baseline
 print("baseline", rss("VmRSS:"))
 try:
-    app(sys.argv[1:], standalone_mode=False)
+    code = app(sys.argv[1:], standalone_mode=False)  # an InputError comes back as exit code 2, not raised
 finally:
     print("peak", rss("VmHWM:"))
+sys.exit(code)
 """
 
 

@@ -163,7 +163,7 @@ def test_streamed_features_equal_loaded(tmp_path, cellbench5_path, features):
         assert np.array_equal(loaded.X, ad.read_h5ad(path).X.toarray())
     backed = ad.read_h5ad(path, backed="r")
     if features != "X_cells":
-        with pytest.raises(InputError, match="subset of a backed AnnData"):
+        with pytest.raises(InputError, match="only a whole backed AnnData"):
             cells_from_anndata(backed[:10], config)
 
 

@@ -150,12 +150,27 @@ def _lognorm_matrix(adata: ad.AnnData, layer: str | None, counts: bool) -> sp.cs
     return normalize_log1p(X) if counts else X
 
 
-def _streamed_matrix(path: Path, layer: str | None, counts: bool, rows: np.ndarray, keep_genes: np.ndarray) -> Any:
-    """The log-normalised rows ``rows`` and genes ``keep_genes`` of a file's CSR matrix, as a source that reads it in chunks."""
-    source = AnnDataCSRSource(path, layer=layer, normalize=counts)
-    if not keep_genes.all():
-        source = source.with_genes(np.flatnonzero(keep_genes))
-    return source if len(rows) == source.shape[0] else RowSubset(source, rows)
+def whole_backed(adata: ad.AnnData) -> Path:
+    """The file of a whole backed AnnData, the only kind whose matrix can be streamed.
+
+    Raises
+    ------
+    InputError
+        For an AnnData in memory or a subset (view) of a backed one.
+    """
+    if not adata.isbacked or adata.is_view:
+        raise InputError(f"{source_name(adata)}: only a whole backed AnnData (anndata.read_h5ad(path, backed='r'), not a subset of one) can be streamed")
+    return Path(adata.filename)
+
+
+def file_source(path: str | Path, layer: str | None = None, normalize: bool = False, rows: np.ndarray | None = None,
+                genes: np.ndarray | None = None) -> Any:
+    """A file's CSR matrix as a source read in chunks: log-normalised when ``normalize``, only the
+    rows ``rows`` (increasing) and the columns ``genes`` when given."""
+    source = AnnDataCSRSource(path, layer=layer, normalize=normalize)
+    if genes is not None and len(genes) < source.shape[1]:
+        source = source.with_genes(genes)
+    return source if rows is None or len(rows) == source.shape[0] else RowSubset(source, rows)
 
 
 def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ()) -> tuple[ad.AnnData, MatrixSummary]:
@@ -246,8 +261,8 @@ def cell_data(
     InputError
         As :func:`~scatlas.data.validate.validate`.
     """
-    if stream and (not adata.isbacked or adata.is_view):
-        raise InputError(f"{source_name(adata)}: only a whole backed AnnData (anndata.read_h5ad(path, backed='r'), not a subset of one) can be streamed")
+    if stream:
+        whole_backed(adata)
     summary = validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts)
     return _cell_data(adata, summary, name, batch_key, label_key, layer, counts, drop_empty_cells, log, np.arange(adata.n_obs) if stream else None)
 
@@ -261,7 +276,7 @@ def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: 
     keep_cells = ~summary.empty_cells if drop_empty_cells else np.ones(adata.n_obs, dtype=bool)
     keep_genes = ~summary.empty_genes
     if file_rows is not None:
-        X = _streamed_matrix(Path(adata.filename), layer, counts, file_rows[keep_cells], keep_genes)
+        X = file_source(adata.filename, layer, counts, file_rows[keep_cells], np.flatnonzero(keep_genes))
     else:
         X = _lognorm_matrix(adata, layer, counts=counts)
         if not (keep_cells.all() and keep_genes.all()):

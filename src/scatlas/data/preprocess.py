@@ -7,7 +7,7 @@ applied unchanged to its validation and test cells.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,6 +51,16 @@ def row_blocks(X: Any, rows: np.ndarray | None, chunk_size: int) -> Iterator[sp.
     rows = np.arange(source.shape[0]) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
     for start in range(0, len(rows), chunk_size):
         yield sp.csr_matrix(read_rows(source, rows[start : start + chunk_size]))
+
+
+def map_rows(X: Any, width: int, fn: Callable[[sp.csr_matrix], Any], chunk_size: int = 65_536) -> np.ndarray:
+    """``fn`` of every block of ``chunk_size`` cells of a matrix or on-disk source, written into one
+    preallocated float32 array of ``width`` columns (so no list of blocks is held beside it)."""
+    out, start = np.empty((X.shape[0], width), dtype=np.float32), 0
+    for block in row_blocks(X, None, chunk_size):
+        out[start : start + block.shape[0]] = fn(block)
+        start += block.shape[0]
+    return out
 
 
 def gene_maxabs(X: Any, rows: np.ndarray | None = None, chunk_size: int = 65_536) -> np.ndarray:
@@ -168,11 +178,7 @@ class GenePCA:
     def transform(self, X: Any, chunk_size: int = 65_536) -> np.ndarray:
         """Coordinates of every cell of a matrix or on-disk source, read ``chunk_size`` cells at a time (float32)."""
         offset = self.mean @ self.components.T
-        out, start = np.empty((X.shape[0], len(self.components)), dtype=np.float32), 0
-        for block in row_blocks(X, None, chunk_size):
-            out[start : start + block.shape[0]] = np.asarray(block @ self.components.T) - offset
-            start += block.shape[0]
-        return out
+        return map_rows(X, len(self.components), lambda block: np.asarray(block @ self.components.T) - offset, chunk_size)
 
 
 def fit_gene_pca(X: Any, n_components: int, rows: np.ndarray | None = None, chunk_size: int = 65_536) -> GenePCA:

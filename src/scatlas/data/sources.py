@@ -75,8 +75,8 @@ class InMemoryCSR:
         Cells × genes sparse (or dense) matrix; converted to float32 CSR once.
     """
 
-    normalize = False  # rows are used as they are: no per-chunk normalisation, no gene subset
-    genes = None
+    normalize = False  # rows are used as they are: no per-chunk normalisation
+    genes = None  # a gene subset is applied once, by with_genes
 
     def __init__(self, X: Any) -> None:
         self.X = sp.csr_matrix(X, dtype=np.float32)
@@ -94,6 +94,10 @@ class InMemoryCSR:
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` (the matrix itself, not a copy, when all rows are asked for)."""
         return self.X if (start, stop) == (0, self.X.shape[0]) else self.X[start:stop]
+
+    def with_genes(self, genes: np.ndarray) -> InMemoryCSR:
+        """A copy keeping only the columns ``genes`` (as the on-disk sources' ``with_genes``)."""
+        return InMemoryCSR(self.X[:, np.asarray(genes, dtype=np.int64)])
 
     def read_window(self, start: int, stop: int, empty: Empty | None = None) -> CSRWindow:
         """Rows ``start:stop`` as a :class:`CSRWindow` of views of the matrix (``empty`` is not used)."""

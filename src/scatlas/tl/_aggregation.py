@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from scatlas._errors import InputError, UnpairedError
 from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_yaml
 from scatlas.data.io import get_matrix, read_h5ad, string_values, to_csr
-from scatlas.data.preprocess import row_blocks, fit_gene_pca, highly_variable_genes, normalize_log1p
-from scatlas.data.sources import AnnDataCSRSource
+from scatlas.data.dataset import file_source, whole_backed
+from scatlas.data.preprocess import fit_gene_pca, highly_variable_genes, map_rows, normalize_log1p
+from scatlas.data.sources import InMemoryCSR
 from scatlas.data.validate import validate
 from scatlas.settings import parse_settings
 from scatlas.metrics.retrieval import average_precision
@@ -152,21 +153,19 @@ def _h5ad_features(adata: ad.AnnData, features: str | None, path: str) -> np.nda
             raise InputError(f"{path}: obsm key {features!r} not found; available: {list(adata.obsm)}")
         return np.asarray(adata.obsm[features])
     if features is None:
-        return np.vstack([block.toarray() for block in row_blocks(_matrix(adata, normalize=False), None, 65_536)])
+        X = _matrix(adata, normalize=False)
+        return map_rows(X, X.shape[1], lambda block: block.toarray())
     lognorm = _matrix(adata, normalize=True)
-    genes = highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000)
-    lognorm = lognorm.with_genes(genes) if isinstance(lognorm, AnnDataCSRSource) else lognorm[:, genes]
+    lognorm = lognorm.with_genes(highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000))
     return fit_gene_pca(lognorm, int(features[4:])).transform(lognorm)
 
 
 def _matrix(adata: ad.AnnData, normalize: bool) -> Any:
-    """``.X`` (log-normalised when ``normalize``): in memory, or for a backed AnnData a source that reads the file in chunks."""
-    if not adata.isbacked:
-        X = to_csr(get_matrix(adata))
-        return normalize_log1p(X) if normalize else X
-    if adata.is_view:
-        raise InputError(f"{adata.filename}: a subset of a backed AnnData cannot be streamed; pass the whole backed file or load the subset")
-    return AnnDataCSRSource(adata.filename, normalize=normalize)
+    """``.X`` (log-normalised when ``normalize``) as a source: in memory, or for a backed AnnData read from its file in chunks."""
+    if adata.isbacked:
+        return file_source(whole_backed(adata), normalize=normalize)
+    X = to_csr(get_matrix(adata))
+    return InMemoryCSR(normalize_log1p(X) if normalize else X)
 
 
 def normalize_per_batch(X: np.ndarray, batch: np.ndarray | None, method: str) -> np.ndarray:
