@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,36 @@ def peak_rss_gb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+PEAK_LINE = 'print("bench: peak_gb", next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**20)'
+# ``python -c CLI_PROGRAM ARGS...`` runs ``scatlas ARGS...`` and prints its peak RSS; its exit code is the command's
+CLI_PROGRAM = f"""
+import sys
+from scatlas.cli import app
+try:
+    code = app(sys.argv[1:], standalone_mode=False)  # an InputError comes back as exit code 2, not raised
+finally:
+    {PEAK_LINE}
+sys.exit(code)
+"""
+
+
+def fresh_process(program: str, args: list[str], python: str | None = None) -> dict[str, Any]:
+    """Run ``python -c program *args`` in a fresh process: its wall time, its peak RSS (GB, from the
+    ``bench: peak_gb VALUE`` line of :data:`PEAK_LINE`) and every other ``bench: NAME VALUE`` number
+    it prints; ``{"error": last line}`` when it fails."""
+    start = time.perf_counter()
+    done = subprocess.run([python or sys.executable, "-c", program, *args], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    numbers: dict[str, float] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("bench: "):
+            name, value = line.split()[1:3]
+            numbers[name] = float(value)
+    if done.returncode or "peak_gb" not in numbers:
+        return {"error": ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]}
+    return {"wall_s": wall, "peak_rss_gb": numbers.pop("peak_gb"), **numbers}
 
 
 def _child(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], q: mp.Queue) -> None:

@@ -27,25 +27,12 @@ without ``--stream`` (the matrix loaded).
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import SHARED, machine
+from _common import CLI_PROGRAM, PEAK_LINE, SHARED, fresh_process, machine
 from atlas_scale import DATASET, write_resampled
 
-_PEAK_LINE = 'print("peak_gb", next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**20)'
-_CLI = f"""
-import sys
-from scatlas.cli import app
-try:
-    code = app(sys.argv[1:], standalone_mode=False)  # an InputError comes back as exit code 2, not raised
-finally:
-    {_PEAK_LINE}
-sys.exit(code)
-"""
 _IN_MEMORY_TRANSFER = f"""
 import sys
 import anndata as ad
@@ -53,34 +40,23 @@ import scatlas as sa
 reference, query = ad.read_h5ad(sys.argv[1]), ad.read_h5ad(sys.argv[2])
 sa.tl.transfer(reference, query, label_key="cell_type", input="counts", log=lambda _: None,
                training={{"max_epochs": int(sys.argv[3]), "batch_size": int(sys.argv[4]), "patience": 10}})
-{_PEAK_LINE}
+{PEAK_LINE}
 """
-
-
-def _peak_run(command: list[str]) -> dict[str, float | str]:
-    """Run ``command`` (a Python ``-c`` program and its arguments) in a fresh process: wall time and peak RSS (GB)."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", *command], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    peak = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak_gb")]
-    if done.returncode or not peak:
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1]}
-    return {"wall_s": wall, "peak_rss_gb": peak[0]}
 
 
 def transfer_run(path: Path, out: Path, stream: bool, epochs: int, chunk_size: int) -> dict[str, float | str]:
     """``scatlas transfer`` (query ``path`` streamed) or ``tl.transfer`` with the query loaded, in a fresh process."""
     if not stream:
-        return _peak_run([_IN_MEMORY_TRANSFER, str(SHARED / DATASET), str(path), str(epochs), "64"])
-    return _peak_run([_CLI, "transfer", "--reference", str(SHARED / DATASET), "--label-key", "cell_type", "--query", str(path), "--out", str(out),
+        return fresh_process(_IN_MEMORY_TRANSFER, [str(SHARED / DATASET), str(path), str(epochs), "64"])
+    return fresh_process(CLI_PROGRAM, ["transfer", "--reference", str(SHARED / DATASET), "--label-key", "cell_type", "--query", str(path), "--out", str(out),
                       "--overwrite", "--max-epochs", str(epochs), "--query-chunk-size", str(chunk_size)])
 
 
 def reference_run(path: Path, out: Path, stream: bool, epochs: int, batch_size: int, chunk_size: int) -> dict[str, float | str]:
     """``scatlas transfer --stream`` with the N-cell file ``path`` as the reference, or ``tl.transfer`` with it loaded, in a fresh process."""
     if not stream:
-        return _peak_run([_IN_MEMORY_TRANSFER, str(path), str(SHARED / DATASET), str(epochs), str(batch_size)])
-    return _peak_run([_CLI, "transfer", "--reference", str(path), "--label-key", "cell_type", "--query", str(SHARED / DATASET), "--out", str(out),
+        return fresh_process(_IN_MEMORY_TRANSFER, [str(path), str(SHARED / DATASET), str(epochs), str(batch_size)])
+    return fresh_process(CLI_PROGRAM, ["transfer", "--reference", str(path), "--label-key", "cell_type", "--query", str(SHARED / DATASET), "--out", str(out),
                       "--overwrite", "--stream", "--max-epochs", str(epochs), "--batch-size", str(batch_size), "--chunk-size", str(chunk_size),
                       "--query-chunk-size", str(chunk_size)])
 
@@ -91,14 +67,14 @@ def embed_run(path: Path, out: Path, stream: bool, epochs: int, n_top_genes: int
             "--max-epochs", str(epochs), "--n-top-genes", str(n_top_genes), "--set", f"batch_size={batch_size}", "--quiet"]
     if stream:
         args += ["--stream", "--chunk-size", str(chunk_size)]
-    return _peak_run([_CLI, *args])
+    return fresh_process(CLI_PROGRAM, args)
 
 
 def aggregate_run(path: Path, out: Path, stream: bool, epochs: int) -> dict[str, float | str]:
     """``scatlas aggregate`` (``pca:50`` features, samples = donor × cell type) on ``path`` in a fresh process."""
     args = ["aggregate", str(path), "--out", str(out), "--overwrite", "--sample-key", "donor_id,cell_type", "--label-key", "cell_type",
             "--batch-key", "donor_id", "--features", "pca:50", "--seeds", "1", "--max-epochs", str(epochs)]
-    return _peak_run([_CLI, *args, *(["--stream"] if stream else [])])
+    return fresh_process(CLI_PROGRAM, [*args, *(["--stream"] if stream else [])])
 
 
 def main() -> None:

@@ -5,12 +5,13 @@ ctrl → stim and stim → ctrl), one ``scatlas.tl.transfer`` per split, seed an
 setting; the table gives the mean and the range over seeds of exact accuracy and macro F1 on the
 queries. scikit-learn's LogisticRegression on the same genes is the peer (it has no seed).
 
-    python benchmarks/transfer_defaults.py [--seeds 5]
+    python benchmarks/transfer_defaults.py [--seeds 5] [--grid dropout|batch_size]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import anndata as ad
 import numpy as np
@@ -21,8 +22,14 @@ import scatlas as sa
 from _common import SHARED, machine
 from hce_transfer import lr_peer
 
-CANDIDATES = {f"mlp 256-128, dropout {d}": {"type": "mlp", "hidden": [256, 128], "dropout": d, "training": {"lr": 1e-3, "weight_decay": 0.05}}
-              for d in (0.1, 0.3)}
+def _mlp(dropout: float, batch_size: int = 64) -> dict:
+    return {"type": "mlp", "hidden": [256, 128], "dropout": dropout, "training": {"lr": 1e-3, "weight_decay": 0.05, "batch_size": batch_size}}
+
+
+GRIDS = {
+    "dropout": {f"mlp 256-128, dropout {d}": _mlp(d) for d in (0.1, 0.3)},
+    "batch_size": {f"mlp 256-128, dropout 0.3, batch {b}": _mlp(0.3, b) for b in (64, 256, 1024)},
+}
 
 
 def splits() -> list[tuple[str, ad.AnnData, np.ndarray, str, str | None]]:
@@ -36,23 +43,26 @@ def splits() -> list[tuple[str, ad.AnnData, np.ndarray, str, str | None]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="dropout", help="which setting to vary")
     args = parser.parse_args()
     print(machine())
     rows = []
     for name, adata, held, label, ontology in splits():
         key = ontology or label
-        for setting, model in CANDIDATES.items():
+        for setting, model in GRIDS[args.grid].items():
             for seed in range(args.seeds):
                 reference, query = adata[~held].copy(), adata[held].copy()
+                start = time.perf_counter()
                 sa.tl.transfer(reference, query, label_key=label, ontology_key=ontology, model=model, seed=seed, log=lambda _: None)
                 truth, pred = query.obs[key].astype(str).to_numpy(), query.obs[f"{key}_pred"].astype(str).to_numpy()
-                rows.append({"split": name, "setting": setting, "seed": seed, "accuracy": accuracy_score(truth, pred), "macro_f1": f1_score(truth, pred, average="macro")})
+                rows.append({"split": name, "setting": setting, "seed": seed, "accuracy": accuracy_score(truth, pred),
+                             "macro_f1": f1_score(truth, pred, average="macro"), "wall_s": time.perf_counter() - start})
         acc, f1, _ = lr_peer(adata, np.flatnonzero(~held), np.flatnonzero(held), key)
-        rows.append({"split": name, "setting": "LogisticRegression", "seed": 0, "accuracy": acc, "macro_f1": f1})
+        rows.append({"split": name, "setting": "LogisticRegression", "seed": 0, "accuracy": acc, "macro_f1": f1, "wall_s": np.nan})
         print(name, "done", flush=True)
     table = pd.DataFrame(rows)
     table["data"] = table["split"].str.split(" ").str[0]
-    per_seed = table.groupby(["data", "setting", "seed"], sort=False)[["accuracy", "macro_f1"]].mean()
+    per_seed = table.groupby(["data", "setting", "seed"], sort=False)[["accuracy", "macro_f1", "wall_s"]].mean()
     summary = per_seed.groupby(["data", "setting"], sort=False).agg(["mean", "min", "max"])
     print(f"\nmean over the held-out splits of each dataset; mean / min / max over {args.seeds} seeds:")
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))

@@ -1,0 +1,144 @@
+"""Wall time and peak host memory of ``scatlas transfer`` and ``scatlas annotate train --n-splits 0``
+against scikit-learn LogisticRegression and CellTypist, each in a fresh process, on the same splits.
+
+Splits (raw counts written to ``--workdir``, not timed; query labels used only for scoring):
+
+- ``symphony``: reference 3'v1 + 3'v2, query 5' (``author_cell_type``);
+- ``kang``: reference ctrl, query stim (``author_cell_type``);
+- ``onek1k``: reference the first 20 donors, query the other 20 (``cell_type``);
+- ``onek1k_<N>`` (``--atlas-sizes``): OneK1K resampled to N cells as a CSR ``.h5ad`` (as
+  ``atlas_scale.py`` writes it) as the reference, the 7,811 OneK1K cells as the query.
+
+Every process reads its files, log-normalises (10,000 counts per cell, ``log1p``), fits and, except
+``annotate train``, predicts the query; wall time is the whole process, as a user waits for it.
+
+- ``scatlas transfer``: the default MLP (its defaults; ``--stream`` and ``--atlas-batch-size`` /
+  ``--atlas-epochs`` on the atlas references).
+- ``scatlas annotate train --n-splits 0``: the final model only, no cross-validation.
+- peer ``LogisticRegression``: scikit-learn's defaults, ``max_iter=1000``, on all genes.
+- peer ``CellTypist``: ``celltypist.train`` with its defaults (for the atlas references its SGD
+  mini-batch mode, ``use_SGD=True, mini_batch=True``, as CellTypist advises for large data), then
+  ``celltypist.annotate`` without majority voting. CellTypist needs scikit-learn < 1.7, so it runs in
+  its own environment: ``--celltypist-python PATH`` (e.g. a venv with ``pip install celltypist
+  "scikit-learn<1.7"``); left out without it.
+
+    python benchmarks/annotation_speed.py --celltypist-python /tmp/ctvenv/bin/python --atlas-sizes 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+
+from _common import CLI_PROGRAM, PEAK_LINE, SHARED, fresh_process, machine
+from atlas_scale import DATASET, write_resampled
+
+_LOGISTIC = f"""
+import sys, time
+import anndata as ad, numpy as np
+from sklearn.linear_model import LogisticRegression
+from scatlas.data import normalize_log1p
+ref, query = ad.read_h5ad(sys.argv[1]), ad.read_h5ad(sys.argv[2])
+start = time.perf_counter()
+model = LogisticRegression(max_iter=1000).fit(normalize_log1p(ref.X), ref.obs[sys.argv[3]].astype(str).to_numpy())
+print("bench: fit_s", time.perf_counter() - start)
+pred = model.predict(normalize_log1p(query.X))
+print("bench: accuracy", np.mean(pred == query.obs[sys.argv[4]].astype(str).to_numpy()))
+{PEAK_LINE}
+"""
+_CELLTYPIST = f"""
+import sys, time
+import anndata as ad, numpy as np, scanpy as sc, celltypist
+def lognorm(path):
+    adata = ad.read_h5ad(path)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+ref, sgd = lognorm(sys.argv[1]), sys.argv[5] == "sgd"
+start = time.perf_counter()
+model = celltypist.train(ref, labels=sys.argv[3], use_SGD=sgd, mini_batch=sgd)
+print("bench: fit_s", time.perf_counter() - start)
+query = lognorm(sys.argv[2])
+pred = celltypist.annotate(query, model=model, majority_voting=False).predicted_labels["predicted_labels"]
+print("bench: accuracy", np.mean(pred.astype(str).to_numpy() == query.obs[sys.argv[4]].astype(str).to_numpy()))
+{PEAK_LINE}
+"""
+
+
+def write_splits(workdir: Path, atlas_sizes: list[int]) -> list[tuple[str, Path, Path, str]]:
+    """(name, reference file, query file, label column) of every split, written once into ``workdir``."""
+    splits = []
+    for name, file, label, reference in (
+        ("symphony", "symphony_pbmc_3tech.h5ad", "author_cell_type", lambda obs: obs["batch"] != "5p"),
+        ("kang", "kang18_muscat_4samples.h5ad", "author_cell_type", lambda obs: obs["group_id"] == "ctrl"),
+        ("onek1k", DATASET, "cell_type", lambda obs: obs["donor_id"].isin(sorted(obs["donor_id"].unique())[:20])),
+    ):
+        ref, query = workdir / f"{name}_reference.h5ad", workdir / f"{name}_query.h5ad"
+        if not query.exists():
+            adata = ad.read_h5ad(SHARED / file)
+            keep = reference(adata.obs).to_numpy()
+            adata[keep].copy().write_h5ad(ref)
+            adata[~keep].copy().write_h5ad(query)
+        splits.append((name, ref, query, label))
+    for n in atlas_sizes:
+        ref = workdir / f"onek1k_{n}_counts.h5ad"
+        if not ref.exists():
+            write_resampled(ref, n, counts=True)
+        splits.append((f"onek1k_{n}", ref, SHARED / DATASET, "cell_type"))
+    return splits
+
+
+def scatlas_args(command: str, ref: Path, query: Path, label: str, out: Path, atlas: bool, batch_size: int, epochs: int) -> list[str]:
+    """Arguments of ``scatlas transfer`` or ``scatlas annotate train --n-splits 0``."""
+    if command == "transfer":
+        args = ["transfer", "--reference", str(ref), "--query", str(query), "--label-key", label, "--query-label-key", label]
+    else:
+        args = ["annotate", "train", str(ref), "--label-key", label, "--n-splits", "0"]
+    args += ["--out", str(out), "--overwrite"]
+    return args + (["--stream", "--batch-size", str(batch_size), "--max-epochs", str(epochs)] if atlas else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--atlas-sizes", type=int, nargs="*", default=[1_000_000])
+    parser.add_argument("--atlas-batch-size", type=int, default=4096)
+    parser.add_argument("--atlas-epochs", type=int, default=5)
+    parser.add_argument("--celltypist-python", default=None, help="python of an environment with celltypist (scikit-learn < 1.7)")
+    parser.add_argument("--workdir", default=None, help="where the split .h5ad files go (default: a temporary directory)")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scatlas_annotation_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, ref, query, label in write_splits(workdir, args.atlas_sizes):
+        atlas = name.startswith("onek1k_")
+        n_cells = ad.read_h5ad(ref, backed="r").n_obs
+        runs = {
+            command: (CLI_PROGRAM, scatlas_args(command, ref, query, label, workdir / f"out_{name}_{command.replace(' ', '_')}", atlas,
+                                                args.atlas_batch_size, args.atlas_epochs), None)
+            for command in ("transfer", "annotate train")
+        }
+        runs["LogisticRegression (peer)"] = (_LOGISTIC, [str(ref), str(query), label, label], None)
+        if args.celltypist_python:
+            runs["CellTypist (peer)"] = (_CELLTYPIST, [str(ref), str(query), label, label, "sgd" if atlas else "default"], args.celltypist_python)
+        for what, (program, argv, python) in runs.items():
+            result = fresh_process(program, argv, python)
+            if what == "transfer" and "error" not in result:
+                summary = pd.read_csv(workdir / f"out_{name}_transfer" / "summary.csv").set_index("dataset")
+                result["accuracy"] = float(summary.loc[query.stem, "accuracy"])
+            rows.append({"split": name, "reference cells": n_cells, "what": what, **result})
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    lr = table[table["what"] == "LogisticRegression (peer)"].set_index("split")["wall_s"]
+    table["wall / LR"] = table["wall_s"] / table["split"].map(lr)
+    print(f"\natlas references: --stream, batch {args.atlas_batch_size:,}, at most {args.atlas_epochs} epochs")
+    print(table.drop(columns=[c for c in table.columns if c == "error" and table[c].isna().all()]).to_string(index=False, float_format="%.3f"))
+
+
+if __name__ == "__main__":
+    main()
