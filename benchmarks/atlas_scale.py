@@ -63,12 +63,14 @@ from scatlas.train import TrainConfig
 DATASET = "onek1k_4types_40donors.h5ad"
 
 
-def write_resampled(path: Path, n_cells: int, seed: int = 0, write_chunk: int = 1_000_000, counts: bool = False) -> None:
-    """Write ``n_cells`` OneK1K cells (drawn with replacement; log-normalised, or raw ``counts``) as a CSR .h5ad, chunk by chunk."""
+def write_resampled(path: Path, n_cells: int, seed: int = 0, write_chunk: int = 1_000_000, counts: bool = False, donors: list[str] | None = None) -> None:
+    """Write ``n_cells`` OneK1K cells (drawn with replacement, from the ``donors`` only when given; log-normalised,
+    or raw ``counts``) as a CSR .h5ad, chunk by chunk."""
     src = ad.read_h5ad(SHARED / DATASET)
     X = sp.csr_matrix(src.X, dtype=np.float32)
     X = X if counts else normalize_log1p(X)
-    rows = np.random.default_rng(seed).integers(0, src.n_obs, n_cells)
+    pool = np.flatnonzero(src.obs["donor_id"].isin(donors)) if donors is not None else np.arange(src.n_obs)
+    rows = pool[np.random.default_rng(seed).integers(0, len(pool), n_cells)]
     obs = pd.DataFrame({key: pd.Categorical.from_codes(src.obs[key].cat.codes.to_numpy()[rows], src.obs[key].cat.categories.astype(str).to_numpy(dtype=object))
                         for key in ("donor_id", "cell_type")}, index=np.arange(n_cells).astype(str))
     write_chunked_h5ad(path, (X[rows[a : a + write_chunk]] for a in range(0, n_cells, write_chunk)), obs, src.var[[]])

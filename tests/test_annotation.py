@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from scatlas import InputError
-from scatlas.tl._annotation import Annotator, annotate, label_space, load_annotate_config, train_annotator
+from scatlas.settings import TrainingConfig
+from scatlas.tl._annotation import Annotator, annotate, label_space, load_annotate_config, scaled_training, train_annotator
 from scatlas.cli import app
 from scatlas.losses import hierarchical_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
@@ -237,6 +239,9 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     assert result.exit_code == 0, result.output
     annotator = Annotator.load(out / "model")
     assert annotator.labels.ontology_version.startswith("CL v")
+    used = yaml.safe_load((out / "model" / "annotator.yaml").read_text())["training"]
+    assert (used["batch_size"], used["max_epochs"]) == (64, 8)  # a thousand cells: 64 per minibatch; the epochs the user set
+    assert "batch_size" not in yaml.safe_load((out / "config.yaml").read_text())["training"]  # decided per fit, not a setting
     # query = the reference with a third of its genes dropped and shuffled columns
     adata = ad.read_h5ad(zheng)
     keep = np.random.default_rng(0).permutation(adata.n_vars)[: int(adata.n_vars * 0.66)]
@@ -264,6 +269,16 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     # too few shared genes: a clear error, no output
     result = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "p2.h5ad"), "--min-overlap", "0.9"])
     assert result.exit_code == 2 and "below the minimum 90%" in result.output and not (tmp_path / "p2.h5ad").exists()
+
+
+def test_training_scales_with_the_reference_size():
+    """64-cell minibatches and 100 epochs up to 65,536 cells; above, epochs of at most 1,024 steps and about 5M cells seen; what the user set stays."""
+    sizes = {n: scaled_training(TrainingConfig(patience=10), n) for n in (770, 65_536, 100_000, 700_000, 5_000_000)}
+    assert {n: (t.batch_size, t.max_epochs) for n, (t, _) in sizes.items()} == {
+        770: (64, 100), 65_536: (64, 100), 100_000: (128, 50), 700_000: (1024, 8), 5_000_000: (4096, 2)}
+    assert sizes[770][1] is None and "minibatches of 1,024, at most 8 epochs" in sizes[700_000][1]
+    mine, said = scaled_training(TrainingConfig(batch_size=32, max_epochs=3), 5_000_000)
+    assert (mine.batch_size, mine.max_epochs, said) == (32, 3, None)
 
 
 def test_cli_train_stream_gives_the_loaded_models(zheng, tmp_path):

@@ -85,6 +85,7 @@ def test_nmf_cli_writes_results_only_anndata(tmp_path):
     assert list(adata.obs.columns) == ["cell_type", "donor_id"]
     by_type = pd.read_csv(tmp_path / "onek1k_cond_benchmark_by_cell_type.csv").set_index("kind")
     by_donor = pd.read_csv(tmp_path / "onek1k_cond_benchmark_by_donor_id.csv").set_index("kind")
+    assert {"logreg", "dummy"} <= set(by_donor.index)  # the donor read-out is written too
     assert {"leiden", "logreg", "knn", "rf", "dummy"} <= set(by_type.index)
     assert by_type.loc["logreg", "macro_f1"] > by_type.loc["dummy", "macro_f1"]
     assert (tmp_path / "onek1k_cond_loadings.csv").exists()

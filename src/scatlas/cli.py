@@ -196,6 +196,16 @@ annotate_app = typer.Typer(help="Cell-type annotation: train (CE or hierarchical
 app.add_typer(annotate_app, name="annotate")
 
 
+_BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
+_EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
+
+
+def _classifier_training(max_epochs: int | None, batch_size: int | None, chunk_size: int | None) -> dict[str, int | None]:
+    """The classifier's training settings from the CLI: the minibatch size and epochs only where given (else scaled to the reference)."""
+    given = {"max_epochs": max_epochs, "batch_size": batch_size}
+    return {"patience": 10, "chunk_size": chunk_size, **{k: v for k, v in given.items() if v is not None}}
+
+
 def _filters(values: list[str]) -> dict[str, list[str]]:
     filters: dict[str, list[str]] = {}
     for item in values:
@@ -224,8 +234,8 @@ def annotate_train(
     layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
     filter: Annotated[list[str], typer.Option(help="Keep cells with COLUMN=VALUE (repeatable).")] = [],  # noqa: B006
     n_top_genes: Annotated[int | None, typer.Option(help="HVGs per training split (default: all genes).")] = None,
-    max_epochs: Annotated[int, typer.Option()] = 100,
-    batch_size: Annotated[int, typer.Option(help="Cells per minibatch (scTab used 2,048 on millions of cells).")] = 64,
+    max_epochs: Annotated[int | None, typer.Option(help=_EPOCHS_HELP)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_BATCH_HELP)] = None,
     ontology_obo: Annotated[Path | None, typer.Option(help="Cell Ontology .obo file for an is_a-only hierarchy.")] = None,
     label_map: Annotated[Path | None, typer.Option(help="CSV (author label, CL id) mapping --label-key values to Cell Ontology ids.")] = None,
     final: Annotated[bool, typer.Option(help="Train the final model on all cells (needed for predict).")] = True,
@@ -251,7 +261,7 @@ def annotate_train(
             "n_top_genes": n_top_genes,
             "split": {"kind": split, "n_splits": n_splits or 5, "group_key": group_key, "seed": seed},
             "cross_validate": n_splits != 0,
-            "training": {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "chunk_size": chunk_size},
+            "training": _classifier_training(max_epochs, batch_size, chunk_size),
             "final_model": final,
             "seed": seed,
         }
@@ -324,13 +334,13 @@ def transfer(
     confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
     distance_quantile: Annotated[float, typer.Option(help="Latent-distance quantile of held-out reference cells beyond which a cell is 'unknown'.")] = 0.99,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes a query must have.")] = 0.5,
-    max_epochs: Annotated[int, typer.Option()] = 100,
+    max_epochs: Annotated[int | None, typer.Option(help=_EPOCHS_HELP)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     query_chunk_size: Annotated[int, typer.Option(help="Query cells read from disk and mapped at a time (queries are never loaded whole).")] = 100_000,
     stream: Annotated[bool, typer.Option("--stream", help="Never load the reference's X either: read its (CSR) file in chunks; flat host memory.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Reference cells per training chunk with --stream (default 100,000).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Reference cells per minibatch (larger for atlas-sized references).")] = 64,
+    batch_size: Annotated[int | None, typer.Option(help=_BATCH_HELP)] = None,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
     from scatlas.tl._transfer import METHODS, load_transfer_config, run_transfer
@@ -345,7 +355,7 @@ def transfer(
             "dataset_key": dataset_key,
             "query_label_key": query_label_key,
             "model": {**METHODS[method], "loss": loss},
-            "training": {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "chunk_size": chunk_size},
+            "training": _classifier_training(max_epochs, batch_size, chunk_size),
             "confidence_threshold": confidence_threshold,
             "distance_quantile": distance_quantile,
             "min_overlap": min_overlap,

@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
 from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, parse_model_config
-from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Strict, parse_settings
+from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Strict
 
 
 class EvaluationConfig(Strict):

@@ -102,7 +102,7 @@ class AnnotateConfig(BaseModel):
     model: dict[str, Any] = Field(default_factory=lambda: dict(METHODS["mlp"]))
     n_top_genes: int | None = None
     split: SplitConfig = Field(default_factory=SplitConfig)
-    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(max_epochs=100, batch_size=64, patience=10))
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
     strata: list[str] | None = None
     final_model: bool = True
     cross_validate: bool = True
@@ -275,6 +275,7 @@ class Annotator:
             {
                 **self.meta,
                 "model": self.model.config.model_dump(mode="json"),
+                "training": {k: getattr(self.model.train_config, k) for k in ("batch_size", "max_epochs", "lr", "weight_decay", "patience")},
                 "input": self.input,
                 "classes": [str(c) for c in self.labels.classes],
                 "class_names": [str(c) for c in self.labels.names],
@@ -324,6 +325,48 @@ def _strata(config: AnnotateConfig, data: CellData) -> list[str]:
     return found + ([config.dataset.batch_key] if config.dataset.batch_key and config.dataset.batch_key not in found else [])
 
 
+#: Above this many training cells, minibatches grow (at most :data:`MAX_BATCH`) so that an epoch is at most
+#: :data:`STEPS_PER_EPOCH` steps, and epochs shrink so that training sees about :data:`CELL_BUDGET` cells.
+SMALL_REFERENCE = 65_536
+STEPS_PER_EPOCH = 1024
+MAX_BATCH = 4096
+CELL_BUDGET = 5_000_000
+
+
+def scaled_training(training: TrainingConfig, n_train: int) -> tuple[TrainingConfig, str | None]:
+    """The minibatch size and epoch limit of a classifier on ``n_train`` cells, where the user set none.
+
+    Up to :data:`SMALL_REFERENCE` cells: minibatches of 64 and at most 100 epochs, early stopping
+    deciding (measured on held-out chemistries, ``benchmarks/transfer_defaults.py --grid batch_size``:
+    larger minibatches lose 0.005-0.02 accuracy on references of a thousand cells, even with the
+    learning rate raised). Above, an epoch of 64-cell steps would take minutes and training hours,
+    so the minibatch doubles until an epoch is at most :data:`STEPS_PER_EPOCH` steps (at most
+    :data:`MAX_BATCH` cells, as scTab's 2,048 on millions of cells) and the epochs are cut to see
+    about :data:`CELL_BUDGET` cells (at least 2). A value the user set is kept.
+
+    Returns
+    -------
+    The settings to train with, and a one-line account of what was scaled (``None`` when nothing was).
+    """
+    unset = {"batch_size", "max_epochs"} - training.model_fields_set
+    if n_train <= SMALL_REFERENCE:
+        return training.model_copy(update={k: {"batch_size": 64, "max_epochs": 100}[k] for k in unset}), None
+    batch = min(MAX_BATCH, max(64, 1 << int(np.ceil(np.log2(n_train / STEPS_PER_EPOCH)))))
+    epochs = min(100, max(2, int(np.ceil(CELL_BUDGET / n_train))))
+    update = {k: {"batch_size": batch, "max_epochs": epochs}[k] for k in unset}
+    scaled = training.model_copy(update=update)
+    if not update:
+        return scaled, None
+    return scaled, (f"{n_train:,} training cells: minibatches of {scaled.batch_size:,}, at most {scaled.max_epochs} epochs "
+                    "(scaled to the reference size; set --batch-size / --max-epochs to choose)")
+
+
+def unset_scaled(training: TrainingConfig) -> dict[str, set[str]]:
+    """The training fields :func:`scaled_training` decides, as a ``model_dump(exclude=...)`` of a config
+    (the values used go to the model's ``annotator.yaml``)."""
+    return {"training": {"batch_size", "max_epochs"} - training.model_fields_set}
+
+
 def fit_classifier(
     model_entry: dict[str, Any],
     training: TrainingConfig,
@@ -336,12 +379,17 @@ def fit_classifier(
     val: np.ndarray,
     workdir: Path | None = None,
     sources: np.ndarray | None = None,
+    log: Log | None = None,
 ) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
     """Preprocess (HVGs on ``train`` when asked), fit a classifier; return it, its split data and genes.
 
     ``sources``: each cell's source (dataset / study) name, which sets what its label means for
-    hierarchical cross-entropy (``None``: one source).
+    hierarchical cross-entropy (``None``: one source). The minibatch size and epochs the user left
+    unset follow :func:`scaled_training`; ``log`` hears when they were scaled.
     """
+    training, scaled = scaled_training(training, len(train))
+    if scaled and log:
+        log(scaled)
     prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, "none")
     sdata = SplitData(
         X=prep.X, train=train, val=val, batch=np.asarray(data.batch.codes, dtype=np.int64), batch_names=[str(b) for b in data.batch.categories],
@@ -393,14 +441,14 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     return tables["overall"]
 
 
-def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path) -> None:
+def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
     rows = np.arange(data.n_cells)
     counts = np.bincount(codes, minlength=len(labels.classes))
     stratify = codes if counts[counts > 0].min() >= 2 else None
     train, val = train_test_split(rows, test_size=0.1, random_state=config.seed, stratify=stratify)
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     train, val = np.sort(train), np.sort(val)
-    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources)
+    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
     labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision)
     meta = {"label_key": key, "dataset": str(config.dataset.path)}
     Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
@@ -417,7 +465,7 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
         log(f"split {split.number}/{len(splits)}: {parse_model_config(config.model).type} ({len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells)")
         fold_dir = stage / f"splits_{split.number}"
         model, sdata, _ = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, split.train, split.val, fold_dir,
-                                         sources)
+                                         sources, log)
         fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision)
         table = _detailed(data, split.test, truth[split.test], model.predict_proba(sdata, split.test), fold_labels, strata)
         folds.append(write_evaluation(table, fold_labels, strata, fold_dir, f"split {split.number}").assign(split=split.number))
@@ -470,8 +518,8 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
         summary = _cross_validate(config, data, labels, codes, truth, stage, log) if config.cross_validate else pd.DataFrame()
         if config.final_model:
             log("final model on all labelled cells")
-            _final_model(config, data, labels, codes, key, stage)
-        write_yaml({**config.model_dump(mode="json"), "ontology": labels.ontology_version}, stage / "config.yaml")
+            _final_model(config, data, labels, codes, key, stage, log)
+        write_yaml({**config.model_dump(mode="json", exclude=unset_scaled(config.training)), "ontology": labels.ontology_version}, stage / "config.yaml")
         sections = []
         if config.cross_validate:
             sections = [Section("Test cells: mean ± 95% CI half-width over folds", [mean_ci_table(summary, "evaluation", ("accuracy", "macro_f1", "weighted_f1"))],

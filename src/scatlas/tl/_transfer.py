@@ -26,7 +26,7 @@ from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
-from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, write_calls
+from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, unset_scaled, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, read_h5ad, source_name, string_values
@@ -88,7 +88,7 @@ class TransferConfig(BaseModel):
     query_layer: str | None = None
     model: dict[str, Any] = Field(default_factory=lambda: dict(METHODS["mlp"]))
     n_top_genes: int | None = None
-    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(max_epochs=100, batch_size=64, patience=10))
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
     calibration_fraction: float = Field(0.2, gt=0, lt=0.5)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     confidence_threshold: float = Field(0.5, ge=0, le=1)
@@ -231,7 +231,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     train, val = train_test_split(fit_rows, test_size=config.val_fraction / (1 - config.calibration_fraction), random_state=config.seed, stratify=_stratify(codes[fit_rows]))
     train, val, calib = np.sort(train), np.sort(val), np.sort(calib)
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
-    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources)
+    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
     logits = model.predict_logits(sdata, calib)
     fitted = fit_temperature(logits, codes[calib])
     before = expected_calibration_error(softmax(logits), codes[calib])
@@ -324,7 +324,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             summary.append(row)
         table = pd.DataFrame(summary)
         write_csv(table, stage / "summary.csv")
-        write_yaml(config.model_dump(mode="json"), stage / "config.yaml")
+        write_yaml(config.model_dump(mode="json", exclude=unset_scaled(config.training)), stage / "config.yaml")
         sections = [Section("Summary", [table]), Section("Calibration (held-out reference cells)", [pd.read_csv(stage / "calibration.csv")])]
         sections += [Section(name, [], [stage / d / "confusion_matrix.png"]) for name, d in [("reference (held-out cells)", "reference"), *((s, s) for s in stems)]]
         write_report(stage / "report.html", "Label transfer", sections, f"reference {config.reference.path}")
