@@ -3,8 +3,9 @@ against scikit-learn LogisticRegression and CellTypist, each in a fresh process,
 
 Splits (raw counts written to ``--workdir``, not timed; query labels used only for scoring):
 
-- ``symphony``: reference 3'v1 + 3'v2, query 5' (``author_cell_type``);
-- ``kang``: reference ctrl, query stim (``author_cell_type``);
+- ``symphony_<chemistry>``: each chemistry (5', 3'v1, 3'v2) held out in turn as the query, the
+  other two the reference (``author_cell_type``);
+- ``kang_<group>``: stim held out (reference ctrl), then ctrl held out (``author_cell_type``);
 - ``onek1k``: reference the first 20 donors, query the other 20 (``cell_type``);
 - ``onek1k_<N>`` (``--atlas-sizes``): the cells of the ``onek1k`` reference donors resampled to N
   cells as a CSR ``.h5ad`` (as ``atlas_scale.py`` writes it) as the reference, the ``onek1k`` query
@@ -78,11 +79,9 @@ def _onek1k_reference(obs: pd.DataFrame) -> pd.Series:
 def write_splits(workdir: Path, atlas_sizes: list[int]) -> list[tuple[str, Path, Path, str]]:
     """(name, reference file, query file, label column) of every split, written once into ``workdir``."""
     splits = []
-    for name, file, label, reference in (
-        ("symphony", "symphony_pbmc_3tech.h5ad", "author_cell_type", lambda obs: obs["batch"] != "5p"),
-        ("kang", "kang18_muscat_4samples.h5ad", "author_cell_type", lambda obs: obs["group_id"] == "ctrl"),
-        ("onek1k", DATASET, "cell_type", _onek1k_reference),
-    ):
+    held_out = [(f"symphony_{chem}", "symphony_pbmc_3tech.h5ad", "author_cell_type", lambda obs, c=chem: obs["batch"] != c) for chem in ("5p", "3pv1", "3pv2")]
+    held_out += [(f"kang_{group}", "kang18_muscat_4samples.h5ad", "author_cell_type", lambda obs, g=group: obs["group_id"] != g) for group in ("stim", "ctrl")]
+    for name, file, label, reference in (*held_out, ("onek1k", DATASET, "cell_type", _onek1k_reference)):
         ref, query = workdir / f"{name}_reference.h5ad", workdir / f"{name}_query.h5ad"
         if not query.exists():
             adata = ad.read_h5ad(SHARED / file)
