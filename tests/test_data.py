@@ -23,7 +23,7 @@ from scatlas.data import (
     kfold_splits,
     normalize_log1p,
     preprocess_split,
-    read_h5ad,
+    read_anndata,
     study_splits,
     validate,
 )
@@ -272,43 +272,43 @@ def _write(adata: ad.AnnData, tmp_path, name="bad.h5ad"):
 def test_validation_names_file_key_and_values(cellbench, tmp_path):
     good = cellbench[:100].copy()
     path = _write(good, tmp_path, "good.h5ad")
-    validate(read_h5ad(path), batch_key="batch", label_key="cell_line", require_counts=True)
+    validate(read_anndata(path), batch_key="batch", label_key="cell_line", require_counts=True)
 
     with pytest.raises(InputError, match=r"good.h5ad: obs column 'donor' not found; available columns: \['batch'"):
-        validate(read_h5ad(path), batch_key="donor")
+        validate(read_anndata(path), batch_key="donor")
 
     nan = good.copy()
     nan.X = nan.X.toarray()
     nan.X[3, 5] = np.nan
     with pytest.raises(InputError, match=r"bad.h5ad: .X has NaN or infinite values in 1 cells"):
-        validate(read_h5ad(_write(nan, tmp_path)), batch_key="batch")
+        validate(read_anndata(_write(nan, tmp_path)), batch_key="batch")
 
     neg = good.copy()
     neg.X.data[:4] = -1
     with pytest.raises(InputError, match=r"negative values .*batch = 'CELseq2_p1'"):
-        validate(read_h5ad(_write(neg, tmp_path)), batch_key="batch")
+        validate(read_anndata(_write(neg, tmp_path)), batch_key="batch")
 
     single = good.copy()
     single.obs["one"] = "x"
     with pytest.raises(InputError, match=r"obs column 'one' has 1 distinct value"):
-        validate(read_h5ad(_write(single, tmp_path)), label_key="one")
+        validate(read_anndata(_write(single, tmp_path)), label_key="one")
 
     lonely = good.copy()
     lonely.obs["batch"] = lonely.obs["batch"].astype(str)
     lonely.obs.iloc[0, lonely.obs.columns.get_loc("batch")] = "lonely_plate"
     with pytest.raises(InputError, match=r"fewer than 2 cells: 'lonely_plate' \(1 cells\)"):
-        validate(read_h5ad(_write(lonely, tmp_path)), batch_key="batch")
+        validate(read_anndata(_write(lonely, tmp_path)), batch_key="batch")
 
 
 def test_non_integer_batch_is_named(cepo_path):
     """Real data: one of the three pancreas studies is not integer counts."""
     with pytest.raises(InputError, match=r"non-integer values .*batch = ") as info:
-        validate(read_h5ad(cepo_path), batch_key="batch", label_key="cellTypes", require_counts=True)
+        validate(read_anndata(cepo_path), batch_key="batch", label_key="cellTypes", require_counts=True)
     adata = ad.read_h5ad(cepo_path)
     X = adata.X.tocsr()
     bad = {b for b in adata.obs["batch"].unique() if np.any(X[(adata.obs["batch"] == b).to_numpy()].data % 1 != 0)}
     assert all(str(b) in str(info.value) for b in bad) and len(bad) == 1
-    validate(read_h5ad(cepo_path), batch_key="batch", label_key="cellTypes", require_counts=False)
+    validate(read_anndata(cepo_path), batch_key="batch", label_key="cellTypes", require_counts=False)
 
 
 def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):
@@ -323,6 +323,33 @@ def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):
         load_dataset(cfg.model_copy(update={"layer": "counts"}))
     with pytest.raises(InputError, match="file not found"):
         load_dataset(cfg.model_copy(update={"path": tmp_path / "nope.h5ad"}))
+
+
+def test_read_anndata_leaves_a_zarr_matrix_on_disk(cellbench, cellbench5_path, tmp_path):
+    """A `.zarr` store read with `backed=True` keeps X (and CSR layers) on disk as a backed `.h5ad` does; what cannot stay there is named."""
+    from scatlas.data import on_disk
+    from scatlas.data.dataset import whole_backed
+
+    adata = cellbench.copy()
+    adata.X = sp.csr_matrix(adata.X)
+    adata.layers["counts"] = adata.X.copy()
+    adata.write_zarr(tmp_path / "cb.zarr")
+    lazy = read_anndata(tmp_path / "cb.zarr", backed=True)
+    assert on_disk(lazy) and on_disk(read_anndata(cellbench5_path, backed=True))
+    assert not on_disk(read_anndata(tmp_path / "cb.zarr")) and not on_disk(lazy[:10])
+    assert whole_backed(lazy) == (tmp_path / "cb.zarr").resolve()
+    assert (lazy.X[10:20] != adata.X[10:20]).nnz == 0 and (lazy.layers["counts"][:5] != adata.X[:5]).nnz == 0
+    pd.testing.assert_frame_equal(lazy.obs, adata.obs)
+    with pytest.raises(InputError, match="not a subset of one"):
+        whole_backed(lazy[:10])
+    adata.X = adata.X.toarray()
+    del adata.layers["counts"]
+    adata.write_zarr(tmp_path / "dense.zarr")
+    with pytest.raises(InputError, match=r"dense.zarr: X is not a CSR matrix"):
+        read_anndata(tmp_path / "dense.zarr", backed=True)
+    (tmp_path / "cells.txt").write_text("x")
+    with pytest.raises(InputError, match=r"cells.txt: expected an .h5ad file or a .zarr store"):
+        read_anndata(tmp_path / "cells.txt")
 
 
 @pytest.mark.parametrize("scale", ["none", "maxabs", "standard"])

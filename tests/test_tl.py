@@ -159,11 +159,11 @@ def test_embed_streams_a_backed_anndata_with_the_in_memory_genes_and_scaling(sym
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    from scatlas.data import read_h5ad
+    from scatlas.data import read_anndata
 
     models, knn = {}, {}
     for backed in (True, False):
-        adata = read_h5ad(symphony_path, backed=True) if backed else symphony.copy()
+        adata = read_anndata(symphony_path, backed=True) if backed else symphony.copy()
         models[backed] = sa.tl.embed(adata, "ae", batch_key="batch", n_top_genes=800, scale="standard", chunk_size=300, seed=1)
         latent = adata.obsm["X_ae"]
         assert latent.shape == (symphony.n_obs, 50) and np.isfinite(latent).all()
@@ -176,7 +176,7 @@ def test_embed_streams_a_backed_anndata_with_the_in_memory_genes_and_scaling(sym
     streamed.save(tmp_path / "model")  # reloads and embeds in-memory cells like any model
     assert sa.load_model(tmp_path / "model").get_latent_representation(symphony).shape == (symphony.n_obs, 50)
     with pytest.raises(ConfigError, match="'pca' needs the matrix in memory"):
-        sa.tl.embed(read_h5ad(symphony_path, backed=True), "pca")
+        sa.tl.embed(read_anndata(symphony_path, backed=True), "pca")
 
 
 def test_cli_embed_stream_keeps_host_memory_flat(tmp_path):
@@ -205,16 +205,16 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
         assert adata.obsm["author_cell_type_proba"].shape == (adata.n_obs, len(adata.uns["author_cell_type_classes"]))
     accuracy = (query.obs["author_cell_type_pred_label"].astype(str) == query.obs["author_cell_type"].astype(str)).mean()
     assert accuracy > 0.8
-    from scatlas.data import read_h5ad
+    from scatlas.data import read_anndata
 
     query.write_h5ad(tmp_path / "query.h5ad")
-    backed = read_h5ad(tmp_path / "query.h5ad", backed=True)  # mapped 100 cells at a time from the file
+    backed = read_anndata(tmp_path / "query.h5ad", backed=True)  # mapped 100 cells at a time from the file
     sa.tl.transfer(reference.copy(), backed, label_key="author_cell_type", log=lambda _: None, query_chunk_size=100,
                    training={"max_epochs": 15, "batch_size": 64})
     pd.testing.assert_frame_equal(backed.obs, query.obs)
     np.testing.assert_allclose(backed.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"], rtol=1e-6)
     reference.write_h5ad(tmp_path / "reference.h5ad")  # a backed reference: trained from its file, never loaded
-    streamed, streamed_query = read_h5ad(tmp_path / "reference.h5ad", backed=True), query.copy()
+    streamed, streamed_query = read_anndata(tmp_path / "reference.h5ad", backed=True), query.copy()
     sa.tl.transfer(streamed, streamed_query, label_key="author_cell_type", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
     pd.testing.assert_frame_equal(streamed.obs, reference.obs)
     pd.testing.assert_frame_equal(streamed_query.obs, query.obs)

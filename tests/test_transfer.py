@@ -110,6 +110,20 @@ def test_streamed_reference_gives_the_loaded_results(chemistries, tmp_path):
         pd.testing.assert_frame_equal(*(pd.read_parquet(tmp_path / run / d / "probabilities.parquet") for run in ("loaded", "streamed")))
 
 
+def test_cli_zarr_stores_stream_like_h5ad_files(chemistries, tmp_path):
+    """`.zarr` stores as reference and query are read in chunks as `.h5ad` files are: the same predictions, byte for byte."""
+    files = {"h5ad": chemistries["5p"], "zarr": []}
+    for path in files["h5ad"]:
+        ad.read_h5ad(path).write_zarr(tmp_path / f"{path.stem}.zarr")
+        files["zarr"].append(tmp_path / f"{path.stem}.zarr")
+    for kind, (reference, query) in files.items():
+        result = runner.invoke(app, ["transfer", "--reference", str(reference), "--query", str(query), "--label-key", "author_cell_type",
+                                     "--out", str(tmp_path / kind), "--stream", "--max-epochs", "3", "--query-chunk-size", "250"])
+        assert result.exit_code == 0, result.output
+    for d in ("reference", "query_5p"):
+        assert (tmp_path / "h5ad" / d / "predictions.csv").read_bytes() == (tmp_path / "zarr" / d / "predictions.csv").read_bytes()
+
+
 def test_cli_transfer_stream_keeps_host_memory_flat_in_the_reference_size(tmp_path):
     """`scatlas transfer --stream`: from a 100k- to a 400k-cell reference, peak memory grows by less than the reference matrix.
 

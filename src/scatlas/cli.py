@@ -165,7 +165,7 @@ def demo(
 @app.command()
 @_user_errors
 def validate(
-    data: Annotated[Path, typer.Argument(help=".h5ad file, or an experiment YAML (checks its dataset exactly as `scatlas run` will).")],
+    data: Annotated[Path, typer.Argument(help=".h5ad file or .zarr store, or an experiment YAML (checks its dataset exactly as `scatlas run` will).")],
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column.")] = None,
     layer: Annotated[str | None, typer.Option(help="Layer holding the matrix (default .X).")] = None,
@@ -219,7 +219,7 @@ def _filters(values: list[str]) -> dict[str, list[str]]:
 @annotate_app.command("train")
 @_user_errors
 def annotate_train(
-    data: Annotated[Path, typer.Argument(help="Labelled .h5ad file.")],
+    data: Annotated[Path, typer.Argument(help="Labelled .h5ad file or .zarr store.")],
     label_key: Annotated[str, typer.Option(help="Column of readable cell-type labels.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
     ontology_key: Annotated[str | None, typer.Option(help="Column of Cell Ontology ids (classes become CL ids; needed for --loss hce).")] = None,
@@ -286,7 +286,7 @@ def annotate_train(
 @_user_errors
 def annotate_predict(
     model_dir: Annotated[Path, typer.Argument(help="Directory written by `annotate train` (or its model/ folder).")],
-    query: Annotated[Path, typer.Argument(help="Query .h5ad.")],
+    query: Annotated[Path, typer.Argument(help="Query .h5ad or .zarr.")],
     out: Annotated[Path, typer.Option(help="Output .h5ad with predictions in .obs / .obsm.")],
     layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
@@ -321,10 +321,10 @@ def annotate_evaluate(
 @app.command()
 @_user_errors
 def transfer(
-    reference: Annotated[Path, typer.Option(help="Labelled reference .h5ad.")],
+    reference: Annotated[Path, typer.Option(help="Labelled reference .h5ad or .zarr.")],
     label_key: Annotated[str, typer.Option(help="Reference column with the labels to transfer.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    query: Annotated[list[Path], typer.Option(help="Query .h5ad (repeatable).")] = [],  # noqa: B006
+    query: Annotated[list[Path], typer.Option(help="Query .h5ad or .zarr (repeatable).")] = [],  # noqa: B006
     ontology_key: Annotated[str | None, typer.Option(help="Reference column of Cell Ontology ids (enables --loss hce).")] = None,
     dataset_key: Annotated[str | None, typer.Option(help="Reference column naming each cell's source study (sets each label's HCE meaning).")] = None,
     query_label_key: Annotated[str | None, typer.Option(help="Query column with known labels (evaluation mode).")] = None,
@@ -373,7 +373,7 @@ def transfer(
 @_user_errors
 def aggregate(
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    data: Annotated[Path | None, typer.Argument(help="Per-cell .h5ad or CSV/parquet table (omit with --toy).")] = None,
+    data: Annotated[Path | None, typer.Argument(help="Per-cell .h5ad / .zarr or CSV/parquet table (omit with --toy).")] = None,
     sample_key: Annotated[str | None, typer.Option(help="Sample (well) column, or several joined by commas (e.g. donor_id,cell_type).")] = None,
     label_key: Annotated[str | None, typer.Option(help="Label to retrieve (compound, cell type).")] = None,
     batch_key: Annotated[str | None, typer.Option(help="Batch (plate / donor): positives from other batches; batches are held out.")] = None,
@@ -387,7 +387,7 @@ def aggregate(
     max_epochs: Annotated[int, typer.Option()] = 100,
     toy: Annotated[str | None, typer.Option(help="Run the built-in check instead of DATA: 'covariance'.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's / .zarr's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP."""
     from scatlas._io import check_output_dir
@@ -444,7 +444,7 @@ def _option_values(values: list[str]) -> dict[str, Any]:
 @app.command()
 @_user_errors
 def embed(
-    data: Annotated[Path, typer.Argument(help=".h5ad with raw counts or log-normalised values.")],
+    data: Annotated[Path, typer.Argument(help=".h5ad or .zarr with raw counts or log-normalised values.")],
     out: Annotated[Path, typer.Option(help="Results-only .h5ad (latent in .obsm, W in .varm for factor models); the model is saved beside it in OUT_model/.")],
     model: Annotated[str, typer.Option(help="pca, ae, aec, fe, fec, re, nmf, aenmf or cond_aenmf (`scatlas models`).")] = "ae",
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
@@ -463,7 +463,7 @@ def embed(
 ) -> None:
     """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model."""
     from scatlas._io import atomic_path, check_output_dir, check_writable
-    from scatlas.data import read_h5ad
+    from scatlas.data import read_anndata
     from scatlas.tl._embed import embed as fit_embedding, results_anndata
 
     model_dir = out.with_name(f"{out.stem}_model")
@@ -471,7 +471,7 @@ def embed(
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists (pass --overwrite)")
     check_output_dir(model_dir, overwrite)
-    adata = read_h5ad(data, backed=stream)
+    adata = read_anndata(data, backed=stream)
     options = _option_values(set_ or [])
     if chunk_size is not None:
         options["chunk_size"] = chunk_size
@@ -489,7 +489,7 @@ def embed(
 @app.command()
 @_user_errors
 def nmf(
-    data: Annotated[Path, typer.Argument(help=".h5ad with counts (or --input lognorm).")],
+    data: Annotated[Path, typer.Argument(help=".h5ad or .zarr with counts (or --input lognorm).")],
     out: Annotated[Path, typer.Option(help="Results-only .h5ad (H in .obsm, W in .varm); tables are written beside it.")],
     model: Annotated[str, typer.Option(help="nmf, aenmf or cond_aenmf.")] = "aenmf",
     rank: Annotated[int, typer.Option(help="Number of factors K.")] = 20,
@@ -521,7 +521,7 @@ def nmf(
 @app.command("benchmark")
 @_user_errors
 def benchmark_command(
-    data: Annotated[Path, typer.Argument(help=".h5ad with the embeddings in .obsm.")],
+    data: Annotated[Path, typer.Argument(help=".h5ad or .zarr with the embeddings in .obsm.")],
     embedding: Annotated[list[str], typer.Option(help=".obsm key to score (repeatable).")],
     label_key: Annotated[str, typer.Option(help="Cell-type column.")],
     batch_key: Annotated[str, typer.Option(help="Batch column.")],
@@ -537,9 +537,9 @@ def benchmark_command(
     """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding); prints each metric's time."""
     from scatlas._io import check_output_dir
     from scatlas.tl._benchmark import benchmark, write_benchmark
-    from scatlas.data import read_h5ad
+    from scatlas.data import read_anndata
 
-    adata = read_h5ad(data)
+    adata = read_anndata(data)
     pairs = [g.split("=", 1) for g in graph or []]
     if any(len(p) != 2 for p in pairs):
         raise InputError(f"--graph takes EMBEDDING=OBSP_KEY, got {graph}")

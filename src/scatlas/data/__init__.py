@@ -1,6 +1,6 @@
 """Data layer: read and validate AnnData, preprocess, split, and stream minibatches."""
 
-from scatlas.data.io import get_matrix, read_h5ad, to_csr, write_chunked_h5ad
+from scatlas.data.io import get_matrix, on_disk, read_anndata, to_csr, write_chunked_h5ad
 from scatlas.data.loaders import CSRLoader, densify
 from scatlas.data.preprocess import GenePCA, GeneScaler, Preprocessed, fit_gene_pca, gene_moments, highly_variable_genes, normalize_log1p, preprocess_split, seurat_dispersions
 from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR, SomaCSRSource
@@ -26,8 +26,9 @@ __all__ = [
     "InMemoryCSR",
     "kfold_splits",
     "normalize_log1p",
+    "on_disk",
     "preprocess_split",
-    "read_h5ad",
+    "read_anndata",
     "seurat_dispersions",
     "study_splits",
     "to_csr",

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError
-from scatlas.data.io import get_matrix, read_h5ad, source_name, to_csr
+from scatlas.data.io import get_matrix, on_disk, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.sources import AnnDataCSRSource, RowSubset
 from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate
@@ -151,16 +151,17 @@ def _lognorm_matrix(adata: ad.AnnData, layer: str | None, counts: bool) -> sp.cs
 
 
 def whole_backed(adata: ad.AnnData) -> Path:
-    """The file of a whole backed AnnData, the only kind whose matrix can be streamed.
+    """The file of a whole AnnData whose matrix is on disk (:func:`~scatlas.data.io.on_disk`), the only kind that can be streamed.
 
     Raises
     ------
     InputError
-        For an AnnData in memory or a subset (view) of a backed one.
+        For an AnnData in memory or a subset (view) of one on disk.
     """
-    if not adata.isbacked or adata.is_view:
-        raise InputError(f"{source_name(adata)}: only a whole backed AnnData (anndata.read_h5ad(path, backed='r'), not a subset of one) can be streamed")
-    return Path(adata.filename)
+    if not on_disk(adata) or adata.is_view:
+        raise InputError(f"{source_name(adata)}: only a whole backed AnnData (anndata.read_h5ad(path, backed='r'), or "
+                         "scatlas.data.read_anndata(path, backed=True) for a .zarr store; not a subset of one) can be streamed")
+    return Path(adata.filename if adata.isbacked else adata.uns["scatlas_source"])
 
 
 def file_source(path: str | Path, layer: str | None = None, normalize: bool = False, rows: np.ndarray | None = None,
@@ -186,7 +187,7 @@ def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ())
 
 def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...]) -> tuple[ad.AnnData, MatrixSummary, np.ndarray]:
     """:func:`read_dataset`, and the rows of the file its cells are."""
-    adata = read_h5ad(config.path, backed=config.backed or config.stream)
+    adata = read_anndata(config.path, backed=config.backed or config.stream)
     keep = filter_mask(adata, config.filter) if config.filter else np.ones(adata.n_obs, dtype=bool)
     if not keep.all():
         adata = adata[keep]
@@ -276,7 +277,7 @@ def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: 
     keep_cells = ~summary.empty_cells if drop_empty_cells else np.ones(adata.n_obs, dtype=bool)
     keep_genes = ~summary.empty_genes
     if file_rows is not None:
-        X = file_source(adata.filename, layer, counts, file_rows[keep_cells], np.flatnonzero(keep_genes))
+        X = file_source(whole_backed(adata), layer, counts, file_rows[keep_cells], np.flatnonzero(keep_genes))
     else:
         X = _lognorm_matrix(adata, layer, counts=counts)
         if not (keep_cells.all() and keep_genes.all()):

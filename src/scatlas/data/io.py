@@ -1,29 +1,33 @@
-"""Read AnnData files and pull out the count / expression matrix, with errors that name the file."""
+"""Read AnnData files (``.h5ad``, ``.zarr``) and pull out the count / expression matrix, with errors that name the file."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.abc import CSRDataset
 
 from scatlas._errors import InputError
 
 
-def read_h5ad(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnData:
-    """Read an ``.h5ad`` file.
+def read_anndata(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnData:
+    """Read an ``.h5ad`` file or an AnnData ``.zarr`` store.
 
     Parameters
     ----------
     path
-        File to read.
+        File (``.h5ad``) or directory (``.zarr``) to read.
     backed
-        Open in backed (read-only, on-disk) mode for files larger than memory; the
-        matrix is then read in row chunks by the validators and loaders.
+        Leave the matrix on disk, for data larger than memory: an ``.h5ad`` opens in backed
+        (read-only) mode; a ``.zarr`` store gets its ``obs`` / ``var`` / ``obsm`` read and its
+        ``X`` and layers opened as lazily read sparse datasets. Either way the validators and
+        loaders then read the matrix in row chunks (see :func:`on_disk`).
 
     Returns
     -------
@@ -32,14 +36,41 @@ def read_h5ad(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnData:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
-    if path.suffix != ".h5ad":
-        raise InputError(f"{path}: expected an .h5ad file")
+    if path.suffix not in (".h5ad", ".zarr"):
+        raise InputError(f"{path}: expected an .h5ad file or a .zarr store")
     try:
-        adata = ad.read_h5ad(path, backed="r" if backed else None)
-    except Exception as exc:  # h5py/anndata raise many types for corrupt files
+        if path.suffix == ".h5ad":
+            adata = ad.read_h5ad(path, backed="r" if backed else None)
+        else:
+            adata = _lazy_zarr(path) if backed else ad.read_zarr(path)
+    except InputError:
+        raise
+    except Exception as exc:  # h5py / zarr / anndata raise many types for corrupt files
         raise InputError(f"{path}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
     adata.uns["scatlas_source"] = str(path.resolve())
     return adata
+
+
+def _lazy_zarr(path: Path) -> ad.AnnData:
+    """An AnnData ``.zarr`` store with its annotations in memory and its CSR matrices left on disk."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+
+    def matrix(group: Any) -> Any:
+        if group.attrs.get("encoding-type", "") != "csr_matrix":
+            raise InputError(f"{path}: {group.name.lstrip('/')} is not a CSR matrix; only CSR matrices of a .zarr store can stay on disk")
+        return ad.io.sparse_dataset(group)
+
+    layers = {name: matrix(root["layers"][name]) for name in root["layers"]} if "layers" in root else {}
+    parts = {key: ad.io.read_elem(root[key]) for key in ("obs", "var", "obsm", "uns") if key in root}
+    return ad.AnnData(X=matrix(root["X"]) if "X" in root else None, layers=layers, **parts)
+
+
+def on_disk(adata: ad.AnnData) -> bool:
+    """Whether the matrix of ``adata`` is on disk, read in row chunks: a backed ``.h5ad`` or a ``.zarr`` store
+    read by :func:`read_anndata` with ``backed=True``."""
+    return adata.isbacked or isinstance(adata.X, CSRDataset)
 
 
 def source_name(adata: ad.AnnData) -> str:
@@ -68,13 +99,14 @@ def string_values(values: pd.Series) -> np.ndarray:
 
 
 def cell_chunks(adata: ad.AnnData, chunk_size: int) -> Iterator[ad.AnnData]:
-    """The cells of ``adata`` in order: ``chunk_size`` at a time loaded from the file of a backed AnnData (never
-    all of them), else ``adata`` itself in one piece."""
-    if not adata.isbacked:
+    """The cells of ``adata`` in order: ``chunk_size`` at a time loaded from disk when its matrix is there
+    (:func:`on_disk`; never all of them), else ``adata`` itself in one piece."""
+    if not on_disk(adata):
         yield adata
         return
     for start in range(0, adata.n_obs, chunk_size):
-        yield adata[start : start + chunk_size].to_memory()
+        chunk = adata[start : start + chunk_size]
+        yield chunk.to_memory() if adata.isbacked else chunk.copy()  # a lazily read .zarr: the copy reads the rows
 
 
 def get_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix | np.ndarray:

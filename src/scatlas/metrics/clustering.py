@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score, normalized_mutual_info_score
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def davies_bouldin(X: np.ndarray, labels: np.ndarray) -> float:
@@ -62,7 +66,7 @@ def leiden_agreement(
     n_neighbors: int = 25,
     seeds: Sequence[int] = range(10),
     zscore: bool = True,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """ARI / NMI of Leiden clusterings (one per seed) against several label sets.
 
     The (optionally z-scored) embedding gets one kNN graph (scanpy, ``n_neighbors``); Leiden

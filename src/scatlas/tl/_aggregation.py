@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError, UnpairedError
 from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_yaml
-from scatlas.data.io import get_matrix, read_h5ad, string_values, to_csr
+from scatlas.data.io import get_matrix, on_disk, read_anndata, string_values, to_csr
 from scatlas.data.dataset import file_source, whole_backed
 from scatlas.data.preprocess import fit_gene_pca, highly_variable_genes, map_rows, normalize_log1p
 from scatlas.data.sources import InMemoryCSR
@@ -109,19 +109,19 @@ class AggregateConfig(BaseModel):
 def read_cells(path: str | Path, config: AggregateConfig, stream: bool = False) -> CellTable:
     """Per-cell features from an ``.h5ad`` (``.X``, an ``.obsm`` key or ``pca:<k>``) or a CSV/parquet table.
 
-    With ``stream`` an ``.h5ad``'s matrix is never loaded: an ``.obsm`` key is read alone, and
+    With ``stream`` an ``.h5ad``'s or ``.zarr``'s matrix is never loaded: an ``.obsm`` key is read alone, and
     ``pca:<k>`` comes from streamed passes (highly variable genes, then an exact PCA of them), so
     host memory holds the cells' features, not their genes.
     """
     path = Path(path)
     keys = [k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k]
-    if path.suffix == ".h5ad":
-        return cells_from_anndata(read_h5ad(path, backed=stream), config, str(path))
+    if path.suffix in (".h5ad", ".zarr"):
+        return cells_from_anndata(read_anndata(path, backed=stream), config, str(path))
     if path.name.endswith((".csv", ".csv.gz", ".parquet")):
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         meta = [c for c in table.columns if c in keys or c.startswith("Metadata_") or not pd.api.types.is_numeric_dtype(table[c])]
         return checked_cells(table[meta].copy(), table.drop(columns=meta).to_numpy(dtype=np.float32), config, str(path))
-    raise InputError(f"{path}: expected .h5ad, .csv(.gz) or .parquet")
+    raise InputError(f"{path}: expected .h5ad, .zarr, .csv(.gz) or .parquet")
 
 
 def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str = "<AnnData>") -> CellTable:
@@ -162,7 +162,7 @@ def _h5ad_features(adata: ad.AnnData, features: str | None, path: str) -> np.nda
 
 def _matrix(adata: ad.AnnData, normalize: bool) -> Any:
     """``.X`` (log-normalised when ``normalize``) as a source: in memory, or for a backed AnnData read from its file in chunks."""
-    if adata.isbacked:
+    if on_disk(adata):
         return file_source(whole_backed(adata), normalize=normalize)
     X = to_csr(get_matrix(adata))
     return InMemoryCSR(normalize_log1p(X) if normalize else X)

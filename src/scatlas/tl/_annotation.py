@@ -28,7 +28,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, read_h5ad, source_name, string_values, to_csr
+from scatlas.data.io import cell_chunks, get_matrix, read_anndata, source_name, string_values, to_csr
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split
 from scatlas.data.validate import validate
@@ -611,7 +611,7 @@ def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Pat
     with the calls, the genes, the probabilities in ``.obsm`` and no matrix.
     """
     check_writable(out, ".h5ad")
-    adata = read_h5ad(query, backed=stream)
+    adata = read_anndata(query, backed=stream)
     annotate(adata, model_dir, layer=layer, min_overlap=min_overlap, chunk_size=chunk_size, log=log)
     if stream:
         adata = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), uns=dict(adata.uns))
@@ -629,7 +629,7 @@ def evaluate_annotations(
     With ``ontology='auto'`` and CL ids on both sides, hierarchy-aware rows are added.
     """
     check_writable(out)
-    adata = read_h5ad(predictions)
+    adata = read_anndata(predictions)
     if pred_key is None:
         found = [c for c in adata.obs.columns if c.endswith("_pred")]
         if len(found) != 1:

@@ -24,8 +24,8 @@ from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
-from scatlas.data.dataset import cell_data
-from scatlas.data.io import get_matrix, source_name, string_categorical, to_csr
+from scatlas.data.dataset import cell_data, whole_backed
+from scatlas.data.io import get_matrix, on_disk, source_name, string_categorical, to_csr
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data.sources import AnnDataCSRSource
@@ -83,7 +83,7 @@ def streamed_split(adata: ad.AnnData, batch_key: str | None, label_key: str | No
     if notice:
         log(notice)
     train, val = holdout(adata.n_obs, val_fraction, seed, exclude=summary.empty_cells)
-    path = Path(adata.filename)
+    path = whole_backed(adata)
     source = AnnDataCSRSource(path, layer=layer, normalize=counts)
     genes = highly_variable_genes(source, train, n_top_genes, chunk_size) if n_top_genes else np.flatnonzero(~summary.empty_genes)
     if len(genes) < source.shape[1]:
@@ -410,7 +410,7 @@ def embed(
     entry, training = split_options(model, model_options)
     if max_epochs is not None:
         training["max_epochs"] = max_epochs
-    if adata.isbacked:
+    if on_disk(adata):
         training["chunk_size"] = training.get("chunk_size") or STREAM_CHUNK
         if decided:
             log(decided)

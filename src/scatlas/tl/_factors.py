@@ -20,8 +20,7 @@ import pandas as pd
 
 from scatlas._errors import InputError
 from scatlas._io import atomic_path, check_writable, write_csv
-from scatlas.data import read_h5ad
-from scatlas.data.io import string_categorical
+from scatlas.data.io import on_disk, read_anndata, string_categorical
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
 from scatlas.metrics.classification import classify_embedding
@@ -44,10 +43,10 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     key = f"{entry.type}_k{entry.rank}"  # type: ignore[attr-defined]
     if stream and dataset.filter:
         raise InputError(f"{dataset.path}: `filter` is not supported when streaming; subset the file first")
-    adata = read_h5ad(dataset.path, backed=stream or dataset.backed)
+    adata = read_anndata(dataset.path, backed=stream or dataset.backed)
     if dataset.filter:
         adata = apply_filter(adata, dataset.filter)
-    if adata.isbacked and not stream:
+    if on_disk(adata) and not stream:
         adata = adata.to_memory()
     options = {k: v for k, v in model.items() if k != "type"}
     result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,

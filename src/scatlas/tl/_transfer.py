@@ -29,7 +29,7 @@ from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, w
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, unset_scaled, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import cell_chunks, read_h5ad, source_name, string_values
+from scatlas.data.io import cell_chunks, on_disk, read_anndata, source_name, string_values
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.validate import check_obs_keys, validate
@@ -294,7 +294,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     if config.reference.label_key is None:
         raise ConfigError("transfer: the reference needs --label-key")
     stems = _query_stems(config.queries)
-    queries = [read_h5ad(q, backed=True) for q in config.queries]  # fail on a missing/corrupt query before training; X stays on disk
+    queries = [read_anndata(q, backed=True) for q in config.queries]  # fail on a missing/corrupt query before training; X stays on disk
     if config.query_label_key:
         for q in queries:
             check_obs_keys(q, [config.query_label_key])
@@ -413,7 +413,7 @@ def transfer(
               "seed": seed, **settings}
     config = load_transfer_config(values)
     data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
-                     stream=reference.isbacked, log=log)
+                     stream=on_disk(reference), log=log)
     check_queries(queries, config, data)
     if decided:
         log(decided)
