@@ -5,7 +5,7 @@ ctrl → stim and stim → ctrl), one ``scatlas.tl.transfer`` per split, seed an
 setting; the table gives the mean and the range over seeds of exact accuracy and macro F1 on the
 queries. scikit-learn's LogisticRegression on the same genes is the peer (it has no seed).
 
-    python benchmarks/transfer_defaults.py [--seeds 5] [--grid dropout|batch_size|batch_lr]
+    python benchmarks/transfer_defaults.py [--seeds 5] [--grid dropout|batch_size|batch_lr|weight_decay|hidden]
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import scatlas as sa
 from _common import SHARED, machine
 from hce_transfer import lr_peer
 
-def _mlp(dropout: float, batch_size: int = 64, lr: float = 1e-3) -> dict:
-    return {"type": "mlp", "hidden": [256, 128], "dropout": dropout, "training": {"lr": lr, "weight_decay": 0.05, "batch_size": batch_size}}
+
+def _mlp(dropout: float, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, hidden: list[int] | None = None) -> dict:
+    return {"type": "mlp", "hidden": hidden or [256, 128], "dropout": dropout,
+            "training": {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size}}
 
 
 GRIDS = {
@@ -31,6 +33,8 @@ GRIDS = {
     "batch_size": {f"mlp 256-128, dropout 0.3, batch {b}": _mlp(0.3, b) for b in (64, 256, 1024)},
     # larger minibatches with the learning rate raised with them (fewer, larger steps)
     "batch_lr": {f"mlp 256-128, dropout 0.3, batch {b}, lr {lr:g}": _mlp(0.3, b, lr) for b, lr in ((64, 1e-3), (256, 2e-3), (256, 4e-3), (1024, 4e-3), (1024, 8e-3))},
+    "weight_decay": {f"mlp 256-128, dropout 0.3, weight decay {w}": _mlp(0.3, weight_decay=w) for w in (0.01, 0.05, 0.2)},
+    "hidden": {f"mlp {'-'.join(map(str, h))}, dropout 0.3": _mlp(0.3, hidden=h) for h in ([256, 128], [512, 256], [1024], [128, 128, 128])},
 }
 
 
