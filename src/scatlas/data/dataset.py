@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError
-from scatlas.data.io import get_matrix, on_disk, read_anndata, source_name, to_csr
+from scatlas.data.io import file_path, get_matrix, on_disk, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.sources import AnnDataCSRSource, RowSubset
 from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate
@@ -161,7 +161,7 @@ def whole_backed(adata: ad.AnnData) -> Path:
     if not on_disk(adata) or adata.is_view:
         raise InputError(f"{source_name(adata)}: only a whole backed AnnData (anndata.read_h5ad(path, backed='r'), or "
                          "scatlas.data.read_anndata(path, backed=True) for a .zarr store; not a subset of one) can be streamed")
-    return Path(adata.filename if adata.isbacked else adata.uns["scatlas_source"])
+    return file_path(adata)
 
 
 def file_source(path: str | Path, layer: str | None = None, normalize: bool = False, rows: np.ndarray | None = None,
@@ -277,7 +277,7 @@ def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: 
     keep_cells = ~summary.empty_cells if drop_empty_cells else np.ones(adata.n_obs, dtype=bool)
     keep_genes = ~summary.empty_genes
     if file_rows is not None:
-        X = file_source(whole_backed(adata), layer, counts, file_rows[keep_cells], np.flatnonzero(keep_genes))
+        X = file_source(file_path(adata), layer, counts, file_rows[keep_cells], np.flatnonzero(keep_genes))  # adata: the file's cells, or a filtered view of them
     else:
         X = _lognorm_matrix(adata, layer, counts=counts)
         if not (keep_cells.all() and keep_genes.all()):

@@ -67,6 +67,16 @@ def _lazy_zarr(path: Path) -> ad.AnnData:
     return ad.AnnData(X=matrix(root["X"]) if "X" in root else None, layers=layers, **parts)
 
 
+def file_path(adata: ad.AnnData) -> Path:
+    """The file or store ``adata`` (or the AnnData it is a view of) was read from: a backed AnnData's
+    file, else the path :func:`read_anndata` recorded."""
+    if adata.isbacked:
+        return Path(adata.filename)
+    if "scatlas_source" not in adata.uns:
+        raise InputError("<AnnData>: not read from a file (read it with scatlas.data.read_anndata or anndata.read_h5ad(path, backed='r'))")
+    return Path(adata.uns["scatlas_source"])
+
+
 def on_disk(adata: ad.AnnData) -> bool:
     """Whether the matrix of ``adata`` is on disk, read in row chunks: a backed ``.h5ad`` or a ``.zarr`` store
     read by :func:`read_anndata` with ``backed=True``."""
