@@ -172,3 +172,20 @@ def test_make_samples_groups():
     ids = make_samples(obs, ["label", "batch"], 10)
     sizes = pd.Series(ids).value_counts()
     assert sizes.sum() == 34 and sizes.min() >= 9 and all(i.startswith(("a|p1", "b|p1")) for i in sizes.index)
+
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_profiles_of_large_samples_are_pooled_in_chunks(pooling):
+    """`SetAggregator.profile` encodes a large sample's cells a chunk at a time: the profile of all of them at once, to float rounding."""
+    import torch
+
+    from scatlas.models.aggregation import SetAggregator
+
+    torch.manual_seed(0)
+    model = SetAggregator(20, 64, 16, 32, pooling).eval()
+    cells = torch.randn(10_000, 20)
+    with torch.no_grad():
+        whole = model(cells[None])[0]
+    assert torch.equal(model.profile(cells[:1000], chunk_size=1000), model(cells[None, :1000])[0])  # one chunk: forward itself
+    torch.testing.assert_close(model.profile(cells, chunk_size=999), whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))

@@ -380,6 +380,7 @@ def aggregate(
     group_key: Annotated[str | None, typer.Option(help="Group label (e.g. mechanism of action) for a second retrieval task.")] = None,
     cells_per_sample: Annotated[int | None, typer.Option(help="Without a sample key: split each label × batch into samples of this many cells.")] = None,
     features: Annotated[str | None, typer.Option(help=".h5ad features: an obsm key or pca:<k> (default .X).")] = None,
+    cells_per_view: Annotated[int | None, typer.Option(help="Mean cells per training view (default: the median sample size, 1,500 from 1,000 up).")] = None,
     normalize: Annotated[str, typer.Option(help="Per-batch normalisation: standard, mad or none.")] = "standard",
     sphering: Annotated[bool, typer.Option(help="ZCA-whiten the features.")] = False,
     seeds: Annotated[int, typer.Option(help="Number of training seeds (CI over seeds).")] = 3,
@@ -394,7 +395,8 @@ def aggregate(
     from scatlas.tl._aggregation import joined_samples, load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
-                                "max_epochs": max_epochs, "features": features, "group_key": group_key}
+                                "max_epochs": max_epochs, "features": features, "group_key": group_key,
+                                **({"cells_mean": cells_per_view} if cells_per_view else {})}
     if toy is not None:
         if toy != "covariance":
             raise ConfigError(f"--toy: unknown check {toy!r}; available: covariance")

@@ -47,6 +47,16 @@ class SetAggregator(nn.Module):
         pooled = h.sum(dim=1) if self.pooling == "sum" else h.mean(dim=1)
         return self.head(pooled)
 
+    @torch.no_grad()
+    def profile(self, cells: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+        """Profile ``(out,)`` of one set of any size ``(n_cells, D)``, for inference: the cells are encoded
+        ``chunk_size`` at a time and pooled as they go, so a sample of many cells never holds all its
+        encodings (``n_cells × width``); a set of at most ``chunk_size`` cells is :meth:`forward`'s."""
+        if len(cells) <= chunk_size:
+            return self(cells[None])[0]
+        pooled = sum(self.encoder(cells[a : a + chunk_size]).sum(dim=0) for a in range(0, len(cells), chunk_size))
+        return self.head((pooled if self.pooling == "sum" else pooled / len(cells))[None])[0]
+
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Supervised contrastive loss of the views in ``batch["x"]`` labelled ``batch["label"]``."""
         loss = supervised_contrastive(self(batch["x"]), batch["label"], self.temperature)

@@ -256,7 +256,7 @@ class AggregationPlan(TrainingPlan):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Profile of one validation sample (all its cells)."""
-        self._val.append((self.module(batch["x"]).float().cpu().numpy()[0], int(batch["label"][0])))
+        self._val.append((self.module.profile(batch["x"][0]).float().cpu().numpy(), int(batch["label"][0])))
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val_map``."""
@@ -298,7 +298,7 @@ def learned_profiles(module: SetAggregator, X: np.ndarray, sample_ids: np.ndarra
     """Profiles of ``samples`` from all their cells."""
     device = next(module.parameters()).device
     rows_of = pd.Series(np.arange(len(X))).groupby(sample_ids).apply(np.asarray)
-    return np.stack([module(torch.as_tensor(X[rows_of[s]], device=device)[None]).cpu().numpy()[0] for s in samples])
+    return np.stack([module.profile(torch.as_tensor(X[rows_of[s]], device=device)).cpu().numpy() for s in samples])
 
 
 def baseline_profiles(X: np.ndarray, sample_ids: np.ndarray, samples: np.ndarray, how: str) -> np.ndarray:
