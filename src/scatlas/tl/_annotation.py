@@ -348,22 +348,20 @@ def scaled_training(training: TrainingConfig, n_train: int) -> tuple[TrainingCon
     -------
     The settings to train with, and a one-line account of what was scaled (``None`` when nothing was).
     """
-    unset = {"batch_size", "max_epochs"} - training.model_fields_set
-    if n_train <= SMALL_REFERENCE:
-        return training.model_copy(update={k: {"batch_size": 64, "max_epochs": 100}[k] for k in unset}), None
-    batch = min(MAX_BATCH, max(64, 1 << int(np.ceil(np.log2(n_train / STEPS_PER_EPOCH)))))
-    epochs = min(100, max(2, int(np.ceil(CELL_BUDGET / n_train))))
-    update = {k: {"batch_size": batch, "max_epochs": epochs}[k] for k in unset}
+    small = n_train <= SMALL_REFERENCE
+    rule = {"batch_size": 64 if small else min(MAX_BATCH, max(64, 1 << int(np.ceil(np.log2(n_train / STEPS_PER_EPOCH))))),
+            "max_epochs": 100 if small else min(100, max(2, int(np.ceil(CELL_BUDGET / n_train))))}
+    update = {k: rule[k] for k in unset_scaled(training)["training"]}
     scaled = training.model_copy(update=update)
-    if not update:
+    if small or not update:
         return scaled, None
     return scaled, (f"{n_train:,} training cells: minibatches of {scaled.batch_size:,}, at most {scaled.max_epochs} epochs "
                     "(scaled to the reference size; set --batch-size / --max-epochs to choose)")
 
 
 def unset_scaled(training: TrainingConfig) -> dict[str, set[str]]:
-    """The training fields :func:`scaled_training` decides, as a ``model_dump(exclude=...)`` of a config
-    (the values used go to the model's ``annotator.yaml``)."""
+    """The training fields :func:`scaled_training` decides (those the user left unset), as a
+    ``model_dump(exclude=...)`` of a config (the values used go to the model's ``annotator.yaml``)."""
     return {"training": {"batch_size", "max_epochs"} - training.model_fields_set}
 
 
