@@ -20,6 +20,7 @@ from scatlas.experiment.runner import split_data
 from scatlas.models import RandomEffectsModule, ScMEDALFE, ScMEDALRE
 from scatlas.models.mixed_effects import FEConfig, REConfig
 from scatlas.nn import RandomEffectBlock, VariationalLinear, grad_reverse
+from scatlas.settings import TrainingConfig
 from scatlas.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,20 @@ def test_grad_reverse():
 
 def _train(**kw):
     return TrainConfig(**{"max_epochs": 1, "batch_size": 64, "patience": 0, "progress": False, "accelerator": "cpu", **kw})
+
+
+def test_fe_counts_patience_and_epochs_in_minibatches():
+    """FE's patience and epoch budget are counted in minibatches on small data; the user's values, large data and the published configuration keep theirs."""
+    default = ScMEDALFE(FEConfig(), TrainingConfig().to_train_config(0, progress=False))
+    assert default.train_config.batch_size == 128 and default.config.latent_dim == 20
+    # 1,000 training cells in minibatches of 128: 7 steps an epoch, so ceil(500 / 7) and ceil(3,000 / 7) epochs
+    assert default.sized_training(1_000) == {"patience": 72, "max_epochs": 429}
+    assert default.sized_training(1_000_000) == {"patience": 10, "max_epochs": 100}
+    chosen = ScMEDALFE(FEConfig(), TrainingConfig(patience=5, max_epochs=20).to_train_config(0, progress=False))
+    assert chosen.unset(chosen.sized_training(1_000)) == {}
+    published = ScMEDALFE(FEConfig(published=True), TrainingConfig().to_train_config(0, progress=False))
+    assert published.sized_training(1_000) == {} and published.config.latent_dim == 50
+    assert FEConfig(published=True, latent_dim=8).latent_dim == 8
 
 
 def test_adversarial_steps_and_gradient_isolation(split):

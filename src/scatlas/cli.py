@@ -455,7 +455,7 @@ def embed(
     input: Annotated[str, typer.Option(help="auto (counts if whole numbers), counts or lognorm.")] = "auto",
     key_added: Annotated[str | None, typer.Option(help=".obsm key (default X_<model>).")] = None,
     n_top_genes: Annotated[int, typer.Option(help="Highly variable genes (0 = all genes).")] = 2000,
-    max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs (default 100, early stopping on 10% held-out cells).")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs (default 100, early stopping on 10% held-out cells; fe / fec: at least 3,000 minibatches on small data).")] = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same latent on CPU.")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model or training option KEY=VALUE (repeatable), e.g. --set latent_dim=30 --set batch_size=512.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and model directory.")] = False,

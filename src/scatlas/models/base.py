@@ -118,11 +118,20 @@ class EmbeddingModel(abc.ABC):
 
     def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
         self.config = config
-        unset = {} if train.explicit is None else {k: v for k, v in self.training_defaults().items() if k not in train.explicit}
-        self.train_config = replace(train, **{**unset, **config.training})
+        #: Training fields the user chose (``None``: all of them, as for a directly built ``TrainConfig``).
+        self.user_training = None if train.explicit is None else frozenset(train.explicit) | frozenset(config.training)
+        self.train_config = replace(train, **{**self.unset(self.training_defaults()), **config.training})
+
+    def unset(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The entries of ``settings`` that the user did not set."""
+        return {} if self.user_training is None else {k: v for k, v in settings.items() if k not in self.user_training}
 
     def training_defaults(self) -> dict[str, Any]:
         """Training settings this model defaults to where the user set none (e.g. FE's minibatch size)."""
+        return {}
+
+    def sized_training(self, n_train: int) -> dict[str, Any]:
+        """Training settings that depend on the number of training cells, applied at :meth:`fit` where the user set none."""
         return {}
 
     @abc.abstractmethod
@@ -304,6 +313,7 @@ class NeuralModel(EmbeddingModel):
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
         """Train with the shared engine; returns the epoch history."""
+        self.train_config = replace(self.train_config, **self.unset(self.sized_training(len(data.train))))
         torch.manual_seed(self.train_config.seed)
         self.plan = self.build_plan(self.build_module(data))
         val = self.loader(data, data.val, shuffle=False) if len(data.val) else None

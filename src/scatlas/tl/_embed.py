@@ -380,7 +380,8 @@ def embed(
     scale
         Per-gene scaling: ``none``, ``maxabs`` (scMEDAL's min-max) or ``standard``.
     max_epochs
-        Upper bound on training epochs (default 100, with early stopping on the held-out cells).
+        Upper bound on training epochs (default 100, with early stopping on the held-out cells; ``fe`` / ``fec`` on
+        small data allow 3,000 minibatches and wait 500 for early stopping, see ``ScMEDALFE.sized_training``).
     val_fraction
         Share of cells held out, seeded, for early stopping only.
     seed
