@@ -262,7 +262,8 @@ def test_readme_api_reference_names_exist():
 
 def test_fe_defaults_and_the_published_configuration_is_one_option_away(cellbench3_path):
     adata = ad.read_h5ad(cellbench3_path)
-    default = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=2, key_added="X_default")
+    lines: list[str] = []
+    default = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=2, key_added="X_default", log=lines.append)
     published = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=2, key_added="X_published", published=True)
     d, p = default.model.config, published.model.config
     assert (d.encoder_objective, d.adversary_input, d.adversary_weight, d.decoder_batch) == ("confusion", "latent", 10.0, True)
@@ -271,6 +272,7 @@ def test_fe_defaults_and_the_published_configuration_is_one_option_away(cellbenc
     assert (d.latent_dim, p.latent_dim) == (20, 50)
     # 449 training cells are 3 minibatches an epoch: early stopping waits ceil(500 / 3) epochs; the user's max_epochs stays
     assert (default.model.train_config.patience, default.model.train_config.max_epochs) == (167, 2)
+    assert [line for line in lines if "minibatches an epoch" in line] == ["fe: 449 training cells are 3 minibatches an epoch, so patience 167 (counted in minibatches; set patience / max_epochs to override)"]
     assert (published.model.train_config.patience, published.model.train_config.max_epochs) == (10, 2)
     # the measured minibatch default applies unless the user sets one; the published run keeps the global 256
     assert default.model.train_config.batch_size == 128 and published.model.train_config.batch_size == 256

@@ -101,8 +101,12 @@ def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], 
     return entry, training
 
 
-def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, Any], seed: int = 0, progress: bool = False) -> tuple[EmbeddingModel, pd.DataFrame]:
+def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, Any], seed: int = 0, progress: bool = False,
+                  log: Log = _silent) -> tuple[EmbeddingModel, pd.DataFrame]:
     """Build and fit a registered embedding model on ``data`` (``data.val`` only for early stopping).
+
+    When the model sizes its training to the number of cells (``fe`` / ``fec`` on small data), one
+    line of ``log`` says what it chose.
 
     Returns
     -------
@@ -117,6 +121,11 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
     settings = parse_settings(TrainingConfig, training, "training: ")
     model = build_model(config, settings.to_train_config(seed, progress))
     assert isinstance(model, EmbeddingModel)
+    sized = model.unset(model.sized_training(len(data.train)))
+    if sized:
+        cfg = model.train_config
+        log(f"{config.type}: {len(data.train):,} training cells are {max(1, len(data.train) // cfg.batch_size)} minibatches an epoch, so "
+            f"{', '.join(f'{k} {v}' for k, v in sized.items())} (counted in minibatches; set patience / max_epochs to override)")
     history = model.fit(data)
     return model, history if history is not None else pd.DataFrame()
 
@@ -424,7 +433,7 @@ def embed(
         split = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, scale)
         sdata = all_cells_split(split.X, data.obs, batch_key, label_key, split.genes, train, val)
         prep = Preprocessing(split.genes, counts, layer, split.scaler)
-    fitted, history = fit_all_cells(sdata, entry, training, seed, progress)
+    fitted, history = fit_all_cells(sdata, entry, training, seed, progress, log)
     key = key_added or f"X_{model}"
     result = ScatlasModel(fitted, prep, batch_key, label_key, key, sdata.batch_names, sdata.label_names, history, {"training": training}, sdata, log)
     write_results(adata, result)
