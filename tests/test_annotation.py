@@ -21,6 +21,7 @@ from scatlas.cli import app
 from scatlas.losses import hierarchical_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
 from scatlas.nn.tabnet import entmax15, sparsemax
+from scatlas.metrics.calibration import softmax
 from scatlas.ontology import CellOntology, fine_classes, map_author_labels, nested_label_pairs, reachability, source_reachability
 
 runner = CliRunner()
@@ -106,6 +107,10 @@ def test_label_meaning_per_source_hand_computed():
     np.testing.assert_array_equal(per[1][2], [0, 0, 1, 0])
     assert list(fine_classes(per, codes, sources)) == [False, True, True, True]
     assert nested_label_pairs(R, codes, sources) == [(0, 1, 0, False), (0, 2, 0, False), (1, 2, 1, True)]
+    # a source labelling monocyte and CD14 (not CD16): monocyte excludes CD14 and, below it, CD16 too
+    mixed = np.array([0, 1, 2]), np.array([0, 0, 1])
+    np.testing.assert_array_equal(source_reachability(R, *mixed)[0][0], [1, 0, 0, 0])
+    assert nested_label_pairs(R, *mixed) == [(0, 1, 0, True), (0, 2, 0, True), (1, 2, 0, False)]
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1]])).repeat(2, 1)
     target = torch.tensor([0, 1])
     loss = hierarchical_cross_entropy(logits, target, torch.as_tensor(per), source=torch.tensor([0, 1])).item()
@@ -346,6 +351,27 @@ def test_hierarchical_calls_hand_computed():
     assert list(hierarchical_calls(np.array([[0.3, 0.3, 0.4]]), R, depth, 1.01)) == [0]  # nothing reaches: the broadest class
     assert choose_call_threshold(proba, np.array([1, 1]), R, depth) == 0.5
     assert choose_call_threshold(proba, np.array([2, 1]), R, depth) == 0.51  # the unsure cell must fall back to its parent
+    # a coarsely labelled cell ("monocyte", satisfied by CD14 and CD16): its finer call is right, nothing pushes the threshold up
+    coarse = np.array([[True, True, True], [False, True, False]])
+    assert choose_call_threshold(np.array([[0.05, 0.9, 0.05], [0.0, 0.9, 0.1]]), np.array([0, 1]), R, depth, precision=1.0) == 0.91  # just above the finer call's 0.9
+    assert choose_call_threshold(np.array([[0.05, 0.9, 0.05], [0.0, 0.9, 0.1]]), np.array([0, 1]), R, depth, precision=1.0, satisfies=coarse) == 0.5
+
+
+def test_calibration_scores_a_coarse_label_by_the_classes_that_satisfy_it():
+    from scatlas.metrics import expected_calibration_error, fit_temperature
+
+    logits = np.array([[0.0, 2.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    y = np.array([1, 2, 0])
+    one_hot = np.eye(3, dtype=bool)[y]
+    assert fit_temperature(logits, one_hot) == pytest.approx(fit_temperature(logits, y), rel=1e-6)  # exact labels: plain NLL
+    assert expected_calibration_error(softmax(logits), one_hot) == expected_calibration_error(softmax(logits), y)
+    # cell 0 labelled "monocyte" (class 0), satisfied by its finer class 1 too: its top class is right
+    coarse = one_hot.copy()
+    coarse[0] = [True, True, False]
+    p = softmax(logits)
+    assert expected_calibration_error(p, coarse) == pytest.approx(np.mean(1 - p.max(1)), abs=1e-12)  # all right: |1 − confidence| per bin
+    # the likelihood of the coarse label is p0 + p1, so the fitted temperature sharpens (every cell is right)
+    assert fit_temperature(logits, coarse) < fit_temperature(logits, y)
 
 
 def test_transfer_makes_hierarchical_calls_at_the_stated_precision(symphony_path):
@@ -362,3 +388,23 @@ def test_transfer_makes_hierarchical_calls_at_the_stated_precision(symphony_path
     correct = labels.reachability[labels.codes(calls), truth] > 0
     exact = (query.obs["cell_type_ontology_term_id_pred"].astype(str) == query.obs["cell_type_ontology_term_id"].astype(str)).mean()
     assert correct.mean() >= exact  # backing off to an ancestor never loses a right call
+
+
+def test_transfer_calibrates_a_coarser_source_by_the_classes_that_satisfy_its_labels(symphony_path, ontology):
+    import scatlas as sa
+
+    adata = ad.read_h5ad(symphony_path)
+    reference, query = adata[adata.obs["batch"] != "3pv1"].copy(), adata[adata.obs["batch"] == "3pv1"].copy()
+    ids = reference.obs["cell_type_ontology_term_id"].astype(str).to_numpy().copy()
+    fine = set(ids)
+    coarse = np.random.default_rng(0).random(len(ids)) < 0.5  # half the reference from a study that labels one level up
+    ids[coarse] = [max((a for a in ontology.ancestors(t) if a not in fine), key=lambda a: len(ontology.ancestors(a))) for t in ids[coarse]]
+    reference.obs["cell_type_ontology_term_id"] = ids
+    reference.obs["cell_type"] = [ontology.label(t) for t in ids]
+    reference.obs["study"] = np.where(coarse, "coarse", "fine")
+    model = sa.tl.transfer(reference, query, label_key="cell_type", ontology_key="cell_type_ontology_term_id", loss="hce", dataset_key="study",
+                           log=lambda _: None, training={"max_epochs": 20, "batch_size": 64})
+    # a finer call on a coarsely labelled calibration cell is right: the calls stay fine, the temperature near 1
+    assert model.annotator.labels.call_threshold < 0.99 and model.temperature < 1.5
+    calls = query.obs["cell_type_ontology_term_id_pred_hierarchical"].astype(str)
+    assert (calls == query.obs["cell_type_ontology_term_id"].astype(str)).mean() > 0.7

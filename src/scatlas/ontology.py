@@ -191,15 +191,17 @@ def nested_label_pairs(R: np.ndarray, codes: np.ndarray, sources: np.ndarray) ->
     -------
     ``(ancestor, descendant, source, exclusive)`` for every pair of classes where the ancestor
     is used as a label in the source and the descendant is used in any source; ``exclusive`` is
-    true when that same source also labels the descendant (the ancestor then means "not it").
+    true when that same source labels the descendant or one of its ancestors below the ancestor
+    label (the ancestor then means "not it", as in :func:`source_reachability`).
     """
     pairs = []
     everywhere = np.unique(codes)
     for s in np.unique(sources):
         used = np.unique(codes[sources == s])
         for i in used:
+            labelled_below = used[(R[i, used] > 0) & (used != i)]
             below = everywhere[(R[i, everywhere] > 0) & (everywhere != i)]
-            pairs += [(int(i), int(j), int(s), bool(np.isin(j, used))) for j in below]
+            pairs += [(int(i), int(j), int(s), bool((R[labelled_below, j] > 0).any())) for j in below]
     return pairs
 
 
@@ -273,14 +275,21 @@ def hierarchical_calls(proba: np.ndarray, R: np.ndarray, depth: np.ndarray, thre
 
 
 def choose_call_threshold(proba: np.ndarray, truth: np.ndarray, R: np.ndarray, depth: np.ndarray, precision: float = 0.95,
-                          grid: np.ndarray | None = None) -> float:
+                          grid: np.ndarray | None = None, satisfies: np.ndarray | None = None) -> float:
     """Smallest threshold whose hierarchical calls on held-out cells are correct (the truth or an ancestor of it) at ``precision``.
 
+    ``satisfies``: optional ``(n, C)`` boolean matrix of the classes that satisfy each held-out
+    cell's label in its source (:meth:`~scatlas.tl._annotation.LabelSpace.satisfying`); a call
+    that satisfies it is then correct too, so a finer call on a coarsely labelled cell counts as
+    right (scTab's descendant credit) instead of pushing the threshold up.
     Returns the largest grid value when none reaches ``precision``.
     """
     grid = np.round(np.arange(0.5, 1.0, 0.01), 2) if grid is None else grid
     for t in grid:
         calls = hierarchical_calls(proba, R, depth, float(t))
-        if (R[calls, truth] > 0).mean() >= precision:
+        correct = R[calls, truth] > 0
+        if satisfies is not None:
+            correct |= satisfies[np.arange(len(calls)), calls]
+        if correct.mean() >= precision:
             return float(t)
     return float(grid[-1])

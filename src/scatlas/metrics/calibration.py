@@ -17,13 +17,17 @@ def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 1
     proba
         ``(n, n_classes)`` probabilities.
     y
-        ``(n,)`` true class indices.
+        ``(n,)`` true class indices, or an ``(n, n_classes)`` boolean matrix of the classes that
+        satisfy each cell's label (a coarse label is satisfied by its finer classes): the top
+        class is then right when it satisfies the label.
     n_bins
         Number of confidence bins.
     """
     proba = np.asarray(proba, dtype=np.float64)
     confidence = proba.max(1)
-    correct = (proba.argmax(1) == np.asarray(y)).astype(np.float64)
+    top = proba.argmax(1)
+    y = np.asarray(y)
+    correct = (y[np.arange(len(top)), top] if y.ndim == 2 else top == y).astype(np.float64)
     edges = np.linspace(0, 1, n_bins + 1)
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     ece = 0.0
@@ -37,16 +41,29 @@ def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 1
 def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
     """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` on held-out cells (Guo et al. 2017).
 
-    Optimised over ``log T`` with L-BFGS, so ``T > 0``; ``T > 1`` softens over-confident models.
+    ``y``: true class indices, or an ``(n, n_classes)`` boolean matrix of the classes that satisfy
+    each cell's label; the likelihood of a label is then the probability summed over those
+    classes (as hierarchical cross-entropy trains). Optimised over ``log T`` with L-BFGS, so
+    ``T > 0``; ``T > 1`` softens over-confident models.
     """
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    target = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    y = np.asarray(y)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    if y.ndim == 2:
+        outside = torch.as_tensor(np.where(y, 0.0, -np.inf))
+
+        def nll(scaled: torch.Tensor) -> torch.Tensor:
+            return (torch.logsumexp(scaled, 1) - torch.logsumexp(scaled + outside, 1)).mean()
+    else:
+        target = torch.as_tensor(y, dtype=torch.long)
+
+        def nll(scaled: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(scaled, target)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), target)
+        loss = nll(z / log_t.exp())
         loss.backward()
         return loss
 

@@ -167,11 +167,25 @@ class LabelSpace:
             return None
         return hierarchical_calls(proba, self.reachability, self.depth, self.call_threshold)
 
-    def with_call_threshold(self, proba: np.ndarray, truth: np.ndarray, precision: float) -> LabelSpace:
-        """This label space with :attr:`call_threshold` chosen on held-out cells (probabilities, true class indices); unchanged without an ontology."""
+    def satisfying(self, codes: np.ndarray, source_codes: np.ndarray | None) -> np.ndarray:
+        """What held-out cells are scored against: their class indices, or with an ontology the ``(n, C)`` classes that satisfy each cell's label in its source.
+
+        A coarse label (one its source uses without its labelled descendants) is satisfied by
+        the finer classes below it, so calibration and the call threshold do not count a finer
+        prediction on a coarsely labelled cell as wrong.
+        """
+        if self.per_source is None or source_codes is None:
+            return np.asarray(codes)
+        return self.per_source[source_codes, codes] > 0
+
+    def with_call_threshold(self, proba: np.ndarray, truth: np.ndarray, precision: float, source_codes: np.ndarray | None = None) -> LabelSpace:
+        """This label space with :attr:`call_threshold` chosen on held-out cells (probabilities, true class indices,
+        their source indices for :meth:`satisfying`); unchanged without an ontology."""
         if self.reachability is None or self.depth is None or not len(truth):
             return self
-        return replace(self, call_threshold=choose_call_threshold(proba, truth, self.reachability, self.depth, precision))
+        satisfies = self.satisfying(truth, source_codes)
+        return replace(self, call_threshold=choose_call_threshold(proba, truth, self.reachability, self.depth, precision,
+                                                                  satisfies=satisfies if satisfies.ndim == 2 else None))
 
     def finest(self, proba: np.ndarray) -> np.ndarray:
         """Index of the finest-class call of each cell: the argmax over :attr:`fine` classes."""
@@ -439,6 +453,10 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     return tables["overall"]
 
 
+def _at(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if values is None else values[rows]
+
+
 def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
     rows = np.arange(data.n_cells)
     counts = np.bincount(codes, minlength=len(labels.classes))
@@ -447,7 +465,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     train, val = np.sort(train), np.sort(val)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
-    labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision)
+    labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, _at(sdata.source, val))
     meta = {"label_key": key, "dataset": str(config.dataset.path)}
     Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
 
@@ -464,7 +482,7 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
         fold_dir = stage / f"splits_{split.number}"
         model, sdata, _ = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, split.train, split.val, fold_dir,
                                          sources, log)
-        fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision)
+        fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision, _at(sdata.source, split.val))
         table = _detailed(data, split.test, truth[split.test], model.predict_proba(sdata, split.test), fold_labels, strata)
         folds.append(write_evaluation(table, fold_labels, strata, fold_dir, f"split {split.number}").assign(split=split.number))
         pooled.append(table.assign(split=split.number))

@@ -233,12 +233,14 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
     logits = model.predict_logits(sdata, calib)
-    fitted = fit_temperature(logits, codes[calib])
-    before = expected_calibration_error(softmax(logits), codes[calib])
-    scaled = expected_calibration_error(softmax(logits, fitted), codes[calib])
+    calib_sources = None if sdata.source is None else sdata.source[calib]
+    target = labels.satisfying(codes[calib], calib_sources)  # a coarse label is satisfied by its finer classes
+    fitted = fit_temperature(logits, target)
+    before = expected_calibration_error(softmax(logits), target)
+    scaled = expected_calibration_error(softmax(logits, fitted), target)
     # the NLL-optimal temperature is kept only if it also lowers the held-out ECE
     temperature, after = (fitted, scaled) if scaled <= before else (1.0, before)
-    labels = labels.with_call_threshold(softmax(logits, temperature), codes[calib], config.call_precision)
+    labels = labels.with_call_threshold(softmax(logits, temperature), codes[calib], config.call_precision, calib_sources)
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
     centroids = class_centroids(model, sdata, train, codes[train], config.query_chunk_size)
