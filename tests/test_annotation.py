@@ -22,7 +22,7 @@ from scatlas.losses import hierarchical_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
 from scatlas.nn.tabnet import entmax15, sparsemax
 from scatlas.metrics.calibration import softmax
-from scatlas.ontology import CellOntology, fine_classes, map_author_labels, nested_label_pairs, reachability, source_reachability
+from scatlas.ontology import CellOntology, coarse_exclusions, fine_classes, map_author_labels, nested_label_pairs, reachability, source_reachability
 
 runner = CliRunner()
 CD4_SUBSETS = ["CL:0000492", "CL:0000792", "CL:0000895", "CL:0000897"]  # helper, Treg, naive CD4, memory CD4
@@ -111,6 +111,8 @@ def test_label_meaning_per_source_hand_computed():
     mixed = np.array([0, 1, 2]), np.array([0, 0, 1])
     np.testing.assert_array_equal(source_reachability(R, *mixed)[0][0], [1, 0, 0, 0])
     assert nested_label_pairs(R, *mixed) == [(0, 1, 0, True), (0, 2, 0, True), (1, 2, 0, False)]
+    assert coarse_exclusions(R, source_reachability(R, *mixed), *mixed) == [(0, 0, 1)]  # its CD14 is coarse: CD16 is labelled elsewhere
+    assert coarse_exclusions(R, per, codes, sources) == []
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1]])).repeat(2, 1)
     target = torch.tensor([0, 1])
     loss = hierarchical_cross_entropy(logits, target, torch.as_tensor(per), source=torch.tensor([0, 1])).item()
@@ -408,3 +410,15 @@ def test_transfer_calibrates_a_coarser_source_by_the_classes_that_satisfy_its_la
     assert model.annotator.labels.call_threshold < 0.99 and model.temperature < 1.5
     calls = query.obs["cell_type_ontology_term_id_pred_hierarchical"].astype(str)
     assert (calls == query.obs["cell_type_ontology_term_id"].astype(str)).mean() > 0.7
+
+
+def test_a_source_relabelled_one_level_up_is_named(ontology):
+    # the CL parent of a CD16 monocyte is "CD14-positive monocyte", whose parent is "monocyte": a source relabelled one level up uses both
+    values = np.array(["CL:0000576", "CL:0001054", "CL:0001054", "CL:0002396"])
+    lines: list[str] = []
+    labels = label_space(values, None, ontology, sources=np.array(["coarse", "coarse", "fine", "fine"]), log=lines.append)
+    assert labels.fine[labels.classes.index("CL:0000576")]  # "monocyte, not CD14-positive" is a class of its own there, as the rule says
+    assert len(lines) == 2 and "[coarse] 'monocyte' is learnt as a class of its own" in lines[1]
+    lines.clear()
+    label_space(values, None, ontology, sources=np.array(["coarse", "fine", "fine", "fine"]), log=lines.append)
+    assert not any("class of its own" in line for line in lines)

@@ -205,6 +205,23 @@ def nested_label_pairs(R: np.ndarray, codes: np.ndarray, sources: np.ndarray) ->
     return pairs
 
 
+def coarse_exclusions(R: np.ndarray, per_source: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(source, ancestor, descendant)`` where a source's label becomes a class of its own only by excluding a descendant label that the same source uses coarsely.
+
+    The source then reads its ancestor label as "this term and not the descendant" with no other
+    class left to satisfy it, while its descendant label is satisfied by finer classes that other
+    sources label. That is what a source relabelled one level up looks like (the Cell Ontology
+    parent of "CD14-low, CD16-positive monocyte" is "CD14-positive monocyte", whose parent is
+    "monocyte"); the per-source rule cannot tell it from a real third class, so callers say so.
+    """
+    found = []
+    for s in np.unique(sources):
+        used = np.unique(codes[sources == s])
+        coarse = [j for j in used if per_source[s, j].sum() > 1]
+        found += [(int(s), int(i), int(j)) for i in used if per_source[s, i].sum() <= 1 for j in coarse if i != j and R[i, j] > 0]
+    return found
+
+
 def fine_classes(per_source: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """Classes that a finest-class call may return: those some source uses as an exact label.
 

@@ -38,7 +38,7 @@ from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import SplitData, build_model, parse_model_config
 from scatlas.models.classifiers import CellTypeClassifier
-from scatlas.ontology import CellOntology, choose_call_threshold, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
+from scatlas.ontology import CellOntology, choose_call_threshold, coarse_exclusions, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
 from scatlas.report.html import Section, mean_ci_table, write_report
 from scatlas.tl._embed import categorical_codes
@@ -231,6 +231,11 @@ def label_space(values: np.ndarray, names: np.ndarray | None, ontology: CellOnto
     if log is not None and len(nested):
         log(f"{where}labels nest in the Cell Ontology: " + "; ".join(f"[{r.source}] {r.meaning}" for r in nested.itertuples())
             + " (within a source, a label whose descendants it also uses means 'not those descendants')")
+    ambiguous = coarse_exclusions(R, per_source, codes, source_codes)
+    if log is not None and ambiguous:
+        log(f"{where}" + "; ".join(f"[{source_names[s]}] '{readable[i]}' is learnt as a class of its own, 'not {readable[j]}', while that source "
+                                   f"uses '{readable[j]}' coarsely (other sources label classes below it)" for s, i, j in ambiguous)
+            + ": if these are the same cells labelled less specifically, give them one label")
     depth = np.array([len(ontology.ancestors(c)) for c in classes], dtype=np.float64)
     return LabelSpace(classes, readable, R, ontology.version, source_names, per_source, fine_classes(per_source, codes, source_codes), nested, depth)
 
