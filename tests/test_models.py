@@ -67,6 +67,24 @@ def test_same_seed_same_latent_bit_for_bit(split):
     assert not np.array_equal(a, other.embed(sdata, s.test))
 
 
+def test_epoch_sums_log_what_per_step_logging_logs_to_the_bit(split, monkeypatch):
+    """The plan sums each epoch's terms itself and logs once; Lightning's per-step ``self.log(on_epoch=True)`` gives the same means, bit for bit."""
+    from scatlas.train import TrainingPlan
+
+    sdata, _, _ = split
+    ours = AE(AEConfig(latent_dim=8, dropout=0.1), _train(max_epochs=3, seed=3)).fit(sdata)
+
+    def per_step(self, prefix, terms, n):
+        for key, value in terms.items():
+            self.log(f"{prefix}_{key}", value.detach(), on_step=False, on_epoch=True, batch_size=n)
+
+    monkeypatch.setattr(TrainingPlan, "_log_terms", per_step)
+    lightning = AE(AEConfig(latent_dim=8, dropout=0.1), _train(max_epochs=3, seed=3)).fit(sdata)
+    columns = [c for c in ours.columns if c != "epoch_time_s"]
+    assert set(columns) == {"epoch", "train_loss", "train_recon", "val_loss", "val_recon"}
+    pd.testing.assert_frame_equal(ours[columns], lightning[sorted(columns, key=columns.index)], check_exact=True)
+
+
 def test_checkpoints_and_resume(split, tmp_path):
     sdata, s, _ = split
     first = AE(AEConfig(latent_dim=8), _train(max_epochs=4))

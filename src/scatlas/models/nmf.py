@@ -257,6 +257,7 @@ class NonNegativePlan(TrainingPlan):
 
     def on_train_epoch_start(self) -> None:
         """Tell the module the epoch (for warm-ups)."""
+        super().on_train_epoch_start()
         if hasattr(self.module, "epoch"):
             self.module.epoch = self.current_epoch
 
@@ -265,6 +266,7 @@ class NonNegativePlan(TrainingPlan):
         with torch.no_grad():
             for p in self.module.nonnegative_parameters():
                 p.clamp_(min=0)
+        super().on_train_batch_end(outputs, batch, batch_idx)
 
 
 class AENMFConfig(ModelConfig):

@@ -252,6 +252,7 @@ class AggregationPlan(TrainingPlan):
 
     def on_validation_epoch_start(self) -> None:
         """Reset the collected validation profiles."""
+        super().on_validation_epoch_start()
         self._val: list[tuple[np.ndarray, int]] = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -267,6 +268,7 @@ class AggregationPlan(TrainingPlan):
         except UnpairedError:  # no two validation samples share a label
             ap = np.array([np.nan])
         self.log("val_map", float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0, prog_bar=True)
+        super().on_validation_epoch_end()
 
 
 def _cells_per_view(config: AggregateConfig, sizes: np.ndarray) -> tuple[float, float, int]:
