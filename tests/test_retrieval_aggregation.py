@@ -189,3 +189,16 @@ def test_profiles_of_large_samples_are_pooled_in_chunks(pooling):
         whole = model(cells[None])[0]
     assert torch.equal(model.profile(cells[:1000], chunk_size=1000), model(cells[None, :1000])[0])  # one chunk: forward itself
     torch.testing.assert_close(model.profile(cells, chunk_size=999), whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
+
+
+def test_baseline_profiles_equal_pandas_groupby_without_copying_the_cells():
+    from scatlas.tl._aggregation import baseline_profiles
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(5000, 6)) * 3 + 1).astype(np.float32)
+    ids = rng.choice(["d1|B", "d1|T", "d2|B", "d2|T", "d3|NK"], len(X))
+    samples = np.array(["d3|NK", "d1|B", "d2|T"])
+    groups = pd.DataFrame(X).groupby(ids)
+    median = baseline_profiles(X, ids, samples, "median")
+    assert median.dtype == np.float32 and np.array_equal(median, groups.median().loc[samples].to_numpy())
+    np.testing.assert_allclose(baseline_profiles(X, ids, samples, "mean"), groups.mean().loc[samples].to_numpy(), rtol=1e-6)

@@ -282,7 +282,7 @@ def _cells_per_view(config: AggregateConfig, sizes: np.ndarray) -> tuple[float, 
 
 def train_aggregator(cells: CellTable, sample_ids: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray, config: AggregateConfig, seed: int) -> SetAggregator:
     """Fit the set model on the samples ``train`` (checkpoint with the best mAP on ``val``)."""
-    rows_of = pd.Series(np.arange(len(cells.X))).groupby(sample_ids).apply(np.asarray).to_dict()
+    rows_of = rows_by_sample(sample_ids)
     label_of = pd.Series(labels).groupby(sample_ids, sort=False).first().to_dict()
     train_cells = {s: rows_of[s] for s in train}
     sampler = ViewSampler(cells.X, train_cells, label_of, config, _cells_per_view(config, np.array([len(r) for r in train_cells.values()])), seed)
@@ -295,19 +295,24 @@ def train_aggregator(cells: CellTable, sample_ids: np.ndarray, labels: np.ndarra
     return module.eval()
 
 
+def rows_by_sample(sample_ids: np.ndarray) -> dict[Any, np.ndarray]:
+    """Row indices of each sample's cells."""
+    return pd.Series(np.arange(len(sample_ids))).groupby(np.asarray(sample_ids)).indices
+
+
 @torch.no_grad()
 def learned_profiles(module: SetAggregator, X: np.ndarray, sample_ids: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """Profiles of ``samples`` from all their cells."""
     device = next(module.parameters()).device
-    rows_of = pd.Series(np.arange(len(X))).groupby(sample_ids).apply(np.asarray)
+    rows_of = rows_by_sample(sample_ids)
     return np.stack([module.profile(torch.as_tensor(X[rows_of[s]], device=device)).cpu().numpy() for s in samples])
 
 
 def baseline_profiles(X: np.ndarray, sample_ids: np.ndarray, samples: np.ndarray, how: str) -> np.ndarray:
-    """Mean or median of each sample's cells."""
-    frame = pd.DataFrame(X).groupby(sample_ids)
-    table = frame.mean() if how == "mean" else frame.median()
-    return table.loc[samples].to_numpy()
+    """Mean or median of each sample's cells, in ``X``'s dtype (computed in float64, one sample's rows at a time: no copy of ``X``)."""
+    rows_of = rows_by_sample(sample_ids)
+    reduce = np.mean if how == "mean" else np.median
+    return np.stack([reduce(np.asarray(X[rows_of[s]], dtype=np.float64), axis=0) for s in samples]).astype(X.dtype, copy=False)
 
 
 def _retrieval(profiles: np.ndarray, meta: pd.DataFrame, label: str, batch: str | None, test: np.ndarray, diff: str | None = None) -> pd.DataFrame:
