@@ -74,6 +74,10 @@ class SplitData:
         """Number of input features."""
         return self.X.shape[1]
 
+    def sources_of(self, rows: np.ndarray) -> np.ndarray | None:
+        """Source codes of the cells ``rows`` (``None`` when the split has one source)."""
+        return None if self.source is None else self.source[rows]
+
     def class_weights(self) -> np.ndarray:
         """Balanced class weights ``n / (K · n_c)`` on the training cells (0 for classes absent there)."""
         assert self.label is not None and self.label_names is not None
@@ -82,6 +86,11 @@ class SplitData:
         weights = np.zeros_like(counts)
         weights[present] = counts.sum() / (present.sum() * counts[present])
         return weights
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Minibatches in one training epoch (the last partial one is dropped)."""
+    return max(1, n_train // batch_size)
 
 
 class ModelConfig(BaseModel):

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from scatlas.data.loaders import Batch
 from scatlas.models.autoencoder import AE, AEConfig, AutoencoderModule
-from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register
+from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register, steps_per_epoch
 from scatlas.nn.blocks import ACTIVATIONS, DenseStack
 from scatlas.nn.variational import RandomEffectBlock, grad_reverse
 from scatlas.train import TrainingPlan, adam
@@ -229,7 +229,7 @@ class ScMEDALFE(AE):
         if self.config.published:  # type: ignore[attr-defined]
             return {}
         cfg = self.train_config
-        steps = max(1, n_train // cfg.batch_size)
+        steps = steps_per_epoch(n_train, cfg.batch_size)
         return {"patience": max(cfg.patience, math.ceil(PATIENCE_STEPS / steps)), "max_epochs": max(cfg.max_epochs, math.ceil(MIN_STEPS / steps))}
 
     def build_module(self, data: SplitData) -> FixedEffectsModule:

@@ -458,10 +458,6 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     return tables["overall"]
 
 
-def _at(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
-    return None if values is None else values[rows]
-
-
 def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
     rows = np.arange(data.n_cells)
     counts = np.bincount(codes, minlength=len(labels.classes))
@@ -470,7 +466,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     train, val = np.sort(train), np.sort(val)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
-    labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, _at(sdata.source, val))
+    labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, sdata.sources_of(val))
     meta = {"label_key": key, "dataset": str(config.dataset.path)}
     Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
 
@@ -487,7 +483,7 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
         fold_dir = stage / f"splits_{split.number}"
         model, sdata, _ = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, split.train, split.val, fold_dir,
                                          sources, log)
-        fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision, _at(sdata.source, split.val))
+        fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision, sdata.sources_of(split.val))
         table = _detailed(data, split.test, truth[split.test], model.predict_proba(sdata, split.test), fold_labels, strata)
         folds.append(write_evaluation(table, fold_labels, strata, fold_dir, f"split {split.number}").assign(split=split.number))
         pooled.append(table.assign(split=split.number))

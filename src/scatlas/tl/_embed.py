@@ -30,7 +30,7 @@ from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import is_count_matrix, validate
-from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub
+from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
 from scatlas.settings import TrainingConfig, parse_settings
 
 Log = Callable[[str], None]
@@ -124,7 +124,7 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
     sized = model.unset(model.sized_training(len(data.train)))
     if sized:
         cfg = model.train_config
-        log(f"{config.type}: {len(data.train):,} training cells are {max(1, len(data.train) // cfg.batch_size)} minibatches an epoch, so "
+        log(f"{config.type}: {len(data.train):,} training cells are {steps_per_epoch(len(data.train), cfg.batch_size)} minibatches an epoch, so "
             f"{', '.join(f'{k} {v}' for k, v in sized.items())} (counted in minibatches; set patience / max_epochs to override)")
     history = model.fit(data)
     return model, history if history is not None else pd.DataFrame()

@@ -233,7 +233,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
     logits = model.predict_logits(sdata, calib)
-    calib_sources = None if sdata.source is None else sdata.source[calib]
+    calib_sources = sdata.sources_of(calib)
     target = labels.satisfying(codes[calib], calib_sources)  # a coarse label is satisfied by its finer classes
     fitted = fit_temperature(logits, target)
     before = expected_calibration_error(softmax(logits), target)
