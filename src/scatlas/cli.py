@@ -389,13 +389,14 @@ def aggregate(
     toy: Annotated[str | None, typer.Option(help="Run the built-in check instead of DATA: 'covariance'.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's / .zarr's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
+    chunk_size: Annotated[int, typer.Option(help="Cells read at a time by the streamed passes (--stream).")] = 65_536,
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP."""
     from scatlas._io import check_output_dir
     from scatlas.tl._aggregation import joined_samples, load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
-                                "max_epochs": max_epochs, "features": features, "group_key": group_key,
+                                "max_epochs": max_epochs, "features": features, "group_key": group_key, "chunk_size": chunk_size,
                                 **({"cells_mean": cells_per_view} if cells_per_view else {})}
     if toy is not None:
         if toy != "covariance":

@@ -100,17 +100,25 @@ def gene_moments(X: Any, rows: np.ndarray | None = None, expm1: bool = False, ch
     n_genes = X.shape[1]
     n, mean, m2 = 0, np.zeros(n_genes), np.zeros(n_genes)
     for block in row_blocks(X, rows, chunk_size):
-        values = np.expm1(block.data) if expm1 else block.data
         k = block.shape[0]
-        block_mean = np.bincount(block.indices, values.astype(np.float64), minlength=n_genes) / k
-        deviations = values - block_mean[block.indices]
-        stored = np.bincount(block.indices, minlength=n_genes)
-        block_m2 = np.bincount(block.indices, deviations**2, minlength=n_genes) + (k - stored) * block_mean**2
-        delta, total = block_mean - mean, n + k
-        mean = mean + delta * (k / total)
-        m2 = m2 + block_m2 + delta**2 * (n * k / total)
+        block_mean, block_m2 = _block_moments(block, expm1)
+        block_mean -= mean  # now the difference of the means; updated in place, so the merge allocates nothing that outlives the chunk
+        total = n + k
+        mean += block_mean * (k / total)
+        m2 += block_m2
+        m2 += block_mean**2 * (n * k / total)
         n = total
     return mean, m2 / max(n - 1, 1)
+
+
+def _block_moments(block: sp.csr_matrix, expm1: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and sum of squared deviations of one CSR block (float64; zeros included)."""
+    values = np.expm1(block.data) if expm1 else block.data
+    k, n_genes = block.shape
+    block_mean = np.bincount(block.indices, values.astype(np.float64), minlength=n_genes) / k
+    deviations = values - block_mean[block.indices]
+    stored = np.bincount(block.indices, minlength=n_genes)
+    return block_mean, np.bincount(block.indices, deviations**2, minlength=n_genes) + (k - stored) * block_mean**2
 
 
 def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:

@@ -38,6 +38,7 @@ class SetAggregator(nn.Module):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(n_features, width), nn.LeakyReLU())
         self.head = nn.Sequential(nn.Linear(width, head_width), nn.LeakyReLU(), nn.Linear(head_width, out_width), nn.LeakyReLU())
+        self.out_width = out_width
         self.pooling = pooling
         self.temperature = temperature
 
@@ -48,7 +49,7 @@ class SetAggregator(nn.Module):
         return self.head(pooled)
 
     @torch.no_grad()
-    def profile(self, cells: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    def profile(self, cells: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         """Profile ``(out,)`` of one set of any size ``(n_cells, D)``, for inference: the cells are encoded
         ``chunk_size`` at a time and pooled as they go, so a sample of many cells never holds all its
         encodings (``n_cells × width``); a set of at most ``chunk_size`` cells is :meth:`forward`'s."""
