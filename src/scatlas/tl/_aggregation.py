@@ -232,7 +232,7 @@ def scale_per_batch(X: np.ndarray, batch: np.ndarray | None, method: str) -> Sca
         return ScaledFeatures(X)
     groups = np.zeros(len(X), dtype=np.int64) if batch is None else pd.factorize(batch)[0]
     centers, scales = [], []
-    for rows in pd.Series(np.arange(len(X))).groupby(groups).indices.values():
+    for rows in rows_by_sample(groups).values():
         x = X[rows]
         if method == "mad":
             center = np.median(x, axis=0)
