@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 from typer.testing import CliRunner
@@ -201,3 +202,41 @@ def test_gene_mismatch_refused(tmp_path):
     assert result.exit_code == 2
     assert "symbols vs Ensembl" in result.output and "onek1k_4types_40donors.h5ad" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_ensemble_head_is_the_members_mean_probability():
+    from scatlas.models.classifiers import Ensemble, MLPBackbone
+
+    torch.manual_seed(0)
+    members = [MLPBackbone(20, 5, [16, 8], 0.3).eval() for _ in range(3)]
+    ensemble = Ensemble(members).eval()
+    x = torch.randn(40, 20)
+    h, _ = ensemble.encode(x)
+    expected = torch.stack([torch.softmax(m.head(m.encode(x)[0]), dim=1) for m in members]).mean(0)
+    torch.testing.assert_close(torch.softmax(ensemble.head(h), dim=1), expected, rtol=0, atol=1e-6)
+    assert h.shape == (40, 24)
+
+
+def test_ensemble_members_train_apart_and_predict_their_mean(chemistries, tmp_path):
+    """`--ensemble 3`: member 0 is the single network of the same seed, to the bit; the others early-stop on their own
+    held-out draws; the saved model predicts the members' mean probability, also after `annotate predict` reloads it."""
+    from scatlas.tl._annotation import METHODS, Annotator
+
+    reference, query = chemistries["5p"]
+    fast = {"training": {"max_epochs": 4, "batch_size": 64, "patience": 0}}
+    run_transfer(_config(reference, [query], **fast), tmp_path / "one", log=lambda _: None)
+    summary = run_transfer(_config(reference, [query], model={**METHODS["mlp"], "ensemble": 3}, **fast),
+                           tmp_path / "three", log=lambda _: None)
+    assert summary.set_index("dataset").loc["query_5p", "accuracy"] > 0.9
+    single = Annotator.load(tmp_path / "one" / "reference" / "model")
+    ensemble = Annotator.load(tmp_path / "three" / "reference" / "model")
+    assert ensemble.model.config.ensemble == 3
+    members = ensemble.model.plan.module.backbone.members
+    for a, b in zip(single.model.plan.module.backbone.state_dict().values(), members[0].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(members[0].head.weight, members[1].head.weight)
+    X = sp.random(60, len(ensemble.genes), density=0.2, format="csr", dtype=np.float32, random_state=0)
+    x = torch.as_tensor(X.toarray())
+    with torch.no_grad():
+        means = torch.stack([torch.softmax(m.eval().head(m.encode(x)[0]), dim=1) for m in members]).mean(0).numpy()
+    np.testing.assert_allclose(ensemble.predict_proba(X), means, rtol=0, atol=1e-6)

@@ -197,6 +197,7 @@ app.add_typer(annotate_app, name="annotate")
 
 
 _BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
+_ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
 
@@ -226,6 +227,7 @@ def annotate_train(
     dataset_key: Annotated[str | None, typer.Option(help="Column naming each cell's source study: a label's HCE meaning is set per source (default: one source).")] = None,
     model: Annotated[str, typer.Option(help="linear, mlp or tabnet.")] = "mlp",
     loss: Annotated[str, typer.Option(help="ce or hce (hierarchical cross-entropy).")] = "ce",
+    ensemble: Annotated[int, typer.Option(help=_ENSEMBLE_HELP)] = 1,
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column (stratifies splits and metrics).")] = None,
     split: Annotated[str, typer.Option(help="kfold, donor or study.")] = "kfold",
     n_splits: Annotated[int, typer.Option(help="Folds for kfold / donor splits (0: no cross-validation, fit the final model only).")] = 5,
@@ -257,7 +259,7 @@ def annotate_train(
             "dataset_key": dataset_key,
             "ontology_obo": ontology_obo,
             "label_map": label_map,
-            "model": {**METHODS[model], "loss": loss},
+            "model": {**METHODS[model], "loss": loss, "ensemble": ensemble},
             "n_top_genes": n_top_genes,
             "split": {"kind": split, "n_splits": n_splits or 5, "group_key": group_key, "seed": seed},
             "cross_validate": n_splits != 0,
@@ -330,6 +332,7 @@ def transfer(
     query_label_key: Annotated[str | None, typer.Option(help="Query column with known labels (evaluation mode).")] = None,
     method: Annotated[str, typer.Option(help="Reference classifier: linear, mlp or tabnet.")] = "mlp",
     loss: Annotated[str, typer.Option(help="ce or hce.")] = "ce",
+    ensemble: Annotated[int, typer.Option(help=_ENSEMBLE_HELP)] = 1,
     input: Annotated[str, typer.Option(help="counts or lognorm (reference and queries).")] = "counts",
     confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
     distance_quantile: Annotated[float, typer.Option(help="Latent-distance quantile of held-out reference cells beyond which a cell is 'unknown'.")] = 0.99,
@@ -354,7 +357,7 @@ def transfer(
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
             "query_label_key": query_label_key,
-            "model": {**METHODS[method], "loss": loss},
+            "model": {**METHODS[method], "loss": loss, "ensemble": ensemble},
             "training": _classifier_training(max_epochs, batch_size, chunk_size),
             "confidence_threshold": confidence_threshold,
             "distance_quantile": distance_quantile,

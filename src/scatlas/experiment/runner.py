@@ -214,7 +214,7 @@ def aggregate(layout: RunLayout, config: ExperimentConfig) -> pd.DataFrame:
     if histories:
         history = pd.concat(histories, ignore_index=True)
         write_csv(history, layout.latent_dir / "history_allfolds.csv")
-        mean_history = history.drop(columns=["split"]).groupby("epoch", as_index=False).mean()
+        mean_history = history.drop(columns=["split", "member"], errors="ignore").groupby("epoch", as_index=False).mean()  # an ensemble: its members too
         write_csv(mean_history, layout.latent_dir / "mean_history_allfolds.csv")
         if config.evaluation.figures:
             loss_curves(mean_history, layout.figures_dir / "avg_loss.png", f"{layout.model}: mean over folds")

@@ -3,17 +3,24 @@
 Each is trained with ordinary cross-entropy (``loss: ce``) or hierarchical cross-entropy over
 the Cell Ontology (``loss: hce``; needs the split's reachability matrix), with balanced class
 weights on the training split. Defaults follow scTab (AdamW, StepLR(1, 0.9), gradient-norm
-clip 1.0; per-model learning rate and weight decay). They also register as models of
-``scatlas run``: their latent is the representation before the output layer.
+clip 1.0; per-model learning rate and weight decay). With ``ensemble: K`` a classifier is K
+networks fitted one after another, each with its own seed and its own draw of the early-stopping
+cells from the same training rows; it predicts their mean probability (a deep ensemble,
+Lakshminarayanan et al. 2017). They also register as models of ``scatlas run``: their latent is
+the representation before the output layer (the members' side by side in an ensemble).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import Field
+from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
 
@@ -86,6 +93,31 @@ class ClassifierModule(nn.Module):
         return terms
 
 
+class Ensemble(nn.Module):
+    """K backbones as one: their representations side by side, their mean probability as the output.
+
+    Parameters
+    ----------
+    members
+        Backbones of one architecture; each has ``encode`` and a linear ``head``.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' representations concatenated, and their mean sparsity loss."""
+        encoded = [m.encode(x) for m in self.members]
+        return torch.cat([h for h, _ in encoded], dim=1), torch.stack([s for _, s in encoded]).mean()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Log of the members' mean probability (so its softmax is that mean), from the concatenated ``h``."""
+        parts = torch.split(h, [m.head.in_features for m in self.members], dim=1)
+        logp = torch.stack([F.log_softmax(m.head(part), dim=1) for m, part in zip(self.members, parts, strict=True)])
+        return torch.logsumexp(logp, dim=0) - float(np.log(len(self.members)))
+
+
 class LinearBackbone(nn.Module):
     """One linear layer; the representation is the input itself."""
 
@@ -119,6 +151,7 @@ class ClassifierConfig(ModelConfig):
 
     loss: Literal["ce", "hce"] = "ce"
     class_weighted: bool = True
+    ensemble: int = Field(1, ge=1)
 
 
 class LinearConfig(ClassifierConfig):
@@ -172,7 +205,32 @@ class CellTypeClassifier(NeuralModel):
             from scatlas._errors import ConfigError
 
             raise ConfigError(f"{cfg.type}: loss 'hce' needs Cell Ontology labels (set an ontology key)")
-        return ClassifierModule(self.backbone(data.n_genes, len(data.label_names)), cfg.loss, weights, R, getattr(cfg, "sparsity_weight", 0.0))
+        members = [self.backbone(data.n_genes, len(data.label_names)) for _ in range(cfg.ensemble)]
+        return ClassifierModule(members[0] if cfg.ensemble == 1 else Ensemble(members), cfg.loss, weights, R, getattr(cfg, "sparsity_weight", 0.0))
+
+    def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
+        """Train one network, or the ``ensemble`` members one after another; returns the epoch history.
+
+        Member ``k`` trains with seed ``seed + k``; member 0 early-stops on ``data.val``, every other
+        member on its own draw of as many cells from ``data.train`` ∪ ``data.val`` (stratified by
+        label where every class allows it). The history gets a ``member`` column, and each member
+        checkpoints to ``checkpoint_dir / member_<k>``.
+        """
+        cfg: ClassifierConfig = self.config  # type: ignore[assignment]
+        if cfg.ensemble == 1:
+            return super().fit(data, checkpoint_dir, resume)
+        members, histories = [], []
+        for k in range(cfg.ensemble):
+            member = type(self)(cfg.model_copy(update={"ensemble": 1}), replace(self.train_config, seed=self.train_config.seed + k))
+            history = member.fit(data if k == 0 else redraw_val(data, self.train_config.seed + k), checkpoint_dir / f"member_{k}" if checkpoint_dir else None, resume)
+            histories.append(history.assign(member=k))
+            members.append(member)
+        module = self.build_module(data)
+        for into, member in zip(module.backbone.members, members, strict=True):
+            into.load_state_dict(member.plan.module.backbone.state_dict())
+        self.plan = self.build_plan(module)
+        self.plan.to(next(members[0].plan.parameters()).device)
+        return pd.concat(histories, ignore_index=True)
 
     def covariates(self, data: SplitData) -> dict[str, np.ndarray]:
         """Batch and label codes, and each cell's source when the labels' meaning depends on it (HCE)."""
@@ -188,6 +246,20 @@ class CellTypeClassifier(NeuralModel):
     def predict_logits(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), n_classes)`` class scores (for calibration)."""
         return self.apply(data, rows, "logits")
+
+
+def redraw_val(data: SplitData, seed: int) -> SplitData:
+    """``data`` with ``len(data.val)`` early-stopping cells drawn afresh from its training and validation rows."""
+    if not len(data.val):
+        return data
+    rows = np.concatenate([data.train, data.val])
+    stratify = None
+    if data.label is not None:
+        counts = np.bincount(data.label[rows])
+        if counts[counts > 0].min() >= 2 and len(data.val) >= np.count_nonzero(counts) and len(data.train) >= np.count_nonzero(counts):
+            stratify = data.label[rows]
+    train, val = train_test_split(rows, test_size=len(data.val), random_state=seed, stratify=stratify)
+    return replace(data, train=np.sort(train), val=np.sort(val))
 
 
 @register("linear")

@@ -24,15 +24,18 @@ def _finish(fig: plt.Figure, path: str | Path | None) -> Any:
 def loss_curves(history: pd.DataFrame, path: str | Path | None, title: str = "") -> Any:
     """Plot every ``train_*`` / ``val_*`` column of an epoch history against ``epoch``.
 
-    One panel per loss term (``loss``, ``recon``, ...), train solid and validation dashed.
+    One panel per loss term (``loss``, ``recon``, ...), train solid and validation dashed; an
+    ensemble's history (a ``member`` column) gets one pair of curves per member.
     """
     terms = sorted({c.split("_", 1)[1] for c in history.columns if c.startswith(("train_", "val_"))})
     fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
+    groups = history.groupby("member") if "member" in history else [(None, history)]
     for ax, term in zip(axes[0], terms, strict=True):
-        for prefix, style in (("train", "-"), ("val", "--")):
-            column = f"{prefix}_{term}"
-            if column in history:
-                ax.plot(history["epoch"], history[column], style, label=prefix)
+        for member, part in groups:
+            for prefix, style in (("train", "-"), ("val", "--")):
+                column = f"{prefix}_{term}"
+                if column in part:
+                    ax.plot(part["epoch"], part[column], style, label=prefix if member is None else f"{prefix}, member {member}")
         ax.set_xlabel("epoch")
         ax.set_title(term)
         ax.legend(frameon=False)

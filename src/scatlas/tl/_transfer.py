@@ -353,6 +353,7 @@ def transfer(
     input: Literal["auto", "counts", "lognorm"] = "auto",
     method: str = "mlp",
     loss: Literal["ce", "hce"] = "ce",
+    ensemble: int = 1,
     dataset_key: str | None = None,
     seed: int = 0,
     log: Log = print,
@@ -383,6 +384,9 @@ def transfer(
         Classifier: ``linear``, ``mlp`` or ``tabnet`` (see :data:`METHODS`).
     loss
         ``ce`` or ``hce`` (hierarchical cross-entropy over the Cell Ontology; needs ``ontology_key``).
+    ensemble
+        Networks averaged (each with its own seed and early-stopping cells): steadier from seed to
+        seed, about ``ensemble`` times the training time (``benchmarks/RESULTS.md``).
     dataset_key
         Reference column naming each cell's source study; a label's HCE meaning is set per source.
     seed
@@ -411,7 +415,7 @@ def transfer(
     counts, decided = resolve_input(reference, layer, input)
     values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
                             "input": "counts" if counts else "lognorm"},
-              "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer, "model": {**METHODS[method], "loss": loss},
+              "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer, "model": {**METHODS[method], "loss": loss, "ensemble": ensemble},
               "seed": seed, **settings}
     config = load_transfer_config(values)
     data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
