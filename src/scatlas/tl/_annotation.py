@@ -400,7 +400,7 @@ def fit_classifier(
 ) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
     """Preprocess (HVGs on ``train`` when asked), fit a classifier; return it, its split data and genes.
 
-    ``sources``: each cell's source (dataset / study) name, which sets what its label means for
+    ``workdir`` receives the epoch history (``history.csv``). ``sources``: each cell's source (dataset / study) name, which sets what its label means for
     hierarchical cross-entropy (``None``: one source). The minibatch size and epochs the user left
     unset follow :func:`scaled_training`; ``log`` hears when they were scaled.
     """
@@ -415,7 +415,9 @@ def fit_classifier(
     )
     model = build_model(parse_model_config(model_entry), training.to_train_config(seed, progress=False))
     assert isinstance(model, CellTypeClassifier)
-    history = model.fit(sdata, workdir / "checkpoints" if workdir else None)
+    # no checkpoints: every fit keeps its last epoch's weights, so a cross-validation fold is fitted as the saved model and
+    # the transfer reference are (the best-validation-loss epoch transferred worse to held-out batches: benchmarks/RESULTS.md)
+    history = model.fit(sdata)
     if workdir is not None:
         write_csv(history, workdir / "history.csv")
     return model, sdata, prep.genes
