@@ -69,7 +69,13 @@ class TrainingConfig(Strict):
 
 def format_errors(exc: ValidationError) -> str:
     """Every error of a pydantic validation on one line (`field: message; ...`)."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {_message(e)}" for e in exc.errors())
+
+
+def _message(error: Any) -> str:
+    """The error's message; a validator's own ``ValueError`` without pydantic's "Value error, " prefix."""
+    raised = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+    return str(raised) if raised is not None else error["msg"]
 
 
 def parse_settings(schema: type[S], values: dict[str, Any], where: str = "") -> S:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sklearn.model_selection import train_test_split
 
 from scatlas import __version__
@@ -32,7 +32,7 @@ from scatlas.data.io import cell_chunks, get_matrix, read_anndata, source_name, 
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split
 from scatlas.data.validate import validate
-from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
+from scatlas.settings import SplitConfig, TrainingConfig, format_errors, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
@@ -56,6 +56,20 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlp": {"type": "mlp", "hidden": [256, 128], "dropout": 0.3, "training": {"lr": 1e-3, "weight_decay": 0.05}},  # dropout: benchmarks/transfer_defaults.py
     "tabnet": {"type": "tabnet", "training": {"lr": 5e-3, "weight_decay": 0.05}},
 }
+
+
+def classifier_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` if it is a valid classifier model entry, checked before any data is read; else a ``ValueError``."""
+    from scatlas.models.base import REGISTRY
+
+    kind = entry.get("type")
+    if kind not in REGISTRY or not issubclass(REGISTRY[kind], CellTypeClassifier):
+        raise ValueError(f"{kind!r} is not a classifier; available: {sorted(METHODS)}")
+    try:
+        REGISTRY[kind].Config.model_validate(entry)
+    except ValidationError as exc:
+        raise ValueError(format_errors(exc)) from None
+    return entry
 
 
 class AnnotateConfig(BaseModel):
@@ -108,6 +122,8 @@ class AnnotateConfig(BaseModel):
     cross_validate: bool = True
     call_precision: float = Field(0.95, gt=0, le=1)
     seed: int = 0
+
+    _model = field_validator("model")(classifier_entry)
 
 
 @dataclass
@@ -400,9 +416,10 @@ def fit_classifier(
 ) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
     """Preprocess (HVGs on ``train`` when asked), fit a classifier; return it, its split data and genes.
 
-    ``workdir`` receives the epoch history (``history.csv``). ``sources``: each cell's source (dataset / study) name, which sets what its label means for
-    hierarchical cross-entropy (``None``: one source). The minibatch size and epochs the user left
-    unset follow :func:`scaled_training`; ``log`` hears when they were scaled.
+    ``workdir`` receives the epoch history (``history.csv``). ``sources``: each cell's source
+    (dataset / study) name, which sets what its label means for hierarchical cross-entropy
+    (``None``: one source). The minibatch size and epochs the user left unset follow
+    :func:`scaled_training`; ``log`` hears when they were scaled.
     """
     training, scaled = scaled_training(training, len(train))
     if scaled and log:

@@ -21,12 +21,12 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
-from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, fit_classifier, label_space, unset_scaled, write_calls
+from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, classifier_entry, fit_classifier, label_space, unset_scaled, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, on_disk, read_anndata, source_name, string_values
@@ -97,6 +97,8 @@ class TransferConfig(BaseModel):
     call_precision: float = Field(0.95, gt=0, le=1)
     query_chunk_size: int = Field(STREAM_CHUNK, ge=1)
     seed: int = 0
+
+    _model = field_validator("model")(classifier_entry)
 
 
 @dataclass
