@@ -244,7 +244,7 @@ def test_annotate_refuses_bad_input(files, work):
     kang = str(files["kang"])
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--model", "forest"], "--model", "'forest'")
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--filter", "sample_id"], "COLUMN=VALUE")
-    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--ensemble", "0"], "model: ensemble", "greater than or equal to 1")
+    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--ensemble", "0"], "model: invalid entry for 'mlp': ensemble", "greater than or equal to 1")
     refused(work, ["annotate", "train", kang, "--label-key", "celltype", "--out", "ann"], "obs column 'celltype' not found")
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--ontology-key", "cl_id", "--out", "ann"], "'cl_id' not found")
     (work / "ann").mkdir()
@@ -259,12 +259,21 @@ def test_transfer_refuses_before_training(files, work):
     kang = str(files["kang"])
     base = ["transfer", "--reference", kang, "--label-key", "cell_type", "--out", "tr"]
     refused(work, [*base, "--query", kang, "--method", "forest"], "--method", "'forest'")
-    refused(work, [*base, "--query", kang, "--ensemble", "0"], "model: ensemble", "greater than or equal to 1")
+    refused(work, [*base, "--query", kang, "--ensemble", "0"], "model: invalid entry for 'mlp': ensemble", "greater than or equal to 1")
     refused(work, [*base, "--query", str(work / "absent.h5ad")], "absent.h5ad: file not found")
     refused(work, [*base, "--query", str(files["kang_ensembl"])], "kang_ensembl.h5ad", "0 of the model's 1267 genes", "symbols vs Ensembl")
     refused(work, [*base, "--query", str(files["kang_nan"])], "kang_nan.h5ad", "NaN or infinite")
     refused(work, [*base, "--query", kang, "--query-label-key", "truth"], "obs column 'truth' not found")
     refused(work, ["transfer", "--reference", kang, "--label-key", "celltype", "--out", "tr", "--query", kang], "'celltype' not found")
+
+
+def test_transfer_api_refuses_a_model_that_is_not_a_classifier(files):
+    import scatlas as sa
+    from scatlas._errors import ConfigError
+
+    kang = ad.read_h5ad(files["kang"])
+    with pytest.raises(ConfigError, match=r"model: 'ae' is not a CellTypeClassifier; available: \['linear', 'mlp', 'tabnet'\]"):
+        sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "ae"}, log=lambda _: None)
 
 
 def test_aggregate_and_benchmark_refuse_bad_input(files, work):

@@ -9,6 +9,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
+from sklearn.model_selection import train_test_split
 
 from scatlas import InputError
 from scatlas.data import (
@@ -28,6 +29,7 @@ from scatlas.data import (
     validate,
 )
 from scatlas.data.dataset import DatasetConfig, load_dataset
+from scatlas.data.splits import holdout
 from scatlas.data.loaders import _scatter_dense
 
 
@@ -261,6 +263,24 @@ def test_group_and_study_splits(cellbench):
         assert len(set(batch[s.test])) == 1 and set(batch[s.test]).isdisjoint(batch[s.train])
     with pytest.raises(InputError, match="at least n_splits"):
         group_splits(batch, n_splits=5)
+
+
+def test_holdout_stratifies_by_label_only_when_the_labels_allow_it(cellbench):
+    labels = cellbench.obs["cell_line"].astype(str).to_numpy()
+    rows = np.arange(len(labels))
+
+    def same(got, expected):
+        return all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+    assert same(holdout(rows, 0.2, 0, labels), train_test_split(rows, test_size=0.2, random_state=0, stratify=labels))
+    plain = train_test_split(rows, test_size=0.2, random_state=0)
+    rare = labels.copy()
+    rare[0] = "one cell"
+    assert same(holdout(rows, 0.2, 0, rare), plain)  # a label with one cell cannot be split
+    assert same(holdout(rows, 0.2, 0, labels, min_count=len(rows)), plain)
+    # fewer held-out cells than labels: scikit-learn refuses a stratified draw, holdout draws plainly
+    assert len(set(labels)) > 3
+    assert same(holdout(rows, 3, 0, labels), train_test_split(rows, test_size=3, random_state=0))
 
 
 def _write(adata: ad.AnnData, tmp_path, name="bad.h5ad"):

@@ -81,6 +81,8 @@ def test_reference_predictions_do_not_depend_on_queries(chemistries, tmp_path):
     run_transfer(_config(reference, [query_b, query_a], **fast), tmp_path / "ab", log=lambda _: None)
     ref = [(tmp_path / d / "reference" / "predictions.csv").read_bytes() for d in ("a", "b", "ab")]
     assert ref[0] == ref[1] == ref[2]
+    weights = [(tmp_path / d / "reference" / "model" / "model.pt").read_bytes() for d in ("a", "b", "ab")]
+    assert weights[0] == weights[1] == weights[2]  # the saved model too, byte for byte
     # same seed, same query predictions
     assert (tmp_path / "a" / "query_3pv1" / "predictions.csv").read_bytes() == (tmp_path / "ab" / "query_3pv1" / "predictions.csv").read_bytes()
 

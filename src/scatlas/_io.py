@@ -136,6 +136,21 @@ def write_npy(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
     return _write(path, _save)
 
 
+def write_torch(state: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` ``state`` (e.g. a ``state_dict``) to ``path`` atomically, the same weights always giving the same bytes.
+
+    Saved through a file object: given a path, ``torch.save`` names the archive's inner folder
+    after the (here temporary, randomly named) file, so identical weights gave different files.
+    """
+    import torch  # here, not at the top: reading configs and writing tables needs no torch
+
+    def _save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+
+    return _write(path, _save)
+
+
 def write_yaml(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as YAML atomically."""
 

@@ -111,11 +111,41 @@ def study_splits(
     for i, study in enumerate(uniq):
         test = np.flatnonzero(studies == study)
         rest = np.flatnonzero(studies != study)
-        counts = pd.Series(strata[rest]).value_counts()
-        stratify = strata[rest] if counts.min() >= 2 else None
-        train, val = train_test_split(rest, test_size=val_fraction, random_state=seed, stratify=stratify)
+        train, val = holdout(rest, val_fraction, seed, strata[rest])
         splits.append(Split(i + 1, np.sort(train), np.sort(val), test))
     return splits
+
+
+def holdout(rows: np.ndarray, size: float | int, seed: int, labels: np.ndarray | None = None, min_count: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Draw a held-out part of ``rows``, stratified by label when the labels allow it.
+
+    Parameters
+    ----------
+    rows
+        The rows to divide.
+    size
+        The held-out part: a fraction of ``rows`` or a number of rows.
+    seed
+        Seed of the draw.
+    labels
+        One label per row. The draw keeps their proportions when every label has at least
+        ``min_count`` rows and each part can hold one row of every label; otherwise (or without
+        labels) it is a plain random draw.
+    min_count
+        Fewest rows of a label for a stratified draw.
+
+    Returns
+    -------
+    The kept and the held-out rows, in :func:`~sklearn.model_selection.train_test_split`'s order.
+    """
+    stratify = None
+    if labels is not None:
+        counts = np.unique(labels, return_counts=True)[1]
+        n_held = int(size) if isinstance(size, (int, np.integer)) else int(np.ceil(size * len(rows)))
+        if counts.min() >= min_count and min(n_held, len(rows) - n_held) >= len(counts):
+            stratify = labels
+    kept, held = train_test_split(rows, test_size=size, random_state=seed, stratify=stratify)
+    return kept, held
 
 
 def assignment_table(splits: list[Split], cell_ids: np.ndarray) -> pd.DataFrame:

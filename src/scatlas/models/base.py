@@ -22,8 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from scatlas._errors import ConfigError
+from scatlas._io import write_torch
 from scatlas.data.loaders import CSRLoader, densify
 from scatlas.data.sources import CSRSource
+from scatlas.settings import format_errors
 from scatlas.train import FitResult, TrainConfig, TrainingPlan, fit, resolve_device
 
 
@@ -268,19 +270,42 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
-def parse_model_config(entry: dict[str, Any]) -> ModelConfig:
-    """Validate one ``models:`` entry against its model's schema."""
+def validate_entry(entry: dict[str, Any], family: type | None = None) -> ModelConfig:
+    """Validate one model entry against its registered model's schema.
+
+    Parameters
+    ----------
+    entry
+        ``{"type": <registered name>, <field>: <value>, ...}``.
+    family
+        When given, the entry's model must subclass it (e.g. the cell-type classifiers).
+
+    Returns
+    -------
+    The validated config.
+
+    Raises
+    ------
+    ValueError
+        One line naming an unknown or disallowed type (with those available), or every invalid field.
+    """
     kind = entry.get("type")
-    if kind not in REGISTRY:
-        raise ConfigError(f"models: unknown model type {kind!r}; available: {sorted(REGISTRY)}")
+    allowed = {name: model for name, model in REGISTRY.items() if family is None or issubclass(model, family)}
+    if kind not in allowed:
+        reason = f"unknown model type {kind!r}" if kind not in REGISTRY else f"{kind!r} is not a {family.__name__}"  # type: ignore[union-attr]
+        raise ValueError(f"{reason}; available: {sorted(allowed)}")
     try:
-        return REGISTRY[kind].Config.model_validate(entry)
+        return allowed[kind].Config.model_validate(entry)
     except ValidationError as exc:
-        raise ConfigError(f"models: invalid entry for {kind!r}: {_pydantic_message(exc)}") from exc
+        raise ValueError(f"invalid entry for {kind!r}: {format_errors(exc)}") from None
 
 
-def _pydantic_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+def parse_model_config(entry: dict[str, Any]) -> ModelConfig:
+    """Validate one ``models:`` entry of a run config (:func:`validate_entry`); errors are a :class:`ConfigError`."""
+    try:
+        return validate_entry(entry)
+    except ValueError as exc:
+        raise ConfigError(f"models: {exc}") from None
 
 
 def build_model(config: ModelConfig, train: TrainConfig) -> AnyModel:
@@ -333,7 +358,7 @@ class NeuralModel(EmbeddingModel):
         """Write the trained module's weights to ``module.pt``."""
         if self.plan is None:
             raise RuntimeError("fit the model first")
-        torch.save(self.plan.module.state_dict(), directory / "module.pt")
+        write_torch(self.plan.module.state_dict(), directory / "module.pt")
 
     def load_state(self, directory: Path, shape: SplitData) -> None:
         """Rebuild the module for ``shape``'s dimensions and load ``module.pt`` into it (weights only)."""

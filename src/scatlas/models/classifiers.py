@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
 
 from scatlas.data.loaders import Batch
 from scatlas.losses import cross_entropy, hierarchical_cross_entropy
+from scatlas.data.splits import holdout
 from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register
 from scatlas.nn.tabnet import TabNet
 
@@ -253,12 +253,7 @@ def redraw_val(data: SplitData, seed: int) -> SplitData:
     if not len(data.val):
         return data
     rows = np.concatenate([data.train, data.val])
-    stratify = None
-    if data.label is not None:
-        counts = np.bincount(data.label[rows])
-        if counts[counts > 0].min() >= 2 and len(data.val) >= np.count_nonzero(counts) and len(data.train) >= np.count_nonzero(counts):
-            stratify = data.label[rows]
-    train, val = train_test_split(rows, test_size=len(data.val), random_state=seed, stratify=stratify)
+    train, val = holdout(rows, len(data.val), seed, None if data.label is None else data.label[rows])
     return replace(data, train=np.sort(train), val=np.sort(val))
 
 

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError, UnpairedError
-from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_yaml
+from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_torch, write_yaml
 from scatlas.data.io import get_matrix, on_disk, read_anndata, string_values, to_csr
 from scatlas.data.dataset import file_source, whole_backed
 from scatlas.data.preprocess import fit_gene_pca, highly_variable_genes, map_rows, normalize_log1p
@@ -468,8 +468,7 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
             write_csv(summary, stage / "metrics_95CI.csv")
             for how, profiles in profiles_seed0.items():
                 _write_profiles(profiles, meta, stage / f"profiles_{how}")
-            with atomic_path(stage / "model.pt") as tmp:
-                torch.save(model0.state_dict(), tmp)
+            write_torch(model0.state_dict(), stage / "model.pt")
             write_yaml({**config.model_dump(mode="json"), "n_features": int(X.shape[1]), "data": cells.source}, stage / "config.yaml")
             _pr_figure(profiles_seed0, meta, config, test, stage / "precision_recall.png")
             write_report(stage / "report.html", "Profile aggregation: learned vs mean vs median",

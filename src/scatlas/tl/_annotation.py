@@ -20,23 +20,22 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sklearn.model_selection import train_test_split
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_yaml
+from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import cell_chunks, get_matrix, read_anndata, source_name, string_values, to_csr
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
-from scatlas.data.splits import Split
+from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import validate
-from scatlas.settings import SplitConfig, TrainingConfig, format_errors, parse_settings
+from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
-from scatlas.models.base import SplitData, build_model, parse_model_config
+from scatlas.models.base import SplitData, build_model, parse_model_config, validate_entry
 from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.ontology import CellOntology, choose_call_threshold, coarse_exclusions, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
@@ -60,15 +59,7 @@ METHODS: dict[str, dict[str, Any]] = {
 
 def classifier_entry(entry: dict[str, Any]) -> dict[str, Any]:
     """``entry`` if it is a valid classifier model entry, checked before any data is read; else a ``ValueError``."""
-    from scatlas.models.base import REGISTRY
-
-    kind = entry.get("type")
-    if kind not in REGISTRY or not issubclass(REGISTRY[kind], CellTypeClassifier):
-        raise ValueError(f"{kind!r} is not a classifier; available: {sorted(METHODS)}")
-    try:
-        REGISTRY[kind].Config.model_validate(entry)
-    except ValidationError as exc:
-        raise ValueError(format_errors(exc)) from None
+    validate_entry(entry, CellTypeClassifier)
     return entry
 
 
@@ -295,8 +286,7 @@ class Annotator:
     def save(self, directory: Path) -> None:
         """Write ``model.pt``, ``genes.txt``, ``annotator.yaml`` (and ``reachability.npy``)."""
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "model.pt") as tmp:
-            torch.save(self.model.plan.module.state_dict(), tmp)
+        write_torch(self.model.plan.module.state_dict(), directory / "model.pt")
         with atomic_path(directory / "genes.txt") as tmp:
             tmp.write_text("\n".join(self.genes) + "\n")
         if self.labels.reachability is not None:
@@ -478,10 +468,7 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
 
 
 def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
-    rows = np.arange(data.n_cells)
-    counts = np.bincount(codes, minlength=len(labels.classes))
-    stratify = codes if counts[counts > 0].min() >= 2 else None
-    train, val = train_test_split(rows, test_size=0.1, random_state=config.seed, stratify=stratify)
+    train, val = holdout(np.arange(data.n_cells), 0.1, config.seed, codes)
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     train, val = np.sort(train), np.sort(val)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)

@@ -22,7 +22,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sklearn.model_selection import train_test_split
 
 from scatlas._errors import ConfigError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
@@ -32,6 +31,7 @@ from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_datase
 from scatlas.data.io import cell_chunks, on_disk, read_anndata, source_name, string_values
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
+from scatlas.data.splits import holdout
 from scatlas.data.validate import check_obs_keys, validate
 from scatlas.models.base import SplitData
 from scatlas.models.classifiers import CellTypeClassifier
@@ -229,8 +229,8 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     labels = label_space(truth, names, ontology, where=f"{config.reference.path}: obs column {key!r}: ", sources=sources, log=log)
     codes = labels.codes(truth)
     rows = np.arange(data.n_cells)
-    fit_rows, calib = train_test_split(rows, test_size=config.calibration_fraction, random_state=config.seed, stratify=_stratify(codes))
-    train, val = train_test_split(fit_rows, test_size=config.val_fraction / (1 - config.calibration_fraction), random_state=config.seed, stratify=_stratify(codes[fit_rows]))
+    fit_rows, calib = holdout(rows, config.calibration_fraction, config.seed, codes, min_count=5)
+    train, val = holdout(fit_rows, config.val_fraction / (1 - config.calibration_fraction), config.seed, codes[fit_rows], min_count=5)
     train, val, calib = np.sort(train), np.sort(val), np.sort(calib)
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
@@ -281,11 +281,6 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     for q in queries:
         validate(q, layer=config.query_layer, require_counts=config.reference.input == "counts")
         align_genes(q.var_names.to_numpy(), data.var_names, config.min_overlap, source_name(q))
-
-
-def _stratify(codes: np.ndarray) -> np.ndarray | None:
-    counts = np.bincount(codes)
-    return codes if counts[counts > 0].min() >= 5 else None
 
 
 def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
