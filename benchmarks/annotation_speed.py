@@ -18,7 +18,9 @@ Every process reads its files, log-normalises (10,000 counts per cell, ``log1p``
   whose minibatch size and epochs scale with the reference unless ``--atlas-batch-size`` /
   ``--atlas-epochs`` set them).
 - ``scatlas annotate train --n-splits 0``: the final model only, no cross-validation.
-- peer ``LogisticRegression``: scikit-learn's defaults, ``max_iter=1000``, on all genes.
+- peer ``LogisticRegression``: scikit-learn's defaults, ``max_iter=1000``, on all genes (log-normalised by
+  the same five lines of NumPy as ``scatlas.data.normalize_log1p``, so the peer does not import scatlas
+  and torch).
 - peer ``CellTypist``: ``celltypist.train`` with its defaults (for the atlas references its SGD
   mini-batch mode, ``use_SGD=True, mini_batch=True``, as CellTypist advises for large data), then
   ``celltypist.annotate`` without majority voting. CellTypist needs scikit-learn < 1.7, so it runs in
@@ -42,9 +44,15 @@ from atlas_scale import DATASET, write_resampled
 
 _LOGISTIC = f"""
 import sys, time
-import anndata as ad, numpy as np
+import anndata as ad, numpy as np, scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
-from scatlas.data import normalize_log1p
+def normalize_log1p(counts):  # scatlas.data.normalize_log1p's maths, without importing scatlas (and torch) into the peer
+    counts = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    counts.data *= np.repeat(scale, np.diff(counts.indptr)).astype(np.float32)
+    np.log1p(counts.data, out=counts.data)
+    return counts
 ref, query = ad.read_h5ad(sys.argv[1]), ad.read_h5ad(sys.argv[2])
 start = time.perf_counter()
 model = LogisticRegression(max_iter=1000).fit(normalize_log1p(ref.X), ref.obs[sys.argv[3]].astype(str).to_numpy())
