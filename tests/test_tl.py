@@ -248,6 +248,17 @@ def test_help_is_fast_and_imports_no_heavy_library():
     assert float(seconds) < 3.0
 
 
+def test_validate_imports_neither_torch_nor_scikit_learn():
+    """`scatlas validate` reads and checks a file without the training stack (the data layer loads it on first use)."""
+    from conftest import data_path
+
+    code = ("import sys; from scatlas.cli import app; "
+            f"app(['validate', {str(data_path('kang18_muscat_4samples.h5ad'))!r}, '--label-key', 'cell_type'], standalone_mode=False); "
+            "print('heavy:', [m for m in ('torch', 'lightning', 'sklearn') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("heavy: []"), done.stdout
+
 def test_readme_api_reference_names_exist():
     text = README.read_text()
     section = text[text.index("## API reference"):]

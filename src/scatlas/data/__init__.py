@@ -1,11 +1,33 @@
-"""Data layer: read and validate AnnData, preprocess, split, and stream minibatches."""
+"""Data layer: read and validate AnnData, preprocess, split, and stream minibatches.
+
+The minibatch loaders (torch) and the splits (scikit-learn) load on first use, so reading,
+validating and normalising data (``scatlas validate``) imports neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from scatlas.data.io import get_matrix, on_disk, read_anndata, to_csr, write_chunked_h5ad
-from scatlas.data.loaders import CSRLoader, densify
 from scatlas.data.preprocess import GenePCA, GeneScaler, Preprocessed, fit_gene_pca, gene_moments, highly_variable_genes, normalize_log1p, preprocess_split, seurat_dispersions
 from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR, SomaCSRSource
-from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
 from scatlas.data.validate import validate
+
+if TYPE_CHECKING:
+    from scatlas.data.loaders import CSRLoader, densify
+    from scatlas.data.splits import Split, assignment_table, group_splits, kfold_splits, study_splits
+
+_ON_FIRST_USE = {
+    "CSRLoader": "loaders", "densify": "loaders",
+    "Split": "splits", "assignment_table": "splits", "group_splits": "splits", "kfold_splits": "splits", "study_splits": "splits",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ON_FIRST_USE:
+        return getattr(importlib.import_module(f"scatlas.data.{_ON_FIRST_USE[name]}"), name)
+    raise AttributeError(f"module 'scatlas.data' has no attribute {name!r}")
 
 __all__ = [
     "AnnDataCSRSource",
