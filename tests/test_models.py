@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,7 +91,7 @@ def test_checkpoints_and_resume(split, tmp_path):
     sdata, s, _ = split
     first = AE(AEConfig(latent_dim=8), _train(max_epochs=4))
     first.fit(sdata, checkpoint_dir=tmp_path)
-    assert (tmp_path / "last.ckpt").exists() and (tmp_path / "best.ckpt").exists()
+    assert (tmp_path / "last.ckpt").exists() and not (tmp_path / "best.ckpt").exists()  # best.ckpt only with restore_best
     resumed = AE(AEConfig(latent_dim=8), _train(max_epochs=7))
     history = resumed.fit(sdata, checkpoint_dir=tmp_path, resume=True)
     assert list(history["epoch"]) == list(range(7))  # epochs 0-3 restored, 4-6 trained
@@ -117,7 +119,8 @@ def test_checkpoint_policy_best_on_improvement_last_by_interval(split, tmp_path,
 
     monkeypatch.setattr(LastCheckpoint, "_save", count_last)
     monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", count_best)
-    config = TrainConfig(max_epochs=200, batch_size=64, lr=5e-2, patience=2, progress=False, accelerator="cpu", checkpoint_interval_s=1e9)
+    config = TrainConfig(max_epochs=200, batch_size=64, lr=5e-2, patience=2, progress=False, accelerator="cpu", checkpoint_interval_s=1e9,
+                         restore_best=True)
     model = AE(AEConfig(latent_dim=8), config)
     history = model.fit(sdata, checkpoint_dir=tmp_path)
     improved = int((history["val_loss"] < history["val_loss"].cummin().shift(fill_value=np.inf)).sum())
@@ -129,6 +132,22 @@ def test_checkpoint_policy_best_on_improvement_last_by_interval(split, tmp_path,
     assert saves["last"] == 2
     pd.testing.assert_frame_equal(rehistory, history)
     np.testing.assert_array_equal(again.embed(sdata, s.test), latent)
+
+
+def test_a_fit_ends_with_the_same_weights_whether_or_not_it_checkpoints(split, tmp_path):
+    """`tl.embed` fits without checkpoints, `scatlas run` with them: both keep the last epoch, or both the best with restore_best."""
+    sdata, s, _ = split
+    config = TrainConfig(max_epochs=200, batch_size=64, lr=5e-2, patience=2, progress=False, accelerator="cpu")
+    latents = {}
+    for restore_best in (False, True):
+        for where in (None, tmp_path / str(restore_best)):
+            model = AE(AEConfig(latent_dim=8), replace(config, restore_best=restore_best))
+            history = model.fit(sdata, checkpoint_dir=where)
+            latents[restore_best, where is not None] = model.embed(sdata, s.test)
+    assert len(history) < 200 and history["val_loss"].idxmin() < len(history) - 1  # early stopping: the last epoch is not the best
+    np.testing.assert_array_equal(latents[False, False], latents[False, True])
+    np.testing.assert_array_equal(latents[True, False], latents[True, True])
+    assert not np.array_equal(latents[False, False], latents[True, False])
 
 
 def test_early_stopping_watches_logged_metric(split):

@@ -59,6 +59,7 @@ class TrainingConfig(Strict):
     chunk_size: int | None = Field(None, ge=1)
     checkpoint_interval_s: float = Field(60.0, ge=0)
     keep_checkpoints: bool = False
+    restore_best: bool = False
 
     def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:
         """The engine's dataclass (``extra``: engine fields such as ``monitor``), knowing which fields the user set."""

@@ -11,8 +11,10 @@
   ``checkpoint_interval_s`` seconds, and when training ends) with the weights, optimisers, loops,
   callbacks and the torch / NumPy / Python random states; the training loader's position is its
   epoch, set from the trainer at the start of every epoch.
-* :func:`fit` — trainer construction: early stopping and best checkpoint (written only when the
-  monitored value improves) on a metric the plan really logs, seeds, ``accelerator="auto"``.
+* :func:`fit` — trainer construction: early stopping on a metric the plan really logs, seeds,
+  ``accelerator="auto"``. A fit ends with the last epoch's weights in every path that calls it;
+  ``TrainConfig.restore_best`` instead restores the best epoch's (from ``best.ckpt``, written only
+  when the monitored value improves).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -264,9 +267,15 @@ class TrainConfig:
     patience
         Early-stopping patience in epochs (0 disables early stopping).
     monitor
-        Metric for early stopping and best checkpoint; must be logged by the plan.
+        Metric for early stopping (and ``restore_best``); must be logged by the plan.
     monitor_mode
         ``min`` (losses) or ``max`` (e.g. a validation mAP).
+    restore_best
+        End with the weights of the epoch with the best ``monitor`` value instead of the last
+        epoch's. Off by default, in every path (``scatlas run``, ``tl.embed``, ``annotate``,
+        ``transfer``): measured on held-out data, the last epoch's weights were as good or better
+        for the embedding models and the classifiers (``benchmarks/RESULTS.md``). The set model of
+        ``aggregate`` turns it on (it selects its epoch by validation mAP).
     accelerator
         Lightning accelerator (``auto`` uses a GPU when present).
     devices
@@ -306,6 +315,7 @@ class TrainConfig:
     patience: int = 10
     monitor: str = "val_loss"
     monitor_mode: str = "min"
+    restore_best: bool = False
     accelerator: str = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"
@@ -368,7 +378,7 @@ def fit(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
 ) -> FitResult:
-    """Train ``plan`` with early stopping, checkpoints and history, then load the best weights.
+    """Train ``plan`` with early stopping, checkpoints and history; end with the last epoch's weights, or the best epoch's (``config.restore_best``).
 
     Parameters
     ----------
@@ -379,23 +389,34 @@ def fit(
     config
         Trainer settings.
     checkpoint_dir
-        Where ``best.ckpt`` and ``last.ckpt`` go (``None``: no checkpoints on disk).
+        Where ``last.ckpt`` (and, with ``config.restore_best``, ``best.ckpt``) go (``None``: no
+        checkpoints on disk; ``best.ckpt`` then goes to a temporary directory).
     resume
         Continue from ``checkpoint_dir/last.ckpt`` if it exists (on CPU the result equals an
         uninterrupted run's to the bit); when early stopping had ended training, only reload.
 
     Returns
     -------
-    The history (one row per epoch) and the best checkpoint path.
+    The history (one row per epoch) and the best checkpoint's path (``None`` without ``restore_best``).
     """
+    if config.restore_best and checkpoint_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return replace(_fit(plan, train, val, config, None, tmp, resume), best_checkpoint=None)  # the temporary file is gone
+    return _fit(plan, train, val, config, checkpoint_dir, checkpoint_dir if config.restore_best else None, resume)
+
+
+def _fit(plan: TrainingPlan, train: CSRLoader, val: CSRLoader | None, config: TrainConfig, checkpoint_dir: str | os.PathLike[str] | None,
+         best_dir: str | os.PathLike[str] | None, resume: bool) -> FitResult:
     L.seed_everything(config.seed, workers=True, verbose=False)
     history = History()
     callbacks: list[Callback] = [history, ResumeState()]
     monitor = config.monitor if val is not None else config.monitor.replace("val_", "train_")
     checkpoint: ModelCheckpoint | None = None
+    if best_dir is not None:
+        checkpoint = ModelCheckpoint(dirpath=best_dir, filename="best", monitor=monitor, mode=config.monitor_mode, save_top_k=1)
+        callbacks.append(checkpoint)
     if checkpoint_dir is not None:
-        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=monitor, mode=config.monitor_mode, save_top_k=1)
-        callbacks += [checkpoint, LastCheckpoint(checkpoint_dir, config.checkpoint_interval_s)]
+        callbacks.append(LastCheckpoint(checkpoint_dir, config.checkpoint_interval_s))
     if config.patience > 0 and val is not None:
         callbacks.append(EarlyStopping(monitor=monitor, patience=config.patience, mode=config.monitor_mode))
     if config.progress:
@@ -408,7 +429,7 @@ def fit(
         num_nodes=config.num_nodes,
         logger=False,
         callbacks=callbacks,
-        enable_checkpointing=checkpoint is not None,
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         enable_progress_bar=config.progress,
         enable_model_summary=False,
         deterministic="warn" if resolve_device(config.accelerator) == "cpu" else False,
@@ -423,10 +444,12 @@ def fit(
         ckpt_path = str(last) if resume and last is not None and last.exists() else None
         trainer.fit(plan, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
     if (finished or not history.rows) and last is not None and last.exists():  # training done earlier, or in spawned DDP workers
-        state = torch.load(last, map_location="cpu", weights_only=False)["callbacks"]
-        history.load_state_dict(state.get("History", {"rows": []}))
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        history.load_state_dict(saved["callbacks"].get("History", {"rows": []}))
         if checkpoint is not None:
-            checkpoint.best_model_path = next((v["best_model_path"] for k, v in state.items() if k.startswith("ModelCheckpoint")), "")
+            checkpoint.best_model_path = next((v["best_model_path"] for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint")), "")
+        else:
+            plan.load_state_dict(saved["state_dict"])  # the last epoch's weights
     best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
     if best is not None and best.exists():
         state = torch.load(best, map_location=plan.device, weights_only=False)["state_dict"]

@@ -10,7 +10,6 @@ given) and the mAP is averaged over the held-out batches' queries, for each seed
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,9 +360,9 @@ def train_aggregator(X: ScaledFeatures, sample_ids: np.ndarray, labels: np.ndarr
     torch.manual_seed(seed)
     module = SetAggregator(X.shape[1], config.width, config.head_width, config.out_width, config.pooling, config.temperature)
     plan = AggregationPlan(module, lr=config.lr, weight_decay=config.weight_decay)
-    train_config = TrainConfig(max_epochs=config.max_epochs, patience=config.patience, monitor="val_map", monitor_mode="max", seed=seed, progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        fit(plan, sampler, SampleLoader(X, {s: rows_of[s] for s in val}, label_of), train_config, checkpoint_dir=tmp)
+    train_config = TrainConfig(max_epochs=config.max_epochs, patience=config.patience, monitor="val_map", monitor_mode="max", restore_best=True, seed=seed,
+                               progress=False)
+    fit(plan, sampler, SampleLoader(X, {s: rows_of[s] for s in val}, label_of), train_config)
     return module.eval()
 
 
