@@ -359,6 +359,23 @@ def test_hierarchical_calls_hand_computed():
     assert choose_call_threshold(np.array([[0.05, 0.9, 0.05], [0.0, 0.9, 0.1]]), np.array([0, 1]), R, depth, precision=1.0, satisfies=coarse) == 0.5
 
 
+def test_calls_may_back_off_to_an_ancestor_two_labels_share(ontology):
+    """Flat labels (naive and cytotoxic CD8 T cells, B cells): an unsure CD8 cell is called "CD8-positive, alpha-beta T cell", a term no one labelled."""
+    from scatlas.ontology import call_terms, choose_call_threshold, hierarchical_calls
+
+    labels = ["CL:0000236", "CL:0000794", "CL:0000900"]
+    terms, reach, depth = call_terms(labels, ontology)
+    assert terms[:3] == labels and np.array_equal(reach[:3], reachability(labels, ontology))
+    rows = dict(zip(terms, reach.astype(int).tolist(), strict=True))
+    assert rows["CL:0000625"] == [0, 1, 1] and rows["CL:0000084"] == [0, 1, 1] and rows["CL:0000542"] == [1, 1, 1]  # CD8 ab T, T cell, lymphocyte
+    assert (reach[3:].sum(1) >= 2).all() and all(t.startswith("CL:") for t in terms)  # only ancestors shared by two labels or more
+    assert all(depth[i] == len(ontology.ancestors(t)) for i, t in enumerate(terms))
+    proba = np.array([[0.05, 0.5, 0.45], [0.02, 0.96, 0.02]])
+    assert [terms[i] for i in hierarchical_calls(proba, reach, depth, 0.9)] == ["CL:0000625", "CL:0000794"]
+    # the unsure cell is naive: its finest call (cytotoxic) is wrong, the back-off is right, so 0.9 reaches full precision
+    assert choose_call_threshold(proba, np.array([2, 1]), reach, depth, precision=1.0) == 0.51
+
+
 def test_calibration_scores_a_coarse_label_by_the_classes_that_satisfy_it():
     from scatlas.metrics import expected_calibration_error, fit_temperature
 
@@ -387,7 +404,7 @@ def test_transfer_makes_hierarchical_calls_at_the_stated_precision(symphony_path
     assert 0.5 <= labels.call_threshold <= 0.99
     calls = query.obs["cell_type_ontology_term_id_pred_hierarchical"].astype(str).to_numpy()
     truth = labels.codes(query.obs["cell_type_ontology_term_id"].astype(str).to_numpy())
-    correct = labels.reachability[labels.codes(calls), truth] > 0
+    correct = labels.call_reach[labels.call_index(calls), truth] > 0
     exact = (query.obs["cell_type_ontology_term_id_pred"].astype(str) == query.obs["cell_type_ontology_term_id"].astype(str)).mean()
     assert correct.mean() >= exact  # backing off to an ancestor never loses a right call
 

@@ -194,6 +194,15 @@ def test_zheng17_reference_to_donor_query_cli(tmp_path):
     pred = pd.read_csv(tmp_path / "out" / "zheng17_frozen_pbmc_donorA_query" / "predictions.csv")
     assert len(pred) == 2896 and pred["predicted_id"].str.startswith("CL:").all()
     assert 0 < pred["unknown"].mean() < 0.6
+    # nine flat labels: a cell between T-cell subsets is called by their common ancestor, a term no one labelled
+    from scatlas.ontology import CellOntology
+
+    ontology = CellOntology()
+    labels = set(ad.read_h5ad(ref, backed="r").obs["cell_type_ontology_term_id"].astype(str))
+    backed_off = pred[~pred["hierarchical_id"].isin(labels)]
+    assert len(backed_off) and backed_off["hierarchical_id"].str.startswith("CL:").all()
+    above = [call in ontology.ancestors(finest) for call, finest in zip(backed_off["hierarchical_id"], backed_off["predicted_id"], strict=True)]
+    assert np.mean(above) > 0.9  # mostly an ancestor of the finest call (else the subsets' sum outweighs an unsure top class)
 
 
 def test_gene_mismatch_refused(tmp_path):

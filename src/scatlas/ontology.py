@@ -11,6 +11,7 @@ every output.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -147,6 +148,43 @@ def reachability(labels: Sequence[str], ontology: CellOntology) -> np.ndarray:
     return R
 
 
+def call_terms(labels: Sequence[str], ontology: CellOntology) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """What a hierarchical call may return: the labels, then every Cell Ontology term that is an ancestor of two or more of them.
+
+    A cell whose probability is split between labelled subtypes can then be called by their
+    common ancestor (e.g. "CD8-positive, alpha-beta T cell" for a cell between naive and
+    cytotoxic CD8 T cells), whether or not any source used that term as a label.
+
+    Parameters
+    ----------
+    labels
+        CL ids of the classes (model output order).
+    ontology
+        The ontology whose ancestor relation is used.
+
+    Returns
+    -------
+    terms
+        CL ids: ``labels`` first, in their order, then the shared ancestors (sorted).
+    reach
+        ``(T, C)`` float32: ``reach[t, j] = 1`` when label ``j`` is term ``t`` or one of its
+        descendants (its first ``C`` rows are :func:`reachability`).
+    depth
+        Number of ancestors of each term (deeper = more specific).
+    """
+    own = set(labels)
+    ancestors = [ontology.ancestors(term) for term in labels]
+    counts = Counter(a for above in ancestors for a in above if a.startswith("CL:") and a not in own)
+    shared = sorted(a for a, n in counts.items() if n >= 2)
+    terms = [*labels, *shared]
+    reach = np.zeros((len(terms), len(labels)), dtype=np.float32)
+    reach[: len(labels)] = reachability(labels, ontology)
+    for t, term in enumerate(shared, start=len(labels)):
+        reach[t] = [term in above for above in ancestors]
+    depth = np.array([len(ontology.ancestors(term)) for term in terms], dtype=np.float64)
+    return terms, reach, depth
+
+
 def source_reachability(R: np.ndarray, codes: np.ndarray, sources: np.ndarray, n_sources: int | None = None) -> np.ndarray:
     """What each label means in each source: one reachability matrix per source.
 
@@ -264,23 +302,24 @@ def map_author_labels(values: Iterable[str], table: pd.DataFrame | str | Path, o
 
 
 def hierarchical_calls(proba: np.ndarray, R: np.ndarray, depth: np.ndarray, threshold: float) -> np.ndarray:
-    """The deepest class whose probability, summed over itself and its descendant classes, reaches ``threshold``.
+    """The deepest term whose probability, summed over the classes it covers, reaches ``threshold``.
 
     Parameters
     ----------
     proba
         ``(n, C)`` class probabilities.
     R
-        ``(C, C)`` ontology reachability (``R[i, j] = 1``: ``j`` is ``i`` or a descendant).
+        ``(T, C)`` reachability of the candidate terms (``R[t, j] = 1``: class ``j`` is term ``t``
+        or a descendant): the classes' own ``(C, C)`` :func:`reachability`, or :func:`call_terms`'s.
     depth
-        Ontology depth of each class (number of ancestors); deeper = more specific.
+        Ontology depth of each term (number of ancestors); deeper = more specific.
     threshold
-        Probability a call must reach. A cell where no class reaches it gets the class of largest
+        Probability a call must reach. A cell where no term reaches it gets the term of largest
         summed probability (the broadest one).
 
     Returns
     -------
-    Class index of each cell's call (ties in depth go to the larger summed probability).
+    Term index of each cell's call (ties in depth go to the larger summed probability).
     """
     q = proba @ R.T
     reach = q >= threshold
@@ -305,8 +344,9 @@ def choose_call_threshold(proba: np.ndarray, truth: np.ndarray, R: np.ndarray, d
     for t in grid:
         calls = hierarchical_calls(proba, R, depth, float(t))
         correct = R[calls, truth] > 0
-        if satisfies is not None:
-            correct |= satisfies[np.arange(len(calls)), calls]
+        if satisfies is not None:  # only a class (the first C terms) can satisfy a label by being finer than it
+            inside = calls < satisfies.shape[1]
+            correct[inside] |= satisfies[np.flatnonzero(inside), calls[inside]]
         if correct.mean() >= precision:
             return float(t)
     return float(grid[-1])

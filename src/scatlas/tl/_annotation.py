@@ -37,7 +37,7 @@ from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import SplitData, build_model, parse_model_config, validate_entry
 from scatlas.models.classifiers import CellTypeClassifier
-from scatlas.ontology import CellOntology, choose_call_threshold, coarse_exclusions, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
+from scatlas.ontology import CellOntology, call_terms, choose_call_threshold, coarse_exclusions, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
 from scatlas.report.html import Section, mean_ci_table, write_report
 from scatlas.tl._embed import categorical_codes
@@ -138,8 +138,13 @@ class LabelSpace:
         Classes a finest-class call may return (no source uses them as a coarse label).
     nested
         Ancestor / descendant label pairs (:func:`~scatlas.ontology.nested_label_pairs`) as a table.
-    depth
-        Ontology depth (number of ancestors) of each class.
+    call_terms, call_names
+        What a hierarchical call may return (CL ids, readable names): the classes, then the
+        ontology terms above two or more of them (:func:`~scatlas.ontology.call_terms`).
+    call_reach
+        ``(T, C)``: ``call_reach[t, j] = 1`` when class ``j`` is call term ``t`` or below it.
+    call_depth
+        Ontology depth (number of ancestors) of each call term.
     call_threshold
         Probability a hierarchical call must reach, chosen on held-out cells
         (:func:`~scatlas.ontology.choose_call_threshold`); ``None`` until chosen.
@@ -153,7 +158,10 @@ class LabelSpace:
     per_source: np.ndarray | None = None
     fine: np.ndarray | None = None
     nested: pd.DataFrame = field(default_factory=pd.DataFrame)
-    depth: np.ndarray | None = None
+    call_terms: list[str] | None = None
+    call_names: list[str] | None = None
+    call_reach: np.ndarray | None = None
+    call_depth: np.ndarray | None = None
     call_threshold: float | None = None
 
     def codes(self, values: np.ndarray) -> np.ndarray:
@@ -169,10 +177,14 @@ class LabelSpace:
         return np.maximum(pd.Index(self.sources).get_indexer(np.asarray(values, dtype=str)), 0).astype(np.int64)
 
     def hierarchical(self, proba: np.ndarray) -> np.ndarray | None:
-        """Index of each cell's hierarchical call (deepest class reaching :attr:`call_threshold`), or ``None`` without one."""
-        if self.call_threshold is None or self.reachability is None or self.depth is None:
+        """Index into :attr:`call_terms` of each cell's hierarchical call (deepest term reaching :attr:`call_threshold`), or ``None`` without one."""
+        if self.call_threshold is None or self.call_reach is None or self.call_depth is None:
             return None
-        return hierarchical_calls(proba, self.reachability, self.depth, self.call_threshold)
+        return hierarchical_calls(proba, self.call_reach, self.call_depth, self.call_threshold)
+
+    def call_index(self, terms: np.ndarray) -> np.ndarray:
+        """Index into :attr:`call_terms` of each CL id (−1 for a term that is not a call candidate)."""
+        return pd.Index(self.call_terms or []).get_indexer(np.asarray(terms, dtype=str))
 
     def satisfying(self, codes: np.ndarray, source_codes: np.ndarray | None) -> np.ndarray:
         """What held-out cells are scored against: their class indices, or with an ontology the ``(n, C)`` classes that satisfy each cell's label in its source.
@@ -188,10 +200,10 @@ class LabelSpace:
     def with_call_threshold(self, proba: np.ndarray, truth: np.ndarray, precision: float, source_codes: np.ndarray | None = None) -> LabelSpace:
         """This label space with :attr:`call_threshold` chosen on held-out cells (probabilities, true class indices,
         their source indices for :meth:`satisfying`); unchanged without an ontology."""
-        if self.reachability is None or self.depth is None or not len(truth):
+        if self.call_reach is None or self.call_depth is None or not len(truth):
             return self
         satisfies = self.satisfying(truth, source_codes)
-        return replace(self, call_threshold=choose_call_threshold(proba, truth, self.reachability, self.depth, precision,
+        return replace(self, call_threshold=choose_call_threshold(proba, truth, self.call_reach, self.call_depth, precision,
                                                                   satisfies=satisfies if satisfies.ndim == 2 else None))
 
     def finest(self, proba: np.ndarray) -> np.ndarray:
@@ -243,8 +255,9 @@ def label_space(values: np.ndarray, names: np.ndarray | None, ontology: CellOnto
         log(f"{where}" + "; ".join(f"[{source_names[s]}] '{readable[i]}' is learnt as a class of its own, 'not {readable[j]}', while that source "
                                    f"uses '{readable[j]}' coarsely (other sources label classes below it)" for s, i, j in ambiguous)
             + ": if these are the same cells labelled less specifically, give them one label")
-    depth = np.array([len(ontology.ancestors(c)) for c in classes], dtype=np.float64)
-    return LabelSpace(classes, readable, R, ontology.version, source_names, per_source, fine_classes(per_source, codes, source_codes), nested, depth)
+    terms, reach, depth = call_terms(classes, ontology)
+    return LabelSpace(classes, readable, R, ontology.version, source_names, per_source, fine_classes(per_source, codes, source_codes), nested,
+                      terms, [*readable, *(ontology.label(t) for t in terms[len(classes):])], reach, depth)
 
 
 def _ontology(config: AnnotateConfig) -> CellOntology | None:
@@ -294,7 +307,8 @@ class Annotator:
         if self.labels.per_source is not None:  # what each label meant in each source, as HCE trained with it
             write_npy(self.labels.per_source, directory / "label_reachability.npy")
             write_npy(self.labels.fine, directory / "fine_classes.npy")
-            write_npy(self.labels.depth, directory / "class_depth.npy")
+            write_npy(self.labels.call_reach, directory / "call_reachability.npy")
+            write_npy(self.labels.call_depth, directory / "call_depth.npy")
             write_csv(self.labels.nested, directory / "label_hierarchy.csv")
         write_yaml(
             {
@@ -307,6 +321,8 @@ class Annotator:
                 "ontology": self.labels.ontology_version,
                 "sources": list(self.labels.sources),
                 "call_threshold": self.labels.call_threshold,
+                "call_terms": None if self.labels.call_terms is None else [str(t) for t in self.labels.call_terms],
+                "call_names": None if self.labels.call_names is None else [str(t) for t in self.labels.call_names],
                 "scatlas_version": __version__,
             },
             directory / "annotator.yaml",
@@ -324,9 +340,10 @@ class Annotator:
         R = np.load(directory / "reachability.npy") if (directory / "reachability.npy").exists() else None
         per_source = np.load(directory / "label_reachability.npy") if (directory / "label_reachability.npy").exists() else None
         fine = np.load(directory / "fine_classes.npy") if (directory / "fine_classes.npy").exists() else None
-        depth = np.load(directory / "class_depth.npy") if (directory / "class_depth.npy").exists() else None
+        calls = {"call_reach": np.load(directory / "call_reachability.npy"), "call_depth": np.load(directory / "call_depth.npy"),
+                 "call_terms": meta["call_terms"], "call_names": meta["call_names"]} if (directory / "call_depth.npy").exists() else {}
         labels = LabelSpace(meta["classes"], meta["class_names"], R, meta.get("ontology"), meta.get("sources", ["all"]), per_source, fine,
-                            depth=depth, call_threshold=meta.get("call_threshold"))
+                            call_threshold=meta.get("call_threshold"), **calls)
         model = build_model(parse_model_config(meta["model"]), TrainingConfig().to_train_config(0, progress=False))
         assert isinstance(model, CellTypeClassifier)
         k = len(labels.classes)
@@ -440,9 +457,9 @@ def _detailed(data: CellData, rows: np.ndarray, truth: np.ndarray, proba: np.nda
         table["correct_hierarchical"] = hierarchical_correct(truth, pred, labels.classes, labels.reachability)
     calls = labels.hierarchical(proba)
     if calls is not None:  # the call is right when it is the truth or an ancestor of it
-        table["y_call"] = classes[calls]
-        table["call_correct"] = labels.reachability[calls, labels.codes(truth)] > 0
-        table["call_depth"] = labels.depth[calls]
+        table["y_call"] = np.asarray(labels.call_terms)[calls]
+        table["call_correct"] = labels.call_reach[calls, labels.codes(truth)] > 0  # type: ignore[index]
+        table["call_depth"] = labels.call_depth[calls]  # type: ignore[index]
     for column in strata:
         table[column] = string_values(data.obs[column])[rows]
     probs = pd.DataFrame(proba, columns=[f"p_{c}" for c in labels.classes])
@@ -574,8 +591,8 @@ def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarr
         adata.obs[f"{key}_unknown"] = np.asarray(unknown, dtype=bool)
     calls = labels.hierarchical(proba)
     if calls is not None:
-        adata.obs[f"{key}_pred_hierarchical"] = pd.Categorical(np.asarray(labels.classes)[calls])
-        adata.obs[f"{key}_pred_hierarchical_label"] = pd.Categorical(np.asarray(labels.names)[calls])
+        adata.obs[f"{key}_pred_hierarchical"] = pd.Categorical(np.asarray(labels.call_terms)[calls])
+        adata.obs[f"{key}_pred_hierarchical_label"] = pd.Categorical(np.asarray(labels.call_names)[calls])
     adata.obsm[f"{key}_proba"] = proba.astype(np.float32)
     adata.uns[f"{key}_classes"] = [str(c) for c in labels.classes]
 

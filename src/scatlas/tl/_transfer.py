@@ -137,16 +137,17 @@ class ReferenceModel:
             predictions.insert(2, "predicted_id", np.asarray(labels.classes)[best])
         calls = labels.hierarchical(proba)
         if calls is not None:
-            predictions["hierarchical"] = names[calls]
-            predictions["hierarchical_id"] = np.asarray(labels.classes)[calls]
-            predictions["hierarchical_depth"] = labels.depth[calls]
+            predictions["hierarchical"] = np.asarray(labels.call_names)[calls]
+            predictions["hierarchical_id"] = np.asarray(labels.call_terms)[calls]
+            predictions["hierarchical_depth"] = labels.call_depth[calls]  # type: ignore[index]
         probabilities = pd.concat([pd.DataFrame({"cell_id": cell_ids}), pd.DataFrame(proba, columns=list(names))], axis=1)
         return predictions, probabilities
 
 
 def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
     """A chunk's predictions without cell ids, label columns as categoricals over the label space (concatenates as such)."""
-    categories = {"predicted": labels.names, "hierarchical": labels.names, "predicted_id": labels.classes, "hierarchical_id": labels.classes}
+    categories = {"predicted": labels.names, "hierarchical": labels.call_names or labels.names, "predicted_id": labels.classes,
+                  "hierarchical_id": labels.call_terms or labels.classes}
     compact = predictions.drop(columns=["cell_id"])
     return compact.astype({c: pd.CategoricalDtype(list(v)) for c, v in categories.items() if c in compact})
 
@@ -187,9 +188,9 @@ def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace,
     metrics = overall_metrics(y_true[known], pred[known])
     metrics["unknown_fraction"] = float(predictions["unknown"].mean())
     if "hierarchical" in predictions and labels.reachability is not None:  # a call is right when it is the truth or an ancestor of it
-        calls = labels.codes(predictions["hierarchical_id"].to_numpy()[known])
+        calls = labels.call_index(predictions["hierarchical_id"].to_numpy()[known])
         truth_codes = pd.Index(labels.names).get_indexer(y_true[known])
-        metrics["hierarchical_call_accuracy"] = float((labels.reachability[calls, truth_codes] > 0).mean()) if known.any() else float("nan")
+        metrics["hierarchical_call_accuracy"] = float((labels.call_reach[calls, truth_codes] > 0).mean()) if known.any() else float("nan")  # type: ignore[index]
         metrics["hierarchical_call_depth"] = float(predictions["hierarchical_depth"].to_numpy()[known].mean()) if known.any() else float("nan")
     metrics["n_cells_unseen_label"] = float((~known).sum())
     write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
