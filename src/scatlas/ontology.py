@@ -172,15 +172,14 @@ def call_terms(labels: Sequence[str], ontology: CellOntology) -> tuple[list[str]
     depth
         Number of ancestors of each term (deeper = more specific).
     """
+    ontology.check_terms(labels)
     own = set(labels)
     ancestors = [ontology.ancestors(term) for term in labels]
     counts = Counter(a for above in ancestors for a in above if a.startswith("CL:") and a not in own)
     shared = sorted(a for a, n in counts.items() if n >= 2)
     terms = [*labels, *shared]
-    reach = np.zeros((len(terms), len(labels)), dtype=np.float32)
-    reach[: len(labels)] = reachability(labels, ontology)
-    for t, term in enumerate(shared, start=len(labels)):
-        reach[t] = [term in above for above in ancestors]
+    reach = np.array([[term == label or term in above for label, above in zip(labels, ancestors, strict=True)] for term in terms],
+                     dtype=np.float32).reshape(len(terms), len(labels))
     depth = np.array([len(ontology.ancestors(term)) for term in terms], dtype=np.float64)
     return terms, reach, depth
 

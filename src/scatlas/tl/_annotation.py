@@ -176,15 +176,21 @@ class LabelSpace:
             return np.zeros(n, dtype=np.int64)
         return np.maximum(pd.Index(self.sources).get_indexer(np.asarray(values, dtype=str)), 0).astype(np.int64)
 
-    def hierarchical(self, proba: np.ndarray) -> np.ndarray | None:
-        """Index into :attr:`call_terms` of each cell's hierarchical call (deepest term reaching :attr:`call_threshold`), or ``None`` without one."""
-        if self.call_threshold is None or self.call_reach is None or self.call_depth is None:
+    def calls(self, proba: np.ndarray) -> pd.DataFrame | None:
+        """Each cell's hierarchical call, the deepest term reaching :attr:`call_threshold`, as columns
+        ``index`` (into :attr:`call_terms`), ``id``, ``name`` and ``depth``; ``None`` without calls."""
+        if self.call_threshold is None or self.call_reach is None or self.call_depth is None or self.call_terms is None or self.call_names is None:
             return None
-        return hierarchical_calls(proba, self.call_reach, self.call_depth, self.call_threshold)
+        index = hierarchical_calls(proba, self.call_reach, self.call_depth, self.call_threshold)
+        return pd.DataFrame({"index": index, "id": np.asarray(self.call_terms)[index], "name": np.asarray(self.call_names)[index],
+                             "depth": self.call_depth[index]})
 
-    def call_index(self, terms: np.ndarray) -> np.ndarray:
-        """Index into :attr:`call_terms` of each CL id (−1 for a term that is not a call candidate)."""
-        return pd.Index(self.call_terms or []).get_indexer(np.asarray(terms, dtype=str))
+    def calls_right(self, call_ids: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        """Whether each hierarchical call (CL id) is the true class (index) or an ancestor of it."""
+        if self.call_reach is None:
+            raise ValueError("this label space makes no hierarchical calls")
+        index = pd.Index(self.call_terms or []).get_indexer(np.asarray(call_ids, dtype=str))
+        return (index >= 0) & (self.call_reach[np.maximum(index, 0), truth] > 0)
 
     def satisfying(self, codes: np.ndarray, source_codes: np.ndarray | None) -> np.ndarray:
         """What held-out cells are scored against: their class indices, or with an ontology the ``(n, C)`` classes that satisfy each cell's label in its source.
@@ -455,11 +461,11 @@ def _detailed(data: CellData, rows: np.ndarray, truth: np.ndarray, proba: np.nda
     table["correct"] = table["y_true"] == table["y_pred"]
     if labels.reachability is not None:
         table["correct_hierarchical"] = hierarchical_correct(truth, pred, labels.classes, labels.reachability)
-    calls = labels.hierarchical(proba)
+    calls = labels.calls(proba)
     if calls is not None:  # the call is right when it is the truth or an ancestor of it
-        table["y_call"] = np.asarray(labels.call_terms)[calls]
-        table["call_correct"] = labels.call_reach[calls, labels.codes(truth)] > 0  # type: ignore[index]
-        table["call_depth"] = labels.call_depth[calls]  # type: ignore[index]
+        table["y_call"] = calls["id"].to_numpy()
+        table["call_correct"] = labels.calls_right(calls["id"].to_numpy(), labels.codes(truth))
+        table["call_depth"] = calls["depth"].to_numpy()
     for column in strata:
         table[column] = string_values(data.obs[column])[rows]
     probs = pd.DataFrame(proba, columns=[f"p_{c}" for c in labels.classes])
@@ -589,10 +595,10 @@ def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarr
     adata.obs[f"{key}_pred_score"] = proba[np.arange(len(best)), best]
     if unknown is not None:
         adata.obs[f"{key}_unknown"] = np.asarray(unknown, dtype=bool)
-    calls = labels.hierarchical(proba)
+    calls = labels.calls(proba)
     if calls is not None:
-        adata.obs[f"{key}_pred_hierarchical"] = pd.Categorical(np.asarray(labels.call_terms)[calls])
-        adata.obs[f"{key}_pred_hierarchical_label"] = pd.Categorical(np.asarray(labels.call_names)[calls])
+        adata.obs[f"{key}_pred_hierarchical"] = pd.Categorical(calls["id"].to_numpy())
+        adata.obs[f"{key}_pred_hierarchical_label"] = pd.Categorical(calls["name"].to_numpy())
     adata.obsm[f"{key}_proba"] = proba.astype(np.float32)
     adata.uns[f"{key}_classes"] = [str(c) for c in labels.classes]
 

@@ -135,11 +135,11 @@ class ReferenceModel:
         labels = self.annotator.labels
         if labels.reachability is not None:
             predictions.insert(2, "predicted_id", np.asarray(labels.classes)[best])
-        calls = labels.hierarchical(proba)
+        calls = labels.calls(proba)
         if calls is not None:
-            predictions["hierarchical"] = np.asarray(labels.call_names)[calls]
-            predictions["hierarchical_id"] = np.asarray(labels.call_terms)[calls]
-            predictions["hierarchical_depth"] = labels.call_depth[calls]  # type: ignore[index]
+            predictions["hierarchical"] = calls["name"].to_numpy()
+            predictions["hierarchical_id"] = calls["id"].to_numpy()
+            predictions["hierarchical_depth"] = calls["depth"].to_numpy()
         probabilities = pd.concat([pd.DataFrame({"cell_id": cell_ids}), pd.DataFrame(proba, columns=list(names))], axis=1)
         return predictions, probabilities
 
@@ -188,9 +188,8 @@ def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace,
     metrics = overall_metrics(y_true[known], pred[known])
     metrics["unknown_fraction"] = float(predictions["unknown"].mean())
     if "hierarchical" in predictions and labels.reachability is not None:  # a call is right when it is the truth or an ancestor of it
-        calls = labels.call_index(predictions["hierarchical_id"].to_numpy()[known])
-        truth_codes = pd.Index(labels.names).get_indexer(y_true[known])
-        metrics["hierarchical_call_accuracy"] = float((labels.call_reach[calls, truth_codes] > 0).mean()) if known.any() else float("nan")  # type: ignore[index]
+        right = labels.calls_right(predictions["hierarchical_id"].to_numpy()[known], pd.Index(labels.names).get_indexer(y_true[known]))
+        metrics["hierarchical_call_accuracy"] = float(right.mean()) if known.any() else float("nan")
         metrics["hierarchical_call_depth"] = float(predictions["hierarchical_depth"].to_numpy()[known].mean()) if known.any() else float("nan")
     metrics["n_cells_unseen_label"] = float((~known).sum())
     write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
