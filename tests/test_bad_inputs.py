@@ -132,6 +132,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
                                                index=kang.obs_names))
     paths["names_vs_ids"] = root / "names_vs_ids.h5ad"
     names_vs_ids.write_h5ad(paths["names_vs_ids"])
+    cellxgene_like = kang.copy()  # log-normalised values in X, the counts in .raw
+    cellxgene_like.raw = kang.copy()
+    cellxgene_like.X = cellxgene_like.X.log1p()
+    paths["kang_raw"] = root / "kang_raw.h5ad"
+    cellxgene_like.write_h5ad(paths["kang_raw"])
     embedded = kang.copy()
     embedded.obsm["X_pca"] = np.random.default_rng(0).normal(size=(kang.n_obs, 10)).astype(np.float32)
     paths["kang_embedded"] = root / "kang_embedded.h5ad"
@@ -261,19 +266,26 @@ def test_transfer_refuses_before_training(files, work):
     refused(work, [*base, "--query", kang, "--method", "forest"], "--method", "'forest'")
     refused(work, [*base, "--query", kang, "--ensemble", "0"], "model: invalid entry for 'mlp': ensemble", "greater than or equal to 1")
     refused(work, [*base, "--query", str(work / "absent.h5ad")], "absent.h5ad: file not found")
-    refused(work, [*base, "--query", str(files["kang_ensembl"])], "kang_ensembl.h5ad", "0 of the model's 1267 genes", "symbols vs Ensembl")
+    refused(work, [*base, "--query", str(files["kang_ensembl"])], "kang_ensembl.h5ad", "0 of the model's 1267 genes", ".var['SYMBOL'] holds them", "var_names_make_unique")
     refused(work, [*base, "--query", str(files["kang_nan"])], "kang_nan.h5ad", "NaN or infinite")
     refused(work, [*base, "--query", kang, "--query-label-key", "truth"], "obs column 'truth' not found")
     refused(work, ["transfer", "--reference", kang, "--label-key", "celltype", "--out", "tr", "--query", kang], "'celltype' not found")
 
 
-def test_transfer_api_refuses_a_model_that_is_not_a_classifier(files):
+def test_counts_kept_in_raw_are_pointed_at(files, work):
+    refused(work, ["validate", str(files["kang_raw"]), "--label-key", "cell_type"], "kang_raw.h5ad: .X has non-integer values",
+            "the file has .raw", "adata.layers['counts'] = adata.raw[:, adata.var_names].X")
+
+
+def test_transfer_api_refuses_a_model_that_is_not_a_classifier_or_clashes_with_method(files):
     import scatlas as sa
     from scatlas._errors import ConfigError
 
     kang = ad.read_h5ad(files["kang"])
     with pytest.raises(ConfigError, match=r"model: 'ae' is not a CellTypeClassifier; available: \['linear', 'mlp', 'tabnet'\]"):
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "ae"}, log=lambda _: None)
+    with pytest.raises(ConfigError, match="pass either `model`.*or `method` / `loss` / `ensemble`, not both"):
+        sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "mlp"}, loss="hce", log=lambda _: None)
 
 
 def test_aggregate_and_benchmark_refuse_bad_input(files, work):

@@ -56,7 +56,8 @@ class GeneAlignment:
         return sp.csr_matrix(X @ select, dtype=np.float32)
 
 
-def align_genes(query_genes: np.ndarray, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query") -> GeneAlignment:
+def align_genes(query_genes: np.ndarray, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query",
+                var: pd.DataFrame | None = None) -> GeneAlignment:
     """Match genes by name.
 
     Parameters
@@ -69,6 +70,9 @@ def align_genes(query_genes: np.ndarray, model_genes: np.ndarray, min_overlap: f
         Smallest accepted share of model genes present in the query.
     source
         Name of the query (file) for messages.
+    var
+        The query's gene annotations: on a refusal, a column of them that holds the model's genes
+        (e.g. symbols beside Ensembl ids, as CELLxGENE files keep them) is named.
 
     Raises
     ------
@@ -81,9 +85,24 @@ def align_genes(query_genes: np.ndarray, model_genes: np.ndarray, min_overlap: f
     missing = [str(g) for g, i in zip(model_genes, index, strict=True) if i < 0]
     alignment = GeneAlignment(index, len(model_genes), len(query_genes), int((index >= 0).sum()), missing)
     if alignment.fraction < min_overlap:
+        column = _column_with_genes(var, model_genes, min_overlap)
+        hint = (f"; .var[{column!r}] holds them: use it as the gene names (adata.var_names = adata.var[{column!r}].astype(str); "
+                "adata.var_names_make_unique())" if column else " (do the gene identifiers match: symbols vs Ensembl ids?)")
         raise InputError(
             f"{source}: only {alignment.n_shared} of the model's {alignment.n_model_genes} genes "
             f"({alignment.fraction:.1%}) are in the query, below the minimum {min_overlap:.0%}; "
-            f"missing e.g. {missing[:5]} (do the gene identifiers match: symbols vs Ensembl ids?)"
+            f"missing e.g. {missing[:5]}{hint}"
         )
     return alignment
+
+
+def _column_with_genes(var: pd.DataFrame | None, model_genes: np.ndarray, min_overlap: float) -> str | None:
+    """The first text column of ``var`` whose values hold at least ``min_overlap`` of ``model_genes`` (``None`` if none does)."""
+    if var is None:
+        return None
+    wanted = pd.Index(np.asarray(model_genes, dtype=str))
+    for column in var.columns:
+        values = var[column]
+        if (pd.api.types.is_string_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype)) and wanted.isin(values.astype(str)).mean() >= min_overlap:
+            return str(column)
+    return None

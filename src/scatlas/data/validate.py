@@ -171,7 +171,11 @@ def check_matrix(
         if batch_key is not None:
             batches = pd.unique(adata.obs[batch_key].astype(str).to_numpy()[np.asarray(bad_rows)])
             detail += f"; {batch_key} = {_examples(batches)}"
-        hint = " (a count model needs raw integer counts: pass `layer` or `input: lognorm`)" if name == "non-integer" else ""
+        hint = ""
+        if name == "non-integer":
+            raw = ("; the file has .raw (where scanpy and CELLxGENE keep counts): to use it, copy it into a layer, "
+                   "adata.layers['counts'] = adata.raw[:, adata.var_names].X") if adata.raw is not None and layer is None else ""
+            hint = f" (a count model needs raw integer counts: pass `layer` or `input: lognorm`{raw})"
         raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({detail}){hint}")
     if empty_cells.all():
         raise InputError(f"{src}: {where} holds no non-zero value ({adata.n_obs} cells × {adata.n_vars} genes)")

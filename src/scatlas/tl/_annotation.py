@@ -636,7 +636,7 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     """
     annotator = model if isinstance(model, Annotator) else Annotator.load(model)
     validate(adata, layer=layer, require_counts=annotator.input == "counts")
-    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata))
+    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata), adata.var)
     report = alignment.report()
     log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
     proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)])

@@ -149,7 +149,7 @@ class Preprocessing:
         """
         source = source_name(adata)
         validate(adata, layer=self.layer, require_counts=self.counts)
-        alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source)
+        alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source, adata.var)
         X = to_csr(get_matrix(adata, self.layer))
         if self.counts:
             X = normalize_log1p(X)

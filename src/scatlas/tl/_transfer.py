@@ -161,7 +161,7 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, m
     are the compact predictions of every cell (:func:`_compact`) and the gene alignment.
     """
     annotator = model.annotator
-    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata))
+    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata), adata.var)
     kept = []
     for part in cell_chunks(adata, chunk_size):  # each cell's result does not depend on the chunking
         predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy())
@@ -280,7 +280,7 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     """Refuse, before the reference trains, a query with bad values or repeated names, or sharing too few of the reference's genes."""
     for q in queries:
         validate(q, layer=config.query_layer, require_counts=config.reference.input == "counts")
-        align_genes(q.var_names.to_numpy(), data.var_names, config.min_overlap, source_name(q))
+        align_genes(q.var_names.to_numpy(), data.var_names, config.min_overlap, source_name(q), q.var)
 
 
 def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
@@ -391,7 +391,9 @@ def transfer(
     log
         Receives one line per step.
     **settings
-        Other fields of :class:`TransferConfig` (``confidence_threshold``, ``n_top_genes``, ...).
+        Other fields of :class:`TransferConfig` (``confidence_threshold``, ``n_top_genes``, ...);
+        ``model`` (a whole classifier entry, as in ``scatlas models``) replaces ``method`` /
+        ``loss`` / ``ensemble`` and cannot be combined with them.
 
     Returns
     -------
@@ -408,6 +410,9 @@ def transfer(
     """
     if method not in METHODS:
         raise ConfigError(f"transfer: unknown method {method!r}; available: {sorted(METHODS)}")
+    if "model" in settings and (method, loss, ensemble) != ("mlp", "ce", 1):
+        raise ConfigError("transfer: pass either `model` (a whole classifier entry, e.g. {'type': 'mlp', 'loss': 'hce', 'ensemble': 3}) "
+                          "or `method` / `loss` / `ensemble`, not both")
     queries = [query] if isinstance(query, ad.AnnData) else list(query)
     counts, decided = resolve_input(reference, layer, input)
     values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
