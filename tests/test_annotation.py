@@ -105,7 +105,7 @@ def test_label_meaning_per_source_hand_computed():
     np.testing.assert_array_equal(per[0], R)  # monocyte keeps "monocyte or any descendant" in the coarse study
     np.testing.assert_array_equal(per[1][1], [0, 1, 0, 0])  # CD14 next to labelled CD16 means "CD14, not CD16"
     np.testing.assert_array_equal(per[1][2], [0, 0, 1, 0])
-    assert list(fine_classes(per, codes, sources)) == [False, True, True, True]
+    assert list(fine_classes(R, codes, sources)) == [False, True, True, True]
     assert nested_label_pairs(R, codes, sources) == [(0, 1, 0, False), (0, 2, 0, False), (1, 2, 1, True)]
     # a source labelling monocyte and CD14 (not CD16): monocyte excludes CD14 and, below it, CD16 too
     mixed = np.array([0, 1, 2]), np.array([0, 0, 1])
@@ -113,6 +113,7 @@ def test_label_meaning_per_source_hand_computed():
     assert nested_label_pairs(R, *mixed) == [(0, 1, 0, True), (0, 2, 0, True), (1, 2, 0, False)]
     assert coarse_exclusions(R, source_reachability(R, *mixed), *mixed) == [(0, 0, 1)]  # its CD14 is coarse: CD16 is labelled elsewhere
     assert coarse_exclusions(R, per, codes, sources) == []
+    assert list(fine_classes(R, *mixed)) == [False, False, True, True]  # no source separates monocyte or CD14 from the CD16 labelled elsewhere
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1]])).repeat(2, 1)
     target = torch.tensor([0, 1])
     loss = hierarchical_cross_entropy(logits, target, torch.as_tensor(per), source=torch.tensor([0, 1])).item()
@@ -339,7 +340,7 @@ def test_a_class_labelled_exactly_by_one_source_stays_a_finest_call():
     codes, sources = np.array([0, 1, 0]), np.array([0, 0, 1])
     per = source_reachability(R, codes, sources)
     assert per[1, 0, 1] == 1 and per[0, 0, 1] == 0
-    assert list(fine_classes(per, codes, sources)) == [True, True]
+    assert list(fine_classes(R, codes, sources)) == [True, True]
 
 
 def test_hierarchical_calls_hand_computed():
@@ -434,8 +435,12 @@ def test_a_source_relabelled_one_level_up_is_named(ontology):
     values = np.array(["CL:0000576", "CL:0001054", "CL:0001054", "CL:0002396"])
     lines: list[str] = []
     labels = label_space(values, None, ontology, sources=np.array(["coarse", "coarse", "fine", "fine"]), log=lines.append)
-    assert labels.fine[labels.classes.index("CL:0000576")]  # "monocyte, not CD14-positive" is a class of its own there, as the rule says
-    assert len(lines) == 2 and "[coarse] 'monocyte' is learnt as a class of its own" in lines[1]
+    # "monocyte, not CD14-positive" is a class of its own there, as the rule says, but no source separates it from the CD16
+    # monocytes below it, so it is never a finest-class call
+    monocyte = labels.classes.index("CL:0000576")
+    assert labels.per_source[0, monocyte].sum() == 1 and not labels.fine[monocyte] and labels.fine.sum() == 2
+    assert labels.finest(np.array([[0.5, 0.3, 0.2]])).tolist() == [labels.classes.index("CL:0001054")]
+    assert len(lines) == 2 and "[coarse] 'monocyte' is learnt as a class of its own" in lines[1] and "never a finest-class call" in lines[1]
     lines.clear()
     label_space(values, None, ontology, sources=np.array(["coarse", "fine", "fine", "fine"]), log=lines.append)
     assert not any("class of its own" in line for line in lines)

@@ -259,21 +259,40 @@ def coarse_exclusions(R: np.ndarray, per_source: np.ndarray, codes: np.ndarray, 
     return found
 
 
-def fine_classes(per_source: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """Classes that a finest-class call may return: those some source uses as an exact label.
+def fine_classes(R: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Classes that a finest-class call may return: those some source separates from every finer label.
 
-    A class is coarse in a source when some other class satisfies it there (the source labels it
-    but none of its descendants, which other sources label); a class coarse in every source that
-    uses it is only ever a coarse label, and never a finest call.
+    A class is fine when a source that labels it also labels every class below it that any
+    source labels, so that source draws each line between them (a single source always does).
+    A label that no source separates from a finer one is coarse and never a finest call: a
+    study's "T cell" beside another study's CD4 / CD8 T cells, and also a label that the
+    per-source rule learns as a class of its own only by excluding a descendant its source uses
+    coarsely (:func:`coarse_exclusions`: a source relabelled one level up uses "monocyte" beside
+    "CD14-positive monocyte" but never names the CD16 monocytes below both).
+
+    Parameters
+    ----------
+    R
+        ``(C, C)`` ontology reachability of the classes (:func:`reachability`).
+    codes
+        Class index of each labelled cell.
+    sources
+        Source index of each cell.
+
+    Returns
+    -------
+    ``(C,)`` bool.
     """
-    C = per_source.shape[1]
-    fine = np.zeros(C, dtype=bool)
-    used = np.zeros(C, dtype=bool)
-    for s in range(per_source.shape[0]):
-        for i in np.unique(codes[sources == s]):
-            used[i] = True
-            fine[i] |= per_source[s, i].sum() <= 1
-    return fine | ~used
+    C = R.shape[0]
+    labelled = np.zeros(C, dtype=bool)
+    labelled[np.unique(codes)] = True
+    finer = (np.asarray(R) > 0) & ~np.eye(C, dtype=bool) & labelled[None, :]
+    fine = ~labelled
+    for s in np.unique(sources):
+        used = np.zeros(C, dtype=bool)
+        used[np.unique(codes[sources == s])] = True
+        fine |= used & ~(finer & ~used[None, :]).any(axis=1)
+    return fine
 
 
 def map_author_labels(values: Iterable[str], table: pd.DataFrame | str | Path, ontology: CellOntology | None = None) -> np.ndarray:

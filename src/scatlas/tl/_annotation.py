@@ -135,7 +135,8 @@ class LabelSpace:
         ``(S, C, C)`` label meaning per source (:func:`~scatlas.ontology.source_reachability`), the
         matrices hierarchical cross-entropy trains with.
     fine
-        Classes a finest-class call may return (no source uses them as a coarse label).
+        Classes a finest-class call may return (:func:`~scatlas.ontology.fine_classes`: some source
+        separates them from every finer label).
     nested
         Ancestor / descendant label pairs (:func:`~scatlas.ontology.nested_label_pairs`) as a table.
     call_terms, call_names
@@ -178,12 +179,11 @@ class LabelSpace:
 
     def calls(self, proba: np.ndarray) -> pd.DataFrame | None:
         """Each cell's hierarchical call, the deepest term reaching :attr:`call_threshold`, as columns
-        ``index`` (into :attr:`call_terms`), ``id``, ``name`` and ``depth``; ``None`` without calls."""
+        ``id``, ``name`` and ``depth``; ``None`` without calls."""
         if self.call_threshold is None or self.call_reach is None or self.call_depth is None or self.call_terms is None or self.call_names is None:
             return None
         index = hierarchical_calls(proba, self.call_reach, self.call_depth, self.call_threshold)
-        return pd.DataFrame({"index": index, "id": np.asarray(self.call_terms)[index], "name": np.asarray(self.call_names)[index],
-                             "depth": self.call_depth[index]})
+        return pd.DataFrame({"id": np.asarray(self.call_terms)[index], "name": np.asarray(self.call_names)[index], "depth": self.call_depth[index]})
 
     def calls_right(self, call_ids: np.ndarray, truth: np.ndarray) -> np.ndarray:
         """Whether each hierarchical call (CL id) is the true class (index) or an ancestor of it."""
@@ -260,9 +260,9 @@ def label_space(values: np.ndarray, names: np.ndarray | None, ontology: CellOnto
     if log is not None and ambiguous:
         log(f"{where}" + "; ".join(f"[{source_names[s]}] '{readable[i]}' is learnt as a class of its own, 'not {readable[j]}', while that source "
                                    f"uses '{readable[j]}' coarsely (other sources label classes below it)" for s, i, j in ambiguous)
-            + ": if these are the same cells labelled less specifically, give them one label")
+            + ": it is never a finest-class call, only a hierarchical one; if these are the same cells labelled less specifically, give them one label")
     terms, reach, depth = call_terms(classes, ontology)
-    return LabelSpace(classes, readable, R, ontology.version, source_names, per_source, fine_classes(per_source, codes, source_codes), nested,
+    return LabelSpace(classes, readable, R, ontology.version, source_names, per_source, fine_classes(R, codes, source_codes), nested,
                       terms, [*readable, *(ontology.label(t) for t in terms[len(classes):])], reach, depth)
 
 
