@@ -387,8 +387,8 @@ def kbet_per_label(neighbors: Neighbors, batch: np.ndarray, labels: np.ndarray, 
     NN-descent there) and a fixed start vector for the eigensolver (deterministic).
 
     ``diffusion_dtype=np.float32`` runs each label's eigensolve in single precision on the squared
-    transition matrix and refines its eigenpairs by a float64 Rayleigh–Ritz step: about three
-    times as fast at atlas scale, where the solve is bound by the memory traffic of ARPACK's
+    transition matrix and refines its eigenpairs by a float64 Rayleigh–Ritz step: more than twice
+    as fast at atlas scale, where the solve is bound by the memory traffic of ARPACK's
     re-orthogonalisation, and tested to give the float64 score within 1e-3. The default, ``np.float64``, is scib-metrics' computation.
 
     ``sample_size`` tests only a stratified random sample of cells of each label
