@@ -272,9 +272,15 @@ def test_transfer_refuses_before_training(files, work):
     refused(work, ["transfer", "--reference", kang, "--label-key", "celltype", "--out", "tr", "--query", kang], "'celltype' not found")
 
 
-def test_counts_kept_in_raw_are_pointed_at(files, work):
-    refused(work, ["validate", str(files["kang_raw"]), "--label-key", "cell_type"], "kang_raw.h5ad: .X has non-integer values",
-            "the file has .raw", "adata.layers['counts'] = adata.raw[:, adata.var_names].X")
+def test_counts_kept_in_raw_are_pointed_at_and_selected_by_layer_raw(files, work):
+    """A CELLxGENE-like file (log-normalised X, counts in .raw): the refusal points at .raw, `--layer raw` selects it;
+    `--layer raw` on a file without .raw (or such a layer) is refused by name."""
+    kang_raw = str(files["kang_raw"])
+    refused(work, ["validate", kang_raw, "--label-key", "cell_type"], "kang_raw.h5ad: .X has non-integer values",
+            "the file has .raw", "select it with layer 'raw', `--layer raw`")
+    result = runner.invoke(app, ["validate", kang_raw, "--label-key", "cell_type", "--layer", "raw"])
+    assert result.exit_code == 0 and "kang_raw.h5ad: OK" in result.output, result.output
+    refused(work, ["validate", str(files["kang"]), "--label-key", "cell_type", "--layer", "raw"], "kang.h5ad: layer 'raw' not found and there is no .raw")
 
 
 def test_transfer_api_refuses_a_model_that_is_not_a_classifier_or_clashes_with_method(files):

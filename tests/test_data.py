@@ -350,11 +350,16 @@ def test_read_anndata_leaves_a_zarr_matrix_on_disk(cellbench, cellbench5_path, t
     from scatlas.data import on_disk
     from scatlas.data.dataset import whole_backed
 
+    from scatlas.data.io import get_matrix, get_var
+
     adata = cellbench.copy()
     adata.X = sp.csr_matrix(adata.X)
     adata.layers["counts"] = adata.X.copy()
+    adata.raw = adata[:, ::-1].copy()  # .raw: its own genes (here reversed), read lazily as `layer="raw"`
     adata.write_zarr(tmp_path / "cb.zarr")
     lazy = read_anndata(tmp_path / "cb.zarr", backed=True)
+    assert (get_matrix(lazy, "raw")[:7] != adata.raw.X[:7]).nnz == 0
+    assert get_var(lazy, "raw").index.equals(adata.var_names[::-1]) and get_var(lazy, None).index.equals(adata.var_names)
     assert on_disk(lazy) and on_disk(read_anndata(cellbench5_path, backed=True))
     assert not on_disk(read_anndata(tmp_path / "cb.zarr")) and not on_disk(lazy[:10])
     assert whole_backed(lazy) == (tmp_path / "cb.zarr").resolve()

@@ -307,3 +307,20 @@ def test_fe_saved_before_the_batch_aware_decoder_still_loads(cellbench3_path, tm
     reloaded = sa.load_model(tmp_path / "old_fe")
     assert reloaded.model.config.decoder_batch is False
     np.testing.assert_allclose(reloaded.get_latent_representation(adata), adata.obsm["X_fe"], rtol=1e-5, atol=1e-6)
+
+
+def test_embed_on_raw_writes_the_loadings_of_the_genes_var_holds():
+    """`layer="raw"` trains on .raw's genes (scanpy's bundled `pbmc68k_reduced`, .var cut to 300 of .raw's 765); `.varm`
+    follows `.var`, so it holds the loadings of the model's genes that `.var` has, and zeros elsewhere."""
+    import scanpy as sc
+
+    adata = sc.datasets.pbmc68k_reduced()[:, :300].copy()
+    model = sa.tl.embed(adata, "nmf", layer="raw", rank=6, max_iter=30, log=lambda _: None)
+    genes = pd.Index(model.prep.genes)
+    assert len(genes) > 300 and adata.uns["scatlas"]["X_nmf"]["layer"] == "raw"
+    W, in_var = adata.varm["W_nmf"], adata.var_names.isin(genes)
+    assert W.shape == (300, 6) and in_var.sum() > 0
+    np.testing.assert_array_equal(W[in_var], model.loadings()[genes.get_indexer(adata.var_names[in_var])])
+    assert (W[~in_var] == 0).all()
+    np.testing.assert_array_equal(sa.tl.embed(adata, "nmf", layer="raw", rank=6, max_iter=30, log=lambda _: None).get_latent_representation(adata),
+                                  adata.obsm["X_nmf"])

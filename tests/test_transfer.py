@@ -251,3 +251,34 @@ def test_ensemble_members_train_apart_and_predict_their_mean(chemistries, tmp_pa
     with torch.no_grad():
         means = torch.stack([torch.softmax(m.eval().head(m.encode(x)[0]), dim=1) for m in members]).mean(0).numpy()
     np.testing.assert_allclose(ensemble.predict_proba(X), means, rtol=0, atol=1e-6)
+
+
+def test_raw_selected_by_layer_raw_as_scanpy_keeps_it(tmp_path):
+    """scanpy's bundled `pbmc68k_reduced` holds scaled values in X (refused, pointing at .raw) and log-normalised genes in
+    .raw; `layer="raw"` trains and maps on .raw exactly as on an AnnData whose X is .raw, also when .var holds fewer genes
+    than .raw, and the CLI streams .raw from the file (`--stream`) to the same predictions, byte for byte."""
+    import scanpy as sc
+
+    import scatlas as sa
+    from scatlas._errors import InputError
+
+    adata = sc.datasets.pbmc68k_reduced()[:, :300].copy()  # scanpy's usual state: .raw keeps all 765 genes, .var a subset
+    reference, query = adata[: adata.n_obs // 2].copy(), adata[adata.n_obs // 2 :].copy()
+    with pytest.raises(InputError, match=r"\.X has negative values .*scanpy keeps the log-normalised genes in \.raw: select it with layer 'raw'"):
+        sa.tl.transfer(reference, query, label_key="bulk_labels", log=lambda _: None)
+    model = sa.tl.transfer(reference, query, label_key="bulk_labels", layer="raw", query_layer="raw", seed=0, log=lambda _: None)
+    assert len(model.annotator.genes) > 700  # .raw's genes (less any all-zero in the reference), not .var's 300
+    plain = [ad.AnnData(a.raw.X.copy(), obs=a.obs.copy(), var=a.raw.var.copy()) for a in (reference, query)]
+    sa.tl.transfer(plain[0], plain[1], label_key="bulk_labels", seed=0, log=lambda _: None)
+    for raw, x in zip((reference, query), plain, strict=True):
+        pd.testing.assert_frame_equal(raw.obs.filter(like="bulk_labels_"), x.obs.filter(like="bulk_labels_"))
+    assert (query.obs["bulk_labels_pred"].astype(str) == query.obs["bulk_labels"].astype(str)).mean() > 0.75
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    for run in ("loaded", "streamed"):
+        args = ["transfer", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "query.h5ad"), "--label-key", "bulk_labels",
+                "--input", "lognorm", "--layer", "raw", "--query-layer", "raw", "--max-epochs", "3", "--out", str(tmp_path / run)]
+        result = runner.invoke(app, [*args, *(["--stream"] if run == "streamed" else [])])
+        assert result.exit_code == 0, result.output
+    for d in ("reference", "query"):
+        assert (tmp_path / "loaded" / d / "predictions.csv").read_bytes() == (tmp_path / "streamed" / d / "predictions.csv").read_bytes()

@@ -168,7 +168,7 @@ def validate(
     data: Annotated[Path, typer.Argument(help=".h5ad file or .zarr store, or an experiment YAML (checks its dataset exactly as `scatlas run` will).")],
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column.")] = None,
-    layer: Annotated[str | None, typer.Option(help="Layer holding the matrix (default .X).")] = None,
+    layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     counts: Annotated[bool, typer.Option("--counts/--lognorm", help="Require raw integer counts.")] = True,
 ) -> None:
     """Run the checks every command runs on its data (one code path), and report what is wrong or will be left out."""
@@ -196,6 +196,7 @@ annotate_app = typer.Typer(help="Cell-type annotation: train (CE or hierarchical
 app.add_typer(annotate_app, name="annotate")
 
 
+_LAYER_HELP = "Layer holding the matrix (default .X; 'raw' selects .raw, as scanpy's use_raw, unless a layer has that name)."
 _BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
 _ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
@@ -233,7 +234,7 @@ def annotate_train(
     n_splits: Annotated[int, typer.Option(help="Folds for kfold / donor splits (0: no cross-validation, fit the final model only).")] = 5,
     group_key: Annotated[str | None, typer.Option(help="Donor / study column for donor / study splits (default: batch key).")] = None,
     input: Annotated[str, typer.Option(help="counts (normalised + log1p here) or lognorm.")] = "counts",
-    layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
+    layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     filter: Annotated[list[str], typer.Option(help="Keep cells with COLUMN=VALUE (repeatable).")] = [],  # noqa: B006
     n_top_genes: Annotated[int | None, typer.Option(help="HVGs per training split (default: all genes).")] = None,
     max_epochs: Annotated[int | None, typer.Option(help=_EPOCHS_HELP)] = None,
@@ -290,7 +291,7 @@ def annotate_predict(
     model_dir: Annotated[Path, typer.Argument(help="Directory written by `annotate train` (or its model/ folder).")],
     query: Annotated[Path, typer.Argument(help="Query .h5ad or .zarr.")],
     out: Annotated[Path, typer.Option(help="Output .h5ad with predictions in .obs / .obsm.")],
-    layer: Annotated[str | None, typer.Option(help="Layer with the matrix (default .X).")] = None,
+    layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: map the query chunk by chunk; OUT holds the results only (no matrix).")] = False,
     chunk_size: Annotated[int, typer.Option(help="Query cells mapped at a time with --stream.")] = 100_000,
@@ -334,6 +335,8 @@ def transfer(
     loss: Annotated[str, typer.Option(help="ce or hce.")] = "ce",
     ensemble: Annotated[int, typer.Option(help=_ENSEMBLE_HELP)] = 1,
     input: Annotated[str, typer.Option(help="counts or lognorm (reference and queries).")] = "counts",
+    layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
+    query_layer: Annotated[str | None, typer.Option(help="Layer holding the queries' matrices (default .X; 'raw' as for --layer).")] = None,
     confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
     distance_quantile: Annotated[float, typer.Option(help="Latent-distance quantile of held-out reference cells beyond which a cell is 'unknown'.")] = 0.99,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes a query must have.")] = 0.5,
@@ -352,8 +355,9 @@ def transfer(
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
     cfg = load_transfer_config(
         {
-            "reference": {"name": reference.stem, "path": reference, "input": input, "label_key": label_key, "stream": stream},
+            "reference": {"name": reference.stem, "path": reference, "input": input, "label_key": label_key, "layer": layer, "stream": stream},
             "queries": query,
+            "query_layer": query_layer,
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
             "query_label_key": query_label_key,
@@ -455,7 +459,7 @@ def embed(
     model: Annotated[str, typer.Option(help="pca, ae, aec, fe, fec, re, nmf, aenmf or cond_aenmf (`scatlas models`).")] = "ae",
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column (aec, fec need it).")] = None,
-    layer: Annotated[str | None, typer.Option(help="Layer holding the matrix (default .X).")] = None,
+    layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     input: Annotated[str, typer.Option(help="auto (counts if whole numbers), counts or lognorm.")] = "auto",
     key_added: Annotated[str | None, typer.Option(help=".obsm key (default X_<model>).")] = None,
     n_top_genes: Annotated[int, typer.Option(help="Highly variable genes (0 = all genes).")] = 2000,

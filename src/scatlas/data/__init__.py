@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from scatlas.data.io import get_matrix, on_disk, read_anndata, to_csr, write_chunked_h5ad
+from scatlas.data.io import get_matrix, get_var, on_disk, read_anndata, to_csr, write_chunked_h5ad
 from scatlas.data.preprocess import GenePCA, GeneScaler, Preprocessed, fit_gene_pca, gene_moments, highly_variable_genes, normalize_log1p, preprocess_split, seurat_dispersions
 from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR, SomaCSRSource
 from scatlas.data.validate import validate
@@ -40,6 +40,7 @@ __all__ = [
     "assignment_table",
     "densify",
     "get_matrix",
+    "get_var",
     "group_splits",
     "GenePCA",
     "fit_gene_pca",

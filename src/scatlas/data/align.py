@@ -56,29 +56,28 @@ class GeneAlignment:
         return sp.csr_matrix(X @ select, dtype=np.float32)
 
 
-def align_genes(query_genes: np.ndarray, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query",
-                var: pd.DataFrame | None = None) -> GeneAlignment:
+def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query") -> GeneAlignment:
     """Match genes by name.
 
     Parameters
     ----------
-    query_genes
-        Gene names of the query's columns (first occurrence wins for duplicates).
+    var
+        The query's gene annotations, one row per column of its matrix; the index holds the gene
+        names (first occurrence wins for duplicates). On a refusal, a column that holds the
+        model's genes (e.g. symbols beside Ensembl ids, as CELLxGENE files keep them) is named.
     model_genes
         Genes the model was trained on, in its column order.
     min_overlap
         Smallest accepted share of model genes present in the query.
     source
         Name of the query (file) for messages.
-    var
-        The query's gene annotations: on a refusal, a column of them that holds the model's genes
-        (e.g. symbols beside Ensembl ids, as CELLxGENE files keep them) is named.
 
     Raises
     ------
     InputError
         When fewer than ``min_overlap`` of the model's genes are in the query.
     """
+    query_genes = var.index
     position = pd.Series(np.arange(len(query_genes)), index=pd.Index(np.asarray(query_genes, dtype=str)))
     position = position[~position.index.duplicated()]
     index = position.reindex(np.asarray(model_genes, dtype=str)).fillna(-1).to_numpy(dtype=np.int64)
@@ -96,10 +95,8 @@ def align_genes(query_genes: np.ndarray, model_genes: np.ndarray, min_overlap: f
     return alignment
 
 
-def _column_with_genes(var: pd.DataFrame | None, model_genes: np.ndarray, min_overlap: float) -> str | None:
+def _column_with_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float) -> str | None:
     """The first text column of ``var`` whose values hold at least ``min_overlap`` of ``model_genes`` (``None`` if none does)."""
-    if var is None:
-        return None
     wanted = pd.Index(np.asarray(model_genes, dtype=str))
     for column in var.columns:
         values = var[column]

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError
-from scatlas.data.io import file_path, get_matrix, on_disk, read_anndata, source_name, to_csr
+from scatlas.data.io import file_path, get_matrix, get_var, on_disk, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.sources import AnnDataCSRSource, RowSubset
 from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate
@@ -32,7 +32,7 @@ class DatasetConfig(BaseModel):
     path
         ``.h5ad`` file; a relative path is resolved against the working directory.
     layer
-        Layer holding the matrix (default ``.X``).
+        Layer holding the matrix (default ``.X``; ``raw``: ``.raw`` unless a layer has that name).
     input
         ``counts`` (raw integer counts, normalised + log1p here) or ``lognorm``
         (already log-normalised, used as is).
@@ -244,7 +244,7 @@ def cell_data(
     batch_key, label_key
         Batch / donor and cell-type columns (``None``: one batch, no labels).
     layer
-        Layer holding the matrix (``None`` = ``.X``).
+        Layer holding the matrix (``None`` = ``.X``; ``"raw"``: ``.raw``, see :func:`~scatlas.data.io.get_matrix`).
     counts
         The matrix holds raw integer counts (normalised + log1p here); else it is used as is.
     extra_keys
@@ -287,7 +287,7 @@ def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: 
     return CellData(
         name=name,
         lognorm=X,
-        var_names=adata.var_names.to_numpy().astype(str)[keep_genes],
+        var_names=get_var(adata, layer).index.to_numpy().astype(str)[keep_genes],
         obs=obs,
         batch=_categorical(obs[batch_key] if batch_key else pd.Series("all", index=obs.index)),
         label=_categorical(obs[label_key]) if label_key else None,

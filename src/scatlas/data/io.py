@@ -26,7 +26,7 @@ def read_anndata(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnDa
     backed
         Leave the matrix on disk, for data larger than memory: an ``.h5ad`` opens in backed
         (read-only) mode; a ``.zarr`` store gets its ``obs`` / ``var`` / ``obsm`` read and its
-        ``X`` and layers opened as lazily read sparse datasets. Either way the validators and
+        ``X``, layers and ``.raw`` opened as lazily read sparse datasets. Either way the validators and
         loaders then read the matrix in row chunks (see :func:`on_disk`).
 
     Returns
@@ -64,7 +64,8 @@ def _lazy_zarr(path: Path) -> ad.AnnData:
 
     layers = {name: matrix(root["layers"][name]) for name in root["layers"]} if "layers" in root else {}
     parts = {key: ad.io.read_elem(root[key]) for key in ("obs", "var", "obsm", "uns") if key in root}
-    return ad.AnnData(X=matrix(root["X"]) if "X" in root else None, layers=layers, **parts)
+    raw = {"X": matrix(root["raw"]["X"]), "var": ad.io.read_elem(root["raw"]["var"])} if "raw" in root and "X" in root["raw"] else None
+    return ad.AnnData(X=matrix(root["X"]) if "X" in root else None, layers=layers, raw=raw, **parts)
 
 
 def file_path(adata: ad.AnnData) -> Path:
@@ -119,8 +120,21 @@ def cell_chunks(adata: ad.AnnData, chunk_size: int) -> Iterator[ad.AnnData]:
         yield chunk.to_memory() if adata.isbacked else chunk.copy()  # a lazily read .zarr: the copy reads the rows
 
 
+#: The ``layer`` name that selects ``adata.raw`` (scanpy's ``use_raw``) when no layer has that name.
+RAW = "raw"
+
+
+def uses_raw(adata: ad.AnnData, layer: str | None) -> bool:
+    """Whether ``layer`` selects ``adata.raw``: it is :data:`RAW`, the AnnData has ``.raw`` and no layer of that name."""
+    return layer == RAW and RAW not in adata.layers and adata.raw is not None
+
+
 def get_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix | np.ndarray:
-    """Return ``adata.X`` or ``adata.layers[layer]`` (as stored: sparse or dense).
+    """Return ``adata.X``, ``adata.layers[layer]`` or, for ``layer="raw"``, ``adata.raw.X`` (as stored: sparse or dense).
+
+    ``"raw"`` means ``.raw`` (where scanpy keeps the log-normalised genes before subsetting and
+    scaling ``.X``, and CELLxGENE keeps the counts) unless a layer has that name; its genes are
+    then ``adata.raw.var_names`` (:func:`get_var`).
 
     Raises
     ------
@@ -131,11 +145,24 @@ def get_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix | n
         if adata.X is None:
             raise InputError(f"{source_name(adata)}: .X is empty; pass a layer with the counts")
         return adata.X
+    if uses_raw(adata, layer):
+        return adata.raw.X
     if layer not in adata.layers:
+        raw = " and there is no .raw" if layer == RAW else " ('raw' selects .raw)" if adata.raw is not None else ""
         raise InputError(
-            f"{source_name(adata)}: layer {layer!r} not found; available layers: {sorted(adata.layers)}"
+            f"{source_name(adata)}: layer {layer!r} not found{raw}; available layers: {sorted(adata.layers)}"
         )
     return adata.layers[layer]
+
+
+def get_var(adata: ad.AnnData, layer: str | None = None) -> pd.DataFrame:
+    """The genes (``var``, index = gene names) of the matrix :func:`get_matrix` returns: ``adata.raw.var`` for ``.raw``, else ``adata.var``."""
+    return adata.raw.var if uses_raw(adata, layer) else adata.var
+
+
+def matrix_name(adata: ad.AnnData, layer: str | None) -> str:
+    """How messages name the matrix: ``.X``, ``.raw`` or ``layer 'name'``."""
+    return ".X" if layer is None else ".raw" if uses_raw(adata, layer) else f"layer {layer!r}"
 
 
 def to_csr(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix:

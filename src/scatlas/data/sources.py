@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
+from scatlas.data.io import RAW
 from scatlas.data.preprocess import normalize_log1p
 
 
@@ -164,7 +165,8 @@ class AnnDataCSRSource(_OnDiskSource):
     path
         ``.h5ad`` file or ``.zarr`` directory written by AnnData with a CSR matrix.
     layer
-        Read ``layers/<layer>`` instead of ``X``.
+        Read ``layers/<layer>`` instead of ``X``; ``"raw"`` reads ``raw/X`` when the file has no
+        layer of that name (as :func:`~scatlas.data.io.get_matrix`).
     normalize
         Apply ``normalize_total(target_sum=1e4)`` + ``log1p`` to every chunk (for raw counts).
     genes
@@ -186,7 +188,7 @@ class AnnDataCSRSource(_OnDiskSource):
         group = self._open()
         encoding = group.attrs.get("encoding-type", "") if hasattr(group, "attrs") else ""
         if encoding != "csr_matrix":
-            where = f"layers/{layer}" if layer else "X"
+            where = group.name.lstrip("/")
             raise InputError(f"{self.path}: {where} is stored as {encoding or 'a dense array'}; streaming needs a CSR matrix (write it with X as scipy.sparse.csr_matrix)")
         n_rows, n_cols = (int(v) for v in group.attrs["shape"])
         self._n_rows, self._n_genes_file = n_rows, n_cols
@@ -198,7 +200,6 @@ class AnnDataCSRSource(_OnDiskSource):
             return self._handle
         if not self.path.exists():
             raise InputError(f"{self.path}: file not found")
-        key = f"layers/{self.layer}" if self.layer else "X"
         if self.path.suffix == ".zarr" or self.path.is_dir():
             import zarr
 
@@ -207,6 +208,9 @@ class AnnDataCSRSource(_OnDiskSource):
             import h5py
 
             root = h5py.File(self.path, "r")
+        key = f"layers/{self.layer}" if self.layer else "X"
+        if self.layer == RAW and key not in root and "raw/X" in root:
+            key = "raw/X"
         if key not in root:
             raise InputError(f"{self.path}: no {key!r} in the file")
         self._handle = root[key]

@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
-from scatlas.data.io import get_matrix, source_name, string_categorical
+from scatlas.data.io import get_matrix, get_var, matrix_name, source_name, string_categorical, uses_raw
 
 #: Rows read at a time when scanning a matrix (keeps backed files out of memory).
 CHUNK_ROWS = 50_000
@@ -75,12 +75,14 @@ def _chunk_values(chunk: sp.spmatrix | np.ndarray) -> np.ndarray:
     return chunk.data if sp.issparse(chunk) else np.asarray(chunk).ravel()
 
 
-def check_names(adata: ad.AnnData) -> None:
-    """Refuse empty matrices and repeated cell or gene names, listing the first repeats."""
+def check_names(adata: ad.AnnData, layer: str | None = None) -> None:
+    """Refuse empty matrices and repeated cell or gene names (of ``layer``'s genes: ``.raw`` has its own), listing the first repeats."""
     src = source_name(adata)
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(f"{src}: the matrix is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
-    for axis, names, fix in (("cell", adata.obs_names, "obs_names_make_unique"), ("gene", adata.var_names, "var_names_make_unique")):
+    genes = get_var(adata, layer).index
+    if adata.n_obs == 0 or len(genes) == 0:
+        raise InputError(f"{src}: the matrix is empty ({adata.n_obs} cells × {len(genes)} genes)")
+    fix_genes = "raw.var_names_make_unique" if uses_raw(adata, layer) else "var_names_make_unique"
+    for axis, names, fix in (("cell", adata.obs_names, "obs_names_make_unique"), ("gene", genes, fix_genes)):
         repeated = names[names.duplicated()]
         if len(repeated):
             raise InputError(f"{src}: {len(repeated)} {axis} names repeat ({_examples(pd.unique(repeated))}); "
@@ -151,11 +153,11 @@ def check_matrix(
     The all-zero cells and genes found on the way (an all-zero matrix is an error).
     """
     src = source_name(adata)
-    where = f"layer {layer!r}" if layer else ".X"
+    where = matrix_name(adata, layer)
     matrix = get_matrix(adata, layer)  # an empty matrix was refused by check_names (validate runs it first)
     problems: dict[str, list[int]] = {"NaN or infinite": [], "negative": [], "non-integer": []}
     empty_cells = np.zeros(adata.n_obs, dtype=bool)
-    used_genes = np.zeros(adata.n_vars, dtype=bool)
+    used_genes = np.zeros(matrix.shape[1], dtype=bool)
     for start in range(0, adata.n_obs, CHUNK_ROWS):
         chunk = matrix[start : start + CHUNK_ROWS]
         bad, empty, used = _scan_chunk(chunk, require_counts)
@@ -172,13 +174,15 @@ def check_matrix(
             batches = pd.unique(adata.obs[batch_key].astype(str).to_numpy()[np.asarray(bad_rows)])
             detail += f"; {batch_key} = {_examples(batches)}"
         hint = ""
+        raw = adata.raw is not None and layer is None
         if name == "non-integer":
-            raw = ("; the file has .raw (where scanpy and CELLxGENE keep counts): to use it, copy it into a layer, "
-                   "adata.layers['counts'] = adata.raw[:, adata.var_names].X") if adata.raw is not None and layer is None else ""
-            hint = f" (a count model needs raw integer counts: pass `layer` or `input: lognorm`{raw})"
+            hint = (" (a count model needs raw integer counts: pass `layer` or `input: lognorm`"
+                    + ("; the file has .raw, where CELLxGENE keeps counts: select it with layer 'raw', `--layer raw`)" if raw else ")"))
+        elif name == "negative" and raw:
+            hint = " (scaled values? scanpy keeps the log-normalised genes in .raw: select it with layer 'raw', `--layer raw`)"
         raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({detail}){hint}")
     if empty_cells.all():
-        raise InputError(f"{src}: {where} holds no non-zero value ({adata.n_obs} cells × {adata.n_vars} genes)")
+        raise InputError(f"{src}: {where} holds no non-zero value ({adata.n_obs} cells × {matrix.shape[1]} genes)")
     return MatrixSummary(src, empty_cells, ~used_genes)
 
 
@@ -205,7 +209,7 @@ def validate(
     extra_keys
         Other obs columns the run needs (strata, split groups).
     layer
-        Layer holding the matrix (``None`` = ``.X``).
+        Layer holding the matrix (``None`` = ``.X``; ``"raw"``: ``.raw``, see :func:`~scatlas.data.io.get_matrix`).
     require_counts
         Demand integer values (raw counts).
     check_values
@@ -224,7 +228,7 @@ def validate(
         gene names, a missing or incomplete column, too few classes, a batch of one cell, NaN /
         infinite / negative / (with ``require_counts``) non-integer values, or an all-zero matrix.
     """
-    check_names(adata)
+    check_names(adata, layer)
     check_obs_keys(adata, [batch_key, label_key, *extra_keys])
     if batch_key is not None:
         check_groups(adata, batch_key, min_size=2, min_groups=1)

@@ -27,7 +27,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, read_anndata, source_name, string_values, to_csr
+from scatlas.data.io import cell_chunks, get_matrix, get_var, read_anndata, source_name, string_values, to_csr
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import validate
@@ -615,7 +615,7 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     model
         An :class:`Annotator` or the directory ``scatlas annotate train`` wrote (its ``model/``).
     layer
-        Layer holding the matrix (default ``.X``).
+        Layer holding the matrix (default ``.X``; ``"raw"``: ``.raw``, see :func:`~scatlas.data.get_matrix`).
     min_overlap
         Smallest share of the model's genes the query must have.
     chunk_size
@@ -636,7 +636,7 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     """
     annotator = model if isinstance(model, Annotator) else Annotator.load(model)
     validate(adata, layer=layer, require_counts=annotator.input == "counts")
-    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata), adata.var)
+    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata))
     report = alignment.report()
     log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
     proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)])

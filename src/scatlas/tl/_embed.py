@@ -25,7 +25,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, on_disk, source_name, string_categorical, to_csr
+from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, string_categorical, to_csr
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data.sources import AnnDataCSRSource
@@ -89,7 +89,7 @@ def streamed_split(adata: ad.AnnData, batch_key: str | None, label_key: str | No
     if len(genes) < source.shape[1]:
         source = AnnDataCSRSource(path, layer=layer, normalize=counts, genes=genes)
     scaler = GeneScaler(scale).fit_streamed(source, train, chunk_size)
-    names = adata.var_names.to_numpy().astype(str)[genes]
+    names = get_var(adata, layer).index.to_numpy().astype(str)[genes]
     X = source if scale == "none" else ScaledSource(source, scaler)
     return all_cells_split(X, adata.obs, batch_key, label_key, names, train, val), Preprocessing(names, counts, layer, scaler)
 
@@ -149,7 +149,7 @@ class Preprocessing:
         """
         source = source_name(adata)
         validate(adata, layer=self.layer, require_counts=self.counts)
-        alignment = align_genes(adata.var_names.to_numpy(), self.genes, min_overlap, source, adata.var)
+        alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source)
         X = to_csr(get_matrix(adata, self.layer))
         if self.counts:
             X = normalize_log1p(X)
@@ -331,7 +331,7 @@ def resolve_input(adata: ad.AnnData, layer: str | None, input: InputKind) -> tup
     if input != "auto":
         return input == "counts", None
     counts = is_count_matrix(adata, layer)
-    return counts, (f"{source_name(adata)}: {'layer ' + repr(layer) if layer else '.X'} holds "
+    return counts, (f"{source_name(adata)}: {matrix_name(adata, layer)} holds "
                     f"{'whole numbers: treated as raw counts (normalised + log1p)' if counts else 'non-integer values: treated as log-normalised'}")
 
 
@@ -378,7 +378,8 @@ def embed(
     label_key
         Cell-type column, for the supervised models (``aec``, ``fec``) and stratified metrics.
     layer
-        Layer holding the matrix (default ``.X``).
+        Layer holding the matrix (default ``.X``; ``"raw"``: ``.raw`` with its own genes, see
+        :func:`~scatlas.data.get_matrix`; ``.varm`` then holds the model genes ``.var`` has).
     input
         ``counts`` (normalised + log1p here), ``lognorm`` (used as is) or ``auto`` (counts when every
         value of the first cells is a whole number).
@@ -444,9 +445,10 @@ def write_results(adata: ad.AnnData, result: ScatlasModel) -> None:
     """Write a fitted model's latent, loadings and settings into ``adata`` (``.obsm``, ``.varm``, ``.uns["scatlas"]``)."""
     adata.obsm[result.key] = result.get_latent_representation()
     W = result.loadings()
-    if W is not None:
+    if W is not None:  # over .var's genes: those of the model's genes (e.g. of .raw) that .var lacks have no row there
+        rows = adata.var_names.get_indexer(result.prep.genes)
         full = np.zeros((adata.n_vars, W.shape[1]), dtype=np.float32)
-        full[adata.var_names.get_indexer(result.prep.genes)] = W
+        full[rows[rows >= 0]] = W[rows >= 0]
         adata.varm[f"W_{result.key.removeprefix('X_')}"] = full
     store = dict(adata.uns.get("scatlas", {}))
     store[result.key] = _plain({

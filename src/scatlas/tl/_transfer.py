@@ -28,7 +28,7 @@ from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, w
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, classifier_entry, fit_classifier, label_space, unset_scaled, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import cell_chunks, on_disk, read_anndata, source_name, string_values
+from scatlas.data.io import cell_chunks, get_var, on_disk, read_anndata, source_name, string_values
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
@@ -161,7 +161,7 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, m
     are the compact predictions of every cell (:func:`_compact`) and the gene alignment.
     """
     annotator = model.annotator
-    alignment = align_genes(adata.var_names.to_numpy(), annotator.genes, min_overlap, source_name(adata), adata.var)
+    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata))
     kept = []
     for part in cell_chunks(adata, chunk_size):  # each cell's result does not depend on the chunking
         predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy())
@@ -280,7 +280,7 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     """Refuse, before the reference trains, a query with bad values or repeated names, or sharing too few of the reference's genes."""
     for q in queries:
         validate(q, layer=config.query_layer, require_counts=config.reference.input == "counts")
-        align_genes(q.var_names.to_numpy(), data.var_names, config.min_overlap, source_name(q), q.var)
+        align_genes(get_var(q, config.query_layer), data.var_names, config.min_overlap, source_name(q))
 
 
 def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
@@ -374,7 +374,8 @@ def transfer(
     ontology_key
         Reference column of Cell Ontology ids (classes become CL ids; enables ``loss="hce"`` in ``model``).
     layer, query_layer
-        Layers holding the reference's / queries' matrices (default ``.X``).
+        Layers holding the reference's / queries' matrices (default ``.X``; ``"raw"``: ``.raw``,
+        see :func:`~scatlas.data.get_matrix`).
     input
         ``counts``, ``lognorm`` or ``auto`` (counts when the reference holds whole numbers).
     method
