@@ -281,6 +281,16 @@ def test_counts_kept_in_raw_are_pointed_at_and_selected_by_layer_raw(files, work
     result = runner.invoke(app, ["validate", kang_raw, "--label-key", "cell_type", "--layer", "raw"])
     assert result.exit_code == 0 and "kang_raw.h5ad: OK" in result.output, result.output
     refused(work, ["validate", str(files["kang"]), "--label-key", "cell_type", "--layer", "raw"], "kang.h5ad: layer 'raw' not found and there is no .raw")
+    from scatlas._errors import InputError
+    from scatlas.data import validate
+
+    repeated = ad.read_h5ad(kang_raw)
+    raw = repeated.raw.to_adata()
+    raw.var_names = [raw.var_names[1], *raw.var_names[1:]]
+    repeated.raw = raw
+    validate(repeated)  # .var's names are unique: only .raw's repeat
+    with pytest.raises(InputError, match=r"1 gene names repeat \('ISG15'\); make them unique first, of \.raw, e\.g\. raw = adata\.raw\.to_adata\(\)"):
+        validate(repeated, layer="raw")
 
 
 def test_transfer_api_refuses_a_model_that_is_not_a_classifier_or_clashes_with_method(files):

@@ -81,12 +81,12 @@ def check_names(adata: ad.AnnData, layer: str | None = None) -> None:
     genes = get_var(adata, layer).index
     if adata.n_obs == 0 or len(genes) == 0:
         raise InputError(f"{src}: the matrix is empty ({adata.n_obs} cells × {len(genes)} genes)")
-    fix_genes = "raw.var_names_make_unique" if uses_raw(adata, layer) else "var_names_make_unique"
-    for axis, names, fix in (("cell", adata.obs_names, "obs_names_make_unique"), ("gene", genes, fix_genes)):
+    fix_genes = "of .raw, e.g. raw = adata.raw.to_adata(); raw.var_names_make_unique(); adata.raw = raw" if uses_raw(adata, layer) \
+        else "e.g. adata.var_names_make_unique()"
+    for axis, names, fix in (("cell", adata.obs_names, "e.g. adata.obs_names_make_unique()"), ("gene", genes, fix_genes)):
         repeated = names[names.duplicated()]
         if len(repeated):
-            raise InputError(f"{src}: {len(repeated)} {axis} names repeat ({_examples(pd.unique(repeated))}); "
-                             f"make them unique first, e.g. adata.{fix}()")
+            raise InputError(f"{src}: {len(repeated)} {axis} names repeat ({_examples(pd.unique(repeated))}); make them unique first, {fix}")
 
 
 @dataclass(frozen=True)
