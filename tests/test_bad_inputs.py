@@ -281,6 +281,9 @@ def test_counts_kept_in_raw_are_pointed_at_and_selected_by_layer_raw(files, work
     result = runner.invoke(app, ["validate", kang_raw, "--label-key", "cell_type", "--layer", "raw"])
     assert result.exit_code == 0 and "kang_raw.h5ad: OK" in result.output, result.output
     refused(work, ["validate", str(files["kang"]), "--label-key", "cell_type", "--layer", "raw"], "kang.h5ad: layer 'raw' not found and there is no .raw")
+    for command in (["nmf", str(files["kang"]), "--out", "f.h5ad"], ["transfer", "--reference", kang_raw, "--label-key", "cell_type", "--out", "tr",
+                                                                      "--query", str(files["kang"]), "--query-layer", "raw"]):
+        refused(work, [*command, "--layer", "raw"], "kang.h5ad: layer 'raw' not found and there is no .raw")
     from scatlas._errors import InputError
     from scatlas.data import validate
 

@@ -173,6 +173,7 @@ def validate(
 ) -> None:
     """Run the checks every command runs on its data (one code path), and report what is wrong or will be left out."""
     from scatlas.data.dataset import DatasetConfig, read_dataset
+    from scatlas.data.io import get_var
     from scatlas.data.validate import one_batch_notice
     from scatlas.settings import parse_settings
 
@@ -189,7 +190,7 @@ def validate(
     for notice in (summary.notice(), one_batch_notice(adata, dataset.batch_key)):
         if notice:
             console.print(f"notice: {notice}", highlight=False, soft_wrap=True)
-    console.print(f"{dataset.path}: OK ({adata.n_obs} cells × {adata.n_vars} genes)", soft_wrap=True)
+    console.print(f"{dataset.path}: OK ({adata.n_obs} cells × {len(get_var(adata, dataset.layer))} genes)", soft_wrap=True)
 
 
 annotate_app = typer.Typer(help="Cell-type annotation: train (CE or hierarchical CE over the Cell Ontology), predict, evaluate.", no_args_is_help=True)
@@ -506,6 +507,7 @@ def nmf(
     batch_key: Annotated[str | None, typer.Option(help="Donor / batch column (conditions cond_aenmf; benchmark by donor).")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column (invariance penalty; benchmark by cell type).")] = None,
     input: Annotated[str, typer.Option(help="counts or lognorm.")] = "counts",
+    layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     n_top_genes: Annotated[int, typer.Option(help="Highly variable genes used.")] = 2000,
     max_epochs: Annotated[int, typer.Option()] = 100,
     batch_size: Annotated[int, typer.Option(help="Cells per minibatch (thousands for atlases; small batches for small data).")] = 64,
@@ -519,7 +521,7 @@ def nmf(
     from scatlas.settings import TrainingConfig, parse_settings
     from scatlas.tl._factors import run_factors
 
-    dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": input, "batch_key": batch_key, "label_key": label_key})
+    dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": input, "layer": layer, "batch_key": batch_key, "label_key": label_key})
     training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size})
     tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=console.print, stream=stream)
     for name, table in tables.items():
