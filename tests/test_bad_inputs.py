@@ -296,6 +296,19 @@ def test_counts_kept_in_raw_are_pointed_at_and_selected_by_layer_raw(files, work
         validate(repeated, layer="raw")
 
 
+def test_counts_kept_in_a_layer_are_named_in_the_refusal(files, work):
+    """scanpy's usual file (log-normalised X, the counts in a layer): the refusal names the file's layers; `--layer` selects it."""
+    kang = ad.read_h5ad(files["kang"])
+    kang.layers["counts"] = kang.X.copy()
+    kang.X = kang.X.log1p()
+    path = work / "kang_layers.h5ad"
+    kang.write_h5ad(path)
+    refused(work, ["validate", str(path), "--label-key", "cell_type"], "kang_layers.h5ad: .X has non-integer values",
+            "pass `layer` (this file has layers ['counts']) or `input: lognorm`")
+    result = runner.invoke(app, ["validate", str(path), "--label-key", "cell_type", "--layer", "counts"])
+    assert result.exit_code == 0 and "kang_layers.h5ad: OK" in result.output, result.output
+
+
 def test_transfer_api_refuses_a_model_that_is_not_a_classifier_or_clashes_with_method(files):
     import scatlas as sa
     from scatlas._errors import ConfigError

@@ -277,8 +277,9 @@ def test_raw_selected_by_layer_raw_as_scanpy_keeps_it(tmp_path):
     query.write_h5ad(tmp_path / "query.h5ad")
     for run in ("loaded", "streamed"):
         args = ["transfer", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "query.h5ad"), "--label-key", "bulk_labels",
-                "--input", "lognorm", "--layer", "raw", "--query-layer", "raw", "--max-epochs", "3", "--out", str(tmp_path / run)]
+                "--layer", "raw", "--query-layer", "raw", "--max-epochs", "3", "--out", str(tmp_path / run)]
         result = runner.invoke(app, [*args, *(["--stream"] if run == "streamed" else [])])
         assert result.exit_code == 0, result.output
+        assert "ref.h5ad: .raw holds non-integer values: treated as log-normalised" in result.output  # --input auto, as the API's
     for d in ("reference", "query"):
         assert (tmp_path / "loaded" / d / "predictions.csv").read_bytes() == (tmp_path / "streamed" / d / "predictions.csv").read_bytes()

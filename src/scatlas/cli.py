@@ -198,6 +198,29 @@ app.add_typer(annotate_app, name="annotate")
 
 
 _LAYER_HELP = "Layer holding the matrix (default .X; 'raw' selects .raw, as scanpy's use_raw, unless a layer has that name)."
+_INPUT_HELP = "auto (counts if the matrix holds whole numbers), counts (normalised + log1p here) or lognorm."
+
+
+def _input_kind(data: Path, layer: str | None, input: str) -> tuple[str, Callable[[str], None]]:
+    """``input`` as given, or for ``auto`` what ``data``'s matrix holds (as the API's ``input="auto"``); and the command's log.
+
+    The log prints how ``auto`` decided before its first line, so a refusal before the command's
+    first step stays one line.
+    """
+    if input != "auto":
+        return input, console.print
+    from scatlas.data.io import read_anndata
+    from scatlas.tl._embed import resolve_input
+
+    counts, decided = resolve_input(read_anndata(data, backed=True), layer, "auto")
+    pending = [decided]
+
+    def log(line: str) -> None:
+        while pending:
+            console.print(pending.pop(), soft_wrap=True)
+        console.print(line)
+
+    return "counts" if counts else "lognorm", log
 _BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
 _ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
@@ -234,7 +257,7 @@ def annotate_train(
     split: Annotated[str, typer.Option(help="kfold, donor or study.")] = "kfold",
     n_splits: Annotated[int, typer.Option(help="Folds for kfold / donor splits (0: no cross-validation, fit the final model only).")] = 5,
     group_key: Annotated[str | None, typer.Option(help="Donor / study column for donor / study splits (default: batch key).")] = None,
-    input: Annotated[str, typer.Option(help="counts (normalised + log1p here) or lognorm.")] = "counts",
+    input: Annotated[str, typer.Option(help=_INPUT_HELP)] = "auto",
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     filter: Annotated[list[str], typer.Option(help="Keep cells with COLUMN=VALUE (repeatable).")] = [],  # noqa: B006
     n_top_genes: Annotated[int | None, typer.Option(help="HVGs per training split (default: all genes).")] = None,
@@ -253,9 +276,11 @@ def annotate_train(
 
     if model not in METHODS:
         raise ConfigError(f"--model must be one of {sorted(METHODS)}, got {model!r}")
+    kind, log = _input_kind(data, layer, input)
     cfg = load_annotate_config(
         {
-            "dataset": {"name": data.stem, "path": data, "layer": layer, "input": input, "batch_key": batch_key, "label_key": label_key, "filter": _filters(filter),
+            "dataset": {"name": data.stem, "path": data, "layer": layer, "input": kind, "batch_key": batch_key, "label_key": label_key,
+                        "filter": _filters(filter),
                         "stream": stream},
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
@@ -270,7 +295,7 @@ def annotate_train(
             "seed": seed,
         }
     )
-    summary = train_annotator(cfg, out, overwrite=overwrite, log=console.print)
+    summary = train_annotator(cfg, out, overwrite=overwrite, log=log)
     if summary.empty:
         console.print(f"model for `annotate predict`: {out / 'model'} (no cross-validation)", soft_wrap=True)
         return
@@ -335,7 +360,7 @@ def transfer(
     method: Annotated[str, typer.Option(help="Reference classifier: linear, mlp or tabnet.")] = "mlp",
     loss: Annotated[str, typer.Option(help="ce or hce.")] = "ce",
     ensemble: Annotated[int, typer.Option(help=_ENSEMBLE_HELP)] = 1,
-    input: Annotated[str, typer.Option(help="counts or lognorm (reference and queries).")] = "counts",
+    input: Annotated[str, typer.Option(help="auto (counts if the reference holds whole numbers), counts or lognorm (reference and queries).")] = "auto",
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     query_layer: Annotated[str | None, typer.Option(help="Layer holding the queries' matrices (default .X; 'raw' as for --layer).")] = None,
     confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
@@ -354,9 +379,11 @@ def transfer(
 
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
+    kind, log = _input_kind(reference, layer, input)
     cfg = load_transfer_config(
         {
-            "reference": {"name": reference.stem, "path": reference, "input": input, "label_key": label_key, "layer": layer, "stream": stream},
+            "reference": {"name": reference.stem, "path": reference, "input": kind, "label_key": label_key, "layer": layer,
+                          "stream": stream},
             "queries": query,
             "query_layer": query_layer,
             "ontology_key": ontology_key,
@@ -371,7 +398,7 @@ def transfer(
             "seed": seed,
         }
     )
-    summary = run_transfer(cfg, out, overwrite=overwrite, log=console.print)
+    summary = run_transfer(cfg, out, overwrite=overwrite, log=log)
     columns = [c for c in ("dataset", "n_cells", "accuracy", "balanced_accuracy", "macro_f1", "unknown_fraction") if c in summary]
     console.print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(f"results: {out} (report: {out / 'report.html'})")
@@ -461,7 +488,7 @@ def embed(
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column (aec, fec need it).")] = None,
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
-    input: Annotated[str, typer.Option(help="auto (counts if whole numbers), counts or lognorm.")] = "auto",
+    input: Annotated[str, typer.Option(help=_INPUT_HELP)] = "auto",
     key_added: Annotated[str | None, typer.Option(help=".obsm key (default X_<model>).")] = None,
     n_top_genes: Annotated[int, typer.Option(help="Highly variable genes (0 = all genes).")] = 2000,
     max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs (default 100, early stopping on 10% held-out cells; fe / fec: at least 3,000 minibatches on small data).")] = None,
@@ -506,7 +533,7 @@ def nmf(
     rank: Annotated[int, typer.Option(help="Number of factors K.")] = 20,
     batch_key: Annotated[str | None, typer.Option(help="Donor / batch column (conditions cond_aenmf; benchmark by donor).")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column (invariance penalty; benchmark by cell type).")] = None,
-    input: Annotated[str, typer.Option(help="counts or lognorm.")] = "counts",
+    input: Annotated[str, typer.Option(help=_INPUT_HELP)] = "auto",
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     n_top_genes: Annotated[int, typer.Option(help="Highly variable genes used.")] = 2000,
     max_epochs: Annotated[int, typer.Option()] = 100,
@@ -521,9 +548,11 @@ def nmf(
     from scatlas.settings import TrainingConfig, parse_settings
     from scatlas.tl._factors import run_factors
 
-    dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": input, "layer": layer, "batch_key": batch_key, "label_key": label_key})
+    kind, log = _input_kind(data, layer, input)
+    dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": kind, "layer": layer, "batch_key": batch_key,
+                                             "label_key": label_key})
     training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size})
-    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=console.print, stream=stream)
+    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream)
     for name, table in tables.items():
         console.print(f"benchmark by {name}:")
         console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -176,7 +176,9 @@ def check_matrix(
         hint = ""
         raw = adata.raw is not None and layer is None
         if name == "non-integer":
-            hint = (" (a count model needs raw integer counts: pass `layer` or `input: lognorm`"
+            others = [str(k) for k in adata.layers.keys() if k != layer]
+            hint = (" (a count model needs raw integer counts: pass `layer`" + (f" (this file has layers {others})" if others else "")
+                    + " or `input: lognorm`"
                     + ("; the file has .raw, where CELLxGENE keeps counts: select it with layer 'raw', `--layer raw`)" if raw else ")"))
         elif name == "negative" and raw:
             hint = " (scaled values? scanpy keeps the log-normalised genes in .raw: select it with layer 'raw', `--layer raw`)"
