@@ -324,3 +324,32 @@ def test_embed_on_raw_writes_the_loadings_of_the_genes_var_holds():
     assert (W[~in_var] == 0).all()
     np.testing.assert_array_equal(sa.tl.embed(adata, "nmf", layer="raw", rank=6, max_iter=30, log=lambda _: None).get_latent_representation(adata),
                                   adata.obsm["X_nmf"])
+
+
+def test_queries_are_read_from_the_layer_the_model_was_trained_on(symphony, tmp_path):
+    """scanpy's usual layout (log-normalised X, counts in a layer): a query without `layer` is read from the training layer
+    where it has it (as scvi-tools), with a line saying so; an explicit layer wins; a query without that layer reads .X."""
+    layered = symphony.copy()
+    layered.layers["counts"] = layered.X.copy()
+    layered.X = sc.pp.log1p(sc.pp.normalize_total(layered, target_sum=1e4, inplace=False)["X"])
+    held = (layered.obs["batch"] == "5p").to_numpy()
+    reference, query = layered[~held].copy(), layered[held].copy()
+    training = {"max_epochs": 5, "batch_size": 64}
+    lines: list[str] = []
+    model = sa.tl.transfer(reference, query, label_key="author_cell_type", layer="counts", log=lines.append, training=training)
+    assert any(line.endswith("reading layer 'counts', as the reference") for line in lines)
+    explicit = query.copy()
+    sa.tl.transfer(reference.copy(), explicit, label_key="author_cell_type", layer="counts", query_layer="counts", log=lambda _: None,
+                   training=training)
+    pd.testing.assert_frame_equal(explicit.obs, query.obs)
+    model.annotator.save(tmp_path / "model")
+    assert yaml.safe_load((tmp_path / "model" / "annotator.yaml").read_text())["layer"] == "counts"
+    lines.clear()
+    again = query.copy()
+    sa.tl.annotate(again, tmp_path / "model", log=lines.append)
+    assert lines[0].endswith("reading layer 'counts', as the model was trained")
+    plain = ad.AnnData(query.layers["counts"].copy(), obs=query.obs[["author_cell_type"]].copy(), var=query.var.copy())  # counts in X
+    sa.tl.annotate(plain, tmp_path / "model", log=lines.append)
+    assert (again.obs["author_cell_type_pred"] == plain.obs["author_cell_type_pred"]).all()
+    with pytest.raises(InputError, match="layer 'spliced' not found"):  # an explicit layer is read as given
+        sa.tl.annotate(query.copy(), tmp_path / "model", layer="spliced", log=lambda _: None)

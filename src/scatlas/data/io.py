@@ -129,6 +129,17 @@ def uses_raw(adata: ad.AnnData, layer: str | None) -> bool:
     return layer == RAW and RAW not in adata.layers and adata.raw is not None
 
 
+def trained_layer(adata: ad.AnnData, layer: str | None, trained: str | None) -> str | None:
+    """The matrix a model reads from ``adata``: ``layer`` if given, else the layer the model was trained on
+    (``trained``) when ``adata`` has it (a layer of that name, or ``.raw`` for ``"raw"``), else ``.X``.
+
+    As scvi-tools reads a query from the layer its reference was registered with.
+    """
+    if layer is not None or trained is None:
+        return layer
+    return trained if trained in adata.layers or uses_raw(adata, trained) else None
+
+
 def get_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix | np.ndarray:
     """Return ``adata.X``, ``adata.layers[layer]`` or, for ``layer="raw"``, ``adata.raw.X`` (as stored: sparse or dense).
 

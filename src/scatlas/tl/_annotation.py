@@ -27,7 +27,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, get_var, read_anndata, source_name, string_values, to_csr
+from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer
 from scatlas.data.preprocess import normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import validate
@@ -353,7 +353,7 @@ class Annotator:
         model = build_model(parse_model_config(meta["model"]), TrainingConfig().to_train_config(0, progress=False))
         assert isinstance(model, CellTypeClassifier)
         k = len(labels.classes)
-        annotator = cls(model, genes, labels, meta["input"], {k2: v for k2, v in meta.items() if k2 in ("label_key", "ontology_key", "dataset")})
+        annotator = cls(model, genes, labels, meta["input"], {k2: v for k2, v in meta.items() if k2 in ("label_key", "ontology_key", "dataset", "layer")})
         stub = annotator.split_data(np.zeros((k, len(genes)), dtype=np.float32), np.arange(k), (np.arange(k), np.arange(0)))
         module = model.build_module(stub)
         module.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
@@ -496,7 +496,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
     train, val = np.sort(train), np.sort(val)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
     labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, sdata.sources_of(val))
-    meta = {"label_key": key, "dataset": str(config.dataset.path)}
+    meta = {"label_key": key, "dataset": str(config.dataset.path), "layer": config.dataset.layer}
     Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
 
 
@@ -615,14 +615,15 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     model
         An :class:`Annotator` or the directory ``scatlas annotate train`` wrote (its ``model/``).
     layer
-        Layer holding the matrix (default ``.X``; ``"raw"``: ``.raw``, see :func:`~scatlas.data.get_matrix`).
+        Layer holding the matrix (``"raw"``: ``.raw``, see :func:`~scatlas.data.get_matrix`); default:
+        the layer the model was trained on when ``adata`` has it, else ``.X``.
     min_overlap
         Smallest share of the model's genes the query must have.
     chunk_size
         Cells mapped at a time when ``adata`` is backed (``anndata.read_h5ad(path, backed="r")``):
         its matrix is read from the file chunk by chunk, never whole.
     log
-        Receives the gene-overlap line.
+        Receives the matrix read (when it is the training layer) and the gene-overlap line.
 
     Returns
     -------
@@ -635,6 +636,10 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     >>> query.obs["cell_type_pred_label"].value_counts()   # doctest: +SKIP
     """
     annotator = model if isinstance(model, Annotator) else Annotator.load(model)
+    chosen = trained_layer(adata, layer, annotator.meta.get("layer"))
+    if chosen != layer:
+        log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
+    layer = chosen
     validate(adata, layer=layer, require_counts=annotator.input == "counts")
     alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata))
     report = alignment.report()

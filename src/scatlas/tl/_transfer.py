@@ -28,7 +28,7 @@ from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, w
 from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, classifier_entry, fit_classifier, label_space, unset_scaled, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import cell_chunks, get_var, on_disk, read_anndata, source_name, string_values
+from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
@@ -60,6 +60,9 @@ class TransferConfig(BaseModel):
         Reference column naming each cell's source (study); sets each label's meaning for HCE.
     query_label_key
         Query column with known labels (evaluation mode).
+    query_layer
+        Layer holding the queries' matrices; default: the reference's layer where a query has it,
+        else ``.X``.
     model
         Classifier entry, e.g. :data:`METHODS` ``["mlp"]`` with ``loss: ce|hce``.
     calibration_fraction, val_fraction
@@ -249,7 +252,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     step = config.query_chunk_size
     distances = [nearest_centroid_distance(model.embed(sdata, calib[a : a + step]), centroids) for a in range(0, len(calib), step)]
     threshold = float(np.quantile(np.concatenate(distances), config.distance_quantile))
-    annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path)})
+    annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer})
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
     role = np.full(data.n_cells, "train", dtype=object)
     role[val], role[calib] = "val", "calibration"
@@ -276,11 +279,23 @@ def class_centroids(model: CellTypeClassifier, sdata: SplitData, rows: np.ndarra
     return (sums / np.bincount(np.searchsorted(present, codes))[:, None]).astype(np.float32)
 
 
-def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData) -> None:
-    """Refuse, before the reference trains, a query with bad values or repeated names, or sharing too few of the reference's genes."""
-    for q in queries:
-        validate(q, layer=config.query_layer, require_counts=config.reference.input == "counts")
-        align_genes(get_var(q, config.query_layer), data.var_names, config.min_overlap, source_name(q))
+def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData, log: Log = print) -> list[str | None]:
+    """Refuse, before the reference trains, a query with bad values or repeated names, or sharing too few of the reference's genes.
+
+    Returns
+    -------
+    Each query's layer: ``query_layer`` if set, else the reference's layer where the query has it,
+    else ``.X`` (:func:`~scatlas.data.io.trained_layer`); a query read from the reference's layer
+    gets a line in ``log``.
+    """
+    layers = [trained_layer(q, config.query_layer, config.reference.layer) for q in queries]
+    for q, layer in zip(queries, layers, strict=True):
+        validate(q, layer=layer, require_counts=config.reference.input == "counts")
+        align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q))
+    for q, layer in zip(queries, layers, strict=True):
+        if layer != config.query_layer:
+            log(f"{source_name(q)}: reading {matrix_name(q, layer)}, as the reference")
+    return layers
 
 
 def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
@@ -299,7 +314,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             check_obs_keys(q, [config.query_label_key])
     check_output_dir(out, overwrite)
     data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
-    check_queries(queries, config, data)
+    layers = check_queries(queries, config, data, log)
     with staged_dir(out, overwrite) as stage:
         ref_dir = stage / "reference"
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
@@ -308,10 +323,10 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells")
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
         _save_reference(reference, ref_dir / "model")
-        for stem, adata in zip(stems, queries, strict=True):
+        for stem, adata, layer in zip(stems, queries, layers, strict=True):
             qdir = stage / stem
             with ChunkedTable(qdir / "predictions.csv") as csv, ChunkedTable(qdir / "probabilities.parquet") as parquet:
-                pred, alignment = predict_query(reference, adata, config.query_layer, config.min_overlap, config.query_chunk_size,
+                pred, alignment = predict_query(reference, adata, layer, config.min_overlap, config.query_chunk_size,
                                                 lambda p, q: (csv.write(p), parquet.write(q)))
             report = alignment.report()
             write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
@@ -374,8 +389,9 @@ def transfer(
     ontology_key
         Reference column of Cell Ontology ids (classes become CL ids; enables ``loss="hce"`` in ``model``).
     layer, query_layer
-        Layers holding the reference's / queries' matrices (default ``.X``; ``"raw"``: ``.raw``,
-        see :func:`~scatlas.data.get_matrix`).
+        Layers holding the reference's / queries' matrices (``"raw"``: ``.raw``, see
+        :func:`~scatlas.data.get_matrix`). Default: ``.X`` for the reference; for a query, the
+        reference's layer when the query has it, else ``.X``.
     input
         ``counts``, ``lognorm`` or ``auto`` (counts when the reference holds whole numbers).
     method
@@ -423,18 +439,18 @@ def transfer(
     config = load_transfer_config(values)
     data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
                      stream=on_disk(reference), log=log)
-    check_queries(queries, config, data)
     if decided:
         log(decided)
+    layers = check_queries(queries, config, data, log)
     parts: list[np.ndarray] = []
     model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
     key = ontology_key or label_key
     labels = model.annotator.labels
     write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy())
     reference.obs[f"{key}_reference_split"] = pd.Categorical(predictions["reference_split"].to_numpy())
-    for q in queries:
+    for q, q_layer in zip(queries, layers, strict=True):
         parts = []
-        pred, _ = predict_query(model, q, query_layer, config.min_overlap, config.query_chunk_size,
+        pred, _ = predict_query(model, q, q_layer, config.min_overlap, config.query_chunk_size,
                                 lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
         write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
