@@ -199,6 +199,9 @@ app.add_typer(annotate_app, name="annotate")
 
 _LAYER_HELP = "Layer holding the matrix (default .X; 'raw' selects .raw, as scanpy's use_raw, unless a layer has that name)."
 _INPUT_HELP = "auto (counts if the matrix holds whole numbers), counts (normalised + log1p here) or lognorm."
+_BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
+_ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
+_EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
 
 def _input_kind(data: Path, layer: str | None, input: str) -> tuple[str, Callable[[str], None]]:
@@ -221,9 +224,6 @@ def _input_kind(data: Path, layer: str | None, input: str) -> tuple[str, Callabl
         console.print(line)
 
     return "counts" if counts else "lognorm", log
-_BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
-_ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
-_EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
 
 def _classifier_training(max_epochs: int | None, batch_size: int | None, chunk_size: int | None) -> dict[str, int | None]:
