@@ -177,9 +177,9 @@ def check_matrix(
         raw = adata.raw is not None and layer is None
         if name == "non-integer":
             others = [str(k) for k in adata.layers.keys() if k != layer]
-            hint = (" (a count model needs raw integer counts: pass `layer`" + (f" (this file has layers {others})" if others else "")
-                    + " or `input: lognorm`"
-                    + ("; the file has .raw, where CELLxGENE keeps counts: select it with layer 'raw', `--layer raw`)" if raw else ")"))
+            layers = f" (this file has layers {others})" if others else ""
+            on_raw = "; the file has .raw, where CELLxGENE keeps counts: select it with layer 'raw', `--layer raw`" if raw else ""
+            hint = f" (a count model needs raw integer counts: pass `layer`{layers} or `input: lognorm`{on_raw})"
         elif name == "negative" and raw:
             hint = " (scaled values? scanpy keeps the log-normalised genes in .raw: select it with layer 'raw', `--layer raw`)"
         raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({detail}){hint}")
