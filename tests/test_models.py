@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -53,7 +55,7 @@ def test_aec_head_learns_cell_types(split):
     assert history["train_class"].iloc[-1] < 0.3 * history["train_class"].iloc[0]
     with torch.no_grad():
         logits = model.apply(sdata, s.test, "embed")
-        pred = model.plan.module.head(torch.as_tensor(logits)).argmax(1).numpy()
+        pred = model.module.head(torch.as_tensor(logits)).argmax(1).numpy()
     assert (pred == sdata.label[s.test]).mean() > 0.9
 
 
@@ -69,8 +71,8 @@ def test_same_seed_same_latent_bit_for_bit(split):
     assert not np.array_equal(a, other.embed(sdata, s.test))
 
 
-def test_epoch_sums_log_what_per_step_logging_logs_to_the_bit(split, monkeypatch):
-    """The plan sums each epoch's terms itself and logs once; Lightning's per-step ``self.log(on_epoch=True)`` gives the same means, bit for bit."""
+def test_epoch_sums_log_what_per_step_logging_logs_to_the_bit(split, monkeypatch, tmp_path):
+    """The engine sums each epoch's terms itself; Lightning's per-step ``self.log(on_epoch=True)`` gives the same means, bit for bit."""
     from scatlas.train import TrainingPlan
 
     sdata, _, _ = split
@@ -81,7 +83,7 @@ def test_epoch_sums_log_what_per_step_logging_logs_to_the_bit(split, monkeypatch
             self.log(f"{prefix}_{key}", value.detach(), on_step=False, on_epoch=True, batch_size=n)
 
     monkeypatch.setattr(TrainingPlan, "_log_terms", per_step)
-    lightning = AE(AEConfig(latent_dim=8, dropout=0.1), _train(max_epochs=3, seed=3)).fit(sdata)
+    lightning = AE(AEConfig(latent_dim=8, dropout=0.1), _train(max_epochs=3, seed=3)).fit(sdata, checkpoint_dir=tmp_path)  # under Lightning
     columns = [c for c in ours.columns if c != "epoch_time_s"]
     assert set(columns) == {"epoch", "train_loss", "train_recon", "val_loss", "val_recon"}
     pd.testing.assert_frame_equal(ours[columns], lightning[sorted(columns, key=columns.index)], check_exact=True)
@@ -148,6 +150,40 @@ def test_a_fit_ends_with_the_same_weights_whether_or_not_it_checkpoints(split, t
     np.testing.assert_array_equal(latents[False, False], latents[False, True])
     np.testing.assert_array_equal(latents[True, False], latents[True, True])
     assert not np.array_equal(latents[False, False], latents[True, False])
+
+
+def test_in_process_fit_equals_lightnings_to_the_bit(split, tmp_path):
+    """A fit that needs nothing of Lightning's runs in process (no Lightning import); weights and history equal the Lightning trainer's.
+
+    The scTab MLP exercises every step: AdamW with weight decay, a per-epoch learning-rate decay,
+    gradient-norm clipping, dropout, batch norm, class weights and early stopping.
+    """
+    from scatlas.models import MLPClassifier
+    from scatlas.models.classifiers import MLPConfig
+    from scatlas.train import runs_in_process
+
+    sdata, s, _ = split
+    config = TrainConfig(max_epochs=60, batch_size=64, lr=2e-3, weight_decay=0.05, lr_decay=0.9, gradient_clip=1.0, patience=2, progress=False,
+                         accelerator="cpu")
+    assert runs_in_process(config, None) and not runs_in_process(config, tmp_path) and not runs_in_process(replace(config, progress=True), None)
+    fits = {}
+    for where in (None, tmp_path):  # a checkpoint directory needs Lightning
+        model = MLPClassifier(MLPConfig(hidden=[32, 32], dropout=0.2), config)
+        fits[where is None] = model, model.fit(sdata, checkpoint_dir=where)
+        assert (model.plan is None) == (where is None)
+    (inproc, h_in), (light, h_light) = fits[True], fits[False]
+    assert 2 < len(h_in) < 60  # early stopping ended it
+    pd.testing.assert_frame_equal(h_in.drop(columns="epoch_time_s"), h_light.drop(columns="epoch_time_s"), check_exact=True)
+    for (name, a), (_, b) in zip(inproc.module.state_dict().items(), light.module.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    np.testing.assert_array_equal(inproc.predict_proba(sdata, s.test), light.predict_proba(sdata, s.test))
+
+
+def test_annotation_and_transfer_do_not_import_lightning():
+    """Their fits run in process, so the CLI commands never pay Lightning's import (about 2 s, most of it torch._dynamo)."""
+    code = ("import sys, scatlas.cli, scatlas.tl._annotation, scatlas.tl._transfer, scatlas.models, scatlas.train; "
+            "scatlas.models.MLPClassifier; assert not [m for m in sys.modules if m.startswith('lightning')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_early_stopping_watches_logged_metric(split):

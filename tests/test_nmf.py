@@ -127,7 +127,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     history = ddp.fit(data, tmp_path / "ddp")
     assert len(history) == 4 and history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]  # history from rank 0
     start = build_model(config, TrainConfig(**common))
-    start.plan = start.build_plan(start.build_module(data))
+    start.module = start.build_module(data)
     err_single, err_ddp, err_init = (_heldout_error(m, data) for m in (single, ddp, start))
     assert err_ddp < err_init - 0.2
     assert abs(err_ddp - err_single) < 0.02 * err_single

@@ -290,8 +290,8 @@ def test_fe_defaults_and_the_published_configuration_is_one_option_away(cellbenc
     chosen = sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=1, key_added="X_bs", batch_size=64)
     assert chosen.model.train_config.batch_size == 64
     # the published decoder is blind to the batch: its first layer reads the latent only
-    assert published.model.plan.module.decoder.linears[0].in_features == p.latent_dim
-    assert default.model.plan.module.decoder.linears[0].in_features == d.latent_dim + 2
+    assert published.model.module.decoder.linears[0].in_features == p.latent_dim
+    assert default.model.module.decoder.linears[0].in_features == d.latent_dim + 2
     assert not np.array_equal(adata.obsm["X_default"], adata.obsm["X_published"])
     with pytest.raises(ConfigError, match="published"):
         sa.tl.embed(adata, "fe", batch_key="batch", max_epochs=1, published=True, adversary_input="latent")

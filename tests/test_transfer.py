@@ -242,8 +242,8 @@ def test_ensemble_members_train_apart_and_predict_their_mean(chemistries, tmp_pa
     single = Annotator.load(tmp_path / "one" / "reference" / "model")
     ensemble = Annotator.load(tmp_path / "three" / "reference" / "model")
     assert ensemble.model.config.ensemble == 3
-    members = ensemble.model.plan.module.backbone.members
-    for a, b in zip(single.model.plan.module.backbone.state_dict().values(), members[0].state_dict().values(), strict=True):
+    members = ensemble.model.module.backbone.members
+    for a, b in zip(single.model.module.backbone.state_dict().values(), members[0].state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(members[0].head.weight, members[1].head.weight)
     X = sp.random(60, len(ensemble.genes), density=0.2, format="csr", dtype=np.float32, random_state=0)

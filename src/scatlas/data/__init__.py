@@ -6,9 +6,9 @@ validating and normalising data (``scatlas validate``) imports neither.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from scatlas._lazy import lazy_attributes
 from scatlas.data.io import get_matrix, get_var, on_disk, read_anndata, to_csr, write_chunked_h5ad
 from scatlas.data.preprocess import GenePCA, GeneScaler, Preprocessed, fit_gene_pca, gene_moments, highly_variable_genes, normalize_log1p, preprocess_split, seurat_dispersions
 from scatlas.data.sources import AnnDataCSRSource, CSRSource, InMemoryCSR, SomaCSRSource
@@ -23,11 +23,7 @@ _ON_FIRST_USE = {
     "Split": "splits", "assignment_table": "splits", "group_splits": "splits", "kfold_splits": "splits", "study_splits": "splits",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _ON_FIRST_USE:
-        return getattr(importlib.import_module(f"scatlas.data.{_ON_FIRST_USE[name]}"), name)
-    raise AttributeError(f"module 'scatlas.data' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _ON_FIRST_USE)
 
 __all__ = [
     "AnnDataCSRSource",

@@ -49,6 +49,11 @@ def densify(batch: Mapping[str, Any]) -> torch.Tensor:
     return _scatter_dense(indptr, indices, data, n_genes, batch.get("x_nnz"))
 
 
+def with_dense_x(batch: Batch) -> Batch:
+    """``batch`` with its CSR minibatch densified as ``"x"`` (:func:`densify`); a batch without one is returned as is."""
+    return {**batch, "x": densify(batch)} if "x_indptr" in batch else batch
+
+
 def _scatter_dense(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Tensor, n_genes: int, nnz: int | None) -> torch.Tensor:
     """Dense rows of CSR tensors by one scatter on their device (the accelerator path of :func:`densify`)."""
     n_rows = indptr.shape[0] - 1

@@ -3,16 +3,18 @@
 The runner only knows :class:`SplitData` (what a model gets for one split) and
 :class:`EmbeddingModel` (``fit`` / ``embed`` / ``reconstruct``, the latter optional).
 Adding a model = one module that subclasses :class:`EmbeddingModel` (or
-:class:`NeuralModel` for a PyTorch module) and decorates it with :func:`register`.
+:class:`NeuralModel` for a PyTorch module), decorates it with :func:`register` and is named in
+:attr:`ModelRegistry.modules`.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -23,10 +25,13 @@ from torch import nn
 
 from scatlas._errors import ConfigError
 from scatlas._io import write_torch
-from scatlas.data.loaders import CSRLoader, densify
+from scatlas.data.loaders import CSRLoader, with_dense_x
 from scatlas.data.sources import CSRSource
 from scatlas.settings import format_errors
-from scatlas.train import FitResult, TrainConfig, TrainingPlan, fit, resolve_device
+from scatlas.train import TrainConfig, fit_in_process, resolve_device, runs_in_process
+
+if TYPE_CHECKING:
+    from scatlas.train import TrainingPlan
 
 
 @dataclass
@@ -257,14 +262,52 @@ class LatentClassifier(abc.ABC):
 
 
 AnyModel = EmbeddingModel | LatentClassifier
-REGISTRY: dict[str, type[EmbeddingModel] | type[LatentClassifier]] = {}
+
+
+class ModelRegistry(Mapping[str, type]):
+    """The models by config ``type``.
+
+    A model module registers its classes when it loads (:func:`register`). Looking up a name
+    not registered yet, or listing the models, loads every model module first, so that a command
+    using one classifier never imports the modules (and Lightning) of the others.
+    """
+
+    modules = ("autoencoder", "classifiers", "mec", "mixed_effects", "nmf", "pca")
+
+    def __init__(self) -> None:
+        self._models: dict[str, type] = {}
+
+    def add(self, name: str, cls: type) -> None:
+        """Register ``cls`` under ``name``."""
+        self._models[name] = cls
+
+    def _every(self) -> dict[str, type]:
+        for module in self.modules:
+            importlib.import_module(f"scatlas.models.{module}")
+        return self._models
+
+    def __getitem__(self, name: str) -> type:
+        return self._models[name] if name in self._models else self._every()[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models or name in self._every()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._every())
+
+    def __len__(self) -> int:
+        return len(self._every())
+
+
+#: Every model a config can name as ``type``.
+REGISTRY = ModelRegistry()
 
 
 def register(name: str) -> Callable[[type], type]:
     """Class decorator adding a model to :data:`REGISTRY` under ``name`` (the config's ``type``)."""
 
     def deco(cls: type) -> type:
-        REGISTRY[name] = cls
+        REGISTRY.add(name, cls)
         return cls
 
     return deco
@@ -290,12 +333,13 @@ def validate_entry(entry: dict[str, Any], family: type | None = None) -> ModelCo
         One line naming an unknown or disallowed type (with those available), or every invalid field.
     """
     kind = entry.get("type")
-    allowed = {name: model for name, model in REGISTRY.items() if family is None or issubclass(model, family)}
-    if kind not in allowed:
-        reason = f"unknown model type {kind!r}" if kind not in REGISTRY else f"{kind!r} is not a {family.__name__}"  # type: ignore[union-attr]
-        raise ValueError(f"{reason}; available: {sorted(allowed)}")
+    model = REGISTRY.get(kind) if isinstance(kind, str) else None
+    if model is None or (family is not None and not issubclass(model, family)):
+        allowed = sorted(name for name, cls in REGISTRY.items() if family is None or issubclass(cls, family))
+        reason = f"unknown model type {kind!r}" if model is None else f"{kind!r} is not a {family.__name__}"  # type: ignore[union-attr]
+        raise ValueError(f"{reason}; available: {allowed}")
     try:
-        return allowed[kind].Config.model_validate(entry)
+        return model.Config.model_validate(entry)
     except ValidationError as exc:
         raise ValueError(f"invalid entry for {kind!r}: {format_errors(exc)}") from None
 
@@ -314,13 +358,16 @@ def build_model(config: ModelConfig, train: TrainConfig) -> AnyModel:
 
 
 class NeuralModel(EmbeddingModel):
-    """Driver for models whose maths live in an ``nn.Module`` trained by :class:`~scatlas.train.TrainingPlan`.
+    """Driver for models whose maths live in an ``nn.Module`` trained by the engine (:mod:`scatlas.train`).
 
     Subclasses implement :meth:`build_module` (the ``nn.Module`` with ``loss``,
     ``embed`` and optionally ``reconstruct`` methods that take a batch dict) and may
-    override :meth:`build_plan` for special optimisation.
+    override :meth:`build_plan` for special optimisation (such fits always run under Lightning).
     """
 
+    #: The trained network.
+    module: nn.Module | None = None
+    #: The Lightning plan of the last fit that ran under Lightning (``None`` after an in-process fit).
     plan: TrainingPlan | None = None
 
     @abc.abstractmethod
@@ -329,6 +376,8 @@ class NeuralModel(EmbeddingModel):
 
     def build_plan(self, module: nn.Module) -> TrainingPlan:
         """The Lightning plan training ``module``."""
+        from scatlas.train import TrainingPlan
+
         cfg = self.train_config
         return TrainingPlan(module, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay)
 
@@ -346,41 +395,52 @@ class NeuralModel(EmbeddingModel):
                          drop_last=shuffle, chunk_size=cfg.chunk_size, device=resolve_device(cfg.accelerator))
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
-        """Train with the shared engine; returns the epoch history."""
+        """Train with the shared engine; returns the epoch history.
+
+        A model with the plain plan whose fit needs nothing of Lightning's
+        (:func:`~scatlas.train.runs_in_process`) trains in process, with the same result.
+        """
         self.train_config = replace(self.train_config, **self.unset(self.sized_training(len(data.train))))
-        torch.manual_seed(self.train_config.seed)
-        self.plan = self.build_plan(self.build_module(data))
+        cfg = self.train_config
+        torch.manual_seed(cfg.seed)
+        module = self.build_module(data)
+        train = self.loader(data, data.train, shuffle=True)
         val = self.loader(data, data.val, shuffle=False) if len(data.val) else None
-        result: FitResult = fit(self.plan, self.loader(data, data.train, shuffle=True), val, self.train_config, checkpoint_dir, resume)
-        return result.history
+        if type(self).build_plan is NeuralModel.build_plan and runs_in_process(cfg, checkpoint_dir):
+            self.plan, history = None, fit_in_process(module, train, val, cfg, cfg.lr, cfg.weight_decay, cfg.lr_decay)
+        else:
+            from scatlas.train import fit
+
+            self.plan = self.build_plan(module)
+            history = fit(self.plan, train, val, cfg, checkpoint_dir, resume).history
+        self.module = module
+        return history
 
     def save_state(self, directory: Path) -> None:
         """Write the trained module's weights to ``module.pt``."""
-        if self.plan is None:
+        if self.module is None:
             raise RuntimeError("fit the model first")
-        write_torch(self.plan.module.state_dict(), directory / "module.pt")
+        write_torch(self.module.state_dict(), directory / "module.pt")
 
     def load_state(self, directory: Path, shape: SplitData) -> None:
         """Rebuild the module for ``shape``'s dimensions and load ``module.pt`` into it (weights only)."""
         module = self.build_module(shape)
         module.load_state_dict(torch.load(directory / "module.pt", map_location="cpu", weights_only=True))
-        self.plan = self.build_plan(module)
-        self.plan.to(resolve_device(self.train_config.accelerator))
+        self.module = module.to(resolve_device(self.train_config.accelerator)).eval()
 
     @torch.no_grad()
     def apply(self, data: SplitData, rows: np.ndarray, method: str, **kwargs: Any) -> np.ndarray:
         """Run ``module.<method>(batch, **kwargs)`` over ``rows`` in inference mode and stack the results."""
-        if self.plan is None:
+        if self.module is None:
             raise RuntimeError("fit the model first")
-        plan = self.plan.eval()
-        device = next(plan.parameters()).device
+        module = self.module.eval()
+        device = next(module.parameters()).device
         out: np.ndarray | None = None  # filled in place: no second copy of a multi-million-cell result
         loader = CSRLoader(data.X, rows, batch_size=max(self.train_config.batch_size, 1024), covariates=self.covariates(data),
                            chunk_size=self.train_config.chunk_size, device=device, shard=False)  # every DDP rank embeds all rows
         done = 0
         for batch in loader:
-            batch["x"] = densify(batch)
-            values = getattr(plan.module, method)(batch, **kwargs).float().cpu().numpy()
+            values = getattr(module, method)(with_dense_x(batch), **kwargs).float().cpu().numpy()
             if out is None:
                 out = np.empty((len(rows), *values.shape[1:]), dtype=np.float32)
             out[done : done + len(values)] = values

@@ -227,9 +227,8 @@ class CellTypeClassifier(NeuralModel):
             members.append(member)
         module = self.build_module(data)
         for into, member in zip(module.backbone.members, members, strict=True):
-            into.load_state_dict(member.plan.module.backbone.state_dict())
-        self.plan = self.build_plan(module)
-        self.plan.to(next(members[0].plan.parameters()).device)
+            into.load_state_dict(member.module.backbone.state_dict())
+        self.plan, self.module = None, module.to(next(members[0].module.parameters()).device)
         return pd.concat(histories, ignore_index=True)
 
     def covariates(self, data: SplitData) -> dict[str, np.ndarray]:

@@ -314,8 +314,8 @@ class AENMF(NeuralModel):
 
     def loadings(self) -> np.ndarray:
         """W as genes × K."""
-        assert self.plan is not None
-        return self.plan.module.weight().detach().T.cpu().numpy()
+        assert self.module is not None
+        return self.module.weight().detach().T.cpu().numpy()
 
 
 @register("cond_aenmf")

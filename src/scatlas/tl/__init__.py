@@ -15,16 +15,25 @@ runner call these functions; there is no second implementation of any step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import pandas as pd
+from scatlas._lazy import lazy_attributes
 
-from scatlas.tl._aggregation import AggregateConfig, cells_from_anndata, load_aggregate_config, run_aggregation
-from scatlas.tl._annotation import Annotator, annotate
-from scatlas.tl._benchmark import benchmark
-from scatlas.tl._embed import ScatlasModel, counterfactual, embed, load_model
-from scatlas.tl._transfer import ReferenceModel, transfer
+if TYPE_CHECKING:
+    import anndata as ad
+    import pandas as pd
+
+    from scatlas.tl._aggregation import AggregateConfig
+    from scatlas.tl._annotation import Annotator, annotate
+    from scatlas.tl._benchmark import benchmark
+    from scatlas.tl._embed import ScatlasModel, counterfactual, embed, load_model
+    from scatlas.tl._transfer import ReferenceModel, transfer
+
+#: Where each name lives; a submodule (and what it imports: Lightning, igraph, ...) loads on first use of one of its names.
+_HOMES = {"AggregateConfig": "_aggregation", "Annotator": "_annotation", "annotate": "_annotation", "benchmark": "_benchmark",
+          "ScatlasModel": "_embed", "counterfactual": "_embed", "embed": "_embed", "load_model": "_embed", "ReferenceModel": "_transfer",
+          "transfer": "_transfer"}
+__getattr__ = lazy_attributes(__name__, _HOMES)
 
 
 def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: str | None = None, features: str | None = None,
@@ -56,6 +65,8 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
     --------
     >>> sa.tl.aggregate(adata, sample_key="sample", label_key="cell_type", batch_key="donor_id")  # doctest: +SKIP
     """
+    from scatlas.tl._aggregation import cells_from_anndata, load_aggregate_config, run_aggregation
+
     config = load_aggregate_config({"sample_key": sample_key, "label_key": label_key, "batch_key": batch_key, "features": features, **settings})
     return run_aggregation(cells_from_anndata(adata, config), config, log=lambda _: None)
 

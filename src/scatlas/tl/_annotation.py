@@ -305,7 +305,7 @@ class Annotator:
     def save(self, directory: Path) -> None:
         """Write ``model.pt``, ``genes.txt``, ``annotator.yaml`` (and ``reachability.npy``)."""
         directory.mkdir(parents=True, exist_ok=True)
-        write_torch(self.model.plan.module.state_dict(), directory / "model.pt")
+        write_torch(self.model.module.state_dict(), directory / "model.pt")
         with atomic_path(directory / "genes.txt") as tmp:
             tmp.write_text("\n".join(self.genes) + "\n")
         if self.labels.reachability is not None:
@@ -357,9 +357,7 @@ class Annotator:
         stub = annotator.split_data(np.zeros((k, len(genes)), dtype=np.float32), np.arange(k), (np.arange(k), np.arange(0)))
         module = model.build_module(stub)
         module.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
-        model.plan = model.build_plan(module)
-        if torch.cuda.is_available():
-            model.plan.to("cuda")
+        model.module = module.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         return annotator
 
 

@@ -1,21 +1,4 @@
-"""The one training engine every neural model goes through (Lightning).
-
-* :class:`TrainingPlan` — a ``LightningModule`` around any ``nn.Module`` that implements
-  ``loss(batch) -> dict`` (with a ``"loss"`` entry); it densifies CSR minibatches on the
-  device, logs every loss term as ``train_<term>`` / ``val_<term>`` and builds the
-  optimiser. Models with several optimisers subclass it.
-* :class:`History` — a callback that keeps one row per epoch (saved in checkpoints so a
-  resumed run keeps its past).
-* :class:`ResumeState` / :class:`LastCheckpoint` — what makes a resumed run equal an
-  uninterrupted one: ``last.ckpt`` is written at the end of an epoch (at most every
-  ``checkpoint_interval_s`` seconds, and when training ends) with the weights, optimisers, loops,
-  callbacks and the torch / NumPy / Python random states; the training loader's position is its
-  epoch, set from the trainer at the start of every epoch.
-* :func:`fit` — trainer construction: early stopping on a metric the plan really logs, seeds,
-  ``accelerator="auto"``. A fit ends with the last epoch's weights in every path that calls it;
-  ``TrainConfig.restore_best`` instead restores the best epoch's (from ``best.ckpt``, written only
-  when the monitored value improves).
-"""
+"""The engine's Lightning executor: the plan, its callbacks and the trainer (see :mod:`scatlas.train`)."""
 
 from __future__ import annotations
 
@@ -38,7 +21,8 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, Mod
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 
-from scatlas.data.loaders import Batch, CSRLoader, densify
+from scatlas.data.loaders import Batch, CSRLoader, with_dense_x
+from scatlas.train._config import EpochSums, TrainConfig, optimizer_and_schedule, resolve_device
 
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -68,32 +52,19 @@ class TrainingPlan(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.lr_decay = lr_decay
-        self._sums: dict[str, dict[str, torch.Tensor]] = {}  # per prefix: Σ term · cells of the epoch so far
-        self._cells: dict[str, torch.Tensor] = {}
+        self.epoch_sums = EpochSums()
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Densify the CSR minibatch on the device it was moved to."""
-        if "x_indptr" in batch:
-            batch = dict(batch)
-            batch["x"] = densify(batch)
-        return batch
+        return with_dense_x(batch)
 
     def _log_terms(self, prefix: str, terms: dict[str, torch.Tensor], n: int) -> None:
-        """Add a minibatch's terms (weighted by its ``n`` cells) to the epoch's sums; :meth:`_log_epoch` logs their means once.
-
-        The sums are Lightning's own epoch reduction (``Σ value · n`` in the value's dtype over an
-        integer cell count), so the logged means equal a per-step ``self.log(..., on_epoch=True)``
-        to the bit, without its per-step cost (about 1 ms a minibatch on a CPU).
-        """
-        sums = self._sums.setdefault(prefix, {})
-        for key, value in terms.items():
-            weighted = value.detach() * n
-            sums[key] = sums[key] + weighted if key in sums else torch.zeros((), dtype=weighted.dtype, device=weighted.device) + weighted
-        self._cells[prefix] = self._cells.get(prefix, torch.zeros((), dtype=torch.int64)) + n
+        """Add a minibatch's terms (weighted by its ``n`` cells) to the epoch's sums; :meth:`_log_epoch` logs their means once."""
+        self.epoch_sums.add(prefix, terms, n)
 
     def _log_epoch(self, prefix: str) -> None:
         """Log the epoch means of the ``prefix`` terms (summed over every rank under DDP) and start the next epoch's sums."""
-        sums, cells = self._sums.pop(prefix, {}), self._cells.pop(prefix, None)
+        sums, cells = self.epoch_sums.pop(prefix)
         if cells is None:
             return
         if self.trainer.world_size > 1:
@@ -104,8 +75,7 @@ class TrainingPlan(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """Start the epoch's sums afresh (a resumed run replays the epoch from its start)."""
-        self._sums.pop("train", None)
-        self._cells.pop("train", None)
+        self.epoch_sums.pop("train")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log the training terms' epoch means after the epoch's last minibatch (before any epoch-end callback reads them)."""
@@ -114,8 +84,7 @@ class TrainingPlan(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         """Start the validation sums afresh."""
-        self._sums.pop("val", None)
-        self._cells.pop("val", None)
+        self.epoch_sums.pop("val")
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation terms' epoch means."""
@@ -133,21 +102,8 @@ class TrainingPlan(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """Adam, or AdamW when ``weight_decay > 0``; with ``lr_decay``, ``StepLR(1, lr_decay)`` per epoch."""
-        optimizer = adam(list(self.module.parameters()), self.lr, self.weight_decay, decoupled=self.weight_decay > 0)
-        if self.lr_decay is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_decay)}
-
-
-def adam(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0, decoupled: bool = True) -> torch.optim.Optimizer:
-    """Adam (L2 ``weight_decay``) or AdamW (``decoupled``); the fused CUDA kernel when every parameter is on a GPU.
-
-    The fused implementation updates all parameters in a few kernel launches instead of
-    several per parameter, which matters when small minibatches make training launch-bound.
-    """
-    fused = bool(params) and all(p.is_cuda for p in params)
-    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        optimizer, schedule = optimizer_and_schedule(self.module.parameters(), self.lr, self.weight_decay, self.lr_decay)
+        return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 class History(Callback):
@@ -246,89 +202,6 @@ class LastCheckpoint(Checkpoint):
             (self.path.parent / "early_stopped").touch()
 
 
-@dataclass
-class TrainConfig:
-    """Trainer settings shared by every neural model.
-
-    Attributes
-    ----------
-    max_epochs
-        Upper bound on epochs.
-    batch_size
-        Cells per minibatch.
-    lr
-        Learning rate.
-    weight_decay
-        Weight decay (AdamW when > 0).
-    lr_decay
-        Multiply the learning rate by this factor after every epoch (``None``: constant).
-    gradient_clip
-        Clip the gradient norm to this value (``None``: no clipping).
-    patience
-        Early-stopping patience in epochs (0 disables early stopping).
-    monitor
-        Metric for early stopping (and ``restore_best``); must be logged by the plan.
-    monitor_mode
-        ``min`` (losses) or ``max`` (e.g. a validation mAP).
-    restore_best
-        End with the weights of the epoch with the best ``monitor`` value instead of the last
-        epoch's. Off by default, in every path (``scatlas run``, ``tl.embed``, ``annotate``,
-        ``transfer``): measured on held-out data, the last epoch's weights were as good or better
-        for the embedding models and the classifiers (``benchmarks/RESULTS.md``). The set model of
-        ``aggregate`` turns it on (it selects its epoch by validation mAP).
-    accelerator
-        Lightning accelerator (``auto`` uses a GPU when present).
-    devices
-        Lightning devices (e.g. ``4`` GPUs; ``2`` CPU processes with ``strategy: ddp_spawn``).
-    strategy
-        Lightning strategy (``auto``, ``ddp``, ``ddp_spawn``, ...); under DDP every rank streams
-        its own shard of the cells.
-    num_nodes
-        Machines for multi-node DDP.
-    ddp_timeout_minutes
-        How long a DDP rank waits in a collective (PyTorch's default is 30 min). Under ``scatlas
-        run`` the other ranks wait while rank 0 writes a split's outputs, which for millions of
-        cells with figures can take longer.
-    chunk_size
-        Cells per chunk streamed to the device (``None``: all cells of the split at once).
-    checkpoint_interval_s
-        Smallest time between two writes of ``last.ckpt`` (written at epoch ends; 0: every epoch).
-    keep_checkpoints
-        Keep ``best.ckpt`` / ``last.ckpt`` once a split is finished (``scatlas run`` otherwise keeps
-        only the weights, ``module.pt``).
-    seed
-        Seed for weights, dropout and shuffling.
-    progress
-        Show a progress bar.
-    explicit
-        The fields the user set (``None``: all of them, as when this class is built directly); a
-        model's own training defaults (:meth:`~scatlas.models.base.EmbeddingModel.training_defaults`)
-        replace only the others.
-    """
-
-    max_epochs: int = 100
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_decay: float | None = None
-    gradient_clip: float | None = None
-    patience: int = 10
-    monitor: str = "val_loss"
-    monitor_mode: str = "min"
-    restore_best: bool = False
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
-    num_nodes: int = 1
-    ddp_timeout_minutes: float = 180.0
-    chunk_size: int | None = None
-    checkpoint_interval_s: float = 60.0
-    keep_checkpoints: bool = False
-    seed: int = 0
-    progress: bool = True
-    explicit: frozenset[str] | None = None
-
-
 def lightning_strategy(config: TrainConfig) -> str | Strategy:
     """``config.strategy`` for the Trainer: a registered DDP strategy is built with ``config.ddp_timeout_minutes``."""
     entry = StrategyRegistry[config.strategy] if config.strategy in StrategyRegistry else None
@@ -354,11 +227,6 @@ def is_main_process() -> bool:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def resolve_device(accelerator: str) -> str:
-    """Where loaders should put the data for ``accelerator``: ``"cuda"`` when it means a present GPU, else ``"cpu"``."""
-    return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 def _progress_bar() -> Callback:
