@@ -407,7 +407,7 @@ class NeuralModel(EmbeddingModel):
         train = self.loader(data, data.train, shuffle=True)
         val = self.loader(data, data.val, shuffle=False) if len(data.val) else None
         if type(self).build_plan is NeuralModel.build_plan and runs_in_process(cfg, checkpoint_dir):
-            self.plan, history = None, fit_in_process(module, train, val, cfg, cfg.lr, cfg.weight_decay, cfg.lr_decay)
+            self.plan, history = None, fit_in_process(module, train, val, cfg)
         else:
             from scatlas.train import fit
 

@@ -68,9 +68,8 @@ def _epoch(module: nn.Module, batches: Iterable[Batch], sums: EpochSums, prefix:
         step.step()
 
 
-def fit_in_process(module: nn.Module, train: Iterable[Batch], val: Iterable[Batch] | None, config: TrainConfig,
-                   lr: float, weight_decay: float, lr_decay: float | None) -> pd.DataFrame:
-    """Train ``module`` as :func:`scatlas.train.fit` trains ``TrainingPlan(module, lr, weight_decay, lr_decay)``; end in eval mode.
+def fit_in_process(module: nn.Module, train: Iterable[Batch], val: Iterable[Batch] | None, config: TrainConfig) -> pd.DataFrame:
+    """Train ``module`` as :func:`scatlas.train.fit` trains ``TrainingPlan(module, config.lr, config.weight_decay, config.lr_decay)``; end in eval mode.
 
     Parameters
     ----------
@@ -79,9 +78,8 @@ def fit_in_process(module: nn.Module, train: Iterable[Batch], val: Iterable[Batc
     train, val
         Minibatch loaders (``val`` may be ``None``: then no early stopping).
     config
-        Trainer settings (:func:`runs_in_process` must hold).
-    lr, weight_decay, lr_decay
-        The optimiser's settings (:func:`~scatlas.train._config.optimizer_and_schedule`).
+        Trainer settings (:func:`runs_in_process` must hold), the optimiser's included
+        (:func:`~scatlas.train._config.optimizer_and_schedule`).
 
     Returns
     -------
@@ -89,7 +87,7 @@ def fit_in_process(module: nn.Module, train: Iterable[Batch], val: Iterable[Batc
     """
     seed_everything(config.seed)
     module.to(resolve_device(config.accelerator))
-    optimizer, schedule = optimizer_and_schedule(module.parameters(), lr, weight_decay, lr_decay)
+    optimizer, schedule = optimizer_and_schedule(module.parameters(), config.lr, config.weight_decay, config.lr_decay)
     sums, rows = EpochSums(), []
     sign = 1.0 if config.monitor_mode == "min" else -1.0
     best, wait = math.inf, 0
