@@ -266,7 +266,9 @@ def test_transfer_refuses_before_training(files, work):
     refused(work, [*base, "--query", kang, "--method", "forest"], "--method", "'forest'")
     refused(work, [*base, "--query", kang, "--ensemble", "0"], "model: invalid entry for 'mlp': ensemble", "greater than or equal to 1")
     refused(work, [*base, "--query", str(work / "absent.h5ad")], "absent.h5ad: file not found")
-    refused(work, [*base, "--query", str(files["kang_ensembl"])], "kang_ensembl.h5ad", "0 of the model's 1267 genes", ".var['SYMBOL'] holds them", "var_names_make_unique")
+    refused(work, [*base, "--query", str(files["kang_ensembl"])], "kang_ensembl.h5ad", "0 of the model's 1267 genes", ".var['SYMBOL'] holds them",
+            "--query-gene-key SYMBOL")
+    refused(work, [*base, "--query", str(files["kang_ensembl"]), "--query-gene-key", "symbol"], "kang_ensembl.h5ad", "no gene column 'symbol'", "SYMBOL")
     refused(work, [*base, "--query", str(files["kang_nan"])], "kang_nan.h5ad", "NaN or infinite")
     refused(work, [*base, "--query", kang, "--query-label-key", "truth"], "obs column 'truth' not found")
     refused(work, ["transfer", "--reference", kang, "--label-key", "celltype", "--out", "tr", "--query", kang], "'celltype' not found")

@@ -215,6 +215,59 @@ def test_gene_mismatch_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_query_gene_key_maps_ensembl_ids_to_the_same_bits(tmp_path):
+    """A query keyed by Ensembl ids with symbols in a .var column (as CELLxGENE files) gets, through the gene column,
+    the calls and probabilities its symbol-keyed twin gets; a column that is not there is refused by name."""
+    import scatlas as sa
+    from conftest import data_path
+    from scatlas._errors import InputError
+
+    kang = ad.read_h5ad(data_path("kang18_muscat_4samples.h5ad"))
+    reference, query = kang[kang.obs["group_id"] == "ctrl"].copy(), kang[kang.obs["group_id"] == "stim"].copy()
+    by_id = query.copy()
+    by_id.var["feature_name"] = by_id.var_names.to_numpy()
+    by_id.var_names = by_id.var["ENSEMBL"].astype(str).to_numpy()
+    settings = {"label_key": "cell_type", "log": lambda _: None, "training": {"max_epochs": 5}}
+    model = sa.tl.transfer(reference.copy(), query, **settings)
+    sa.tl.transfer(reference.copy(), by_id, query_gene_key="feature_name", **settings)
+    np.testing.assert_array_equal(by_id.obsm["cell_type_proba"], query.obsm["cell_type_proba"])
+    pd.testing.assert_frame_equal(by_id.obs, query.obs)
+    annotated = by_id.copy()
+    lines: list[str] = []
+    sa.tl.annotate(annotated, model.annotator, gene_key="feature_name", log=lines.append)
+    assert (annotated.obs["cell_type_pred"] == query.obs["cell_type_pred"]).all()  # argmax ignores the temperature
+    assert "by var['feature_name']" in lines[-1] and annotated.uns["scatlas_gene_overlap"]["missing_examples"] == ""
+    with pytest.raises(InputError, match=r"no gene column 'symbol' in .var \(its columns: ENSEMBL, SYMBOL, feature_name\)"):
+        sa.tl.annotate(by_id.copy(), model.annotator, gene_key="symbol", log=lambda _: None)
+    del query.var["SYMBOL"]
+    with pytest.raises(InputError, match="the var_names hold them: leave the gene column out"):
+        sa.tl.annotate(query.copy(), model.annotator, gene_key="ENSEMBL", log=lambda _: None)  # the key given to the wrong file
+
+
+def test_cli_onek1k_reference_keyed_by_ensembl_ids_maps_kang_by_its_ensembl_column(tmp_path):
+    """Across studies: the onek1k reference's genes are Ensembl ids, kang's are symbols with the ids in .var['ENSEMBL']."""
+    from conftest import data_path
+
+    kang = data_path("kang18_muscat_4samples.h5ad")
+    result = runner.invoke(app, ["transfer", "--reference", str(data_path("onek1k_4types_40donors.h5ad")), "--label-key", "cell_type",
+                                 "--ontology-key", "cell_type_ontology_term_id", "--query", str(kang), "--query-gene-key", "ENSEMBL", "--min-overlap", "0.2", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    overlap = pd.read_csv(tmp_path / "out" / "kang18_muscat_4samples" / "gene_overlap.csv").iloc[0]
+    assert (overlap["model_genes"], overlap["shared_genes"], overlap["query_gene_names"]) == (1000, 262, "var['ENSEMBL']")
+    pred = pd.read_csv(tmp_path / "out" / "kang18_muscat_4samples" / "predictions.csv")
+    truth = ad.read_h5ad(kang, backed="r").obs["cell_type"].astype(str).to_numpy()
+    called = pd.crosstab(truth, pred["predicted"].to_numpy(), normalize="index")
+    assert called.loc["CD4-positive, alpha-beta T cell", "CD4-positive, alpha-beta T cell"] > 0.9
+    assert called.loc["CD14-low, CD16-positive monocyte", "non-classical monocyte"] > 0.7
+    assert called.loc["CD14-positive monocyte", "classical monocyte"] > 0.8 and called.loc["B cell", "memory B cell"] > 0.8
+    # the saved reference classifier annotates the same query through `annotate predict --gene-key` (argmax: as the transfer's)
+    result = runner.invoke(app, ["annotate", "predict", str(tmp_path / "out" / "reference" / "model"), str(kang), "--gene-key", "ENSEMBL",
+                                 "--min-overlap", "0.2", "--out", str(tmp_path / "kang.h5ad")])
+    assert result.exit_code == 0, result.output
+    annotated = ad.read_h5ad(tmp_path / "kang.h5ad")
+    np.testing.assert_array_equal(annotated.obs["cell_type_ontology_term_id_pred_label"].astype(str).to_numpy(), pred["predicted"].astype(str).to_numpy())
+
+
 def test_ensemble_head_is_the_members_mean_probability():
     from scatlas.models.classifiers import Ensemble, MLPBackbone
 

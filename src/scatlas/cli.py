@@ -200,6 +200,8 @@ app.add_typer(annotate_app, name="annotate")
 _LAYER_HELP = "Layer holding the matrix (default .X; 'raw' selects .raw, as scanpy's use_raw, unless a layer has that name)."
 _INPUT_HELP = "auto (counts if the matrix holds whole numbers), counts (normalised + log1p here) or lognorm."
 _BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
+_GENE_KEY_HELP = ("Query .var column holding the gene names the model uses (e.g. ENSEMBL beside symbols, as scanpy's gene_symbols; "
+                  "default: the query's var_names).")
 _ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
@@ -318,6 +320,7 @@ def annotate_predict(
     query: Annotated[Path, typer.Argument(help="Query .h5ad or .zarr.")],
     out: Annotated[Path, typer.Option(help="Output .h5ad with predictions in .obs / .obsm.")],
     layer: Annotated[str | None, typer.Option(help="Layer holding the matrix ('raw' as for train; default: the layer the model was trained on where the query has it, else .X).")] = None,
+    gene_key: Annotated[str | None, typer.Option(help=_GENE_KEY_HELP)] = None,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: map the query chunk by chunk; OUT holds the results only (no matrix).")] = False,
     chunk_size: Annotated[int, typer.Option(help="Query cells mapped at a time with --stream.")] = 100_000,
@@ -326,7 +329,7 @@ def annotate_predict(
     from scatlas.tl._annotation import predict_annotations
 
     model_dir = model_dir / "model" if (model_dir / "model" / "annotator.yaml").exists() else model_dir
-    adata = predict_annotations(model_dir, query, out, layer, min_overlap, stream=stream, chunk_size=chunk_size, log=console.print)
+    adata = predict_annotations(model_dir, query, out, layer, min_overlap, stream=stream, chunk_size=chunk_size, gene_key=gene_key, log=console.print)
     key = next(c for c in adata.obs.columns if c.endswith("_pred_label"))
     console.print(adata.obs[key].value_counts().to_string())
     console.print(f"predictions: {out}")
@@ -363,6 +366,7 @@ def transfer(
     input: Annotated[str, typer.Option(help="auto (counts if the reference holds whole numbers), counts or lognorm (reference and queries).")] = "auto",
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     query_layer: Annotated[str | None, typer.Option(help="Layer holding the queries' matrices ('raw' as for --layer; default: --layer where a query has it, else .X).")] = None,
+    query_gene_key: Annotated[str | None, typer.Option(help=_GENE_KEY_HELP)] = None,
     confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
     distance_quantile: Annotated[float, typer.Option(help="Latent-distance quantile of held-out reference cells beyond which a cell is 'unknown'.")] = 0.99,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes a query must have.")] = 0.5,
@@ -386,6 +390,7 @@ def transfer(
                           "stream": stream},
             "queries": query,
             "query_layer": query_layer,
+            "query_gene_key": query_gene_key,
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
             "query_label_key": query_label_key,

@@ -23,6 +23,8 @@ class GeneAlignment:
         Gene counts.
     missing
         Model genes absent from the query (zero-filled).
+    gene_key
+        The query's ``.var`` column the names came from (``None``: its index).
     """
 
     query_index: np.ndarray
@@ -30,6 +32,7 @@ class GeneAlignment:
     n_query_genes: int
     n_shared: int
     missing: list[str]
+    gene_key: str | None = None
 
     @property
     def fraction(self) -> float:
@@ -44,6 +47,7 @@ class GeneAlignment:
             "shared_genes": self.n_shared,
             "fraction_of_model_genes": round(self.fraction, 4),
             "missing_examples": ";".join(self.missing[:20]),
+            "query_gene_names": "var_names" if self.gene_key is None else f"var[{self.gene_key!r}]",
         }
 
     def apply(self, X: sp.csr_matrix) -> sp.csr_matrix:
@@ -56,43 +60,69 @@ class GeneAlignment:
         return sp.csr_matrix(X @ select, dtype=np.float32)
 
 
-def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query") -> GeneAlignment:
+def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query",
+                gene_key: str | None = None) -> GeneAlignment:
     """Match genes by name.
 
     Parameters
     ----------
     var
-        The query's gene annotations, one row per column of its matrix; the index holds the gene
-        names (first occurrence wins for duplicates). On a refusal, a column that holds the
-        model's genes (e.g. symbols beside Ensembl ids, as CELLxGENE files keep them) is named.
+        The query's gene annotations, one row per column of its matrix; the index (or the
+        ``gene_key`` column) holds the gene names (first occurrence wins for duplicates). On a
+        refusal, a column that holds the model's genes (e.g. symbols beside Ensembl ids, as
+        CELLxGENE files keep them) is named.
     model_genes
         Genes the model was trained on, in its column order.
     min_overlap
         Smallest accepted share of model genes present in the query.
     source
         Name of the query (file) for messages.
+    gene_key
+        Column of ``var`` holding the gene names the model uses (as scanpy's ``gene_symbols``);
+        default: ``var``'s index.
 
     Raises
     ------
     InputError
-        When fewer than ``min_overlap`` of the model's genes are in the query.
+        When ``gene_key`` is not a column of ``var``, or fewer than ``min_overlap`` of the
+        model's genes are in the query.
     """
-    query_genes = var.index
+    query_genes = gene_names(var, gene_key, source)
     position = pd.Series(np.arange(len(query_genes)), index=pd.Index(np.asarray(query_genes, dtype=str)))
     position = position[~position.index.duplicated()]
     index = position.reindex(np.asarray(model_genes, dtype=str)).fillna(-1).to_numpy(dtype=np.int64)
     missing = [str(g) for g, i in zip(model_genes, index, strict=True) if i < 0]
-    alignment = GeneAlignment(index, len(model_genes), len(query_genes), int((index >= 0).sum()), missing)
+    alignment = GeneAlignment(index, len(model_genes), len(query_genes), int((index >= 0).sum()), missing, gene_key)
     if alignment.fraction < min_overlap:
-        column = _column_with_genes(var, model_genes, min_overlap)
-        hint = (f"; .var[{column!r}] holds them: use it as the gene names (adata.var_names = adata.var[{column!r}].astype(str); "
-                "adata.var_names_make_unique())" if column else " (do the gene identifiers match: symbols vs Ensembl ids?)")
+        column = _column_with_genes(var.drop(columns=[gene_key]) if gene_key else var, model_genes, min_overlap)
+        if column:
+            hint = (f"; .var[{column!r}] holds them: name it as the gene column (gene_key={column!r}; "
+                    f"CLI: --gene-key {column}, --query-gene-key {column} in `transfer`)")
+        elif gene_key and pd.Index(np.asarray(model_genes, dtype=str)).isin(var.index.astype(str)).mean() >= min_overlap:
+            hint = "; the var_names hold them: leave the gene column out"
+        else:
+            hint = " (do the gene identifiers match: symbols vs Ensembl ids?)"
         raise InputError(
             f"{source}: only {alignment.n_shared} of the model's {alignment.n_model_genes} genes "
             f"({alignment.fraction:.1%}) are in the query, below the minimum {min_overlap:.0%}; "
             f"missing e.g. {missing[:5]}{hint}"
         )
     return alignment
+
+
+def gene_names(var: pd.DataFrame, gene_key: str | None = None, source: str = "query") -> pd.Index:
+    """The gene names of ``var``'s rows: its index, or its ``gene_key`` column as text.
+
+    Raises
+    ------
+    InputError
+        When ``gene_key`` is not a column of ``var`` (the message lists its columns).
+    """
+    if gene_key is None:
+        return var.index
+    if gene_key not in var.columns:
+        raise InputError(f"{source}: no gene column {gene_key!r} in .var (its columns: {', '.join(map(str, var.columns)) or 'none'})")
+    return pd.Index(var[gene_key].astype(str).to_numpy(), name=gene_key)
 
 
 def _column_with_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float) -> str | None:

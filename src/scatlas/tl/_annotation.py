@@ -601,8 +601,8 @@ def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarr
     adata.uns[f"{key}_classes"] = [str(c) for c in labels.classes]
 
 
-def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | None = None, min_overlap: float = 0.5, chunk_size: int = 100_000,
-             log: Log = print) -> Annotator:
+def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | None = None, gene_key: str | None = None, min_overlap: float = 0.5,
+             chunk_size: int = 100_000, log: Log = print) -> Annotator:
     """Annotate the cells of ``adata`` with a trained classifier; calls and probabilities go into ``adata``.
 
     Parameters
@@ -615,6 +615,9 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     layer
         Layer holding the matrix (``"raw"``: ``.raw``, see :func:`~scatlas.data.get_matrix`); default:
         the layer the model was trained on when ``adata`` has it, else ``.X``.
+    gene_key
+        Column of ``adata.var`` holding the gene names the model uses (e.g. Ensembl ids beside
+        symbols, as scanpy's ``gene_symbols``); default: ``adata.var_names``.
     min_overlap
         Smallest share of the model's genes the query must have.
     chunk_size
@@ -639,9 +642,10 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
         log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
     layer = chosen
     validate(adata, layer=layer, require_counts=annotator.input == "counts")
-    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata))
+    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata), gene_key)
     report = alignment.report()
-    log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
+    log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}, "
+        f"by {report['query_gene_names']}); missing ones set to 0")
     proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)])
     key = annotator.meta.get("label_key") or "cell_type"
     write_calls(adata, key, annotator.labels, proba)
@@ -652,7 +656,7 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,
-                        stream: bool = False, chunk_size: int = 100_000, log: Log = print) -> ad.AnnData:
+                        stream: bool = False, chunk_size: int = 100_000, gene_key: str | None = None, log: Log = print) -> ad.AnnData:
     """Annotate a query file with a saved model (:func:`annotate`); write ``out`` (``.h5ad``) atomically.
 
     ``out`` is the query with the calls added; with ``stream`` the query's matrix is never
@@ -661,7 +665,7 @@ def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Pat
     """
     check_writable(out, ".h5ad")
     adata = read_anndata(query, backed=stream)
-    annotate(adata, model_dir, layer=layer, min_overlap=min_overlap, chunk_size=chunk_size, log=log)
+    annotate(adata, model_dir, layer=layer, gene_key=gene_key, min_overlap=min_overlap, chunk_size=chunk_size, log=log)
     if stream:
         adata = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), uns=dict(adata.uns))
     adata.uns.pop("scatlas_source", None)

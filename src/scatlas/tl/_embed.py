@@ -139,8 +139,8 @@ class Preprocessing:
     layer: str | None
     scaler: GeneScaler
 
-    def transform(self, adata: ad.AnnData, min_overlap: float = 0.5) -> tuple[sp.csr_matrix, GeneAlignment]:
-        """Validate ``adata``, align its genes by name (missing ones zero), normalise and scale.
+    def transform(self, adata: ad.AnnData, min_overlap: float = 0.5, gene_key: str | None = None) -> tuple[sp.csr_matrix, GeneAlignment]:
+        """Validate ``adata``, align its genes by name (``var_names`` or ``.var[gene_key]``; missing ones zero), normalise and scale.
 
         Raises
         ------
@@ -149,7 +149,7 @@ class Preprocessing:
         """
         source = source_name(adata)
         validate(adata, layer=self.layer, require_counts=self.counts)
-        alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source)
+        alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source, gene_key)
         X = to_csr(get_matrix(adata, self.layer))
         if self.counts:
             X = normalize_log1p(X)
@@ -195,8 +195,8 @@ class ScatlasModel:
         """Registry name of the model (``ae``, ``fe``, ...)."""
         return self.model.config.type
 
-    def split_for(self, adata: ad.AnnData | None, min_overlap: float = 0.5) -> SplitData:
-        """The model's view of ``adata`` (genes aligned by name, batch codes of the training batches).
+    def split_for(self, adata: ad.AnnData | None, min_overlap: float = 0.5, gene_key: str | None = None) -> SplitData:
+        """The model's view of ``adata`` (genes aligned by name, see :meth:`Preprocessing.transform`; batch codes of the training batches).
 
         ``None`` gives the training cells. New cells from a batch the model never saw are refused by
         models that embed with the batch (``re``, ``cond_aenmf``); others ignore the batch.
@@ -205,7 +205,7 @@ class ScatlasModel:
             if self.data is None:
                 raise InputError("this model was loaded from disk: pass the AnnData to embed")
             return self.data
-        X, alignment = self.prep.transform(adata, min_overlap)
+        X, alignment = self.prep.transform(adata, min_overlap, gene_key)
         if alignment.n_shared < alignment.n_model_genes:
             report = alignment.report()
             self.log(f"{source_name(adata)}: {report['shared_genes']} of the model's {report['model_genes']} genes found "
@@ -225,7 +225,7 @@ class ScatlasModel:
         rows = np.arange(adata.n_obs)
         return SplitData(X=X, train=rows[:0], val=rows[:0], batch=batch.astype(np.int64), batch_names=self.batch_names, genes=self.prep.genes)
 
-    def get_latent_representation(self, adata: ad.AnnData | None = None, min_overlap: float = 0.5) -> np.ndarray:
+    def get_latent_representation(self, adata: ad.AnnData | None = None, min_overlap: float = 0.5, gene_key: str | None = None) -> np.ndarray:
         """Latent coordinates of the training cells, or of ``adata`` (genes aligned by name).
 
         Parameters
@@ -234,12 +234,15 @@ class ScatlasModel:
             New cells (raw counts or log-normalised, as in training); ``None``: the training cells.
         min_overlap
             Smallest share of the model's genes that ``adata`` must hold.
+        gene_key
+            Column of ``adata.var`` holding the gene names the model uses (e.g. Ensembl ids beside
+            symbols); default: ``adata.var_names``.
 
         Returns
         -------
         Cells × latent dimensions, float32.
         """
-        data = self.split_for(adata, min_overlap)
+        data = self.split_for(adata, min_overlap, gene_key)
         return self.model.embed(data, np.arange(data.X.shape[0]))
 
     def get_counterfactual(self, batch: str, adata: ad.AnnData | None = None) -> np.ndarray:

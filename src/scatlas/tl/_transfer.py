@@ -63,6 +63,9 @@ class TransferConfig(BaseModel):
     query_layer
         Layer holding the queries' matrices; default: the reference's layer where a query has it,
         else ``.X``.
+    query_gene_key
+        Column of each query's ``.var`` holding the gene names the reference uses (e.g. Ensembl
+        ids beside symbols); default: the queries' ``var_names``.
     model
         Classifier entry, e.g. :data:`METHODS` ``["mlp"]`` with ``loss: ce|hce``.
     calibration_fraction, val_fraction
@@ -89,6 +92,7 @@ class TransferConfig(BaseModel):
     dataset_key: str | None = None
     query_label_key: str | None = None
     query_layer: str | None = None
+    query_gene_key: str | None = None
     model: dict[str, Any] = Field(default_factory=lambda: dict(METHODS["mlp"]))
     n_top_genes: int | None = None
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
@@ -155,18 +159,19 @@ def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
     return compact.astype({c: pd.CategoricalDtype(list(v)) for c, v in categories.items() if c in compact})
 
 
-def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, min_overlap: float, chunk_size: int,
+def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, config: TransferConfig,
                   sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[pd.DataFrame, GeneAlignment]:
     """Map a validated query through the frozen reference model: ``chunk_size`` cells at a time read from the file of a
     backed AnnData (host memory flat in its size), in one piece otherwise.
 
     Each chunk's predictions and probabilities go to ``sink`` (e.g. appended to files); returned
-    are the compact predictions of every cell (:func:`_compact`) and the gene alignment.
+    are the compact predictions of every cell (:func:`_compact`) and the gene alignment
+    (``config``'s ``min_overlap`` and ``query_gene_key``).
     """
     annotator = model.annotator
-    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata))
+    alignment = align_genes(get_var(adata, layer), annotator.genes, config.min_overlap, source_name(adata), config.query_gene_key)
     kept = []
-    for part in cell_chunks(adata, chunk_size):  # each cell's result does not depend on the chunking
+    for part in cell_chunks(adata, config.query_chunk_size):  # each cell's result does not depend on the chunking
         predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy())
         if sink is not None:
             sink(predictions, probabilities)
@@ -291,7 +296,7 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     layers = [trained_layer(q, config.query_layer, config.reference.layer) for q in queries]
     for q, layer in zip(queries, layers, strict=True):
         validate(q, layer=layer, require_counts=config.reference.input == "counts")
-        align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q))
+        align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q), config.query_gene_key)
     for q, layer in zip(queries, layers, strict=True):
         if layer != config.query_layer:
             log(f"{source_name(q)}: reading {matrix_name(q, layer)}, as the reference")
@@ -326,11 +331,11 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         for stem, adata, layer in zip(stems, queries, layers, strict=True):
             qdir = stage / stem
             with ChunkedTable(qdir / "predictions.csv") as csv, ChunkedTable(qdir / "probabilities.parquet") as parquet:
-                pred, alignment = predict_query(reference, adata, layer, config.min_overlap, config.query_chunk_size,
-                                                lambda p, q: (csv.write(p), parquet.write(q)))
+                pred, alignment = predict_query(reference, adata, layer, config, lambda p, q: (csv.write(p), parquet.write(q)))
             report = alignment.report()
             write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
-            log(f"{stem}: {adata.n_obs} cells; {report['shared_genes']} of {report['model_genes']} model genes present ({report['fraction_of_model_genes']:.1%}), the rest set to 0")
+            log(f"{stem}: {adata.n_obs} cells; {report['shared_genes']} of {report['model_genes']} model genes present ({report['fraction_of_model_genes']:.1%}, "
+                f"by {report['query_gene_names']}), the rest set to 0")
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 truth = string_values(adata.obs[config.query_label_key])
@@ -362,6 +367,7 @@ def transfer(
     ontology_key: str | None = None,
     layer: str | None = None,
     query_layer: str | None = None,
+    query_gene_key: str | None = None,
     input: Literal["auto", "counts", "lognorm"] = "auto",
     method: str = "mlp",
     loss: Literal["ce", "hce"] = "ce",
@@ -392,6 +398,9 @@ def transfer(
         Layers holding the reference's / queries' matrices (``"raw"``: ``.raw``, see
         :func:`~scatlas.data.get_matrix`). Default: ``.X`` for the reference; for a query, the
         reference's layer when the query has it, else ``.X``.
+    query_gene_key
+        Column of each query's ``.var`` holding the gene names the reference uses (e.g. Ensembl
+        ids beside symbols, as scanpy's ``gene_symbols``); default: the queries' ``var_names``.
     input
         ``counts``, ``lognorm`` or ``auto`` (counts when the reference holds whole numbers).
     method
@@ -434,7 +443,8 @@ def transfer(
     counts, decided = resolve_input(reference, layer, input)
     values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
                             "input": "counts" if counts else "lognorm"},
-              "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer, "model": {**METHODS[method], "loss": loss, "ensemble": ensemble},
+              "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer,
+              "query_gene_key": query_gene_key, "model": {**METHODS[method], "loss": loss, "ensemble": ensemble},
               "seed": seed, **settings}
     config = load_transfer_config(values)
     data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
@@ -450,8 +460,7 @@ def transfer(
     reference.obs[f"{key}_reference_split"] = pd.Categorical(predictions["reference_split"].to_numpy())
     for q, q_layer in zip(queries, layers, strict=True):
         parts = []
-        pred, _ = predict_query(model, q, q_layer, config.min_overlap, config.query_chunk_size,
-                                lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
+        pred, _ = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
         write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
 
