@@ -102,6 +102,10 @@ def test_query_with_a_third_of_the_genes_missing_reports_overlap_and_embeds(fitt
     assert len(lines) == 1 and "genes found" in lines[0] and "missing ones set to 0" in lines[0]
     with pytest.raises(InputError, match="below the minimum"):
         reloaded.get_latent_representation(adata[:, adata.var_names.isin(model.prep.genes[:100])].copy())
+    renamed = query.copy()  # keyed by other ids, the model's names in a .var column (as CELLxGENE's feature_name)
+    renamed.var["feature_name"] = renamed.var_names.to_numpy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    np.testing.assert_array_equal(reloaded.get_latent_representation(renamed, gene_key="feature_name"), Z)
 
 
 def test_batch_models_refuse_unseen_batches_and_others_ignore_them(fitted):
