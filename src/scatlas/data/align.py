@@ -98,7 +98,7 @@ def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float =
         if column:
             hint = (f"; .var[{column!r}] holds them: name it as the gene column (gene_key={column!r}; "
                     f"CLI: --gene-key {column}, --query-gene-key {column} in `transfer`)")
-        elif gene_key and pd.Index(np.asarray(model_genes, dtype=str)).isin(var.index.astype(str)).mean() >= min_overlap:
+        elif gene_key and _share_found(model_genes, var.index) >= min_overlap:
             hint = "; the var_names hold them: leave the gene column out"
         else:
             hint = " (do the gene identifiers match: symbols vs Ensembl ids?)"
@@ -127,9 +127,13 @@ def gene_names(var: pd.DataFrame, gene_key: str | None = None, source: str = "qu
 
 def _column_with_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float) -> str | None:
     """The first text column of ``var`` whose values hold at least ``min_overlap`` of ``model_genes`` (``None`` if none does)."""
-    wanted = pd.Index(np.asarray(model_genes, dtype=str))
     for column in var.columns:
         values = var[column]
-        if (pd.api.types.is_string_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype)) and wanted.isin(values.astype(str)).mean() >= min_overlap:
+        if (pd.api.types.is_string_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype)) and _share_found(model_genes, values) >= min_overlap:
             return str(column)
     return None
+
+
+def _share_found(model_genes: np.ndarray, names: pd.Index | pd.Series) -> float:
+    """Share of ``model_genes`` among ``names`` (compared as text)."""
+    return float(pd.Index(np.asarray(model_genes, dtype=str)).isin(names.astype(str)).mean())
