@@ -2,7 +2,7 @@
 
 Symphony PBMCs: each chemistry held out in turn (reference = the two others, classes = Cell
 Ontology ids); kang18: ctrl → stim and stim → ctrl (``author_cell_type``). Each row is one
-``scatlas.tl.transfer`` (default MLP preset) with ``loss`` ce or hce, scored on the query: exact
+``scatlas.tl.transfer`` (the default preset) with ``loss`` ce or hce, scored on the query: exact
 accuracy and macro F1 of the finest-class call, the share of CD14 monocytes called CD16
 monocytes, the accuracy of the hierarchical calls (right when the call is the truth or an
 ancestor of it) and how often they are exact, and the wall time; LogisticRegression (max_iter 2000) on the same log-normalised genes
@@ -85,7 +85,7 @@ def run(adata: ad.AnnData, train: np.ndarray, test: np.ndarray, name: str, label
         start = time.perf_counter()
         sa.tl.transfer(reference, q, label_key=label_key, ontology_key=ontology_key, loss=loss, dataset_key=dataset_key, log=lambda _: None)
         wall = time.perf_counter() - start
-        rows.append({"split": name, "model": f"scatlas mlp {loss}", **score(q, truth_key, truth_key, ontology if ontology_key else None, coarse_only), "wall_s": wall})
+        rows.append({"split": name, "model": f"scatlas default {loss}", **score(q, truth_key, truth_key, ontology if ontology_key else None, coarse_only), "wall_s": wall})
     acc, f1, wall = lr_peer(adata, train, test, truth_key)
     rows.append({"split": name, "model": "LogisticRegression", "accuracy": acc, "macro_f1": f1, "cd14_called_cd16": float("nan"), "wall_s": wall})
     return rows

@@ -1,11 +1,11 @@
 """Choosing the classifier preset of ``tl.transfer`` / ``annotate`` by held-out batches, over seeds.
 
 Every held-out split of ``benchmarks/hce_transfer.py`` (symphony: each chemistry in turn; kang18:
-ctrl → stim and stim → ctrl), one ``scatlas.tl.transfer`` per split, seed and candidate MLP
-setting; the table gives the mean and the range over seeds of exact accuracy, macro F1 and (on
+ctrl → stim and stim → ctrl), one ``scatlas.tl.transfer`` per split, seed and candidate classifier
+setting (``--grid linear``: the full-batch linear model's settings beside the MLP preset); the table gives the mean and the range over seeds of exact accuracy, macro F1 and (on
 symphony) the share of CD14 monocytes called CD16 monocytes on the queries. scikit-learn's LogisticRegression on the same genes is the peer (it has no seed).
 
-    python benchmarks/transfer_defaults.py [--seeds 5] [--grid dropout|batch_size|batch_lr|weight_decay|hidden|class_weighted|ensemble]
+    python benchmarks/transfer_defaults.py [--seeds 5] [--grid linear|dropout|batch_size|batch_lr|weight_decay|hidden|class_weighted|ensemble]
 """
 
 from __future__ import annotations
@@ -29,7 +29,14 @@ def _mlp(dropout: float, batch_size: int = 64, lr: float = 1e-3, weight_decay: f
             "training": {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size}}
 
 
+def _linear(C: float, gene_scale: float, output: str = "ovr") -> dict:
+    return {"type": "linear", "solver": "lbfgs", "output": output, "C": C, "gene_scale": gene_scale}
+
+
 GRIDS = {
+    # the full-batch linear model (deterministic: one seed is enough): L2 strength and the power of each gene's standard deviation it is divided by
+    "linear": {**{f"linear lbfgs ovr, C {c:g}, gene scale {a:g}": _linear(c, a) for c in (0.01, 0.03, 0.1) for a in (0.0, 0.5, 1.0)},
+               "linear lbfgs softmax, C 0.03, gene scale 0.5": _linear(0.03, 0.5, "softmax"), "mlp preset": _mlp(0.3)},
     "dropout": {f"mlp 256-128, dropout {d}": _mlp(d) for d in (0.1, 0.3)},
     "batch_size": {f"mlp 256-128, dropout 0.3, batch {b}": _mlp(0.3, b) for b in (64, 256, 1024)},
     # larger minibatches with the learning rate raised with them (fewer, larger steps)

@@ -18,7 +18,7 @@ from scatlas import InputError
 from scatlas.settings import TrainingConfig
 from scatlas.tl._annotation import Annotator, annotate, label_space, load_annotate_config, scaled_training, train_annotator
 from scatlas.cli import app
-from scatlas.losses import hierarchical_cross_entropy
+from scatlas.losses import hierarchical_cross_entropy, one_vs_rest_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct
 from scatlas.nn.tabnet import entmax15, sparsemax
 from scatlas.metrics.calibration import softmax
@@ -93,6 +93,65 @@ def test_hce_hand_computed():
     z = torch.randn(6, 3)
     t = torch.tensor([0, 1, 2, 0, 1, 2])
     assert hierarchical_cross_entropy(z, t, torch.eye(3), w).item() == F.cross_entropy(z, t, weight=w).item()  # exactly
+
+
+def test_one_vs_rest_hce_hand_computed():
+    z = torch.tensor([[0.0, 1.0, -1.0]])
+    s = torch.sigmoid(z)[0].double().numpy()
+    R = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # class 1 is a child of class 0
+    # target 0 (parent): class 0 or class 1 is on, class 2 is off
+    parent = -np.log(1 - (1 - s[0]) * (1 - s[1])) - np.log(1 - s[2])
+    assert one_vs_rest_cross_entropy(z, torch.tensor([0]), R).item() == pytest.approx(parent, abs=1e-6)
+    # target 1 (leaf), or no hierarchy: a binary cross-entropy per class against the one-hot target
+    leaf = -np.log(1 - s[0]) - np.log(s[1]) - np.log(1 - s[2])
+    assert one_vs_rest_cross_entropy(z, torch.tensor([1]), R).item() == pytest.approx(leaf, abs=1e-6)
+    assert one_vs_rest_cross_entropy(z, torch.tensor([1])).item() == pytest.approx(leaf, abs=1e-6)
+    # class-weighted mean over a batch, as nll_loss
+    w = torch.tensor([2.0, 1.0, 1.0])
+    got = one_vs_rest_cross_entropy(z.repeat(2, 1), torch.tensor([0, 1]), R, weight=w).item()
+    assert got == pytest.approx((2 * parent + leaf) / 3, abs=1e-6)
+    # a flat partition: hierarchical equals ordinary one-vs-rest to the bit, and the gradient stays finite far out
+    zz, t = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert one_vs_rest_cross_entropy(zz, t, torch.eye(3), w).item() == one_vs_rest_cross_entropy(zz, t, None, w).item()
+    far = torch.tensor([[-40.0, -40.0, 40.0]], requires_grad=True)
+    one_vs_rest_cross_entropy(far, torch.tensor([0]), R).backward()
+    assert torch.isfinite(far.grad).all()
+
+
+@pytest.mark.parametrize(("output", "gene_scale"), [("ovr", 0.5), ("softmax", 0.0)])
+def test_full_batch_linear_equals_scikit_learn(output, gene_scale):
+    """``solver: lbfgs`` is L2 logistic regression as scikit-learn fits it (one-vs-rest or multinomial), on kang's ctrl cells; deterministic."""
+    from conftest import data_path
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from scatlas.data import normalize_log1p
+    from scatlas.models import LinearClassifier
+    from scatlas.models.base import SplitData
+    from scatlas.models.classifiers import LinearConfig
+    from scatlas.train import TrainConfig
+
+    kang = ad.read_h5ad(data_path("kang18_muscat_4samples.h5ad"))
+    kang = kang[kang.obs["group_id"] == "ctrl"]
+    X = normalize_log1p(kang.X).tocsr()
+    classes, codes = np.unique(kang.obs["author_cell_type"].astype(str), return_inverse=True)
+    n = X.shape[0]
+    data = SplitData(X=X, train=np.arange(n - 100), val=np.arange(n - 100, n), batch=np.zeros(n, dtype=np.int64), batch_names=["ctrl"],
+                     label=codes, label_names=list(classes))
+    fits = []
+    for _ in range(2):
+        model = LinearClassifier(LinearConfig(solver="lbfgs", output=output, C=0.1, gene_scale=gene_scale, class_weighted=False),
+                                 TrainConfig(progress=False, accelerator="cpu"))
+        history = model.fit(data)
+        fits.append(model.module.backbone.head.weight.detach().clone())
+    assert torch.equal(*fits) and history["train_loss"].is_monotonic_decreasing and len(history) > 10
+    sd = X.toarray().std(0, ddof=1)
+    scaled = X.multiply(1 / np.where(sd > 0, sd, 1) ** gene_scale).tocsr()  # the early-stopping cells join a full-batch fit
+    peer = LogisticRegression(C=0.1, tol=1e-8, max_iter=10_000)
+    peer = (OneVsRestClassifier(peer) if output == "ovr" else peer).fit(scaled, codes)
+    ours = model.predict_proba(data, np.arange(n))
+    np.testing.assert_allclose(ours, peer.predict_proba(scaled), atol=2e-3)
+    assert (ours.argmax(1) == peer.predict(scaled)).mean() > 0.995
 
 
 def test_label_meaning_per_source_hand_computed():
@@ -291,7 +350,7 @@ def test_training_scales_with_the_reference_size():
 
 def test_cli_train_stream_gives_the_loaded_models(zheng, tmp_path):
     """`annotate train --stream` trains every fold and the final model from the file (X never loaded): the same metrics and calls."""
-    args = ["annotate", "train", str(zheng), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id", "--model", "linear",
+    args = ["annotate", "train", str(zheng), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id", "--model", "mlp",
             "--loss", "hce", "--n-splits", "3", "--max-epochs", "3", "--n-top-genes", "1000"]
     for name, extra in (("loaded", []), ("streamed", ["--stream"])):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / name), *extra])

@@ -249,7 +249,7 @@ def test_annotate_refuses_bad_input(files, work):
     kang = str(files["kang"])
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--model", "forest"], "--model", "'forest'")
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--filter", "sample_id"], "COLUMN=VALUE")
-    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--ensemble", "0"], "model: invalid entry for 'mlp': ensemble", "greater than or equal to 1")
+    refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--ensemble", "0"], "model: invalid entry for 'linear': ensemble", "greater than or equal to 1")
     refused(work, ["annotate", "train", kang, "--label-key", "celltype", "--out", "ann"], "obs column 'celltype' not found")
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--ontology-key", "cl_id", "--out", "ann"], "'cl_id' not found")
     (work / "ann").mkdir()
@@ -264,7 +264,9 @@ def test_transfer_refuses_before_training(files, work):
     kang = str(files["kang"])
     base = ["transfer", "--reference", kang, "--label-key", "cell_type", "--out", "tr"]
     refused(work, [*base, "--query", kang, "--method", "forest"], "--method", "'forest'")
-    refused(work, [*base, "--query", kang, "--ensemble", "0"], "model: invalid entry for 'mlp': ensemble", "greater than or equal to 1")
+    refused(work, [*base, "--query", kang, "--ensemble", "0"], "model: invalid entry for 'linear': ensemble", "greater than or equal to 1")
+    refused(work, [*base, "--query", kang, "--ensemble", "3"], "solver 'lbfgs' is deterministic", "use ensemble 1")  # the default linear model
+    refused(work, [*base, "--query", kang, "--method", "linear", "--stream"], "solver 'lbfgs' (the linear method) needs the reference in memory", "mlp")
     refused(work, [*base, "--query", str(work / "absent.h5ad")], "absent.h5ad: file not found")
     refused(work, [*base, "--query", str(files["kang_ensembl"])], "kang_ensembl.h5ad", "0 of the model's 1267 genes", ".var['SYMBOL'] holds them",
             "--query-gene-key SYMBOL")
@@ -320,6 +322,11 @@ def test_transfer_api_refuses_a_model_that_is_not_a_classifier_or_clashes_with_m
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "ae"}, log=lambda _: None)
     with pytest.raises(ConfigError, match="pass either `model`.*or `method` / `loss` / `ensemble`, not both"):
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "mlp"}, loss="hce", log=lambda _: None)
+    with pytest.raises(ConfigError, match="C: only for solver 'lbfgs'"):
+        sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "linear", "C": 0.1}, log=lambda _: None)
+    with pytest.raises(ConfigError, match="solver 'lbfgs' needs the reference in memory"):  # a backed reference streams
+        kang.write_h5ad(files["kang"].parent / "kang_copy.h5ad")
+        sa.tl.transfer(ad.read_h5ad(files["kang"].parent / "kang_copy.h5ad", backed="r"), kang, label_key="cell_type", method="linear", log=lambda _: None)
 
 
 def test_aggregate_and_benchmark_refuse_bad_input(files, work):

@@ -202,7 +202,7 @@ def test_cli_embed_stream_keeps_host_memory_flat(tmp_path):
 def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     reference = symphony[symphony.obs["batch"] != "5p"].copy()
     query = symphony[symphony.obs["batch"] == "5p"].copy()
-    model = sa.tl.transfer(reference, query, label_key="author_cell_type", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
+    model = sa.tl.transfer(reference, query, label_key="author_cell_type", method="mlp", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
     for adata in (reference, query):
         for column in ("author_cell_type_pred", "author_cell_type_pred_label", "author_cell_type_pred_score", "author_cell_type_unknown"):
             assert column in adata.obs
@@ -213,14 +213,14 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
 
     query.write_h5ad(tmp_path / "query.h5ad")
     backed = read_anndata(tmp_path / "query.h5ad", backed=True)  # mapped 100 cells at a time from the file
-    sa.tl.transfer(reference.copy(), backed, label_key="author_cell_type", log=lambda _: None, query_chunk_size=100,
+    sa.tl.transfer(reference.copy(), backed, label_key="author_cell_type", method="mlp", log=lambda _: None, query_chunk_size=100,
                    training={"max_epochs": 15, "batch_size": 64})
     pd.testing.assert_frame_equal(backed.obs, query.obs)
     # float32 matrix products over 100-cell chunks and over the whole query may round differently on some CPUs (seen: 1.2e-7)
     np.testing.assert_allclose(backed.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"], rtol=1e-5, atol=1e-6)
     reference.write_h5ad(tmp_path / "reference.h5ad")  # a backed reference: trained from its file, never loaded
     streamed, streamed_query = read_anndata(tmp_path / "reference.h5ad", backed=True), query.copy()
-    sa.tl.transfer(streamed, streamed_query, label_key="author_cell_type", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
+    sa.tl.transfer(streamed, streamed_query, label_key="author_cell_type", method="mlp", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
     pd.testing.assert_frame_equal(streamed.obs, reference.obs)
     pd.testing.assert_frame_equal(streamed_query.obs, query.obs)
     with pytest.raises(InputError, match="only a whole backed AnnData"):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from scatlas.cli import app
 from scatlas.metrics import expected_calibration_error, fit_temperature
 from scatlas.metrics.calibration import softmax
+from scatlas.tl._annotation import METHODS
 from scatlas.tl._transfer import load_transfer_config, run_transfer
 
 runner = CliRunner()
@@ -103,7 +104,7 @@ def test_query_mapped_in_chunks_from_disk_equals_one_piece(chemistries, tmp_path
 def test_streamed_reference_gives_the_loaded_results(chemistries, tmp_path):
     """`stream: true` on the reference: it trains from its file (never loaded) and every output equals the loaded run's."""
     reference, query = chemistries["5p"]
-    fast = {"training": {"max_epochs": 3, "batch_size": 64, "patience": 0}, "n_top_genes": 800, "query_chunk_size": 250}
+    fast = {"training": {"max_epochs": 3, "batch_size": 64, "patience": 0}, "n_top_genes": 800, "query_chunk_size": 250, "model": METHODS["mlp"]}
     loaded = run_transfer(_config(reference, [query], **fast), tmp_path / "loaded", log=lambda _: None)
     config = _config(reference, [query], **fast)
     streamed = run_transfer(config.model_copy(update={"reference": config.reference.model_copy(update={"stream": True})}), tmp_path / "streamed", log=lambda _: None)
@@ -258,7 +259,8 @@ def test_cli_onek1k_reference_keyed_by_ensembl_ids_maps_kang_by_its_ensembl_colu
     truth = ad.read_h5ad(kang, backed="r").obs["cell_type"].astype(str).to_numpy()
     called = pd.crosstab(truth, pred["predicted"].to_numpy(), normalize="index")
     assert called.loc["CD4-positive, alpha-beta T cell", "CD4-positive, alpha-beta T cell"] > 0.9
-    assert called.loc["CD14-low, CD16-positive monocyte", "non-classical monocyte"] > 0.7
+    # 74% of the model's genes are missing: the default linear model calls a third of CD16 monocytes classical (the MLP: 14%)
+    assert called.loc["CD14-low, CD16-positive monocyte", "non-classical monocyte"] > 0.6
     assert called.loc["CD14-positive monocyte", "classical monocyte"] > 0.8 and called.loc["B cell", "memory B cell"] > 0.8
     # the saved reference classifier annotates the same query through `annotate predict --gene-key` (argmax: as the transfer's)
     result = runner.invoke(app, ["annotate", "predict", str(tmp_path / "out" / "reference" / "model"), str(kang), "--gene-key", "ENSEMBL",
@@ -284,11 +286,11 @@ def test_ensemble_head_is_the_members_mean_probability():
 def test_ensemble_members_train_apart_and_predict_their_mean(chemistries, tmp_path):
     """`--ensemble 3`: member 0 is the single network of the same seed, to the bit; the others early-stop on their own
     held-out draws; the saved model predicts the members' mean probability, also after `annotate predict` reloads it."""
-    from scatlas.tl._annotation import METHODS, Annotator
+    from scatlas.tl._annotation import Annotator
 
     reference, query = chemistries["5p"]
     fast = {"training": {"max_epochs": 4, "batch_size": 64, "patience": 0}}
-    run_transfer(_config(reference, [query], **fast), tmp_path / "one", log=lambda _: None)
+    run_transfer(_config(reference, [query], model=METHODS["mlp"], **fast), tmp_path / "one", log=lambda _: None)
     summary = run_transfer(_config(reference, [query], model={**METHODS["mlp"], "ensemble": 3}, **fast),
                            tmp_path / "three", log=lambda _: None)
     assert summary.set_index("dataset").loc["query_5p", "accuracy"] > 0.9
@@ -330,7 +332,7 @@ def test_raw_selected_by_layer_raw_as_scanpy_keeps_it(tmp_path):
     query.write_h5ad(tmp_path / "query.h5ad")
     for run in ("loaded", "streamed"):
         args = ["transfer", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "query.h5ad"), "--label-key", "bulk_labels",
-                "--layer", "raw", "--query-layer", "raw", "--max-epochs", "3", "--out", str(tmp_path / run)]
+                "--layer", "raw", "--query-layer", "raw", "--method", "mlp", "--max-epochs", "3", "--out", str(tmp_path / run)]
         result = runner.invoke(app, [*args, *(["--stream"] if run == "streamed" else [])])
         assert result.exit_code == 0, result.output
         assert "ref.h5ad: .raw holds non-integer values: treated as log-normalised" in result.output  # --input auto, as the API's

@@ -202,6 +202,8 @@ _INPUT_HELP = "auto (counts if the matrix holds whole numbers), counts (normalis
 _BATCH_HELP = "Cells per minibatch (default: 64, doubled above 65,536 training cells so an epoch is at most 1,024 steps, up to 4,096)."
 _GENE_KEY_HELP = ("Query .var column holding the gene names the model uses (e.g. ENSEMBL beside symbols, as scanpy's gene_symbols; "
                   "default: the query's var_names).")
+_METHOD_HELP = ("Classifier: linear (default in memory: one-vs-rest logistic regression, full-batch), "
+                "mlp (default with --stream) or tabnet.")
 _ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
@@ -252,7 +254,7 @@ def annotate_train(
     out: Annotated[Path, typer.Option(help="Output directory.")],
     ontology_key: Annotated[str | None, typer.Option(help="Column of Cell Ontology ids (classes become CL ids; needed for --loss hce).")] = None,
     dataset_key: Annotated[str | None, typer.Option(help="Column naming each cell's source study: a label's HCE meaning is set per source (default: one source).")] = None,
-    model: Annotated[str, typer.Option(help="linear, mlp or tabnet.")] = "mlp",
+    model: Annotated[str | None, typer.Option(help=_METHOD_HELP)] = None,
     loss: Annotated[str, typer.Option(help="ce or hce (hierarchical cross-entropy).")] = "ce",
     ensemble: Annotated[int, typer.Option(help=_ENSEMBLE_HELP)] = 1,
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column (stratifies splits and metrics).")] = None,
@@ -274,9 +276,9 @@ def annotate_train(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model."""
-    from scatlas.tl._annotation import METHODS, load_annotate_config, train_annotator
+    from scatlas.tl._annotation import METHODS, default_method, load_annotate_config, train_annotator
 
-    if model not in METHODS:
+    if model is not None and model not in METHODS:
         raise ConfigError(f"--model must be one of {sorted(METHODS)}, got {model!r}")
     kind, log = _input_kind(data, layer, input)
     cfg = load_annotate_config(
@@ -288,7 +290,7 @@ def annotate_train(
             "dataset_key": dataset_key,
             "ontology_obo": ontology_obo,
             "label_map": label_map,
-            "model": {**METHODS[model], "loss": loss, "ensemble": ensemble},
+            "model": {**METHODS[model or default_method(stream)], "loss": loss, "ensemble": ensemble},
             "n_top_genes": n_top_genes,
             "split": {"kind": split, "n_splits": n_splits or 5, "group_key": group_key, "seed": seed},
             "cross_validate": n_splits != 0,
@@ -360,7 +362,7 @@ def transfer(
     ontology_key: Annotated[str | None, typer.Option(help="Reference column of Cell Ontology ids (enables --loss hce).")] = None,
     dataset_key: Annotated[str | None, typer.Option(help="Reference column naming each cell's source study (sets each label's HCE meaning).")] = None,
     query_label_key: Annotated[str | None, typer.Option(help="Query column with known labels (evaluation mode).")] = None,
-    method: Annotated[str, typer.Option(help="Reference classifier: linear, mlp or tabnet.")] = "mlp",
+    method: Annotated[str | None, typer.Option(help=_METHOD_HELP)] = None,
     loss: Annotated[str, typer.Option(help="ce or hce.")] = "ce",
     ensemble: Annotated[int, typer.Option(help=_ENSEMBLE_HELP)] = 1,
     input: Annotated[str, typer.Option(help="auto (counts if the reference holds whole numbers), counts or lognorm (reference and queries).")] = "auto",
@@ -379,9 +381,10 @@ def transfer(
     batch_size: Annotated[int | None, typer.Option(help=_BATCH_HELP)] = None,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
+    from scatlas.tl._annotation import default_method
     from scatlas.tl._transfer import METHODS, load_transfer_config, run_transfer
 
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {method!r}")
     kind, log = _input_kind(reference, layer, input)
     cfg = load_transfer_config(
@@ -394,7 +397,7 @@ def transfer(
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
             "query_label_key": query_label_key,
-            "model": {**METHODS[method], "loss": loss, "ensemble": ensemble},
+            "model": {**METHODS[method or default_method(stream)], "loss": loss, "ensemble": ensemble},
             "training": _classifier_training(max_epochs, batch_size, chunk_size),
             "confidence_threshold": confidence_threshold,
             "distance_quantile": distance_quantile,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -40,12 +42,60 @@ def hierarchical_cross_entropy(
     satisfies = R[src, target] > 0
     log_p = F.log_softmax(logits, dim=1)
     log_q = torch.logsumexp(log_p.masked_fill(~satisfies, float("-inf")), dim=1)
-    return F.nll_loss(log_p.scatter(1, target[:, None], log_q[:, None]), target, weight=weight)
+    return F.nll_loss(log_p.scatter(1, target[:, None], log_q[:, None]), target, weight=None if weight is None else weight.to(logits.dtype))
+
+
+def one_vs_rest_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    reachability: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One-vs-rest cross-entropy (a binary cross-entropy per class, summed), optionally hierarchical.
+
+    Each class ``j`` has its own probability ``σ(z_j)``, as in scikit-learn's and CellTypist's
+    one-vs-rest logistic regression. For a target ``y`` whose satisfying classes (its row of the
+    reachability matrix) are ``P``, the cell's loss is ``-log(1 - Π_{j∈P} (1 - σ_j)) - Σ_{j∉P}
+    log(1 - σ_j)``: some class of ``P`` is on, every other class is off. Without a reachability
+    matrix, or for a target whose row holds only itself, it is the sum of the binary
+    cross-entropies against the one-hot target (computed as such: equal to the bit). The mean over cells is weighted by ``weight[y]``
+    (as ``F.nll_loss``).
+
+    Parameters
+    ----------
+    logits
+        ``(n, n_classes)`` scores ``z``.
+    target
+        ``(n,)`` class indices.
+    reachability, source
+        As for :func:`hierarchical_cross_entropy` (``None``: ordinary one-vs-rest).
+    weight
+        Per-class weights.
+    """
+    per_cell = F.binary_cross_entropy_with_logits(logits, F.one_hot(target, logits.shape[1]).to(logits.dtype), reduction="none").sum(1)
+    if reachability is not None:
+        R = reachability if reachability.dim() == 3 else reachability[None]
+        satisfies = R[source if source is not None else torch.zeros_like(target), target] > 0
+        log_off = F.logsigmoid(-logits)  # log(1 - σ)
+        all_off = log_off.masked_fill(~satisfies, 0.0).sum(1)  # log Π_{P} (1 - σ_j) < 0
+        hierarchical = -_log1mexp(all_off) - log_off.masked_fill(satisfies, 0.0).sum(1)
+        per_cell = torch.where(satisfies.sum(1) > 1, hierarchical, per_cell)  # a target only itself satisfies: exactly the one-hot loss
+    w = torch.ones_like(per_cell) if weight is None else weight.to(per_cell.dtype)[target]
+    return (w * per_cell).sum() / w.sum()
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(a))`` for ``a < 0``, accurate at both ends (Mächler 2012); each branch sees only its own inputs."""
+    cut = -math.log(2.0)
+    near = torch.log(-torch.expm1(a.clamp(min=cut, max=-torch.finfo(a.dtype).tiny)))
+    far = torch.log1p(-torch.exp(a.clamp(max=cut)))
+    return torch.where(a > cut, near, far)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Ordinary (optionally class-weighted) cross-entropy."""
-    return F.cross_entropy(logits, target, weight=weight)
+    return F.cross_entropy(logits, target, weight=None if weight is None else weight.to(logits.dtype))
 
 
 def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

@@ -69,8 +69,8 @@ class TrainingConfig(Strict):
 
 
 def format_errors(exc: ValidationError) -> str:
-    """Every error of a pydantic validation on one line (`field: message; ...`)."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {_message(e)}" for e in exc.errors())
+    """Every error of a pydantic validation on one line (`field: message; ...`; a check across fields: its message alone)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {_message(e)}" if e["loc"] else _message(e) for e in exc.errors())
 
 
 def _message(error: Any) -> str:

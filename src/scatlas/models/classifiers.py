@@ -2,8 +2,11 @@
 
 Each is trained with ordinary cross-entropy (``loss: ce``) or hierarchical cross-entropy over
 the Cell Ontology (``loss: hce``; needs the split's reachability matrix), with balanced class
-weights on the training split. Defaults follow scTab (AdamW, StepLR(1, 0.9), gradient-norm
-clip 1.0; per-model learning rate and weight decay). With ``ensemble: K`` a classifier is K
+weights on the training split, over a softmax (``output: softmax``) or one probability per class
+(``output: ovr``, one-vs-rest as scikit-learn's and CellTypist's logistic regression). Defaults
+follow scTab (AdamW, StepLR(1, 0.9), gradient-norm clip 1.0; per-model learning rate and weight
+decay). The linear model can instead be fitted full-batch (``solver: lbfgs``): L2-regularised
+logistic regression solved to convergence by L-BFGS, as scikit-learn fits it, deterministic. With ``ensemble: K`` a classifier is K
 networks fitted one after another, each with its own seed and its own draw of the early-stopping
 cells from the same training rows; it predicts their mean probability (a deep ensemble,
 Lakshminarayanan et al. 2017). They also register as models of ``scatlas run``: their latent is
@@ -18,13 +21,16 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
+from scipy.optimize import minimize
 from torch.nn import functional as F
 
 from scatlas.data.loaders import Batch
-from scatlas.losses import cross_entropy, hierarchical_cross_entropy
+from scatlas.data.preprocess import gene_moments
+from scatlas.losses import cross_entropy, hierarchical_cross_entropy, one_vs_rest_cross_entropy
 from scatlas.data.splits import holdout
 from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register
 from scatlas.nn.tabnet import TabNet
@@ -47,6 +53,10 @@ class ClassifierModule(nn.Module):
         weights: prediction never needs it).
     sparsity_weight
         Weight of TabNet's mask-entropy regulariser.
+    output
+        ``softmax`` or ``ovr`` (one-vs-rest: a sigmoid per class; :meth:`logits` then returns
+        ``log σ(z)``, so their softmax is the per-class probabilities normalised to sum to 1, as
+        scikit-learn's one-vs-rest ``predict_proba``).
     """
 
     def __init__(
@@ -56,6 +66,7 @@ class ClassifierModule(nn.Module):
         class_weights: torch.Tensor | None = None,
         reachability: torch.Tensor | None = None,
         sparsity_weight: float = 0.0,
+        output: str = "softmax",
     ) -> None:
         super().__init__()
         if loss == "hce" and reachability is None:
@@ -65,14 +76,16 @@ class ClassifierModule(nn.Module):
         self.register_buffer("class_weights", class_weights)
         self.register_buffer("reachability", reachability, persistent=False)
         self.sparsity_weight = sparsity_weight
+        self.output = output
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Representation before the output layer."""
         return self.backbone.encode(batch["x"])[0]
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        """Class scores."""
-        return self.backbone.head(self.embed(batch))
+        """Class scores (``log σ(z)`` for a one-vs-rest output)."""
+        z = self.backbone.head(self.embed(batch))
+        return F.logsigmoid(z) if self.output == "ovr" else z
 
     def proba(self, batch: Batch) -> torch.Tensor:
         """Softmax probabilities."""
@@ -81,16 +94,21 @@ class ClassifierModule(nn.Module):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``class`` (CE or HCE, class-weighted in training), ``sparsity`` (TabNet) and ``loss``."""
         h, sparsity = self.backbone.encode(batch["x"])
-        logits = self.backbone.head(h)
-        weight = self.class_weights if self.training else None
-        if self.loss_kind == "hce":
-            ce = hierarchical_cross_entropy(logits, batch["label"], self.reachability, weight, batch.get("source"))
-        else:
-            ce = cross_entropy(logits, batch["label"], weight)
+        ce = self.class_loss(self.backbone.head(h), batch["label"], batch.get("source"))
         terms = {"class": ce, "loss": ce + self.sparsity_weight * sparsity}
         if self.sparsity_weight:
             terms["sparsity"] = sparsity
         return terms
+
+    def class_loss(self, z: torch.Tensor, label: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """The classification term on the head's scores ``z`` (class-weighted in training)."""
+        weight = self.class_weights if self.training else None
+        reachability = self.reachability if self.loss_kind == "hce" else None
+        if self.output == "ovr":
+            return one_vs_rest_cross_entropy(z, label, reachability, weight, source)
+        if reachability is not None:
+            return hierarchical_cross_entropy(z, label, reachability, weight, source)
+        return cross_entropy(z, label, weight)
 
 
 class Ensemble(nn.Module):
@@ -150,15 +168,57 @@ class ClassifierConfig(ModelConfig):
     """Shared classifier settings."""
 
     loss: Literal["ce", "hce"] = "ce"
+    output: Literal["softmax", "ovr"] = "softmax"
     class_weighted: bool = True
     ensemble: int = Field(1, ge=1)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ClassifierConfig:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Refuse settings that contradict each other (a ``ValueError``)."""
+        if self.ensemble > 1 and self.output != "softmax":
+            raise ValueError("ensemble averages softmax members: it needs output 'softmax'")
+
 
 class LinearConfig(ClassifierConfig):
-    """Linear classifier (scTab: lr 5e-4, weight decay 0.01)."""
+    """Linear classifier (scTab: AdamW, lr 5e-4, weight decay 0.01), or logistic regression fitted full-batch.
+
+    Attributes
+    ----------
+    solver
+        ``adam``: minibatches through the training engine (streams from disk). ``lbfgs``: the
+        whole reference at once, L-BFGS to convergence (the reference in memory; deterministic,
+        so no seed or ensemble; the early-stopping cells join the fit).
+    C
+        ``lbfgs``: inverse strength of the L2 penalty, as scikit-learn's ``C`` (the objective is
+        the class-weighted mean loss plus ``‖W‖² / (2 C n)`` over ``n`` cells; intercepts are
+        not penalised).
+    gene_scale
+        ``lbfgs``: each gene is divided by its standard deviation on the fitted cells to this
+        power before the penalty applies (0: none; 1: unit variance as CellTypist's scaling);
+        the saved weights act on the unscaled genes.
+    max_iter
+        ``lbfgs``: most iterations.
+    """
 
     type: str = "linear"
     training: dict[str, Any] = Field(default_factory=lambda: {"lr": 5e-4, "weight_decay": 0.01, "lr_decay": 0.9, "gradient_clip": 1.0})
+    solver: Literal["adam", "lbfgs"] = "adam"
+    C: float = Field(1.0, gt=0)
+    gene_scale: float = Field(0.0, ge=0, le=1)
+    max_iter: int = Field(1000, ge=1)
+
+    def check(self) -> None:
+        """Also: the ``lbfgs`` fields only with that solver, and no ensemble of identical full-batch fits."""
+        given = sorted({"C", "gene_scale", "max_iter"} & self.model_fields_set)
+        if self.solver == "adam" and given:
+            raise ValueError(f"{', '.join(given)}: only for solver 'lbfgs'")
+        if self.solver == "lbfgs" and self.ensemble > 1:
+            raise ValueError("solver 'lbfgs' is deterministic: its ensemble members would be identical (use ensemble 1)")
+        super().check()
 
 
 class MLPConfig(ClassifierConfig):
@@ -190,6 +250,11 @@ class CellTypeClassifier(NeuralModel):
     needs_labels = True
     latent_name = "latent"
 
+    @property
+    def full_batch(self) -> bool:
+        """Whether the fit is full-batch and deterministic (cheap to repeat on more cells, no early stopping)."""
+        return False
+
     def backbone(self, n_in: int, n_classes: int) -> nn.Module:
         """The network for ``n_in`` genes and ``n_classes`` classes."""
         raise NotImplementedError
@@ -206,7 +271,7 @@ class CellTypeClassifier(NeuralModel):
 
             raise ConfigError(f"{cfg.type}: loss 'hce' needs Cell Ontology labels (set an ontology key)")
         members = [self.backbone(data.n_genes, len(data.label_names)) for _ in range(cfg.ensemble)]
-        return ClassifierModule(members[0] if cfg.ensemble == 1 else Ensemble(members), cfg.loss, weights, R, getattr(cfg, "sparsity_weight", 0.0))
+        return ClassifierModule(members[0] if cfg.ensemble == 1 else Ensemble(members), cfg.loss, weights, R, getattr(cfg, "sparsity_weight", 0.0), cfg.output)
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
         """Train one network, or the ``ensemble`` members one after another; returns the epoch history.
@@ -265,6 +330,75 @@ class LinearClassifier(CellTypeClassifier):
     def backbone(self, n_in: int, n_classes: int) -> nn.Module:
         """One linear layer."""
         return LinearBackbone(n_in, n_classes)
+
+    @property
+    def full_batch(self) -> bool:
+        """``solver: lbfgs``."""
+        return self.config.solver == "lbfgs"  # type: ignore[attr-defined]
+
+    def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
+        """Train through the engine (``solver: adam``) or full-batch (``lbfgs``, :func:`fit_lbfgs`); returns the history."""
+        cfg: LinearConfig = self.config  # type: ignore[assignment]
+        if cfg.solver == "adam":
+            return super().fit(data, checkpoint_dir, resume)
+        if not isinstance(data.X, sp.spmatrix):
+            from scatlas._errors import ConfigError
+
+            raise ConfigError("linear: solver 'lbfgs' needs the reference in memory (it is streamed from disk): "
+                              "use the mlp method, or solver 'adam', for a streamed reference")
+        rows = np.union1d(data.train, data.val)
+        data = replace(data, train=rows, val=rows[:0])
+        self.module = self.build_module(data)
+        self.plan = None
+        return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter)
+
+
+def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: float, max_iter: int) -> pd.DataFrame:
+    """Fit ``module``'s linear head on the cells ``data.train`` full-batch by L-BFGS (scipy's L-BFGS-B, float64).
+
+    Minimises ``module.class_loss(X (s ∘ W) + b)`` (the class-weighted mean of CE, HCE or their
+    one-vs-rest forms) ``+ ‖W‖² / (2 C n)``, where ``s`` divides each gene by its standard
+    deviation on those cells to the power ``gene_scale``; the head gets ``s ∘ W`` and ``b``. The
+    matrix products run in scipy, the loss and its gradient with respect to the scores in torch,
+    so the fit is deterministic on a CPU. Stops as scikit-learn's ``lbfgs`` solver does
+    (projected gradient below 1e-5, or no relative progress).
+
+    Returns
+    -------
+    One row per iteration: ``epoch``, ``train_loss`` (the objective) and ``train_class`` (its loss term).
+    """
+    X = sp.csr_matrix(data.X[data.train])
+    label = torch.as_tensor(data.label[data.train], dtype=torch.long)
+    source = data.sources_of(data.train)
+    source = None if source is None else torch.as_tensor(source, dtype=torch.long)
+    n, n_genes = X.shape
+    n_classes = module.backbone.head.out_features
+    _, var = gene_moments(X)
+    scale = np.where(var > 0, var, 1.0) ** (-gene_scale / 2)
+    module.train()
+    terms: dict[str, float] = {}
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        W, b = theta[: n_genes * n_classes].reshape(n_genes, n_classes), theta[n_genes * n_classes :]
+        z = torch.from_numpy(X @ (scale[:, None] * W) + b).requires_grad_()
+        loss = module.class_loss(z, label, source)
+        loss.backward()
+        grad_z = z.grad.numpy()
+        terms["class"] = loss.item()
+        terms["loss"] = terms["class"] + float((W * W).sum()) / (2 * C * n)
+        grad_W = scale[:, None] * (X.T @ grad_z) + W / (C * n)
+        return terms["loss"], np.concatenate([grad_W.ravel(), grad_z.sum(0)])
+
+    rows: list[dict[str, float]] = []
+    result = minimize(objective, np.zeros(n_genes * n_classes + n_classes), jac=True, method="L-BFGS-B",
+                      callback=lambda _: rows.append({"epoch": float(len(rows)), "train_loss": terms["loss"], "train_class": terms["class"]}),
+                      options={"maxiter": max_iter, "gtol": 1e-5, "ftol": 64 * np.finfo(float).eps})
+    W, b = result.x[: n_genes * n_classes].reshape(n_genes, n_classes), result.x[n_genes * n_classes :]
+    with torch.no_grad():
+        module.backbone.head.weight.copy_(torch.from_numpy((scale[:, None] * W).T))
+        module.backbone.head.bias.copy_(torch.from_numpy(b))
+    module.eval()
+    return pd.DataFrame(rows, columns=["epoch", "train_loss", "train_class"])
 
 
 @register("mlp")

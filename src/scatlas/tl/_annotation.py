@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
@@ -46,20 +46,40 @@ STRATA = ("assay", "dataset_id", "dataset", "disease", "tissue", "tissue_general
 Log = Callable[[str], None]
 
 
-#: The classifier presets of both ``annotate`` and ``transfer``, tuned for references of thousands of
-#: cells (scTab's 8 × 128 MLP assumes millions): measured with held-out batches, the 256-128 MLP
-#: reaches 0.94-0.98 accuracy on Symphony PBMCs with one chemistry held out, and 0.893 vs scTab's
-#: 0.855 on kang18 ctrl <-> stim.
+#: The classifier presets of both ``annotate`` and ``transfer``, chosen with held-out batches
+#: (``benchmarks/transfer_defaults.py``; benchmarks/RESULTS.md). ``linear``, the default for a
+#: reference in memory: one-vs-rest logistic regression fitted full-batch by L-BFGS, genes divided
+#: by the square root of their standard deviation, C = 0.03 (symphony with a chemistry held out
+#: 0.945 accuracy, kang18 ctrl <-> stim 0.917, vs the MLP's 0.937 / 0.904). ``mlp``, the default
+#: for a reference streamed from disk (a full-batch fit cannot stream): 256-128 (scTab's 8 × 128
+#: MLP assumes millions of cells).
 METHODS: dict[str, dict[str, Any]] = {
-    "linear": {"type": "linear", "training": {"lr": 5e-3, "weight_decay": 0.01}},
+    "linear": {"type": "linear", "solver": "lbfgs", "output": "ovr", "C": 0.03, "gene_scale": 0.5},
     "mlp": {"type": "mlp", "hidden": [256, 128], "dropout": 0.3, "training": {"lr": 1e-3, "weight_decay": 0.05}},  # dropout: benchmarks/transfer_defaults.py
     "tabnet": {"type": "tabnet", "training": {"lr": 5e-3, "weight_decay": 0.05}},
 }
 
 
-def classifier_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    """``entry`` if it is a valid classifier model entry, checked before any data is read; else a ``ValueError``."""
-    validate_entry(entry, CellTypeClassifier)
+def default_method(stream: bool) -> str:
+    """The :data:`METHODS` preset used when none is named: ``linear`` in memory, ``mlp`` for a streamed reference."""
+    return "mlp" if stream else "linear"
+
+
+def classifier_entry(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``entry`` if it is a valid classifier model entry (or ``None``: the default), checked before any data is read; else a ``ValueError``."""
+    if entry is not None:
+        validate_entry(entry, CellTypeClassifier)
+    return entry
+
+
+def resolve_model(entry: dict[str, Any] | None, stream: bool) -> dict[str, Any]:
+    """The classifier entry to fit: ``entry``, or the default preset for a reference in memory or streamed (:func:`default_method`).
+
+    A full-batch solver cannot stream: ``solver: lbfgs`` with a streamed reference is a ``ValueError``.
+    """
+    entry = dict(METHODS[default_method(stream)]) if entry is None else entry
+    if stream and entry.get("solver") == "lbfgs":
+        raise ValueError("model: solver 'lbfgs' (the linear method) needs the reference in memory; for a streamed one use the mlp method")
     return entry
 
 
@@ -82,7 +102,7 @@ class AnnotateConfig(BaseModel):
         CSV of two columns (author label, CL id) mapping ``label_key`` values to Cell
         Ontology ids, for data without an ontology column.
     model
-        Classifier entry, e.g. :data:`METHODS` ``["mlp"]`` with ``loss: hce``.
+        Classifier entry, e.g. :data:`METHODS` ``["mlp"]`` with ``loss: hce`` (default: :func:`default_method`'s preset).
     n_top_genes
         HVGs chosen on each training split (``None``: every gene, as scTab).
     split, training
@@ -104,7 +124,7 @@ class AnnotateConfig(BaseModel):
     dataset_key: str | None = None
     ontology_obo: Path | None = None
     label_map: Path | None = None
-    model: dict[str, Any] = Field(default_factory=lambda: dict(METHODS["mlp"]))
+    model: dict[str, Any] | None = None
     n_top_genes: int | None = None
     split: SplitConfig = Field(default_factory=SplitConfig)
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
@@ -115,6 +135,11 @@ class AnnotateConfig(BaseModel):
     seed: int = 0
 
     _model = field_validator("model")(classifier_entry)
+
+    @model_validator(mode="after")
+    def _default_model(self) -> AnnotateConfig:
+        self.model = resolve_model(self.model, self.dataset.stream)
+        return self
 
 
 @dataclass

@@ -21,11 +21,11 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas._errors import ConfigError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
-from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, classifier_entry, fit_classifier, label_space, unset_scaled, write_calls
+from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, resolve_model, unset_scaled, write_calls
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer
@@ -67,7 +67,8 @@ class TransferConfig(BaseModel):
         Column of each query's ``.var`` holding the gene names the reference uses (e.g. Ensembl
         ids beside symbols); default: the queries' ``var_names``.
     model
-        Classifier entry, e.g. :data:`METHODS` ``["mlp"]`` with ``loss: ce|hce``.
+        Classifier entry, e.g. :data:`METHODS` ``["mlp"]`` with ``loss: ce|hce`` (default:
+        :func:`~scatlas.tl._annotation.default_method`'s preset).
     calibration_fraction, val_fraction
         Reference cells held out for calibration / early stopping.
     confidence_threshold
@@ -93,7 +94,7 @@ class TransferConfig(BaseModel):
     query_label_key: str | None = None
     query_layer: str | None = None
     query_gene_key: str | None = None
-    model: dict[str, Any] = Field(default_factory=lambda: dict(METHODS["mlp"]))
+    model: dict[str, Any] | None = None
     n_top_genes: int | None = None
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
     calibration_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -106,6 +107,11 @@ class TransferConfig(BaseModel):
     seed: int = 0
 
     _model = field_validator("model")(classifier_entry)
+
+    @model_validator(mode="after")
+    def _default_model(self) -> TransferConfig:
+        self.model = resolve_model(self.model, self.reference.stream)
+        return self
 
 
 @dataclass
@@ -253,6 +259,9 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     labels = labels.with_call_threshold(softmax(logits, temperature), codes[calib], config.call_precision, calib_sources)
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
+    if model.full_batch:  # cheap and deterministic: refit on every cell, keeping the held-out calibration (scikit-learn's CalibratedClassifierCV(ensemble=False))
+        model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, rows, rows[:0], sources=sources)
+        log(f"refitted on all {data.n_cells} reference cells (a full-batch fit), with the temperature and thresholds of the held-out cells")
     centroids = class_centroids(model, sdata, train, codes[train], config.query_chunk_size)
     step = config.query_chunk_size
     distances = [nearest_centroid_distance(model.embed(sdata, calib[a : a + step]), centroids) for a in range(0, len(calib), step)]
@@ -369,7 +378,7 @@ def transfer(
     query_layer: str | None = None,
     query_gene_key: str | None = None,
     input: Literal["auto", "counts", "lognorm"] = "auto",
-    method: str = "mlp",
+    method: str | None = None,
     loss: Literal["ce", "hce"] = "ce",
     ensemble: int = 1,
     dataset_key: str | None = None,
@@ -404,7 +413,8 @@ def transfer(
     input
         ``counts``, ``lognorm`` or ``auto`` (counts when the reference holds whole numbers).
     method
-        Classifier: ``linear``, ``mlp`` or ``tabnet`` (see :data:`METHODS`).
+        Classifier: ``linear``, ``mlp`` or ``tabnet`` (see :data:`METHODS`); default ``linear``
+        for a reference in memory, ``mlp`` for a backed one.
     loss
         ``ce`` or ``hce`` (hierarchical cross-entropy over the Cell Ontology; needs ``ontology_key``).
     ensemble
@@ -434,9 +444,9 @@ def transfer(
     >>> query = ad.read_h5ad("../shared/data/zheng17_frozen_pbmc_donorA_query.h5ad")  # doctest: +SKIP
     >>> sa.tl.transfer(ref, query, label_key="cell_type", ontology_key="cell_type_ontology_term_id")  # doctest: +SKIP
     """
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ConfigError(f"transfer: unknown method {method!r}; available: {sorted(METHODS)}")
-    if "model" in settings and (method, loss, ensemble) != ("mlp", "ce", 1):
+    if "model" in settings and (method, loss, ensemble) != (None, "ce", 1):
         raise ConfigError("transfer: pass either `model` (a whole classifier entry, e.g. {'type': 'mlp', 'loss': 'hce', 'ensemble': 3}) "
                           "or `method` / `loss` / `ensemble`, not both")
     queries = [query] if isinstance(query, ad.AnnData) else list(query)
@@ -444,7 +454,7 @@ def transfer(
     values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
                             "input": "counts" if counts else "lognorm"},
               "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer,
-              "query_gene_key": query_gene_key, "model": {**METHODS[method], "loss": loss, "ensemble": ensemble},
+              "query_gene_key": query_gene_key, "model": {**METHODS[method or default_method(on_disk(reference))], "loss": loss, "ensemble": ensemble},
               "seed": seed, **settings}
     config = load_transfer_config(values)
     data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
