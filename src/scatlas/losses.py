@@ -73,14 +73,15 @@ def one_vs_rest_cross_entropy(
     weight
         Per-class weights.
     """
-    per_cell = F.binary_cross_entropy_with_logits(logits, F.one_hot(target, logits.shape[1]).to(logits.dtype), reduction="none").sum(1)
+    per_cell = F.softplus(logits).sum(1) - logits.gather(1, target[:, None])[:, 0]  # Σ_j -log(1 - σ_j), the target's term -log σ_y
     if reachability is not None:
         R = reachability if reachability.dim() == 3 else reachability[None]
         satisfies = R[source if source is not None else torch.zeros_like(target), target] > 0
-        log_off = F.logsigmoid(-logits)  # log(1 - σ)
-        all_off = log_off.masked_fill(~satisfies, 0.0).sum(1)  # log Π_{P} (1 - σ_j) < 0
-        hierarchical = -_log1mexp(all_off) - log_off.masked_fill(satisfies, 0.0).sum(1)
-        per_cell = torch.where(satisfies.sum(1) > 1, hierarchical, per_cell)  # a target only itself satisfies: exactly the one-hot loss
+        nested = satisfies.sum(1) > 1  # elsewhere only the target satisfies itself: exactly the one-hot loss
+        if bool(nested.any()):
+            log_off = F.logsigmoid(-logits)  # log(1 - σ)
+            all_off = log_off.masked_fill(~satisfies, 0.0).sum(1)  # log Π_{P} (1 - σ_j) < 0
+            per_cell = torch.where(nested, -_log1mexp(all_off) - log_off.masked_fill(satisfies, 0.0).sum(1), per_cell)
     w = torch.ones_like(per_cell) if weight is None else weight.to(per_cell.dtype)[target]
     return (w * per_cell).sum() / w.sum()
 

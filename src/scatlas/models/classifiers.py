@@ -200,8 +200,9 @@ class LinearConfig(ClassifierConfig):
         ``lbfgs``: each gene is divided by its standard deviation on the fitted cells to this
         power before the penalty applies (0: none; 1: unit variance as CellTypist's scaling);
         the saved weights act on the unscaled genes.
-    max_iter
-        ``lbfgs``: most iterations.
+    max_iter, tol
+        ``lbfgs``: most iterations; stop when the largest gradient component is below ``tol``
+        (scikit-learn's defaults: 1e-4, on the mean loss).
     """
 
     type: str = "linear"
@@ -210,10 +211,11 @@ class LinearConfig(ClassifierConfig):
     C: float = Field(1.0, gt=0)
     gene_scale: float = Field(0.0, ge=0, le=1)
     max_iter: int = Field(1000, ge=1)
+    tol: float = Field(1e-4, gt=0)
 
     def check(self) -> None:
         """Also: the ``lbfgs`` fields only with that solver, and no ensemble of identical full-batch fits."""
-        given = sorted({"C", "gene_scale", "max_iter"} & self.model_fields_set)
+        given = sorted({"C", "gene_scale", "max_iter", "tol"} & self.model_fields_set)
         if self.solver == "adam" and given:
             raise ValueError(f"{', '.join(given)}: only for solver 'lbfgs'")
         if self.solver == "lbfgs" and self.ensemble > 1:
@@ -350,10 +352,10 @@ class LinearClassifier(CellTypeClassifier):
         data = replace(data, train=rows, val=rows[:0])
         self.module = self.build_module(data)
         self.plan = None
-        return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter)
+        return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter, cfg.tol)
 
 
-def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: float, max_iter: int) -> pd.DataFrame:
+def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: float, max_iter: int, tol: float) -> pd.DataFrame:
     """Fit ``module``'s linear head on the cells ``data.train`` full-batch by L-BFGS (scipy's L-BFGS-B, float64).
 
     Minimises ``module.class_loss(X (s ∘ W) + b)`` (the class-weighted mean of CE, HCE or their
@@ -361,7 +363,7 @@ def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: f
     deviation on those cells to the power ``gene_scale``; the head gets ``s ∘ W`` and ``b``. The
     matrix products run in scipy, the loss and its gradient with respect to the scores in torch,
     so the fit is deterministic on a CPU. Stops as scikit-learn's ``lbfgs`` solver does
-    (projected gradient below 1e-5, or no relative progress).
+    (projected gradient below ``tol``, or no relative progress).
 
     Returns
     -------
@@ -392,7 +394,7 @@ def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: f
     rows: list[dict[str, float]] = []
     result = minimize(objective, np.zeros(n_genes * n_classes + n_classes), jac=True, method="L-BFGS-B",
                       callback=lambda _: rows.append({"epoch": float(len(rows)), "train_loss": terms["loss"], "train_class": terms["class"]}),
-                      options={"maxiter": max_iter, "gtol": 1e-5, "ftol": 64 * np.finfo(float).eps})
+                      options={"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
     W, b = result.x[: n_genes * n_classes].reshape(n_genes, n_classes), result.x[n_genes * n_classes :]
     with torch.no_grad():
         module.backbone.head.weight.copy_(torch.from_numpy((scale[:, None] * W).T))
