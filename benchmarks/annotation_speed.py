@@ -14,7 +14,7 @@ Splits (raw counts written to ``--workdir``, not timed; query labels used only f
 Every process reads its files, log-normalises (10,000 counts per cell, ``log1p``), fits and, except
 ``annotate train``, predicts the query; wall time is the whole process, as a user waits for it.
 
-- ``scatlas transfer``: the default MLP with its defaults (``--stream`` on the atlas references,
+- ``scatlas transfer``: the default classifier (the linear model in memory; with ``--stream`` on the atlas references the MLP,
   whose minibatch size and epochs scale with the reference unless ``--atlas-batch-size`` /
   ``--atlas-epochs`` set them).
 - ``scatlas annotate train --n-splits 0``: the final model only, no cross-validation.

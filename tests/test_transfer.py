@@ -51,6 +51,8 @@ def test_ece_matches_torchmetrics_and_temperature_helps():
     assert expected_calibration_error(proba, y) == pytest.approx(float(ref), abs=1e-6)
     t = fit_temperature(logits, y)
     assert 2.5 < t < 3.5
+    nll = lambda T: -np.log(softmax(logits, T)[np.arange(len(y)), y]).mean()  # noqa: E731
+    assert nll(t) <= min(nll(t * 0.999), nll(t * 1.001))  # the minimum, to a thousandth of T
     assert expected_calibration_error(softmax(logits, t), y) < expected_calibration_error(proba, y)
 
 
@@ -338,3 +340,17 @@ def test_raw_selected_by_layer_raw_as_scanpy_keeps_it(tmp_path):
         assert "ref.h5ad: .raw holds non-integer values: treated as log-normalised" in result.output  # --input auto, as the API's
     for d in ("reference", "query"):
         assert (tmp_path / "loaded" / d / "predictions.csv").read_bytes() == (tmp_path / "streamed" / d / "predictions.csv").read_bytes()
+
+
+def test_default_transfer_imports_no_torch_optimiser():
+    """The default (full-batch linear) transfer and its calibration run without torch.optim, whose first step imports torch._dynamo (~1.4 s)."""
+    import subprocess
+    import sys
+
+    from conftest import data_path
+
+    code = ("import sys, anndata as ad, scatlas as sa; k = ad.read_h5ad(sys.argv[1]); ref = k[k.obs['group_id'] == 'ctrl'].copy(); "
+            "sa.tl.transfer(ref, k[k.obs['group_id'] != 'ctrl'].copy(), label_key='author_cell_type', log=lambda _: None); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
+    done = subprocess.run([sys.executable, "-c", code, str(data_path("kang18_muscat_4samples.h5ad"))], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
 
 
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
@@ -43,32 +44,22 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> f
 
     ``y``: true class indices, or an ``(n, n_classes)`` boolean matrix of the classes that satisfy
     each cell's label; the likelihood of a label is then the probability summed over those
-    classes (as hierarchical cross-entropy trains). Optimised over ``log T`` with L-BFGS, so
-    ``T > 0``; ``T > 1`` softens over-confident models.
+    classes (as hierarchical cross-entropy trains). A one-dimensional search over ``log T``
+    (bounded Brent, ``T`` in [0.01, 100]); ``T > 1`` softens over-confident models. NumPy and
+    SciPy only, so a calibration imports no optimiser of torch's (whose first step imports
+    ``torch._dynamo``, about 1.4 s).
     """
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-    if y.ndim == 2:
-        outside = torch.as_tensor(np.where(y, 0.0, -np.inf))
+    outside = np.where(y, 0.0, -np.inf) if y.ndim == 2 else None
 
-        def nll(scaled: torch.Tensor) -> torch.Tensor:
-            return (torch.logsumexp(scaled, 1) - torch.logsumexp(scaled + outside, 1)).mean()
-    else:
-        target = torch.as_tensor(y, dtype=torch.long)
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        right = logsumexp(scaled + outside, axis=1) if outside is not None else scaled[np.arange(len(z)), y]
+        return float((logsumexp(scaled, axis=1) - right).mean())
 
-        def nll(scaled: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(scaled, target)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = nll(z / log_t.exp())
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp())
+    result = minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)), method="bounded", options={"xatol": 1e-7, "maxiter": max_iter})
+    return float(np.exp(result.x))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
