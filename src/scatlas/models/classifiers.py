@@ -392,9 +392,14 @@ def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: f
         return terms["loss"], np.concatenate([grad_W.ravel(), grad_z.sum(0)])
 
     rows: list[dict[str, float]] = []
-    result = minimize(objective, np.zeros(n_genes * n_classes + n_classes), jac=True, method="L-BFGS-B",
-                      callback=lambda _: rows.append({"epoch": float(len(rows)), "train_loss": terms["loss"], "train_class": terms["class"]}),
-                      options={"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loss sees (cells × classes) scores: torch's thread pool only waits for scipy's single thread (2.6× slower on 2 cores)
+    try:
+        result = minimize(objective, np.zeros(n_genes * n_classes + n_classes), jac=True, method="L-BFGS-B",
+                          callback=lambda _: rows.append({"epoch": float(len(rows)), "train_loss": terms["loss"], "train_class": terms["class"]}),
+                          options={"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
+    finally:
+        torch.set_num_threads(threads)
     W, b = result.x[: n_genes * n_classes].reshape(n_genes, n_classes), result.x[n_genes * n_classes :]
     with torch.no_grad():
         module.backbone.head.weight.copy_(torch.from_numpy((scale[:, None] * W).T))
