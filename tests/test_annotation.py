@@ -140,18 +140,30 @@ def test_full_batch_linear_equals_scikit_learn(output, gene_scale):
                      label=codes, label_names=list(classes))
     fits = []
     for _ in range(2):
-        model = LinearClassifier(LinearConfig(solver="lbfgs", output=output, C=0.1, gene_scale=gene_scale, class_weighted=False, tol=1e-7),
+        model = LinearClassifier(LinearConfig(solver="lbfgs", output=output, C=0.1, gene_scale=gene_scale, class_weighted=False, tol=1e-7, max_iter=5000),
                                  TrainConfig(progress=False, accelerator="cpu"))
         history = model.fit(data)
         fits.append(model.module.backbone.head.weight.detach().clone())
     assert torch.equal(*fits) and history["train_loss"].is_monotonic_decreasing and len(history) > 10
-    sd = X.toarray().std(0, ddof=1)
-    scaled = X.multiply(1 / np.where(sd > 0, sd, 1) ** gene_scale).tocsr()  # the early-stopping cells join a full-batch fit
+    sd = X[data.train].toarray().std(0, ddof=1)  # the early-stopping cells stay out of a full-batch fit
+    scaled = X.multiply(1 / np.where(sd > 0, sd, 1) ** gene_scale).tocsr().astype(np.float64)  # float64, as our fit: scikit-learn keeps float32 input in float32
     peer = LogisticRegression(C=0.1, tol=1e-8, max_iter=10_000)
-    peer = (OneVsRestClassifier(peer) if output == "ovr" else peer).fit(scaled, codes)
+    peer = (OneVsRestClassifier(peer) if output == "ovr" else peer).fit(scaled[data.train], codes[data.train])
     ours = model.predict_proba(data, np.arange(n))
     np.testing.assert_allclose(ours, peer.predict_proba(scaled), atol=1e-3)
     assert (ours.argmax(1) == peer.predict(scaled)).mean() > 0.995
+
+
+def test_linear_settings_round_trip_and_refuse_what_does_not_apply():
+    """A saved model's settings (every field, defaults included) load back; lbfgs-only settings on the adam solver are refused."""
+    from scatlas.models.classifiers import LinearConfig
+
+    for config in (LinearConfig(), LinearConfig(solver="lbfgs", output="ovr", C=0.03, gene_scale=0.5)):
+        assert LinearConfig.model_validate(config.model_dump(mode="json")) == config
+    with pytest.raises(ValueError, match="C, tol: only for solver 'lbfgs'"):
+        LinearConfig(C=0.1, tol=1e-6)
+    with pytest.raises(ValueError, match="ensemble members would be identical"):
+        LinearConfig(solver="lbfgs", ensemble=2)
 
 
 def test_label_meaning_per_source_hand_computed():

@@ -343,14 +343,16 @@ def test_raw_selected_by_layer_raw_as_scanpy_keeps_it(tmp_path):
 
 
 def test_default_transfer_imports_no_torch_optimiser():
-    """The default (full-batch linear) transfer and its calibration run without torch.optim, whose first step imports torch._dynamo (~1.4 s)."""
+    """The default (full-batch linear) transfer and its calibration run without torch.optim, whose first step imports torch._dynamo (~1.4 s);
+    minibatch settings given to it are named as not applying."""
     import subprocess
     import sys
 
     from conftest import data_path
 
     code = ("import sys, anndata as ad, scatlas as sa; k = ad.read_h5ad(sys.argv[1]); ref = k[k.obs['group_id'] == 'ctrl'].copy(); "
-            "sa.tl.transfer(ref, k[k.obs['group_id'] != 'ctrl'].copy(), label_key='author_cell_type', log=lambda _: None); "
+            "sa.tl.transfer(ref, k[k.obs['group_id'] != 'ctrl'].copy(), label_key='author_cell_type', training={'max_epochs': 3}); "
             "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
     done = subprocess.run([sys.executable, "-c", code, str(data_path("kang18_muscat_4samples.h5ad"))], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "fitted full-batch to convergence: max_epochs do not apply" in done.stdout

@@ -191,7 +191,8 @@ class LinearConfig(ClassifierConfig):
     solver
         ``adam``: minibatches through the training engine (streams from disk). ``lbfgs``: the
         whole reference at once, L-BFGS to convergence (the reference in memory; deterministic,
-        so no seed or ensemble; the early-stopping cells join the fit).
+        so no seed or ensemble; it fits ``train`` only and needs no early-stopping cells, which
+        stay held out: ``annotate`` sets its hierarchical-call threshold on them).
     C
         ``lbfgs``: inverse strength of the L2 penalty, as scikit-learn's ``C`` (the objective is
         the class-weighted mean loss plus ``‖W‖² / (2 C n)`` over ``n`` cells; intercepts are
@@ -214,8 +215,8 @@ class LinearConfig(ClassifierConfig):
     tol: float = Field(1e-4, gt=0)
 
     def check(self) -> None:
-        """Also: the ``lbfgs`` fields only with that solver, and no ensemble of identical full-batch fits."""
-        given = sorted({"C", "gene_scale", "max_iter", "tol"} & self.model_fields_set)
+        """Also: the ``lbfgs`` fields only with that solver (a saved model's dump repeats their defaults), and no ensemble of identical full-batch fits."""
+        given = sorted(k for k in ("C", "gene_scale", "max_iter", "tol") if getattr(self, k) != type(self).model_fields[k].default)
         if self.solver == "adam" and given:
             raise ValueError(f"{', '.join(given)}: only for solver 'lbfgs'")
         if self.solver == "lbfgs" and self.ensemble > 1:
@@ -348,8 +349,6 @@ class LinearClassifier(CellTypeClassifier):
 
             raise ConfigError("linear: solver 'lbfgs' needs the reference in memory (it is streamed from disk): "
                               "use the mlp method, or solver 'adam', for a streamed reference")
-        rows = np.union1d(data.train, data.val)
-        data = replace(data, train=rows, val=rows[:0])
         self.module = self.build_module(data)
         self.plan = None
         return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter, cfg.tol)

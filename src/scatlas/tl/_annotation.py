@@ -455,11 +455,10 @@ def fit_classifier(
     ``workdir`` receives the epoch history (``history.csv``). ``sources``: each cell's source
     (dataset / study) name, which sets what its label means for hierarchical cross-entropy
     (``None``: one source). The minibatch size and epochs the user left unset follow
-    :func:`scaled_training`; ``log`` hears when they were scaled.
+    :func:`scaled_training`; ``log`` hears when they were scaled, or that a full-batch fit ignores them.
     """
+    ignored = sorted({"max_epochs", "batch_size", "lr", "weight_decay"} & training.model_fields_set)  # what the user set
     training, scaled = scaled_training(training, len(train))
-    if scaled and log:
-        log(scaled)
     prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, "none")
     sdata = SplitData(
         X=prep.X, train=train, val=val, batch=np.asarray(data.batch.codes, dtype=np.int64), batch_names=[str(b) for b in data.batch.categories],
@@ -468,6 +467,10 @@ def fit_classifier(
     )
     model = build_model(parse_model_config(model_entry), training.to_train_config(seed, progress=False))
     assert isinstance(model, CellTypeClassifier)
+    if log and model.full_batch and ignored:
+        log(f"the linear model is fitted full-batch to convergence: {', '.join(ignored)} do not apply (minibatch training: the mlp method)")
+    elif log and scaled and not model.full_batch:
+        log(scaled)
     # no checkpoints: every fit keeps its last epoch's weights, so a cross-validation fold is fitted as the saved model and
     # the transfer reference are (the best-validation-loss epoch transferred worse to held-out batches: benchmarks/RESULTS.md)
     history = model.fit(sdata)
