@@ -204,7 +204,8 @@ _GENE_KEY_HELP = ("Query .var column holding the gene names the model uses (e.g.
                   "default: the query's var_names).")
 _METHOD_HELP = ("Classifier: linear (default in memory: one-vs-rest logistic regression, full-batch), "
                 "mlp (default with --stream) or tabnet.")
-_ENSEMBLE_HELP = "Networks averaged, each with its own seed and early-stopping cells: steadier from seed to seed, about that many times the training time."
+_ENSEMBLE_HELP = ("Networks averaged (mlp / tabnet), each with its own seed and early-stopping cells: steadier from seed to seed, "
+                  "about that many times the training time.")
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
 

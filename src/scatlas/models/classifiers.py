@@ -220,7 +220,7 @@ class LinearConfig(ClassifierConfig):
         if self.solver == "adam" and given:
             raise ValueError(f"{', '.join(given)}: only for solver 'lbfgs'")
         if self.solver == "lbfgs" and self.ensemble > 1:
-            raise ValueError("solver 'lbfgs' is deterministic: its ensemble members would be identical (use ensemble 1)")
+            raise ValueError("solver 'lbfgs' is deterministic: its ensemble members would be identical (use ensemble 1, or the mlp method)")
         super().check()
 
 
