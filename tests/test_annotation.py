@@ -316,6 +316,8 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     result = runner.invoke(app, ["annotate", "train", str(zheng), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id",
                                  "--model", "linear", "--loss", "hce", "--n-splits", "3", "--max-epochs", "8", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    # the full-batch model ignores the epochs, and the saved one is fitted again on every cell once its call threshold is set
+    assert "max_epochs do not apply" in result.output and "refitted on all 2140 cells" in result.output
     annotator = Annotator.load(out / "model")
     assert annotator.labels.ontology_version.startswith("CL v")
     used = yaml.safe_load((out / "model" / "annotator.yaml").read_text())["training"]

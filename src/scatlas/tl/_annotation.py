@@ -516,12 +516,28 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     return tables["overall"]
 
 
+def refit_on_every_cell(model_entry: dict[str, Any], training: TrainingConfig, seed: int, n_top_genes: int | None, data: CellData, labels: LabelSpace,
+                        codes: np.ndarray, sources: np.ndarray | None, kept: str, log: Log) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
+    """A full-batch classifier fitted again on every cell of ``data`` (cheap and deterministic), keeping what held-out cells of a first fit set.
+
+    As scikit-learn's ``CalibratedClassifierCV(ensemble=False)``: the held-out cells chose ``kept``
+    (a temperature, thresholds) on the first fit, and then join the final one.
+    """
+    rows = np.arange(data.n_cells)
+    refit = fit_classifier(model_entry, training, seed, n_top_genes, data, labels, codes, rows, rows[:0], sources=sources)
+    log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the {kept} set on the held-out cells")
+    return refit
+
+
 def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
     train, val = holdout(np.arange(data.n_cells), 0.1, config.seed, codes)
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     train, val = np.sort(train), np.sort(val)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
     labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, sdata.sources_of(val))
+    if model.full_batch:
+        model, sdata, genes = refit_on_every_cell(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, sources,
+                                                  "hierarchical-call threshold", log)
     meta = {"label_key": key, "dataset": str(config.dataset.path), "layer": config.dataset.layer}
     Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
 

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from scatlas._errors import ConfigError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
-from scatlas.tl._annotation import METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, resolve_model, unset_scaled, write_calls
+from scatlas.tl._annotation import (METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, refit_on_every_cell,
+                                    resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer
@@ -259,9 +260,9 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     labels = labels.with_call_threshold(softmax(logits, temperature), codes[calib], config.call_precision, calib_sources)
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
-    if model.full_batch:  # cheap and deterministic: refit on every cell, keeping the held-out calibration (scikit-learn's CalibratedClassifierCV(ensemble=False))
-        model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, rows, rows[:0], sources=sources)
-        log(f"refitted on all {data.n_cells} reference cells (a full-batch fit), with the temperature and thresholds of the held-out cells")
+    if model.full_batch:
+        model, sdata, genes = refit_on_every_cell(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, sources,
+                                                  "temperature and thresholds", log)
     centroids = class_centroids(model, sdata, train, codes[train], config.query_chunk_size)
     step = config.query_chunk_size
     distances = [nearest_centroid_distance(model.embed(sdata, calib[a : a + step]), centroids) for a in range(0, len(calib), step)]
