@@ -30,7 +30,7 @@ from scatlas.data import (
 )
 from scatlas.data.dataset import DatasetConfig, load_dataset
 from scatlas.data.splits import holdout
-from scatlas.data.loaders import _scatter_dense
+from scatlas.data.loaders import _scatter_dense, host_tensor
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,28 @@ def test_loader_batches_densify_to_scipy_rows(cellbench, scipy_gather):
     scattered = [_scatter_dense(b["x_indptr"], b["x_indices"], b["x_data"], b["n_genes"], b["x_nnz"]).numpy() for b in batches]
     np.testing.assert_array_equal(np.concatenate(scattered), got)  # the accelerator's densification
     assert all(b["x_nnz"] == b["x_data"].shape[0] for b in batches)
+
+
+def test_model_inputs_start_where_torch_tensors_do(cellbench):
+    """MKL's product can round by where its operand starts in a cache line, and NumPy's buffers start at any 16-byte phase
+    the heap gives (it changed between two runs of one seed in CI): densified minibatches and ``host_tensor`` start on 64 bytes."""
+    X = sp.csr_matrix(cellbench.X, dtype=np.float32)
+    for batch_size in (3, 8, 30):
+        loader = CSRLoader(X, np.arange(100), batch_size=batch_size, shuffle=True, seed=0)
+        assert all(densify(b).data_ptr() % 64 == 0 for b in loader)
+    x = X[:7].toarray()
+    weight = torch.from_numpy(np.random.default_rng(0).standard_normal((8, X.shape[1])).astype(np.float32))
+    products = set()
+    for phase in range(0, 64, 4):  # the same values starting at every 4-byte phase of a cache line
+        buffer = np.empty(x.size + 32, dtype=np.float32)
+        start = (-buffer.ctypes.data % 64 + phase) // 4
+        view = buffer[start : start + x.size].reshape(x.shape)
+        view[...] = x
+        t = host_tensor(view)
+        assert t.data_ptr() % 64 == 0 and np.array_equal(t.numpy(), x)
+        assert np.shares_memory(t.numpy(), view) == (phase == 0)  # copied only when needed
+        products.add((t @ weight.T).numpy().tobytes())
+    assert len(products) == 1
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["finished-by-source", "finished-on-device"])

@@ -20,6 +20,7 @@ DDP) each rank streams only its own contiguous, equally sized shard of the rows.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterator, Mapping
@@ -37,15 +38,48 @@ _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int6
 Batch = dict[str, Any]
 
 
+_ALIGNMENT = 64  # bytes: where PyTorch's own CPU tensors start
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data start on a 64-byte boundary, as PyTorch's own CPU tensors do.
+
+    MKL's matrix product (PyTorch's on a CPU) can round differently depending on where an
+    operand starts within its cache line. NumPy's buffers are only 16-byte aligned, at whatever
+    phase the heap hands out, and that phase changes from run to run (other threads allocate
+    too), so a product on a NumPy buffer could differ in its last bits between two runs of one
+    seed. Every array that becomes a model's input starts here instead.
+    """
+    dtype = np.dtype(dtype)
+    size = math.prod(shape)
+    buffer = np.empty(size + _ALIGNMENT // dtype.itemsize, dtype=dtype)
+    start = (-buffer.ctypes.data % _ALIGNMENT) // dtype.itemsize
+    return buffer[start : start + size].reshape(shape)
+
+
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """``a`` as a CPU tensor that starts on a 64-byte boundary (:func:`aligned_empty`): shared when ``a`` already does, else copied."""
+    a = np.ascontiguousarray(a)
+    if a.ctypes.data % _ALIGNMENT:
+        aligned = aligned_empty(a.shape, a.dtype)
+        aligned[...] = a
+        a = aligned
+    return torch.from_numpy(a)
+
+
 def densify(batch: Mapping[str, Any]) -> torch.Tensor:
     """Dense ``(n_cells, n_genes)`` tensor of a loader batch, built on the batch's device.
 
-    ``batch["x_nnz"]`` (a Python int), when present, spares a device synchronisation.
+    On a CPU it starts on a 64-byte boundary (:func:`aligned_empty`), so the model's products
+    on it are the same bits in every run. ``batch["x_nnz"]`` (a Python int), when present,
+    spares a device synchronisation.
     """
     indptr, indices, data = batch["x_indptr"], batch["x_indices"], batch["x_data"]
     n_rows, n_genes = indptr.shape[0] - 1, int(batch["n_genes"])
-    if data.device.type == "cpu":  # SciPy's one C++ loop over NumPy's zeroed (huge) pages beats a fill plus a scatter
-        return torch.from_numpy(sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=(n_rows, n_genes)).toarray())
+    if data.device.type == "cpu":  # SciPy's one C++ loop beats a fill plus a scatter
+        dense = aligned_empty((n_rows, n_genes), data.numpy().dtype)
+        sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=(n_rows, n_genes)).toarray(out=dense)
+        return torch.from_numpy(dense)
     return _scatter_dense(indptr, indices, data, n_genes, batch.get("x_nnz"))
 
 

@@ -25,6 +25,7 @@ from scatlas._errors import InputError, UnpairedError
 from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_torch, write_yaml
 from scatlas.data.io import get_matrix, on_disk, read_anndata, string_values, to_csr
 from scatlas.data.dataset import file_source, whole_backed
+from scatlas.data.loaders import host_tensor
 from scatlas.data.preprocess import fit_gene_pca, highly_variable_genes, map_rows, normalize_log1p
 from scatlas.data.sources import InMemoryCSR
 from scatlas.data.validate import validate
@@ -298,7 +299,7 @@ class ViewSampler:
                     pool = np.concatenate([pools[i] for i in chosen])
                     rows.append(rng.choice(pool, n, replace=True))
                     targets.append(label)
-            yield {"x": torch.as_tensor(self.X[np.stack(rows)]), "label": torch.as_tensor(targets)}
+            yield {"x": host_tensor(self.X[np.stack(rows)]), "label": torch.as_tensor(targets)}
 
 
 class SampleLoader:
@@ -312,7 +313,7 @@ class SampleLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for sample, rows in self.samples:
-            yield {"x": torch.as_tensor(self.X[rows])[None], "label": torch.as_tensor([self.sample_label[sample]])}
+            yield {"x": host_tensor(self.X[rows])[None], "label": torch.as_tensor([self.sample_label[sample]])}
 
 
 class AggregationPlan(TrainingPlan):
@@ -384,7 +385,7 @@ def learned_profiles(module: SetAggregator, X: np.ndarray | ScaledFeatures, samp
     rows_of = rows_by_sample(sample_ids)
     out = np.empty((len(samples), module.out_width), dtype=np.float32)
     for i, s in enumerate(samples):
-        out[i] = module.profile(torch.as_tensor(X[rows_of[s]], device=device)).cpu().numpy()
+        out[i] = module.profile(host_tensor(X[rows_of[s]]).to(device)).cpu().numpy()
     return out
 
 
