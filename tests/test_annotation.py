@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -138,13 +139,20 @@ def test_full_batch_linear_equals_scikit_learn(output, gene_scale):
     n = X.shape[0]
     data = SplitData(X=X, train=np.arange(n - 100), val=np.arange(n - 100, n), batch=np.zeros(n, dtype=np.int64), batch_names=["ctrl"],
                      label=codes, label_names=list(classes))
-    fits = []
-    for _ in range(2):
-        model = LinearClassifier(LinearConfig(solver="lbfgs", output=output, C=0.1, gene_scale=gene_scale, class_weighted=False, tol=1e-7, max_iter=5000),
+    def fit(data: SplitData, tol: float = 1e-7, start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[LinearClassifier, pd.DataFrame]:
+        model = LinearClassifier(LinearConfig(solver="lbfgs", output=output, C=0.1, gene_scale=gene_scale, class_weighted=False, tol=tol, max_iter=5000),
                                  TrainConfig(progress=False, accelerator="cpu"))
-        history = model.fit(data)
-        fits.append(model.module.backbone.head.weight.detach().clone())
-    assert torch.equal(*fits) and history["train_loss"].is_monotonic_decreasing and len(history) > 10
+        return model, model.fit(data, start=start)
+
+    (model, history), (again, _) = fit(data), fit(data)
+    assert torch.equal(model.module.backbone.head.weight, again.module.backbone.head.weight)
+    assert history["train_loss"].is_monotonic_decreasing and len(history) > 10
+    # with the default tolerance, started where a fit on fewer cells ended (as the refit on every cell starts): fewer iterations, the same model
+    head = fit(replace(data, train=data.train[:-300]), 1e-4)[0].module.backbone.head
+    (cold, cold_history), (warm, warm_history) = fit(data, 1e-4), fit(data, 1e-4, (head.weight.detach().double().numpy(), head.bias.detach().double().numpy()))
+    assert len(warm_history) < len(cold_history)
+    np.testing.assert_allclose(warm.predict_proba(data, np.arange(n)), cold.predict_proba(data, np.arange(n)), atol=0.03)  # both within tol of the optimum
+    assert (warm.predict_proba(data, np.arange(n)).argmax(1) == cold.predict_proba(data, np.arange(n)).argmax(1)).mean() > 0.995
     sd = X[data.train].toarray().std(0, ddof=1)  # the early-stopping cells stay out of a full-batch fit
     scaled = X.multiply(1 / np.where(sd > 0, sd, 1) ** gene_scale).tocsr().astype(np.float64)  # float64, as our fit: scikit-learn keeps float32 input in float32
     peer = LogisticRegression(C=0.1, tol=1e-8, max_iter=10_000)
@@ -316,8 +324,12 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     result = runner.invoke(app, ["annotate", "train", str(zheng), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id",
                                  "--model", "linear", "--loss", "hce", "--n-splits", "3", "--max-epochs", "8", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    # the full-batch model ignores the epochs, and the saved one is fitted again on every cell once its call threshold is set
+    # the full-batch model ignores the epochs; the saved one is fitted again on every cell once its call threshold is set, and each fold's
+    # model on the fold's training and validation cells, so the fold metrics describe how the saved model was made
     assert "max_epochs do not apply" in result.output and "refitted on all 2140 cells" in result.output
+    tested = [len(pd.read_parquet(out / f"splits_{k}" / "detailed_results.parquet")) for k in (1, 2, 3)]
+    assert re.findall(r"split (\d): refitted on its (\d+) training and validation cells", result.output) == [(str(k), str(2140 - n))
+                                                                                                          for k, n in enumerate(tested, 1)]
     annotator = Annotator.load(out / "model")
     assert annotator.labels.ontology_version.startswith("CL v")
     used = yaml.safe_load((out / "model" / "annotator.yaml").read_text())["training"]

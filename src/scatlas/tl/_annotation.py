@@ -36,7 +36,7 @@ from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import SplitData, build_model, parse_model_config, validate_entry
-from scatlas.models.classifiers import CellTypeClassifier
+from scatlas.models.classifiers import CellTypeClassifier, LinearClassifier
 from scatlas.ontology import CellOntology, call_terms, choose_call_threshold, coarse_exclusions, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
 from scatlas.report.html import Section, mean_ci_table, write_report
@@ -449,6 +449,7 @@ def fit_classifier(
     workdir: Path | None = None,
     sources: np.ndarray | None = None,
     log: Log | None = None,
+    start: tuple[CellTypeClassifier, np.ndarray] | None = None,
 ) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
     """Preprocess (HVGs on ``train`` when asked), fit a classifier; return it, its split data and genes.
 
@@ -456,6 +457,8 @@ def fit_classifier(
     (dataset / study) name, which sets what its label means for hierarchical cross-entropy
     (``None``: one source). The minibatch size and epochs the user left unset follow
     :func:`scaled_training`; ``log`` hears when they were scaled, or that a full-batch fit ignores them.
+    ``start``: a full-batch classifier of the same labels and its genes, where a full-batch fit
+    starts (genes it lacks start at zero).
     """
     ignored = sorted({"max_epochs", "batch_size", "lr", "weight_decay"} & training.model_fields_set)  # what the user set
     training, scaled = scaled_training(training, len(train))
@@ -473,7 +476,13 @@ def fit_classifier(
         log(scaled)
     # no checkpoints: every fit keeps its last epoch's weights, so a cross-validation fold is fitted as the saved model and
     # the transfer reference are (the best-validation-loss epoch transferred worse to held-out batches: benchmarks/RESULTS.md)
-    history = model.fit(sdata)
+    if start is None:
+        history = model.fit(sdata)
+    else:
+        assert isinstance(model, LinearClassifier)
+        head, at = start[0].module.backbone.head, pd.Index(start[1]).get_indexer(prep.genes)
+        weight = np.where(at >= 0, head.weight.detach().double().numpy()[:, at], 0.0)
+        history = model.fit(sdata, start=(weight, head.bias.detach().double().numpy()))
     if workdir is not None:
         write_csv(history, workdir / "history.csv")
     return model, sdata, prep.genes
@@ -516,17 +525,16 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     return tables["overall"]
 
 
-def refit_on_every_cell(model_entry: dict[str, Any], training: TrainingConfig, seed: int, n_top_genes: int | None, data: CellData, labels: LabelSpace,
-                        codes: np.ndarray, sources: np.ndarray | None, kept: str, log: Log) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
-    """A full-batch classifier fitted again on every cell of ``data`` (cheap and deterministic), keeping what held-out cells of a first fit set.
+def refit_full_batch(model_entry: dict[str, Any], training: TrainingConfig, seed: int, n_top_genes: int | None, data: CellData, labels: LabelSpace,
+                     codes: np.ndarray, rows: np.ndarray, sources: np.ndarray | None,
+                     first: tuple[CellTypeClassifier, np.ndarray]) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
+    """A full-batch classifier fitted again on ``rows`` (its training cells and the held-out ones), cheap and deterministic.
 
-    As scikit-learn's ``CalibratedClassifierCV(ensemble=False)``: the held-out cells chose ``kept``
-    (a temperature, thresholds) on the first fit, and then join the final one.
+    As scikit-learn's ``CalibratedClassifierCV(ensemble=False)``: held-out cells chose what the
+    caller keeps (a temperature, thresholds) on the first fit (``first``: the model and its
+    genes), and then join the final fit, which starts from the first fit's weights.
     """
-    rows = np.arange(data.n_cells)
-    refit = fit_classifier(model_entry, training, seed, n_top_genes, data, labels, codes, rows, rows[:0], sources=sources)
-    log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the {kept} set on the held-out cells")
-    return refit
+    return fit_classifier(model_entry, training, seed, n_top_genes, data, labels, codes, rows, rows[:0], sources=sources, start=first)
 
 
 def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
@@ -536,8 +544,9 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
     labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, sdata.sources_of(val))
     if model.full_batch:
-        model, sdata, genes = refit_on_every_cell(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, sources,
-                                                  "hierarchical-call threshold", log)
+        model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, np.arange(data.n_cells),
+                                               sources, (model, genes))
+        log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the hierarchical-call threshold set on the held-out cells")
     meta = {"label_key": key, "dataset": str(config.dataset.path), "layer": config.dataset.layer}
     Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
 
@@ -552,9 +561,13 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
     for split in splits:
         log(f"split {split.number}/{len(splits)}: {parse_model_config(config.model).type} ({len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells)")
         fold_dir = stage / f"splits_{split.number}"
-        model, sdata, _ = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, split.train, split.val, fold_dir,
-                                         sources, log)
+        model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, split.train, split.val,
+                                             fold_dir, sources, log)
         fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision, sdata.sources_of(split.val))
+        if model.full_batch:  # as the saved model: the validation cells set the threshold, then join the fit
+            model, sdata, _ = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes,
+                                               np.sort(np.concatenate([split.train, split.val])), sources, (model, genes))
+            log(f"split {split.number}: refitted on its {len(split.train) + len(split.val)} training and validation cells, keeping the threshold")
         table = _detailed(data, split.test, truth[split.test], model.predict_proba(sdata, split.test), fold_labels, strata)
         folds.append(write_evaluation(table, fold_labels, strata, fold_dir, f"split {split.number}").assign(split=split.number))
         pooled.append(table.assign(split=split.number))

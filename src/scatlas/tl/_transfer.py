@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from scatlas._errors import ConfigError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
-from scatlas.tl._annotation import (METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, refit_on_every_cell,
+from scatlas.tl._annotation import (METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, refit_full_batch,
                                     resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
@@ -261,8 +261,8 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
     if model.full_batch:
-        model, sdata, genes = refit_on_every_cell(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, sources,
-                                                  "temperature and thresholds", log)
+        model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, rows, sources, (model, genes))
+        log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and thresholds set on the held-out cells")
     centroids = class_centroids(model, sdata, train, codes[train], config.query_chunk_size)
     step = config.query_chunk_size
     distances = [nearest_centroid_distance(model.embed(sdata, calib[a : a + step]), centroids) for a in range(0, len(calib), step)]
