@@ -364,6 +364,31 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     assert result.exit_code == 2 and "below the minimum 90%" in result.output and not (tmp_path / "p2.h5ad").exists()
 
 
+def test_models_saved_before_the_full_batch_linear_load_as_they_were_trained(zheng, tmp_path):
+    """The ``model`` entry of an ``annotator.yaml`` written before ``output`` / ``solver`` existed (7dd1611): softmax, and Adam for the linear model."""
+    import shutil
+
+    from scatlas.models.base import parse_model_config
+
+    old_linear = {"type": "linear", "name": None, "training": {"lr": 0.005, "weight_decay": 0.01}, "loss": "ce", "class_weighted": True, "ensemble": 1}
+    assert (parse_model_config(old_linear).solver, parse_model_config(old_linear).output) == ("adam", "softmax")
+    out = tmp_path / "new"
+    result = runner.invoke(app, ["annotate", "train", str(zheng), "--label-key", "cell_type", "--model", "mlp", "--n-splits", "0", "--max-epochs", "1",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    shutil.copytree(out / "model", tmp_path / "old")
+    meta = yaml.safe_load((tmp_path / "old" / "annotator.yaml").read_text())
+    meta["model"] = {"type": "mlp", "name": None, "training": {"lr": 0.001, "weight_decay": 0.05}, "loss": "ce", "class_weighted": True, "ensemble": 1,
+                     "hidden": [256, 128], "dropout": 0.3}  # as 7dd1611 wrote it
+    (tmp_path / "old" / "annotator.yaml").write_text(yaml.safe_dump(meta))
+    for name in ("new", "old"):
+        model = out / "model" if name == "new" else tmp_path / "old"
+        result = runner.invoke(app, ["annotate", "predict", str(model), str(zheng), "--out", str(tmp_path / f"{name}.h5ad")])
+        assert result.exit_code == 0, result.output
+    new, old = (ad.read_h5ad(tmp_path / f"{name}.h5ad") for name in ("new", "old"))
+    np.testing.assert_array_equal(old.obsm["cell_type_proba"], new.obsm["cell_type_proba"])
+
+
 def test_training_scales_with_the_reference_size():
     """64-cell minibatches and 100 epochs up to 65,536 cells; above, epochs of at most 1,024 steps and about 5M cells seen; what the user set stays."""
     sizes = {n: scaled_training(TrainingConfig(patience=10), n) for n in (770, 65_536, 100_000, 700_000, 5_000_000)}
