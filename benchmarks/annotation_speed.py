@@ -9,7 +9,10 @@ Splits (raw counts written to ``--workdir``, not timed; query labels used only f
 - ``onek1k``: reference the first 20 donors, query the other 20 (``cell_type``);
 - ``onek1k_<N>`` (``--atlas-sizes``): the cells of the ``onek1k`` reference donors resampled to N
   cells as a CSR ``.h5ad`` (as ``atlas_scale.py`` writes it) as the reference, the ``onek1k`` query
-  (the other 20 donors) as the query, so the accuracy is on donors the reference never saw.
+  (the other 20 donors) as the query, so the accuracy is on donors the reference never saw;
+  scatlas streams these references (``--stream``);
+- ``onek1k_<N>_in_memory`` (``--in-memory-sizes``, default 10,000: the top of issue #15's "up to
+  10k cells"): the same kind of reference, which scatlas loads (its default, the linear model).
 
 Every process reads its files, log-normalises (10,000 counts per cell, ``log1p``), fits and, except
 ``annotate train``, predicts the query; wall time is the whole process, as a user waits for it.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -84,7 +88,7 @@ def _onek1k_reference(obs: pd.DataFrame) -> pd.Series:
     return obs["donor_id"].isin(sorted(obs["donor_id"].unique())[:20])
 
 
-def write_splits(workdir: Path, atlas_sizes: list[int]) -> list[tuple[str, Path, Path, str]]:
+def write_splits(workdir: Path, atlas_sizes: Sequence[int], in_memory_sizes: Sequence[int] = ()) -> list[tuple[str, Path, Path, str]]:
     """(name, reference file, query file, label column) of every split, written once into ``workdir``."""
     splits = []
     held_out = [(f"symphony_{chem}", "symphony_pbmc_3tech.h5ad", "author_cell_type", lambda obs, c=chem: obs["batch"] != c) for chem in ("5p", "3pv1", "3pv2")]
@@ -99,11 +103,11 @@ def write_splits(workdir: Path, atlas_sizes: list[int]) -> list[tuple[str, Path,
         splits.append((name, ref, query, label))
     obs = ad.read_h5ad(SHARED / DATASET, backed="r").obs
     donors = sorted(obs.loc[_onek1k_reference(obs), "donor_id"].astype(str).unique())
-    for n in atlas_sizes:
+    for n, suffix in [*((n, "_in_memory") for n in in_memory_sizes), *((n, "") for n in atlas_sizes)]:
         ref = workdir / f"onek1k_{n}_reference_donors.h5ad"
         if not ref.exists():
             write_resampled(ref, n, counts=True, donors=donors)
-        splits.append((f"onek1k_{n}", ref, workdir / "onek1k_query.h5ad", "cell_type"))
+        splits.append((f"onek1k_{n}{suffix}", ref, workdir / "onek1k_query.h5ad", "cell_type"))
     return splits
 
 
@@ -121,7 +125,8 @@ def scatlas_args(command: str, ref: Path, query: Path, label: str, out: Path, at
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--atlas-sizes", type=int, nargs="*", default=[1_000_000])
+    parser.add_argument("--atlas-sizes", type=int, nargs="*", default=[1_000_000], help="resampled references scatlas streams")
+    parser.add_argument("--in-memory-sizes", type=int, nargs="*", default=[10_000], help="resampled references scatlas loads")
     parser.add_argument("--atlas-batch-size", type=int, default=None, help="minibatch of the atlas runs (default: scatlas's own)")
     parser.add_argument("--atlas-epochs", type=int, default=None, help="most epochs of the atlas runs (default: scatlas's own)")
     parser.add_argument("--celltypist-python", default=None, help="python of an environment with celltypist (scikit-learn < 1.7)")
@@ -132,8 +137,8 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scatlas_annotation_"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, ref, query, label in write_splits(workdir, args.atlas_sizes):
-        atlas = name.startswith("onek1k_")
+    for name, ref, query, label in write_splits(workdir, args.atlas_sizes, args.in_memory_sizes):
+        atlas = name.startswith("onek1k_") and not name.endswith("_in_memory")
         n_cells = ad.read_h5ad(ref, backed="r").n_obs
         runs = {
             command: (CLI_PROGRAM, scatlas_args(command, ref, query, label, workdir / f"out_{name}_{command.replace(' ', '_')}", atlas,
