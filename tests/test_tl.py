@@ -125,9 +125,16 @@ def test_counterfactual_layer(fitted):
     assert np.abs(adata.layers[name][:, used]).sum() > 0 and (adata.layers[name][:, ~used] == 0).all()
     other = models["re"].get_counterfactual("3pv1", adata)
     assert not np.allclose(other, adata.layers[name][:, adata.var_names.get_indexer(models["re"].prep.genes)])
+    renamed = adata.copy()  # keyed by other ids, the model's names in a .var column (as CELLxGENE's feature_name)
+    renamed.var["feature_name"] = renamed.var_names.to_numpy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    assert sa.tl.counterfactual(renamed, models["re"], "5p", gene_key="feature_name") == name
+    np.testing.assert_array_equal(renamed.layers[name], adata.layers[name])
     del adata.layers[name]
     with pytest.raises(InputError, match="not one the model was trained on"):
         models["re"].get_counterfactual("nope", adata)
+    with pytest.raises(InputError, match="no gene column 'symbol' in .var"):
+        sa.tl.counterfactual(renamed, models["re"], "5p", gene_key="symbol")
 
 
 def test_embed_refuses_bad_requests_in_one_line(symphony):

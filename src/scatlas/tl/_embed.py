@@ -245,14 +245,26 @@ class ScatlasModel:
         data = self.split_for(adata, min_overlap, gene_key)
         return self.model.embed(data, np.arange(data.X.shape[0]))
 
-    def get_counterfactual(self, batch: str, adata: ad.AnnData | None = None) -> np.ndarray:
-        """Reconstructions of the cells "as if from batch ``batch``" (``re`` only), cells × model genes."""
+    def get_counterfactual(self, batch: str, adata: ad.AnnData | None = None, min_overlap: float = 0.5, gene_key: str | None = None) -> np.ndarray:
+        """Reconstructions of the cells "as if from batch ``batch``" (``re`` only).
+
+        Parameters
+        ----------
+        batch
+            One of the training batches.
+        adata, min_overlap, gene_key
+            As for :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        Cells × the model's genes (``self.prep.genes``), in its input space.
+        """
         counterfactual = getattr(self.model, "counterfactual", None)
         if counterfactual is None:
             raise ConfigError(f"model {self.name!r} has no counterfactual reconstructions; use 're'")
         if str(batch) not in self.batch_names:
             raise InputError(f"batch {batch!r} is not one the model was trained on: {self.batch_names[:10]}")
-        data = self.split_for(adata)
+        data = self.split_for(adata, min_overlap, gene_key)
         return counterfactual(data, np.arange(data.X.shape[0]), str(batch))
 
     def loadings(self) -> np.ndarray | None:
@@ -463,15 +475,29 @@ def write_results(adata: ad.AnnData, result: ScatlasModel) -> None:
     adata.uns["scatlas"] = store
 
 
-def counterfactual(adata: ad.AnnData, model: ScatlasModel, batch: str, layer_added: str | None = None) -> str:
+def counterfactual(adata: ad.AnnData, model: ScatlasModel, batch: str, layer_added: str | None = None, gene_key: str | None = None) -> str:
     """Reconstruct every cell of ``adata`` "as if from batch ``batch``" with a fitted ``re`` model; write it as a layer.
 
     The reconstruction lives in the model's input space (log-normalised, scaled as in training)
     over the model's genes; other genes of the layer are 0.
 
+    Parameters
+    ----------
+    adata
+        Cells to reconstruct; the layer goes into ``adata.layers``.
+    model
+        A fitted ``re`` model.
+    batch
+        One of the model's training batches.
+    layer_added
+        Name of the layer (default ``<key>_as_<batch>``).
+    gene_key
+        Column of ``adata.var`` holding the gene names the model uses (e.g. Ensembl ids beside
+        symbols); default: ``adata.var_names``.
+
     Returns
     -------
-    The layer's name (default ``<key>_as_<batch>``).
+    The layer's name.
 
     Examples
     --------
@@ -479,8 +505,10 @@ def counterfactual(adata: ad.AnnData, model: ScatlasModel, batch: str, layer_add
     >>> sa.tl.counterfactual(adata, model, "10x 5'")                         # doctest: +SKIP
     'X_re_as_10x 5''
     """
-    recon = model.get_counterfactual(batch, adata)
-    columns = adata.var_names.get_indexer(model.prep.genes)
+    recon = model.get_counterfactual(batch, adata, gene_key=gene_key)
+    if gene_key is not None and gene_key not in adata.var:
+        raise InputError(f"{source_name(adata)}: var column {gene_key!r} not found (the layer goes beside .X, over adata.var)")
+    columns = pd.Index(adata.var[gene_key].astype(str) if gene_key else adata.var_names).get_indexer(model.prep.genes)
     full = np.zeros((adata.n_obs, adata.n_vars), dtype=np.float32)
     full[:, columns[columns >= 0]] = recon[:, columns >= 0]
     name = layer_added or f"{model.key}_as_{batch}"
