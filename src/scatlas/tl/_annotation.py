@@ -28,7 +28,7 @@ from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, writ
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer
-from scatlas.data.preprocess import normalize_log1p, preprocess_split
+from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import validate
 from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
@@ -299,13 +299,31 @@ def _ontology(config: AnnotateConfig) -> CellOntology | None:
 
 @dataclass
 class Annotator:
-    """A trained classifier with the gene list, classes and preprocessing needed to predict new data."""
+    """A trained classifier with the gene list, classes and preprocessing needed to predict new data.
+
+    ``gene_means``: each model gene's mean over the reference cells, in the model's input
+    (log-normalised). A query lacking a gene gets it there for a linear model, whose class
+    scores add up gene by gene: the gene keeps its average contribution, which the intercept
+    was fitted with (as CellTypist, which drops the missing genes of z-scored data). Networks,
+    and models saved without the means, get zeros.
+    """
 
     model: CellTypeClassifier
     genes: np.ndarray
     labels: LabelSpace
     input: str
     meta: dict[str, Any]
+    gene_means: np.ndarray | None = None
+
+    @property
+    def missing_fill(self) -> np.ndarray | None:
+        """What a query's missing genes are set to: :attr:`gene_means` for a linear model, else ``None`` (zeros)."""
+        return self.gene_means if isinstance(self.model, LinearClassifier) else None
+
+    @property
+    def missing_said(self) -> str:
+        """How a log line says what missing genes are set to."""
+        return "set to 0" if self.missing_fill is None else "set to their reference means"
 
     def split_data(self, X: Any, label: np.ndarray | None = None, rows: tuple[np.ndarray, np.ndarray] | None = None) -> SplitData:
         """Wrap a model-ready matrix for the model's loaders."""
@@ -321,7 +339,7 @@ class Annotator:
         X = to_csr(get_matrix(adata, layer))
         if self.input == "counts":
             X = normalize_log1p(X)
-        return alignment.apply(X)
+        return alignment.apply(X, self.missing_fill)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Probabilities of a model-ready matrix (all rows)."""
@@ -335,6 +353,8 @@ class Annotator:
             tmp.write_text("\n".join(self.genes) + "\n")
         if self.labels.reachability is not None:
             write_npy(self.labels.reachability, directory / "reachability.npy")
+        if self.gene_means is not None:
+            write_npy(self.gene_means, directory / "gene_means.npy")
         if self.labels.per_source is not None:  # what each label meant in each source, as HCE trained with it
             write_npy(self.labels.per_source, directory / "label_reachability.npy")
             write_npy(self.labels.fine, directory / "fine_classes.npy")
@@ -378,7 +398,9 @@ class Annotator:
         model = build_model(parse_model_config(meta["model"]), TrainingConfig().to_train_config(0, progress=False))
         assert isinstance(model, CellTypeClassifier)
         k = len(labels.classes)
-        annotator = cls(model, genes, labels, meta["input"], {k2: v for k2, v in meta.items() if k2 in ("label_key", "ontology_key", "dataset", "layer")})
+        means = np.load(directory / "gene_means.npy") if (directory / "gene_means.npy").exists() else None
+        annotator = cls(model, genes, labels, meta["input"], {k2: v for k2, v in meta.items() if k2 in ("label_key", "ontology_key", "dataset", "layer")},
+                        means)
         stub = annotator.split_data(np.zeros((k, len(genes)), dtype=np.float32), np.arange(k), (np.arange(k), np.arange(0)))
         module = model.build_module(stub)
         module.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
@@ -537,6 +559,11 @@ def refit_full_batch(model_entry: dict[str, Any], training: TrainingConfig, seed
     return fit_classifier(model_entry, training, seed, n_top_genes, data, labels, codes, rows, rows[:0], sources=sources, start=first)
 
 
+def reference_means(model: CellTypeClassifier, sdata: SplitData) -> np.ndarray | None:
+    """Each model gene's mean over every cell of ``sdata`` (the model's input), for a linear model (:attr:`Annotator.gene_means`); else ``None``."""
+    return gene_moments(sdata.X)[0].astype(np.float32) if isinstance(model, LinearClassifier) else None
+
+
 def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
     train, val = holdout(np.arange(data.n_cells), 0.1, config.seed, codes)
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
@@ -548,7 +575,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
                                                sources, (model, genes))
         log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the hierarchical-call threshold set on the held-out cells")
     meta = {"label_key": key, "dataset": str(config.dataset.path), "layer": config.dataset.layer}
-    Annotator(model, genes, labels, config.dataset.input, meta).save(out / "model")
+    Annotator(model, genes, labels, config.dataset.input, meta, reference_means(model, sdata)).save(out / "model")
 
 
 def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, truth: np.ndarray, stage: Path, log: Log) -> pd.DataFrame:
@@ -666,7 +693,7 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     ----------
     adata
         Query cells (counts or log-normalised, as the model was trained); genes are aligned by name
-        and missing ones set to 0.
+        and missing ones set to their reference means (a linear model) or 0 (a network; see :class:`Annotator`).
     model
         An :class:`Annotator` or the directory ``scatlas annotate train`` wrote (its ``model/``).
     layer
@@ -702,7 +729,7 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata), gene_key)
     report = alignment.report()
     log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}, "
-        f"by {report['query_gene_names']}); missing ones set to 0")
+        f"by {report['query_gene_names']}); missing ones {annotator.missing_said}")
     proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)])
     key = annotator.meta.get("label_key") or "cell_type"
     write_calls(adata, key, annotator.labels, proba)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from scatlas._errors import ConfigError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
-from scatlas.tl._annotation import (METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, refit_full_batch,
+from scatlas.tl._annotation import (METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, reference_means, refit_full_batch,
                                     resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
@@ -267,7 +267,8 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     step = config.query_chunk_size
     distances = [nearest_centroid_distance(model.embed(sdata, calib[a : a + step]), centroids) for a in range(0, len(calib), step)]
     threshold = float(np.quantile(np.concatenate(distances), config.distance_quantile))
-    annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer})
+    annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer},
+                          reference_means(model, sdata))
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
     role = np.full(data.n_cells, "train", dtype=object)
     role[val], role[calib] = "val", "calibration"
@@ -345,7 +346,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             report = alignment.report()
             write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
             log(f"{stem}: {adata.n_obs} cells; {report['shared_genes']} of {report['model_genes']} model genes present ({report['fraction_of_model_genes']:.1%}, "
-                f"by {report['query_gene_names']}), the rest set to 0")
+                f"by {report['query_gene_names']}), the rest {reference.annotator.missing_said}")
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 truth = string_values(adata.obs[config.query_label_key])
@@ -397,7 +398,8 @@ def transfer(
     reference
         Labelled cells. A backed one is streamed from its file (never loaded), as with ``--stream``.
     query
-        One or more AnnData to annotate (genes aligned by name, missing ones set to 0). A backed
+        One or more AnnData to annotate (genes aligned by name; missing ones set to their
+        reference means for the linear model, to 0 for networks). A backed
         one (``anndata.read_h5ad(path, backed="r")``) is mapped ``query_chunk_size`` cells at a
         time from its file, never loaded whole.
     label_key
