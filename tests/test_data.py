@@ -132,8 +132,8 @@ def test_loader_batches_densify_to_scipy_rows(cellbench, scipy_gather):
     assert all(b["x_nnz"] == b["x_data"].shape[0] for b in batches)
 
 
-def test_gene_alignment_reorders_and_fills_absent_genes(cellbench):
-    """Shared genes land in the model's column order; absent ones are zero columns, or hold the values given (a linear model's reference means)."""
+def test_gene_alignment_reorders_and_sets_absent_genes(cellbench):
+    """Shared genes land in the model's column order, absent ones as zero columns; ``absent_at`` is the offset that sets them to given values."""
     from scatlas.data.align import align_genes
 
     X = sp.csr_matrix(cellbench.X[:50], dtype=np.float32)
@@ -143,9 +143,10 @@ def test_gene_alignment_reorders_and_fills_absent_genes(cellbench):
     assert (alignment.n_shared, alignment.missing) == (3, ["NOT_A_GENE_1", "NOT_A_GENE_2"])
     expected = np.hstack([X[:, [7, 3, 11]].toarray(), np.zeros((50, 2), dtype=np.float32)])
     np.testing.assert_array_equal(alignment.apply(X).toarray(), expected)
-    fill = np.array([9.0, 9.0, 9.0, 0.5, 2.0], dtype=np.float32)  # only the absent genes' values are used
+    means = np.array([9.0, 9.0, 9.0, 0.5, 2.0], dtype=np.float32)  # only the absent genes' values are used
     expected[:, 3:] = [0.5, 2.0]
-    np.testing.assert_array_equal(alignment.apply(X, fill).toarray(), expected)
+    np.testing.assert_array_equal(alignment.apply(X).toarray() + alignment.absent_at(means), expected)
+    assert align_genes(cellbench.var, names[[7, 3]]).absent_at(means[:2]) is None
 
 
 def test_model_inputs_start_where_torch_tensors_do(cellbench):

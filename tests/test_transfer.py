@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from scatlas.cli import app
 from scatlas.metrics import expected_calibration_error, fit_temperature
 from scatlas.metrics.calibration import softmax
-from scatlas.tl._annotation import METHODS
+from scatlas.tl._annotation import METHODS, Annotator
 from scatlas.tl._transfer import load_transfer_config, run_transfer
 
 runner = CliRunner()
@@ -272,6 +272,16 @@ def test_cli_onek1k_reference_keyed_by_ensembl_ids_maps_kang_by_its_ensembl_colu
     assert result.exit_code == 0, result.output
     annotated = ad.read_h5ad(tmp_path / "kang.h5ad")
     np.testing.assert_array_equal(annotated.obs["cell_type_ontology_term_id_pred_label"].astype(str).to_numpy(), pred["predicted"].astype(str).to_numpy())
+    # the missing genes enter as an offset on each dense minibatch: the same as storing the means in the matrix, without its memory
+    from scatlas.data.align import align_genes
+
+    annotator = Annotator.load(tmp_path / "out" / "reference" / "model")
+    query = ad.read_h5ad(kang)[:500]
+    alignment = align_genes(query.var, annotator.genes, 0.2, "kang", "ENSEMBL")
+    X = annotator.model_input(query, None, alignment)
+    filled = X.toarray()
+    filled[:, alignment.query_index < 0] = annotator.gene_means[alignment.query_index < 0]
+    np.testing.assert_allclose(annotator.predict_proba(X, annotator.missing_offset(alignment)), annotator.predict_proba(sp.csr_matrix(filled)), atol=1e-6)
 
 
 def test_ensemble_head_is_the_members_mean_probability():
@@ -290,7 +300,7 @@ def test_ensemble_head_is_the_members_mean_probability():
 def test_ensemble_members_train_apart_and_predict_their_mean(chemistries, tmp_path):
     """`--ensemble 3`: member 0 is the single network of the same seed, to the bit; the others early-stop on their own
     held-out draws; the saved model predicts the members' mean probability, also after `annotate predict` reloads it."""
-    from scatlas.tl._annotation import Annotator
+
 
     reference, query = chemistries["5p"]
     fast = {"training": {"max_epochs": 4, "batch_size": 64, "patience": 0}}

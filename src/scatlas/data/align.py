@@ -50,21 +50,23 @@ class GeneAlignment:
             "query_gene_names": "var_names" if self.gene_key is None else f"var[{self.gene_key!r}]",
         }
 
-    def apply(self, X: sp.csr_matrix, fill: np.ndarray | None = None) -> sp.csr_matrix:
-        """Query matrix reordered to the model's genes; absent genes are zero columns, or hold ``fill`` (one value per model gene)."""
+    def apply(self, X: sp.csr_matrix) -> sp.csr_matrix:
+        """Query matrix reordered to the model's genes, absent genes as zero columns."""
         found = np.flatnonzero(self.query_index >= 0)
         select = sp.csr_matrix(
             (np.ones(len(found), dtype=np.float32), (self.query_index[found], found)),
             shape=(X.shape[1], self.n_model_genes),
         )
-        aligned = sp.csr_matrix(X @ select, dtype=np.float32)
-        absent = np.flatnonzero(self.query_index < 0)
-        if fill is None or not len(absent):
-            return aligned
-        n = X.shape[0]
-        filled = sp.csr_matrix((np.tile(np.asarray(fill, dtype=np.float32)[absent], n), np.tile(absent, n), np.arange(n + 1) * len(absent)),
-                               shape=aligned.shape)
-        return sp.csr_matrix(aligned + filled)
+        return sp.csr_matrix(X @ select, dtype=np.float32)
+
+    def absent_at(self, values: np.ndarray) -> np.ndarray | None:
+        """``values`` (one per model gene) at the genes the query lacks, 0 elsewhere; ``None`` when it lacks none.
+
+        Added to the zero-filled rows of :meth:`apply`, it sets the absent genes to ``values``
+        (as :class:`~scatlas.models.base.SplitData`'s ``offset``, one dense row at a time).
+        """
+        absent = self.query_index < 0
+        return np.where(absent, values, 0).astype(np.float32) if absent.any() else None
 
 
 def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query",

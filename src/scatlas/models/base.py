@@ -62,6 +62,9 @@ class SplitData:
     label_reachability
         ``(n_sources, n_labels, n_labels)``: which classes satisfy each label in each source
         (:func:`scatlas.ontology.source_reachability`), for hierarchical cross-entropy.
+    offset
+        Added to every cell's dense row at inference (``None``: nothing): e.g. a query's missing
+        genes at their reference means (:class:`~scatlas.tl.Annotator`), without storing them in ``X``.
     """
 
     X: sp.csr_matrix | CSRSource
@@ -75,6 +78,7 @@ class SplitData:
     genes: np.ndarray | None = None
     source: np.ndarray | None = None
     label_reachability: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
     @property
     def n_genes(self) -> int:
@@ -438,9 +442,13 @@ class NeuralModel(EmbeddingModel):
         out: np.ndarray | None = None  # filled in place: no second copy of a multi-million-cell result
         loader = CSRLoader(data.X, rows, batch_size=max(self.train_config.batch_size, 1024), covariates=self.covariates(data),
                            chunk_size=self.train_config.chunk_size, device=device, shard=False)  # every DDP rank embeds all rows
+        offset = None if data.offset is None else torch.from_numpy(np.asarray(data.offset, dtype=np.float32)).to(device)
         done = 0
         for batch in loader:
-            values = getattr(module, method)(with_dense_x(batch), **kwargs).float().cpu().numpy()
+            batch = with_dense_x(batch)
+            if offset is not None:
+                batch["x"] = batch["x"] + offset
+            values = getattr(module, method)(batch, **kwargs).float().cpu().numpy()
             if out is None:
                 out = np.empty((len(rows), *values.shape[1:]), dtype=np.float32)
             out[done : done + len(values)] = values

@@ -316,34 +316,38 @@ class Annotator:
     gene_means: np.ndarray | None = None
 
     @property
-    def missing_fill(self) -> np.ndarray | None:
-        """What a query's missing genes are set to: :attr:`gene_means` for a linear model, else ``None`` (zeros)."""
-        return self.gene_means if isinstance(self.model, LinearClassifier) else None
+    def missing_said(self) -> str:
+        """How a log line says what a query's missing genes are set to."""
+        return "set to their reference means" if self._fills_missing else "set to 0"
 
     @property
-    def missing_said(self) -> str:
-        """How a log line says what missing genes are set to."""
-        return "set to 0" if self.missing_fill is None else "set to their reference means"
+    def _fills_missing(self) -> bool:
+        return self.gene_means is not None and isinstance(self.model, LinearClassifier)
 
-    def split_data(self, X: Any, label: np.ndarray | None = None, rows: tuple[np.ndarray, np.ndarray] | None = None) -> SplitData:
-        """Wrap a model-ready matrix for the model's loaders."""
+    def missing_offset(self, alignment: GeneAlignment) -> np.ndarray | None:
+        """The :class:`~scatlas.models.base.SplitData` offset that sets a query's missing genes to :attr:`gene_means` (linear models; else ``None``)."""
+        return alignment.absent_at(self.gene_means) if self._fills_missing and self.gene_means is not None else None
+
+    def split_data(self, X: Any, label: np.ndarray | None = None, rows: tuple[np.ndarray, np.ndarray] | None = None,
+                   offset: np.ndarray | None = None) -> SplitData:
+        """Wrap a model-ready matrix (and a query's :meth:`missing_offset`) for the model's loaders."""
         n = X.shape[0]
         train, val = rows if rows is not None else (np.arange(0), np.arange(0))
         return SplitData(
             X=X, train=train, val=val, batch=np.zeros(n, dtype=np.int64), batch_names=["all"],
-            label=label, label_names=self.labels.classes, reachability=self.labels.reachability,
+            label=label, label_names=self.labels.classes, reachability=self.labels.reachability, offset=offset,
         )
 
     def model_input(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment) -> Any:
-        """The model's matrix of validated cells: log-normalised (counts) and aligned to the model's genes by ``alignment``."""
+        """The model's matrix of validated cells: log-normalised (counts) and aligned to the model's genes by ``alignment`` (missing genes 0)."""
         X = to_csr(get_matrix(adata, layer))
         if self.input == "counts":
             X = normalize_log1p(X)
-        return alignment.apply(X, self.missing_fill)
+        return alignment.apply(X)
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Probabilities of a model-ready matrix (all rows)."""
-        return self.model.predict_proba(self.split_data(X), np.arange(X.shape[0]))
+    def predict_proba(self, X: Any, offset: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities of a model-ready matrix (all rows), with a query's :meth:`missing_offset`."""
+        return self.model.predict_proba(self.split_data(X, offset=offset), np.arange(X.shape[0]))
 
     def save(self, directory: Path) -> None:
         """Write ``model.pt``, ``genes.txt``, ``annotator.yaml`` (and ``reachability.npy``)."""
@@ -730,7 +734,8 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
     report = alignment.report()
     log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}, "
         f"by {report['query_gene_names']}); missing ones {annotator.missing_said}")
-    proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)])
+    offset = annotator.missing_offset(alignment)
+    proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment), offset) for part in cell_chunks(adata, chunk_size)])
     key = annotator.meta.get("label_key") or "cell_type"
     write_calls(adata, key, annotator.labels, proba)
     adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in report.items()}

@@ -125,10 +125,10 @@ class ReferenceModel:
     distance_threshold: float
     confidence_threshold: float
 
-    def predict(self, X: Any, cell_ids: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Predictions and calibrated probabilities of a model-ready matrix."""
+    def predict(self, X: Any, cell_ids: np.ndarray, offset: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Predictions and calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`)."""
         model, rows = self.annotator.model, np.arange(X.shape[0])
-        sdata = self.annotator.split_data(X)
+        sdata = self.annotator.split_data(X, offset=offset)
         proba = softmax(model.predict_logits(sdata, rows), self.temperature)
         distance = nearest_centroid_distance(model.embed(sdata, rows), self.centroids)
         names = np.asarray(self.annotator.labels.names)
@@ -177,9 +177,9 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, c
     """
     annotator = model.annotator
     alignment = align_genes(get_var(adata, layer), annotator.genes, config.min_overlap, source_name(adata), config.query_gene_key)
-    kept = []
+    offset, kept = annotator.missing_offset(alignment), []
     for part in cell_chunks(adata, config.query_chunk_size):  # each cell's result does not depend on the chunking
-        predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy())
+        predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy(), offset)
         if sink is not None:
             sink(predictions, probabilities)
         kept.append(_compact(predictions, annotator.labels))
