@@ -316,17 +316,19 @@ class Annotator:
     gene_means: np.ndarray | None = None
 
     @property
-    def missing_said(self) -> str:
-        """How a log line says what a query's missing genes are set to."""
-        return "set to their reference means" if self._fills_missing else "set to 0"
+    def missing_fill(self) -> np.ndarray | None:
+        """What a query's missing genes are set to: :attr:`gene_means` for a linear model, else ``None`` (zeros)."""
+        return self.gene_means if isinstance(self.model, LinearClassifier) else None
 
     @property
-    def _fills_missing(self) -> bool:
-        return self.gene_means is not None and isinstance(self.model, LinearClassifier)
+    def missing_said(self) -> str:
+        """How a log line says what a query's missing genes are set to."""
+        return "set to 0" if self.missing_fill is None else "set to their reference means"
 
     def missing_offset(self, alignment: GeneAlignment) -> np.ndarray | None:
-        """The :class:`~scatlas.models.base.SplitData` offset that sets a query's missing genes to :attr:`gene_means` (linear models; else ``None``)."""
-        return alignment.absent_at(self.gene_means) if self._fills_missing and self.gene_means is not None else None
+        """The :class:`~scatlas.models.base.SplitData` offset that sets a query's missing genes to :attr:`missing_fill` (``None``: they stay 0)."""
+        fill = self.missing_fill
+        return None if fill is None else alignment.absent_at(fill)
 
     def split_data(self, X: Any, label: np.ndarray | None = None, rows: tuple[np.ndarray, np.ndarray] | None = None,
                    offset: np.ndarray | None = None) -> SplitData:
