@@ -237,13 +237,17 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     assert (alone.obs["author_cell_type_pred"].astype(str) == reference.obs["author_cell_type_pred"].astype(str)).all()  # argmax ignores the temperature
 
 
-def test_pl_figures(fitted):
+def test_pl_figures(fitted, tmp_path):
     adata, models = fitted
     fig = sa.pl.embedding(adata, "X_fe", ["cell_type", "batch"])
     assert len(fig.axes) == 2 and all(ax.get_legend() is not None for ax in fig.axes)
     assert sa.pl.loss_curves(models["fe"]).axes
     adata.obs["fake_pred"] = adata.obs["cell_type"]
     assert sa.pl.confusion_matrix(adata, "cell_type", "fake_pred").axes
+    from scatlas.plot import confusion_heatmap
+
+    written = confusion_heatmap(adata.obs["cell_type"], adata.obs["fake_pred"], str(tmp_path / "confusion.png"))  # a str path, as users give it
+    assert written == tmp_path / "confusion.png" and written.read_bytes().startswith(b"\x89PNG")
 
 
 def test_help_is_fast_and_imports_no_heavy_library():

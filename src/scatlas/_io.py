@@ -56,7 +56,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     On failure the temporary file is removed and ``path`` is left untouched.
     """
-    path = check_writable(path, path.suffix) if Path(path).suffix else Path(path)
+    path = Path(path)
+    path = check_writable(path, path.suffix) if path.suffix else path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
