@@ -216,6 +216,13 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
         assert adata.obsm["author_cell_type_proba"].shape == (adata.n_obs, len(adata.uns["author_cell_type_classes"]))
     accuracy = (query.obs["author_cell_type_pred_label"].astype(str) == query.obs["author_cell_type"].astype(str)).mean()
     assert accuracy > 0.8
+    # saved, the reference model maps cells later with the transfer's calls, calibrated confidences and unknown flags
+    lines: list[str] = []
+    later = symphony[symphony.obs["batch"] == "5p"].copy()
+    sa.tl.annotate(later, model.save(tmp_path / "reference_model"), log=lines.append)
+    pd.testing.assert_frame_equal(later.obs, query.obs)
+    np.testing.assert_array_equal(later.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"])
+    assert "1767 of the model's 1767 genes found" in lines[-1]
     from scatlas.data import read_anndata
 
     query.write_h5ad(tmp_path / "query.h5ad")

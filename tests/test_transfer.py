@@ -191,7 +191,7 @@ def test_zheng17_reference_to_donor_query_cli(tmp_path):
     result = runner.invoke(app, ["transfer", "--reference", str(ref), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id",
                                  "--query", str(query), "--out", str(tmp_path / "out"), "--max-epochs", "8"])
     assert result.exit_code == 0, result.output
-    assert "model genes present" in result.output
+    assert "8845 of the model's 8863 genes found" in " ".join(result.output.split())  # rich wraps the line
     overlap = pd.read_csv(tmp_path / "out" / "zheng17_frozen_pbmc_donorA_query" / "gene_overlap.csv").iloc[0]
     assert overlap["model_genes"] == 8863 and overlap["shared_genes"] > 8800
     pred = pd.read_csv(tmp_path / "out" / "zheng17_frozen_pbmc_donorA_query" / "predictions.csv")
@@ -265,13 +265,17 @@ def test_cli_onek1k_reference_keyed_by_ensembl_ids_maps_kang_by_its_ensembl_colu
     # non-classical (set to 0: 68%; the MLP: 81%) and 99% of B cells memory B cells (set to 0: 92%)
     assert called.loc["CD14-low, CD16-positive monocyte", "non-classical monocyte"] > 0.7
     assert called.loc["CD14-positive monocyte", "classical monocyte"] > 0.9 and called.loc["B cell", "memory B cell"] > 0.95
-    assert "the rest set to their reference means" in result.output
-    # the saved reference classifier annotates the same query through `annotate predict --gene-key` (argmax: as the transfer's)
-    result = runner.invoke(app, ["annotate", "predict", str(tmp_path / "out" / "reference" / "model"), str(kang), "--gene-key", "ENSEMBL",
+    assert "missing ones set to their reference means" in " ".join(result.output.split())  # rich wraps lines
+    # the transfer's saved reference model annotates the same query through `annotate predict --gene-key`: the transfer's
+    # calls, calibrated confidences and unknown flags (the output folder is found from the transfer's folder)
+    result = runner.invoke(app, ["annotate", "predict", str(tmp_path / "out"), str(kang), "--gene-key", "ENSEMBL",
                                  "--min-overlap", "0.2", "--out", str(tmp_path / "kang.h5ad")])
     assert result.exit_code == 0, result.output
     annotated = ad.read_h5ad(tmp_path / "kang.h5ad")
     np.testing.assert_array_equal(annotated.obs["cell_type_ontology_term_id_pred_label"].astype(str).to_numpy(), pred["predicted"].astype(str).to_numpy())
+    np.testing.assert_allclose(annotated.obs["cell_type_ontology_term_id_pred_score"].to_numpy(), pred["confidence"].to_numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(annotated.obs["cell_type_ontology_term_id_unknown"].to_numpy(), pred["unknown"].to_numpy())
+    assert pred["unknown"].any() and not pred["unknown"].all()
     # the missing genes enter as an offset on each dense minibatch: the same as storing the means in the matrix, without its memory
     from scatlas.data.align import align_genes
 

@@ -319,7 +319,7 @@ def annotate_train(
 @annotate_app.command("predict")
 @_user_errors
 def annotate_predict(
-    model_dir: Annotated[Path, typer.Argument(help="Directory written by `annotate train` (or its model/ folder).")],
+    model_dir: Annotated[Path, typer.Argument(help="Directory written by `annotate train` or `transfer` (or the model folder inside it).")],
     query: Annotated[Path, typer.Argument(help="Query .h5ad or .zarr.")],
     out: Annotated[Path, typer.Option(help="Output .h5ad with predictions in .obs / .obsm.")],
     layer: Annotated[str | None, typer.Option(help="Layer holding the matrix ('raw' as for train; default: the layer the model was trained on where the query has it, else .X).")] = None,
@@ -328,10 +328,12 @@ def annotate_predict(
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: map the query chunk by chunk; OUT holds the results only (no matrix).")] = False,
     chunk_size: Annotated[int, typer.Option(help="Query cells mapped at a time with --stream.")] = 100_000,
 ) -> None:
-    """Annotate a query with a trained model (genes aligned by name, missing ones zero-filled)."""
+    """Annotate a query with a trained model: genes aligned by name, missing ones set to their reference means (linear) or 0 (networks).
+
+    A `transfer`'s reference model gives the transfer's calls: calibrated confidences and unknown flags too.
+    """
     from scatlas.tl._annotation import predict_annotations
 
-    model_dir = model_dir / "model" if (model_dir / "model" / "annotator.yaml").exists() else model_dir
     adata = predict_annotations(model_dir, query, out, layer, min_overlap, stream=stream, chunk_size=chunk_size, gene_key=gene_key, log=console.print)
     key = next(c for c in adata.obs.columns if c.endswith("_pred_label"))
     console.print(adata.obs[key].value_counts().to_string())

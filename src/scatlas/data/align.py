@@ -50,6 +50,11 @@ class GeneAlignment:
             "query_gene_names": "var_names" if self.gene_key is None else f"var[{self.gene_key!r}]",
         }
 
+    def said(self, name: str, missing: str) -> str:
+        """One log line: how many model genes ``name`` has, matched by what, and what its missing ones are set to (``missing``)."""
+        found = f"{name}: {self.n_shared} of the model's {self.n_model_genes} genes found ({self.fraction:.1%}, by {self.report()['query_gene_names']})"
+        return found + ("" if self.n_shared == self.n_model_genes else f"; missing ones {missing}")
+
     def apply(self, X: sp.csr_matrix) -> sp.csr_matrix:
         """Query matrix reordered to the model's genes, absent genes as zero columns."""
         found = np.flatnonzero(self.query_index >= 0)

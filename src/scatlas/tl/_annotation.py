@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -41,6 +41,9 @@ from scatlas.ontology import CellOntology, call_terms, choose_call_threshold, co
 from scatlas.plot.figures import confusion_heatmap, per_class_bars
 from scatlas.report.html import Section, mean_ci_table, write_report
 from scatlas.tl._embed import categorical_codes
+
+if TYPE_CHECKING:
+    from scatlas.tl._transfer import ReferenceModel
 
 STRATA = ("assay", "dataset_id", "dataset", "disease", "tissue", "tissue_general")
 Log = Callable[[str], None]
@@ -297,6 +300,19 @@ def _ontology(config: AnnotateConfig) -> CellOntology | None:
     return CellOntology.from_obo(config.ontology_obo) if config.ontology_obo else CellOntology()
 
 
+TRANSFER_FILE = "transfer.yaml"
+"""The file that makes a saved classifier a transfer's reference model (temperature and unknown thresholds)."""
+
+
+def model_directory(path: str | Path) -> Path:
+    """The folder of a saved classifier: ``path`` itself, its ``model/`` (``scatlas annotate train``'s output) or its ``reference/model/`` (``scatlas transfer``'s)."""
+    path = Path(path)
+    for candidate in (path, path / "model", path / "reference" / "model"):
+        if (candidate / "annotator.yaml").exists():
+            return candidate
+    return path
+
+
 @dataclass
 class Annotator:
     """A trained classifier with the gene list, classes and preprocessing needed to predict new data.
@@ -387,8 +403,8 @@ class Annotator:
 
     @classmethod
     def load(cls, directory: str | Path) -> Annotator:
-        """Rebuild a saved annotator (CPU or GPU, whatever is available)."""
-        directory = Path(directory)
+        """Rebuild a saved annotator (CPU or GPU, whatever is available) from ``directory`` or the output folder holding it (:func:`model_directory`)."""
+        directory = model_directory(directory)
         meta_path = directory / "annotator.yaml"
         if not meta_path.exists():
             raise InputError(f"{directory}: not a scatlas annotation model (annotator.yaml missing)")
@@ -691,7 +707,7 @@ def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarr
     adata.uns[f"{key}_classes"] = [str(c) for c in labels.classes]
 
 
-def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | None = None, gene_key: str | None = None, min_overlap: float = 0.5,
+def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, *, layer: str | None = None, gene_key: str | None = None, min_overlap: float = 0.5,
              chunk_size: int = 100_000, log: Log = print) -> Annotator:
     """Annotate the cells of ``adata`` with a trained classifier; calls and probabilities go into ``adata``.
 
@@ -701,7 +717,10 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
         Query cells (counts or log-normalised, as the model was trained); genes are aligned by name
         and missing ones set to their reference means (a linear model) or 0 (a network; see :class:`Annotator`).
     model
-        An :class:`Annotator` or the directory ``scatlas annotate train`` wrote (its ``model/``).
+        An :class:`Annotator`, a :class:`~scatlas.tl.ReferenceModel` (what :func:`transfer` returns), or
+        a directory holding either: what ``scatlas annotate train`` or ``scatlas transfer`` wrote,
+        or :meth:`ReferenceModel.save`'s. A reference model gives the calls, calibrated confidences
+        and unknown flags the transfer gave (``obs['<key>_unknown']`` too).
     layer
         Layer holding the matrix (``"raw"``: ``.raw``, see :func:`~scatlas.data.get_matrix`); default:
         the layer the model was trained on when ``adata`` has it, else ``.X``.
@@ -718,30 +737,44 @@ def annotate(adata: ad.AnnData, model: Annotator | str | Path, *, layer: str | N
 
     Returns
     -------
-    The annotator used. ``adata`` gains the keys of :func:`write_calls` (``<label_key>_pred`` ...)
-    and ``uns['scatlas_gene_overlap']``.
+    The annotator used. ``adata`` gains the keys of :func:`write_calls` (``<label_key>_pred`` ...;
+    ``_unknown`` with a reference model) and ``uns['scatlas_gene_overlap']``.
 
     Examples
     --------
     >>> sa.tl.annotate(query, "annotator/model")       # doctest: +SKIP
+    >>> sa.tl.annotate(new_cells, "transfer_out")        # a transfer's reference model, saved  # doctest: +SKIP
     >>> query.obs["cell_type_pred_label"].value_counts()   # doctest: +SKIP
     """
-    annotator = model if isinstance(model, Annotator) else Annotator.load(model)
+    from scatlas.tl._transfer import ReferenceModel  # the transfer's model builds on this module
+
+    loaded = model
+    if not isinstance(model, (Annotator, ReferenceModel)):
+        directory = model_directory(model)
+        loaded = ReferenceModel.load(directory) if (directory / TRANSFER_FILE).exists() else Annotator.load(directory)
+    reference = loaded if isinstance(loaded, ReferenceModel) else None
+    annotator = loaded.annotator if isinstance(loaded, ReferenceModel) else loaded
     chosen = trained_layer(adata, layer, annotator.meta.get("layer"))
     if chosen != layer:
         log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
     layer = chosen
     validate(adata, layer=layer, require_counts=annotator.input == "counts")
     alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata), gene_key)
-    report = alignment.report()
-    log(f"genes: {report['shared_genes']} of the model's {report['model_genes']} found in {source_name(adata)} ({report['fraction_of_model_genes']:.1%}, "
-        f"by {report['query_gene_names']}); missing ones {annotator.missing_said}")
+    log(alignment.said(source_name(adata), annotator.missing_said))
     offset = annotator.missing_offset(alignment)
-    proba = np.concatenate([annotator.predict_proba(annotator.model_input(part, layer, alignment), offset) for part in cell_chunks(adata, chunk_size)])
+
+    def calls(X: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        if reference is None:
+            return annotator.predict_proba(X, offset), None
+        proba, distance = reference.scores(X, offset)
+        low, far = reference.unknown(proba, distance)
+        return proba, low | far
+
+    parts = [calls(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)]
     key = annotator.meta.get("label_key") or "cell_type"
-    write_calls(adata, key, annotator.labels, proba)
-    adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in report.items()}
-    adata.uns["scatlas_annotation"] = {"model": str(model) if not isinstance(model, Annotator) else "<in memory>",
+    write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), None if reference is None else np.concatenate([u for _, u in parts]))
+    adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}
+    adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                        "ontology": str(annotator.labels.ontology_version), "version": __version__}
     return annotator
 

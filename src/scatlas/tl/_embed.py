@@ -207,9 +207,7 @@ class ScatlasModel:
             return self.data
         X, alignment = self.prep.transform(adata, min_overlap, gene_key)
         if alignment.n_shared < alignment.n_model_genes:
-            report = alignment.report()
-            self.log(f"{source_name(adata)}: {report['shared_genes']} of the model's {report['model_genes']} genes found "
-                     f"({report['fraction_of_model_genes']:.1%}); missing ones set to 0")
+            self.log(alignment.said(source_name(adata), "set to 0"))
         batch = np.zeros(adata.n_obs, dtype=np.int64)
         if self.batch_key is not None and self.batch_key in adata.obs:
             values = adata.obs[self.batch_key].astype(str).to_numpy()

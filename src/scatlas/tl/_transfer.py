@@ -21,12 +21,13 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from scatlas._errors import ConfigError
+from scatlas._errors import ConfigError, InputError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
-from scatlas.tl._annotation import (METHODS, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, reference_means, refit_full_batch,
-                                    resolve_model, unset_scaled, write_calls)
+from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
+                                    reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer
@@ -117,7 +118,12 @@ class TransferConfig(BaseModel):
 
 @dataclass
 class ReferenceModel:
-    """The frozen reference classifier with its calibration and unknown-detection settings."""
+    """The frozen reference classifier with its calibration and unknown-detection settings.
+
+    :meth:`save` writes it (``scatlas transfer`` writes ``reference/model``); :func:`scatlas.tl.annotate`
+    (``scatlas annotate predict``) maps new cells through a saved one later, with the same calls,
+    calibrated confidences and unknown flags as the transfer gave.
+    """
 
     annotator: Annotator
     temperature: float
@@ -125,16 +131,43 @@ class ReferenceModel:
     distance_threshold: float
     confidence_threshold: float
 
-    def predict(self, X: Any, cell_ids: np.ndarray, offset: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Predictions and calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`)."""
+    def save(self, directory: str | Path) -> Path:
+        """Write the classifier (:meth:`Annotator.save`), ``centroids.npy`` and ``transfer.yaml`` (temperature, thresholds) to ``directory``."""
+        directory = Path(directory)
+        self.annotator.save(directory)
+        write_npy(self.centroids, directory / "centroids.npy")
+        write_yaml({"temperature": self.temperature, "distance_threshold": self.distance_threshold, "confidence_threshold": self.confidence_threshold},
+                   directory / TRANSFER_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ReferenceModel:
+        """Rebuild a saved reference model: ``directory`` as :meth:`save` wrote it, or the output folder of ``scatlas transfer``."""
+        directory = model_directory(directory)
+        if not (directory / TRANSFER_FILE).exists():
+            raise InputError(f"{directory}: not a saved transfer reference model ({TRANSFER_FILE} missing; an `annotate train` model loads as an Annotator)")
+        settings = yaml.safe_load((directory / TRANSFER_FILE).read_text())
+        return cls(Annotator.load(directory), float(settings["temperature"]), np.load(directory / "centroids.npy"),
+                   float(settings["distance_threshold"]), float(settings["confidence_threshold"]))
+
+    def scores(self, X: Any, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`), and each cell's latent distance to its nearest class centroid."""
         model, rows = self.annotator.model, np.arange(X.shape[0])
         sdata = self.annotator.split_data(X, offset=offset)
-        proba = softmax(model.predict_logits(sdata, rows), self.temperature)
-        distance = nearest_centroid_distance(model.embed(sdata, rows), self.centroids)
+        return softmax(model.predict_logits(sdata, rows), self.temperature), nearest_centroid_distance(model.embed(sdata, rows), self.centroids)
+
+    def unknown(self, proba: np.ndarray, distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which cells are unknown for low confidence (the finest call's probability) and which for lying far from the reference."""
+        best = self.annotator.labels.finest(proba)
+        return proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold
+
+    def predict(self, X: Any, cell_ids: np.ndarray, offset: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Predictions and calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`)."""
+        proba, distance = self.scores(X, offset)
         names = np.asarray(self.annotator.labels.names)
         best = self.annotator.labels.finest(proba)
         confidence = proba[np.arange(len(best)), best]
-        low, far = confidence < self.confidence_threshold, distance > self.distance_threshold
+        low, far = self.unknown(proba, distance)
         predictions = pd.DataFrame(
             {
                 "cell_id": cell_ids,
@@ -338,15 +371,14 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         write_csv(calibration, stage / "calibration.csv")
         metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells")
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
-        _save_reference(reference, ref_dir / "model")
+        reference.save(ref_dir / "model")
         for stem, adata, layer in zip(stems, queries, layers, strict=True):
             qdir = stage / stem
             with ChunkedTable(qdir / "predictions.csv") as csv, ChunkedTable(qdir / "probabilities.parquet") as parquet:
                 pred, alignment = predict_query(reference, adata, layer, config, lambda p, q: (csv.write(p), parquet.write(q)))
             report = alignment.report()
             write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
-            log(f"{stem}: {adata.n_obs} cells; {report['shared_genes']} of {report['model_genes']} model genes present ({report['fraction_of_model_genes']:.1%}, "
-                f"by {report['query_gene_names']}), the rest {reference.annotator.missing_said}")
+            log(alignment.said(f"{stem} ({adata.n_obs} cells)", reference.annotator.missing_said))
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 truth = string_values(adata.obs[config.query_label_key])
@@ -359,15 +391,6 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         sections += [Section(name, [], [stage / d / "confusion_matrix.png"]) for name, d in [("reference (held-out cells)", "reference"), *((s, s) for s in stems)]]
         write_report(stage / "report.html", "Label transfer", sections, f"reference {config.reference.path}")
     return table
-
-
-def _save_reference(reference: ReferenceModel, directory: Path) -> None:
-    reference.annotator.save(directory)
-    write_npy(reference.centroids, directory / "centroids.npy")
-    write_yaml(
-        {"temperature": reference.temperature, "distance_threshold": reference.distance_threshold, "confidence_threshold": reference.confidence_threshold},
-        directory / "transfer.yaml",
-    )
 
 
 def transfer(
@@ -439,7 +462,9 @@ def transfer(
     The frozen :class:`ReferenceModel`. Each AnnData gains ``obs['<key>_pred']``, ``_pred_label``,
     ``_pred_score`` (calibrated confidence), ``_unknown``, ``obsm['<key>_proba']`` and
     ``uns['<key>_classes']``, with ``key = ontology_key or label_key``; the reference also gets
-    ``obs['<key>_reference_split']`` (train / val / calibration).
+    ``obs['<key>_reference_split']`` (train / val / calibration). ``model.save(dir)`` keeps the
+    reference model; ``sa.tl.annotate(new, dir)`` maps new cells through it later with the same
+    calls, confidences and unknown flags.
 
     Examples
     --------
@@ -473,7 +498,8 @@ def transfer(
     reference.obs[f"{key}_reference_split"] = pd.Categorical(predictions["reference_split"].to_numpy())
     for q, q_layer in zip(queries, layers, strict=True):
         parts = []
-        pred, _ = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
+        pred, alignment = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
+        log(alignment.said(source_name(q), model.annotator.missing_said))
         write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
 
