@@ -245,6 +245,27 @@ def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
     refused(work, ["nmf", str(files["negative"]), "--out", "factors.h5ad"], "negative values")
 
 
+def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files, work):
+    """`--out` naming the input file is refused (a results-only .h5ad would replace the data), and `--overwrite`
+    replaces only a folder scatlas wrote: never `--out .` or a folder holding the user's files."""
+    import shutil
+
+    data = work / "cells.h5ad"
+    shutil.copy(files["good"], data)
+    refused(work, ["embed", str(data), "--out", "cells.h5ad", "--overwrite"], "cells.h5ad: is the input file")
+    refused(work, ["nmf", str(data), "--out", str(data)], "is the input file")
+    refused(work, ["annotate", "train", str(data), "--label-key", "cellTypes", "--out", ".", "--overwrite"], "not a directory scatlas wrote",
+            "would delete everything in it")
+    transfer = ["transfer", "--reference", str(data), "--label-key", "cellTypes", "--query", str(data)]
+    refused(work, [*transfer, "--out", str(work), "--overwrite"], "not a directory scatlas wrote")
+    assert runner.invoke(app, [*transfer, "--out", "tr"]).exit_code == 0
+    assert runner.invoke(app, [*transfer, "--out", "tr", "--overwrite"]).exit_code == 0  # a folder scatlas wrote is replaced
+    refused(work, ["annotate", "predict", "tr", str(data), "--out", str(data), "--overwrite"], "is the input file")
+    assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"]).exit_code == 0
+    refused(work, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"], "pred.h5ad exists (pass --overwrite)")
+    assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad", "--overwrite"]).exit_code == 0
+
+
 def test_annotate_refuses_bad_input(files, work):
     kang = str(files["kang"])
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--model", "forest"], "--model", "'forest'")

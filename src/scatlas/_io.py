@@ -22,6 +22,9 @@ def _umask() -> int:
 
 _UMASK = _umask()
 
+OUTPUT_MARK = ".scatlas_output"
+"""Written into every output directory :func:`staged_dir` creates: ``--overwrite`` replaces only a directory that holds it."""
+
 
 def check_writable(path: str | os.PathLike[str], suffix: str | None = None) -> Path:
     """Refuse an output path before any work: a directory (``suffix=None``) or a file ending in ``suffix``.
@@ -179,15 +182,34 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
 
 
 def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Refuse an output directory that cannot be written (:func:`check_writable`) or holds files, unless ``overwrite``.
+    """Refuse an output directory that cannot be written (:func:`check_writable`) or holds files, unless ``overwrite``
+    and scatlas wrote it (it holds :data:`OUTPUT_MARK`): the directory is then replaced whole, so ``--overwrite``
+    never deletes a folder of the user's (``--out .``, or the folder holding the input data).
 
     Called before any work by every command that writes a directory, and again by :func:`staged_dir`.
     """
     from scatlas._errors import ConfigError
 
     out = check_writable(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+        if not (out / OUTPUT_MARK).exists():
+            raise ConfigError(f"{out}: not a directory scatlas wrote (no {OUTPUT_MARK} in it), and --overwrite would delete everything in it: "
+                              "give a new output directory, or empty this one yourself")
+    return out
+
+
+def check_output_file(out: str | os.PathLike[str], suffix: str, overwrite: bool = False, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """Refuse an output file that cannot be written (:func:`check_writable`), is one of the command's ``inputs`` (it
+    would replace the data read), or exists, unless ``overwrite``. Called before any work."""
+    from scatlas._errors import ConfigError
+
+    out = check_writable(out, suffix)
+    if any(Path(p).exists() and out.resolve() == Path(p).resolve() for p in inputs):
+        raise ConfigError(f"{out}: is the input file; write the results to another file (this one would be replaced)")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists (pass --overwrite)")
     return out
 
 
@@ -205,6 +227,7 @@ def staged_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield stage
+        (stage / OUTPUT_MARK).write_text("written by scatlas; `--overwrite` may replace this directory\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)

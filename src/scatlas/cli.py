@@ -327,6 +327,7 @@ def annotate_predict(
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: map the query chunk by chunk; OUT holds the results only (no matrix).")] = False,
     chunk_size: Annotated[int, typer.Option(help="Query cells mapped at a time with --stream.")] = 100_000,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
 ) -> None:
     """Annotate a query with a trained model: genes aligned by name, missing ones set to their reference means (linear) or 0 (networks).
 
@@ -334,9 +335,13 @@ def annotate_predict(
     """
     from scatlas.tl._annotation import predict_annotations
 
-    adata = predict_annotations(model_dir, query, out, layer, min_overlap, stream=stream, chunk_size=chunk_size, gene_key=gene_key, log=console.print)
+    adata = predict_annotations(model_dir, query, out, layer, min_overlap, stream=stream, chunk_size=chunk_size, gene_key=gene_key, overwrite=overwrite,
+                                log=console.print)
     key = next(c for c in adata.obs.columns if c.endswith("_pred_label"))
     console.print(adata.obs[key].value_counts().to_string())
+    unknown = key.removesuffix("_pred_label") + "_unknown"
+    if unknown in adata.obs:  # a transfer's reference model
+        console.print(f"unknown (low confidence or far from the reference): {int(adata.obs[unknown].sum())} of {adata.n_obs} cells")
     console.print(f"predictions: {out}")
 
 
@@ -511,14 +516,12 @@ def embed(
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream).")] = None,
 ) -> None:
     """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model."""
-    from scatlas._io import atomic_path, check_output_dir, check_writable
+    from scatlas._io import atomic_path, check_output_dir, check_output_file
     from scatlas.data import read_anndata
     from scatlas.tl._embed import embed as fit_embedding, results_anndata
 
     model_dir = out.with_name(f"{out.stem}_model")
-    check_writable(out, ".h5ad")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists (pass --overwrite)")
+    check_output_file(out, ".h5ad", overwrite, inputs=(data,))
     check_output_dir(model_dir, overwrite)
     adata = read_anndata(data, backed=stream)
     options = _option_values(set_ or [])
@@ -553,6 +556,7 @@ def nmf(
     benchmark_seeds: Annotated[int, typer.Option(help="Leiden seeds of the benchmark (0 = no benchmark).")] = 10,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream; all cells otherwise).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its tables.")] = False,
 ) -> None:
     """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks."""
     from scatlas.data.dataset import DatasetConfig
@@ -563,7 +567,7 @@ def nmf(
     dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": kind, "layer": layer, "batch_key": batch_key,
                                              "label_key": label_key})
     training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size})
-    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream)
+    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream, overwrite=overwrite)
     for name, table in tables.items():
         console.print(f"benchmark by {name}:")
         console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -587,7 +591,7 @@ def benchmark_command(
     sample_size: Annotated[int, typer.Option(min=1000, help="Cells sampled by the estimators (split equally over labels).")] = 50_000,
 ) -> None:
     """Score embeddings with scib-metrics' metric set (one shared kNN graph per embedding); prints each metric's time."""
-    from scatlas._io import check_output_dir
+    from scatlas._io import check_writable
     from scatlas.tl._benchmark import benchmark, write_benchmark
     from scatlas.data import read_anndata
 
@@ -595,7 +599,7 @@ def benchmark_command(
     pairs = [g.split("=", 1) for g in graph or []]
     if any(len(p) != 2 for p in pairs):
         raise InputError(f"--graph takes EMBEDDING=OBSP_KEY, got {graph}")
-    check_output_dir(out, overwrite=True)
+    check_writable(out)  # its files are written into OUT, nothing else in it is touched
     table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs),
                       log=lambda line: console.print(f"notice: {line}", highlight=False, soft_wrap=True), exact=exact, sample_size=sample_size,
                       progress=lambda line: console.print(f"  {line}", highlight=False))

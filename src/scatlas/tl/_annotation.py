@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import atomic_path, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml
+from scatlas._io import atomic_path, check_output_file, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer
@@ -780,14 +780,16 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,
-                        stream: bool = False, chunk_size: int = 100_000, gene_key: str | None = None, log: Log = print) -> ad.AnnData:
+                        stream: bool = False, chunk_size: int = 100_000, gene_key: str | None = None, overwrite: bool = False,
+                        log: Log = print) -> ad.AnnData:
     """Annotate a query file with a saved model (:func:`annotate`); write ``out`` (``.h5ad``) atomically.
 
     ``out`` is the query with the calls added; with ``stream`` the query's matrix is never
     loaded (read ``chunk_size`` cells at a time) and ``out`` holds the results only: ``obs``
-    with the calls, the genes, the probabilities in ``.obsm`` and no matrix.
+    with the calls, the genes, the probabilities in ``.obsm`` and no matrix. An existing ``out``
+    is refused unless ``overwrite``, and the query itself always.
     """
-    check_writable(out, ".h5ad")
+    check_output_file(out, ".h5ad", overwrite, inputs=(query,))
     adata = read_anndata(query, backed=stream)
     annotate(adata, model_dir, layer=layer, gene_key=gene_key, min_overlap=min_overlap, chunk_size=chunk_size, log=log)
     if stream:

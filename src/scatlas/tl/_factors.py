@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas._errors import InputError
-from scatlas._io import atomic_path, check_writable, write_csv
+from scatlas._io import atomic_path, check_output_file, write_csv
 from scatlas.data.io import on_disk, read_anndata, string_categorical
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
@@ -89,9 +89,12 @@ def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int =
 
 
 def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, out: str | Path, n_top_genes: int | None = 2000, benchmark_seeds: int = 10,
-                log: Log = print, stream: bool = False) -> dict[str, pd.DataFrame]:
-    """Fit, write ``out`` (.h5ad), ``<out>_loadings.csv`` and ``<out>_benchmark_by_<key>.csv``; return the benchmark tables."""
-    out = check_writable(out, ".h5ad")
+                log: Log = print, stream: bool = False, overwrite: bool = False) -> dict[str, pd.DataFrame]:
+    """Fit, write ``out`` (.h5ad), ``<out>_loadings.csv`` and ``<out>_benchmark_by_<key>.csv``; return the benchmark tables.
+
+    An existing ``out`` is refused unless ``overwrite``, and the input file always.
+    """
+    out = check_output_file(out, ".h5ad", overwrite, inputs=(dataset.path,))
     adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream, log=log)
     H, W = adata.obsm[f"H_{key}"], adata.varm[f"W_{key}"]
     log(f"{key}: H {H.shape} (min {H.min():.3g}), W {W.shape} (min {W.min():.3g})")
