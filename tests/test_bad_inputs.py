@@ -262,7 +262,7 @@ def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files
     assert runner.invoke(app, [*transfer, "--out", "tr", "--overwrite"]).exit_code == 0  # a folder scatlas wrote is replaced
     refused(work, ["annotate", "predict", "tr", str(data), "--out", str(data), "--overwrite"], "is the input file")
     assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"]).exit_code == 0
-    refused(work, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"], "pred.h5ad exists (pass --overwrite)")
+    refused(work, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"], "pred.h5ad exists (pass --overwrite")
     assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad", "--overwrite"]).exit_code == 0
 
 

@@ -193,7 +193,7 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Pa
     out = check_writable(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite)")
+            raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite; overwrite=True in Python)")
         if not (out / OUTPUT_MARK).exists():
             raise ConfigError(f"{out}: not a directory scatlas wrote (no {OUTPUT_MARK} in it), and --overwrite would delete everything in it: "
                               "give a new output directory, or empty this one yourself")
@@ -209,7 +209,7 @@ def check_output_file(out: str | os.PathLike[str], suffix: str, overwrite: bool 
     if any(Path(p).exists() and out.resolve() == Path(p).resolve() for p in inputs):
         raise ConfigError(f"{out}: is the input file; write the results to another file (this one would be replaced)")
     if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists (pass --overwrite)")
+        raise ConfigError(f"{out} exists (pass --overwrite; overwrite=True in Python)")
     return out
 
 

@@ -70,13 +70,13 @@ def confusion_matrix(adata: ad.AnnData, truth_key: str, pred_key: str, *, title:
 
 
 def benchmark_table(table: pd.DataFrame, *, title: str = "") -> Figure:
-    """The table of :func:`scatlas.tl.benchmark` as a coloured score table, one row per embedding.
+    """The table of :func:`scatlas.tl.benchmark` as a coloured score table, one row per embedding (its scores; not the Leiden resolution chosen).
 
     Examples
     --------
     >>> sa.pl.benchmark_table(sa.tl.benchmark(adata, ["X_pca", "X_fe"], label_key="cell_type", batch_key="batch"))  # doctest: +SKIP
     """
-    return figures.score_table(table, None, title=title)
+    return figures.score_table(table.drop(columns=["Leiden resolution"], errors="ignore"), None, title=title)
 
 
 __all__ = ["benchmark_table", "confusion_matrix", "embedding", "loss_curves"]

@@ -125,7 +125,7 @@ def score_table(table: pd.DataFrame, path: str | Path | None, label: str = "Embe
     scores = table.set_index(label).select_dtypes("number")
     span = (scores.max() - scores.min()).replace(0, 1)
     shade = ((scores - scores.min()) / span).fillna(0).to_numpy()
-    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * scores.shape[1], 0.8 + 0.4 * scores.shape[0]))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * scores.shape[1], 1.8 + 0.4 * scores.shape[0]))  # 1.8 in: the title and the slanted score names
     ax.imshow(shade, cmap="YlGnBu", vmin=0, vmax=1.6, aspect="auto")
     for i in range(scores.shape[0]):
         for j in range(scores.shape[1]):
