@@ -148,8 +148,10 @@ def test_full_batch_linear_equals_scikit_learn(output, gene_scale):
     assert torch.equal(model.module.backbone.head.weight, again.module.backbone.head.weight)
     assert history["train_loss"].is_monotonic_decreasing and len(history) > 10
     # with the default tolerance, started where a fit on fewer cells ended (as the refit on every cell starts): fewer iterations, the same model
-    head = fit(replace(data, train=data.train[:-300]), 1e-4)[0].module.backbone.head
-    (cold, cold_history), (warm, warm_history) = fit(data, 1e-4), fit(data, 1e-4, (head.weight.detach().double().numpy(), head.bias.detach().double().numpy()))
+    first, genes = fit(replace(data, train=data.train[:-300]), 1e-4)[0], kang.var_names.to_numpy()
+    weight, bias = first.head_on(genes, np.append(genes[::-1], "absent"))  # its weights moved onto other genes: those it lacks start at 0
+    np.testing.assert_array_equal(weight, np.c_[first.module.backbone.head.weight.detach().double().numpy()[:, ::-1], np.zeros(len(classes))])
+    (cold, cold_history), (warm, warm_history) = fit(data, 1e-4), fit(data, 1e-4, first.head_on(genes, genes))
     assert len(warm_history) < len(cold_history)
     np.testing.assert_allclose(warm.predict_proba(data, np.arange(n)), cold.predict_proba(data, np.arange(n)), atol=0.03)  # both within tol of the optimum
     assert (warm.predict_proba(data, np.arange(n)).argmax(1) == cold.predict_proba(data, np.arange(n)).argmax(1)).mean() > 0.995

@@ -523,10 +523,8 @@ def fit_classifier(
     if start is None:
         history = model.fit(sdata)
     else:
-        assert isinstance(model, LinearClassifier)
-        head, at = start[0].module.backbone.head, pd.Index(start[1]).get_indexer(prep.genes)
-        weight = np.where(at >= 0, head.weight.detach().double().numpy()[:, at], 0.0)
-        history = model.fit(sdata, start=(weight, head.bias.detach().double().numpy()))
+        assert isinstance(model, LinearClassifier) and isinstance(start[0], LinearClassifier)
+        history = model.fit(sdata, start=start[0].head_on(start[1], prep.genes))
     if workdir is not None:
         write_csv(history, workdir / "history.csv")
     return model, sdata, prep.genes
