@@ -287,6 +287,14 @@ def test_validate_imports_neither_torch_nor_scikit_learn():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("heavy: []"), done.stdout
 
+
+def test_annotation_and_transfer_load_matplotlib_only_to_draw():
+    """Annotation and transfer import no matplotlib (0.4 s) unless they draw a figure (evaluation with labels)."""
+    code = "import sys, scatlas.tl._annotation, scatlas.tl._transfer; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
+
+
 def test_readme_api_reference_names_exist():
     text = README.read_text()
     section = text[text.index("## API reference"):]

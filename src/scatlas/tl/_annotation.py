@@ -38,7 +38,6 @@ from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import SplitData, build_model, parse_model_config, validate_entry
 from scatlas.models.classifiers import CellTypeClassifier, LinearClassifier
 from scatlas.ontology import CellOntology, call_terms, choose_call_threshold, coarse_exclusions, fine_classes, hierarchical_calls, map_author_labels, nested_label_pairs, reachability, source_reachability
-from scatlas.plot.figures import confusion_heatmap, per_class_bars
 from scatlas.report.html import Section, mean_ci_table, write_report
 from scatlas.tl._embed import categorical_codes
 
@@ -562,6 +561,8 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     if "call_correct" in table:
         write_csv(pd.DataFrame([{"threshold": labels.call_threshold, "accuracy": table["call_correct"].mean(), "mean_depth": table["call_depth"].mean(),
                                  "exact_share": (table["y_call"] == table["y_true"]).mean(), "n_cells": len(table)}]), out / "hierarchical_calls.csv")
+    from scatlas.plot.figures import confusion_heatmap, per_class_bars  # matplotlib loads only when a figure is drawn
+
     confusion_heatmap(table["y_true"].map(names).to_numpy(), table["y_pred"].map(names).to_numpy(), out / "confusion_matrix.png", title)
     per_class_bars(per_class.assign(label=per_class["label"].map(names).fillna(per_class["label"])), out / "per_class_f1.png", title=title)
     return tables["overall"]

@@ -41,7 +41,6 @@ from scatlas.settings import TrainingConfig, parse_settings
 from scatlas.metrics.annotation import overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
 from scatlas.ontology import CellOntology
-from scatlas.plot.figures import confusion_heatmap
 from scatlas.report.html import Section, write_report
 
 Log = Callable[[str], None]
@@ -242,6 +241,8 @@ def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace,
     metrics["n_cells_unseen_label"] = float((~known).sum())
     write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
     write_csv(per_class_metrics(y_true[known], pred[known]), out / "per_class_metrics.csv")
+    from scatlas.plot.figures import confusion_heatmap  # matplotlib loads only when a figure is drawn
+
     confusion_heatmap(y_true, pred, out / "confusion_matrix.png", f"{title}: true (rows) vs predicted, row-normalised")
     return metrics
 
