@@ -20,8 +20,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # one log line stays one line in a file or a narrow terminal
+err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 #: The signal that ended the last command run in this process (``None``: none). Lets an embedding
 #: process — e.g. a test runner invoking commands in-process — stop on Ctrl-C as well.
@@ -61,7 +61,7 @@ def _user_errors(fn: F) -> F:
         try:
             result = fn(*args, **kwargs)
         except ScatlasError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(code=2) from None
         except (Interrupted, SystemExit) as exc:  # Lightning turns a SIGTERM into SystemExit(None), i.e. exit 0
             if not received:
@@ -74,7 +74,7 @@ def _user_errors(fn: F) -> F:
             global last_interrupt
             last_interrupt = received[0]
             name = signal.Signals(received[0]).name
-            err_console.print(f"[bold red]interrupted[/] by {name}{_resume_hint(fn, kwargs)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]interrupted[/] by {name}{_resume_hint(fn, kwargs)}", highlight=False)
             raise typer.Exit(code=128 + received[0])
         return result
 
@@ -122,10 +122,10 @@ def run(
     result = run_experiment(cfg, output_dir=output_dir, resume=resume, progress=not quiet, log=console.print)
     _print_summary(result.summary)
     first = next(iter(result.layouts.values()))
-    console.print(f"report: {compare_dir(first.root, first.dataset, first.scenario, first.run) / 'report.html'}", soft_wrap=True)
+    console.print(f"report: {compare_dir(first.root, first.dataset, first.scenario, first.run) / 'report.html'}")
     for name, layout in result.layouts.items():
         figures = f" (figures: {layout.figures_dir})" if layout.figures_dir.exists() else ""
-        console.print(f"{name}: {layout.latent_dir}{figures}", soft_wrap=True)
+        console.print(f"{name}: {layout.latent_dir}{figures}")
 
 
 @app.command()
@@ -189,8 +189,8 @@ def validate(
     adata, summary = read_dataset(dataset, extra)
     for notice in (summary.notice(), one_batch_notice(adata, dataset.batch_key)):
         if notice:
-            console.print(f"notice: {notice}", highlight=False, soft_wrap=True)
-    console.print(f"{dataset.path}: OK ({adata.n_obs} cells × {len(get_var(adata, dataset.layer))} genes)", soft_wrap=True)
+            console.print(f"notice: {notice}", highlight=False)
+    console.print(f"{dataset.path}: OK ({adata.n_obs} cells × {len(get_var(adata, dataset.layer))} genes)")
 
 
 annotate_app = typer.Typer(help="Cell-type annotation: train (CE or hierarchical CE over the Cell Ontology), predict, evaluate.", no_args_is_help=True)
@@ -225,7 +225,7 @@ def _input_kind(data: Path, layer: str | None, input: str) -> tuple[str, Callabl
 
     def log(line: str) -> None:
         while pending:
-            console.print(pending.pop(), soft_wrap=True)
+            console.print(pending.pop())
         console.print(line)
 
     return "counts" if counts else "lognorm", log
@@ -302,7 +302,7 @@ def annotate_train(
     )
     summary = train_annotator(cfg, out, overwrite=overwrite, log=log)
     if summary.empty:
-        console.print(f"model for `annotate predict`: {out / 'model'} (no cross-validation)", soft_wrap=True)
+        console.print(f"model for `annotate predict`: {out / 'model'} (no cross-validation)")
         return
     table = Table(title=f"{model} + {loss}: test cells, mean ± 95% CI half-width over folds")
     table.add_column("evaluation")
@@ -313,7 +313,7 @@ def annotate_train(
         row = group.set_index("metric")
         table.add_row(str(evaluation), *(f"{row.loc[m, 'mean']:.3f} ± {row.loc[m, 'ci_high'] - row.loc[m, 'mean']:.3f}" for m in metrics))
     console.print(table)
-    console.print(f"results: {out}  (report: {out / 'report.html'}; model for `annotate predict`: {out / 'model'})", soft_wrap=True)
+    console.print(f"results: {out}  (report: {out / 'report.html'}; model for `annotate predict`: {out / 'model'})")
 
 
 @annotate_app.command("predict")
@@ -535,7 +535,7 @@ def embed(
     latent = adata.obsm[result.key]
     console.print(f"{result.name}: {latent.shape[0]} cells × {latent.shape[1]} dimensions in .obsm[{result.key!r}], {len(result.history)} epochs; "
                   f"{len(result.prep.genes)} genes")
-    console.print(f"results: {out}; model: {model_dir} (scatlas.load_model)", soft_wrap=True)
+    console.print(f"results: {out}; model: {model_dir} (scatlas.load_model)")
 
 
 @app.command()
@@ -601,7 +601,7 @@ def benchmark_command(
         raise InputError(f"--graph takes EMBEDDING=OBSP_KEY, got {graph}")
     check_writable(out)  # its files are written into OUT, nothing else in it is touched
     table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs),
-                      log=lambda line: console.print(f"notice: {line}", highlight=False, soft_wrap=True), exact=exact, sample_size=sample_size,
+                      log=lambda line: console.print(f"notice: {line}", highlight=False), exact=exact, sample_size=sample_size,
                       progress=lambda line: console.print(f"  {line}", highlight=False))
     write_benchmark(table, out, data.stem)
     console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -621,7 +621,7 @@ def compare(
 
     for (dataset, scenario, run), layouts in discover(output_dir).items():
         out = compare_runs(layouts, umaps=umaps, genomaps=genomaps, genomap_labels=genomap_label)
-        console.print(f"{dataset} / {scenario} / {run}: {len(layouts)} models -> {out}/report.html", soft_wrap=True)
+        console.print(f"{dataset} / {scenario} / {run}: {len(layouts)} models -> {out}/report.html")
 
 
 @app.command("models")

@@ -386,6 +386,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
                 row.update(_evaluate(truth, pred, reference.annotator.labels, qdir, stem))
             summary.append(row)
         table = pd.DataFrame(summary)
+        table["n_cells"] = table["n_cells"].astype(int)
         write_csv(table, stage / "summary.csv")
         write_yaml(config.model_dump(mode="json", exclude=unset_scaled(config.training)), stage / "config.yaml")
         sections = [Section("Summary", [table]), Section("Calibration (held-out reference cells)", [pd.read_csv(stage / "calibration.csv")])]
