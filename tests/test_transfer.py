@@ -41,6 +41,32 @@ def _config(reference: Path, queries: list[Path], **extra):
     return load_transfer_config(values)
 
 
+def test_centroids_and_distances_embed_bounded_blocks(monkeypatch):
+    """A linear model's latent is its genes: centroids and distances embed a few thousand cells at a time, not a
+    100,000-cell chunk (8 GB for 20,000 genes), with the results of one pass over all cells."""
+    from types import SimpleNamespace
+
+    from scatlas.tl import _transfer
+    from scatlas.tl._transfer import centroid_distances, class_centroids, nearest_centroid_distance
+
+    monkeypatch.setattr(_transfer, "LATENT_VALUES", 2**22)  # 1,024 cells of 4,000 genes at a time
+    rng = np.random.default_rng(0)
+    X = sp.random(5000, 4000, density=0.05, random_state=0, format="csr", dtype=np.float32)
+    calls: list[int] = []
+
+    def embed(_: object, rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        return X[rows].toarray()
+
+    model, sdata = SimpleNamespace(embed=embed), SimpleNamespace(X=X)
+    rows, codes = np.arange(1, 5000, 2), rng.integers(0, 3, 2500)
+    centroids = class_centroids(model, sdata, rows, codes)
+    dense = X[rows].toarray().astype(np.float64)
+    np.testing.assert_allclose(centroids, np.stack([dense[codes == k].mean(0) for k in range(3)]), rtol=1e-5)
+    np.testing.assert_allclose(centroid_distances(model, sdata, rows, centroids), nearest_centroid_distance(dense, centroids), rtol=1e-6)
+    assert calls == [1024, 1024, 452] * 2
+
+
 def test_ece_matches_torchmetrics_and_temperature_helps():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2000, 4)) * 4

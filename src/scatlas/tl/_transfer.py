@@ -13,7 +13,7 @@ expected calibration error before and after temperature scaling on held-out refe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -153,7 +154,7 @@ class ReferenceModel:
         """Calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`), and each cell's latent distance to its nearest class centroid."""
         model, rows = self.annotator.model, np.arange(X.shape[0])
         sdata = self.annotator.split_data(X, offset=offset)
-        return softmax(model.predict_logits(sdata, rows), self.temperature), nearest_centroid_distance(model.embed(sdata, rows), self.centroids)
+        return softmax(model.predict_logits(sdata, rows), self.temperature), centroid_distances(model, sdata, rows, self.centroids)
 
     def unknown(self, proba: np.ndarray, distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which cells are unknown for low confidence (the finest call's probability) and which for lying far from the reference."""
@@ -297,10 +298,8 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     if model.full_batch:
         model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, rows, sources, (model, genes))
         log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and thresholds set on the held-out cells")
-    centroids = class_centroids(model, sdata, train, codes[train], config.query_chunk_size)
-    step = config.query_chunk_size
-    distances = [nearest_centroid_distance(model.embed(sdata, calib[a : a + step]), centroids) for a in range(0, len(calib), step)]
-    threshold = float(np.quantile(np.concatenate(distances), config.distance_quantile))
+    centroids = class_centroids(model, sdata, train, codes[train])
+    threshold = float(np.quantile(centroid_distances(model, sdata, calib, centroids), config.distance_quantile))
     annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer},
                           reference_means(model, sdata))
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
@@ -317,16 +316,34 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     return reference, pd.concat(kept, ignore_index=True), calib, np.asarray(labels.names)[codes[calib]], calibration
 
 
-def class_centroids(model: CellTypeClassifier, sdata: SplitData, rows: np.ndarray, codes: np.ndarray, chunk_size: int) -> np.ndarray:
-    """Mean latent of the cells ``rows`` of each class among ``codes`` (classes in code order), ``chunk_size`` cells embedded at a time."""
-    present = np.unique(codes)
+LATENT_VALUES = 2**24
+"""Latent values held at once when embedding for centroids and distances (a linear model's latent is its genes:
+100,000 cells of a 20,000-gene reference at once would be 8 GB, and twice that in float64)."""
+
+
+def latent_blocks(n: int, width: int) -> Iterator[slice]:
+    """Consecutive slices of ``n`` cells whose latents (``width`` values each) hold about :data:`LATENT_VALUES` values: whole
+    multiples of 1,024 cells, the inference minibatch, so the minibatches are those of one pass over all cells."""
+    step = max(1024, LATENT_VALUES // max(width, 1) // 1024 * 1024)
+    return (slice(a, min(a + step, n)) for a in range(0, n, step))
+
+
+def class_centroids(model: CellTypeClassifier, sdata: SplitData, rows: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Mean latent of the cells ``rows`` of each class among ``codes`` (classes in code order), embedded in :func:`latent_blocks`."""
+    present, where = np.unique(codes, return_inverse=True)
     sums: np.ndarray | None = None
-    for a in range(0, len(rows), chunk_size):
-        latent = model.embed(sdata, rows[a : a + chunk_size]).astype(np.float64)
-        sums = np.zeros((len(present), latent.shape[1])) if sums is None else sums
-        np.add.at(sums, np.searchsorted(present, codes[a : a + chunk_size]), latent)
+    for block in latent_blocks(len(rows), sdata.X.shape[1]):
+        latent = model.embed(sdata, rows[block]).astype(np.float64)
+        members = sp.csr_matrix((np.ones(len(latent)), (where[block], np.arange(len(latent)))), shape=(len(present), len(latent)))
+        sums = members @ latent + (0 if sums is None else sums)
     assert sums is not None
-    return (sums / np.bincount(np.searchsorted(present, codes))[:, None]).astype(np.float32)
+    return (sums / np.bincount(where)[:, None]).astype(np.float32)
+
+
+def centroid_distances(model: CellTypeClassifier, sdata: SplitData, rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each cell of ``rows``'s latent distance to its nearest class centroid, embedded in :func:`latent_blocks`."""
+    parts = [nearest_centroid_distance(model.embed(sdata, rows[block]), centroids) for block in latent_blocks(len(rows), centroids.shape[1])]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData, log: Log = print) -> list[str | None]:
