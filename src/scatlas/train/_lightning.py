@@ -172,6 +172,25 @@ class ResumeState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class ReleaseProcessGroup(Callback):
+    """In a worker that ``ddp_spawn`` started, destroy the process group when the fit ends.
+
+    The worker exits right after; gloo's threads, left to the exit, can abort it ("terminate called
+    without an active exception", SIGABRT: seen once in CI, a known PyTorch hazard of exiting without
+    ``destroy_process_group``). A process that launched itself (torchrun, ``ddp``) keeps its group for
+    later fits.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Destroy the process group of a spawned worker."""
+        import multiprocessing
+
+        import torch.distributed as dist
+
+        if multiprocessing.parent_process() is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class LastCheckpoint(Checkpoint):
     """Write ``last.ckpt`` at the end of an epoch, at most every ``interval_s`` seconds, and when training ends.
 
@@ -277,7 +296,7 @@ def _fit(plan: TrainingPlan, train: CSRLoader, val: CSRLoader | None, config: Tr
          best_dir: str | os.PathLike[str] | None, resume: bool) -> FitResult:
     L.seed_everything(config.seed, workers=True, verbose=False)
     history = History()
-    callbacks: list[Callback] = [history, ResumeState()]
+    callbacks: list[Callback] = [history, ResumeState(), ReleaseProcessGroup()]
     monitor = config.monitor if val is not None else config.monitor.replace("val_", "train_")
     checkpoint: ModelCheckpoint | None = None
     if best_dir is not None:
