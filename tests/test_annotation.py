@@ -324,8 +324,9 @@ def test_out_of_distribution_chemistry(symphony_path, tmp_path):
 def test_cli_train_predict_evaluate(zheng, tmp_path):
     out = tmp_path / "ann"
     result = runner.invoke(app, ["annotate", "train", str(zheng), "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id",
-                                 "--model", "linear", "--loss", "hce", "--n-splits", "3", "--max-epochs", "8", "--out", str(out)])
+                                 "--loss", "hce", "--n-splits", "3", "--max-epochs", "8", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "linear + hce: test cells" in result.output  # the default method is named (it said "None")
     # the full-batch model ignores the epochs; the saved one is fitted again on every cell once its call threshold is set, and each fold's
     # model on the fold's training and validation cells, so the fold metrics describe how the saved model was made
     assert "max_epochs do not apply" in result.output and "refitted on all 2140 cells" in result.output

@@ -281,6 +281,7 @@ def annotate_train(
 
     if model is not None and model not in METHODS:
         raise ConfigError(f"--model must be one of {sorted(METHODS)}, got {model!r}")
+    method = model or default_method(stream)
     kind, log = _input_kind(data, layer, input)
     cfg = load_annotate_config(
         {
@@ -291,7 +292,7 @@ def annotate_train(
             "dataset_key": dataset_key,
             "ontology_obo": ontology_obo,
             "label_map": label_map,
-            "model": {**METHODS[model or default_method(stream)], "loss": loss, "ensemble": ensemble},
+            "model": {**METHODS[method], "loss": loss, "ensemble": ensemble},
             "n_top_genes": n_top_genes,
             "split": {"kind": split, "n_splits": n_splits or 5, "group_key": group_key, "seed": seed},
             "cross_validate": n_splits != 0,
@@ -304,7 +305,7 @@ def annotate_train(
     if summary.empty:
         console.print(f"model for `annotate predict`: {out / 'model'} (no cross-validation)")
         return
-    table = Table(title=f"{model} + {loss}: test cells, mean ± 95% CI half-width over folds")
+    table = Table(title=f"{method} + {loss}: test cells, mean ± 95% CI half-width over folds")
     table.add_column("evaluation")
     metrics = ["accuracy", "macro_f1", "weighted_f1"]
     for metric in metrics:
