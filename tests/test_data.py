@@ -312,6 +312,12 @@ def test_holdout_stratifies_by_label_only_when_the_labels_allow_it(cellbench):
         return all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
 
     assert same(holdout(rows, 0.2, 0, labels), train_test_split(rows, test_size=0.2, random_state=0, stratify=labels))
+    # the draw is scikit-learn's without importing it: other seeds, sizes, row values, and labels whose shares tie
+    ties = np.repeat(np.array(["a", "b", "c", "d", "e", "f", "g"]), [7, 7, 7, 3, 3, 9, 4])
+    for seed, size, group in [(1, 0.1, labels), (7, 0.35, labels), (3, 9, ties), (11, 0.25, ties), (0, 0.5, ties)]:
+        values = 1000 + 3 * np.arange(len(group))
+        assert same(holdout(values, size, seed, group), train_test_split(values, test_size=size, random_state=seed, stratify=group))
+        assert same(holdout(values, size, seed), train_test_split(values, test_size=size, random_state=seed))
     plain = train_test_split(rows, test_size=0.2, random_state=0)
     rare = labels.copy()
     rare[0] = "one cell"

@@ -9,6 +9,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from scatlas import metrics as sm
+from scatlas.metrics.annotation import overall_metrics, per_class_metrics
 
 
 def test_silhouette_equals_sklearn_in_chunks(symphony_pca):
@@ -70,6 +71,26 @@ def test_classification_scores_match_sklearn():
     assert got["auroc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr"))
     assert got["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
     assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+
+
+def test_annotation_metrics_equal_sklearn():
+    rng = np.random.default_rng(1)
+    classes = np.array(["B", "CD4 T", "CD8 T", "NK", "pDC"])
+    y = classes[rng.integers(0, 4, 300)]  # pDC is never true: it is only predicted
+    pred = np.where(rng.random(300) < 0.7, y, classes[rng.integers(0, 5, 300)])
+    present = np.unique(y)
+    got = overall_metrics(y, pred)
+    for average in ("macro", "micro", "weighted"):
+        assert got[f"{average}_f1"] == pytest.approx(skm.f1_score(y, pred, labels=present, average=average, zero_division=0), abs=1e-15)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-15)
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-15)
+    table = per_class_metrics(y, pred)
+    expected = skm.precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
+    assert list(table["label"]) == list(classes)
+    for column, values in zip(("precision", "recall", "f1", "support"), expected, strict=True):
+        np.testing.assert_allclose(table[column], values, atol=1e-15)
+    assert table.set_index("label").loc["pDC", ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
+    assert np.isnan(overall_metrics(np.array([], dtype=str), np.array([], dtype=str))["accuracy"])  # scikit-learn refuses no cells
 
 
 def test_confidence_interval_matches_scipy():

@@ -1,7 +1,8 @@
 """Data layer: read and validate AnnData, preprocess, split, and stream minibatches.
 
-The minibatch loaders (torch) and the splits (scikit-learn) load on first use, so reading,
-validating and normalising data (``scatlas validate``) imports neither.
+The minibatch loaders (torch) and the splits load on first use, so reading, validating and
+normalising data (``scatlas validate``) imports neither; the splits import scikit-learn only for
+k-fold and donor splits.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@
 
 Every split is a :class:`Split` of row indices; :func:`assignment_table` turns a list of
 them into the table saved with a run so any result can be reproduced.
+
+:func:`holdout` draws exactly as scikit-learn's ``train_test_split`` (a test holds them equal)
+without importing scikit-learn, which the k-fold splits import when first used: annotating and
+transferring labels, which need only held-out cells, start about 0.6 s sooner.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold, StratifiedKFold, train_test_split
 
 from scatlas._errors import ConfigError, InputError
 
@@ -67,6 +70,8 @@ def kfold_splits(strata: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[S
     """
     if n_splits < 3:
         raise InputError(f"kfold split needs n_splits >= 3 (got {n_splits})")
+    from sklearn.model_selection import StratifiedKFold
+
     skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     parts = [test for _, test in skf.split(np.zeros(len(strata)), strata)]
     return _rotate(parts)
@@ -83,6 +88,8 @@ def group_splits(groups: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[S
         raise InputError(f"donor split needs at least n_splits={n_splits} groups; found {len(uniq)}: {list(uniq)}")
     if n_splits < 3:
         raise InputError(f"donor split needs n_splits >= 3 (got {n_splits})")
+    from sklearn.model_selection import GroupKFold
+
     rng = np.random.default_rng(seed)
     relabel = dict(zip(uniq, rng.permutation(len(uniq)), strict=True))
     shuffled = np.array([relabel[g] for g in groups])
@@ -138,14 +145,40 @@ def holdout(rows: np.ndarray, size: float | int, seed: int, labels: np.ndarray |
     -------
     The kept and the held-out rows, in :func:`~sklearn.model_selection.train_test_split`'s order.
     """
-    stratify = None
+    rows = np.asarray(rows)
+    n_held = int(size) if isinstance(size, (int, np.integer)) else int(np.ceil(size * len(rows)))
+    rng = np.random.RandomState(seed)  # noqa: NPY002 (train_test_split's generator, so the draws are its draws)
     if labels is not None:
-        counts = np.unique(labels, return_counts=True)[1]
-        n_held = int(size) if isinstance(size, (int, np.integer)) else int(np.ceil(size * len(rows)))
-        if counts.min() >= min_count and min(n_held, len(rows) - n_held) >= len(counts):
-            stratify = labels
-    kept, held = train_test_split(rows, test_size=size, random_state=seed, stratify=stratify)
-    return kept, held
+        codes, counts = np.unique(labels, return_inverse=True, return_counts=True)[1:]
+        if counts.min() >= max(min_count, 2) and min(n_held, len(rows) - n_held) >= len(counts):
+            members = np.split(np.argsort(codes, kind="stable"), np.cumsum(counts)[:-1])
+            n_kept = _apportion(counts, len(rows) - n_held, rng)
+            n_out = _apportion(counts - n_kept, n_held, rng)
+            kept, held = [], []
+            for cells, k, h in zip(members, n_kept, n_out, strict=True):
+                drawn = cells[rng.permutation(len(cells))]
+                kept.append(drawn[:k])
+                held.append(drawn[k : k + h])
+            return rows[rng.permutation(np.concatenate(kept))], rows[rng.permutation(np.concatenate(held))]
+    order = rng.permutation(len(rows))
+    return rows[order[n_held:]], rows[order[:n_held]]
+
+
+def _apportion(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Rows to draw from each label: the floor of its proportional share, one more for the largest remainders
+    (ties broken at random) until ``n_draws`` are drawn (scikit-learn's approximate hypergeometric mode)."""
+    share = counts / counts.sum() * n_draws
+    taken = np.floor(share)
+    missing = int(n_draws - taken.sum())
+    remainder = share - taken
+    for value in np.unique(remainder)[::-1]:
+        if missing <= 0:
+            break
+        ties = np.flatnonzero(remainder == value)
+        chosen = rng.choice(ties, size=min(len(ties), missing), replace=False)
+        taken[chosen] += 1
+        missing -= len(chosen)
+    return taken.astype(int)
 
 
 def assignment_table(splits: list[Split], cell_ids: np.ndarray) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy.special import stdtrit  # the t quantile scipy.stats.t.ppf computes, without importing scipy.stats (0.5 s)
 
 
 def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -21,7 +21,7 @@ def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[f
     mean = float(x.mean())
     if x.size < 2:
         return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    half = float(stdtrit(x.size - 1, 0.5 + level / 2) * x.std(ddof=1) / np.sqrt(x.size))
     return mean, mean - half, mean + half
 
 

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import yaml
-from sklearn.model_selection import train_test_split
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
@@ -28,6 +27,7 @@ from scatlas.data.dataset import cell_data, whole_backed
 from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, string_categorical, to_csr
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
+from scatlas.data import splits
 from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import is_count_matrix, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
@@ -50,7 +50,7 @@ def holdout(n: int, fraction: float, seed: int, exclude: np.ndarray | None = Non
     rows = np.arange(n) if exclude is None else np.flatnonzero(~exclude)
     if fraction <= 0 or len(rows) < 10:
         return rows, np.arange(0)
-    train, val = train_test_split(rows, test_size=fraction, random_state=seed)
+    train, val = splits.holdout(rows, fraction, seed)
     return np.sort(train), np.sort(val)
 
 
