@@ -268,7 +268,8 @@ def test_classifiers_learn_zheng17(zheng, tmp_path, model, min_accuracy):
     assert summary.loc[("exact", "accuracy"), "mean"] > min_accuracy  # 9 classes: chance ≈ 0.11
     history = pd.read_csv(tmp_path / "out" / "splits_1" / "history.csv")
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
-    for name in ("overall_metrics.csv", "per_class_metrics.csv", "detailed_results.parquet", "confusion_matrix.png", "per_class_f1.png", "fold_metrics_95CI.csv", "report.html"):
+    for name in ("overall_metrics.csv", "per_class_metrics.csv", "detailed_results.parquet", "confusion_matrix.csv", "confusion_matrix.png", "per_class_f1.png",
+                 "fold_metrics_95CI.csv", "report.html"):
         assert (tmp_path / "out" / name).exists()
     detail = pd.read_parquet(tmp_path / "out" / "detailed_results.parquet")
     assert len(detail) == 2140 and {"y_true", "y_pred", "correct", "correct_hierarchical", "p_CL:0000236"} <= set(detail.columns)

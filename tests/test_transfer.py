@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from sklearn.metrics import confusion_matrix
 from torchmetrics.functional.classification import multiclass_calibration_error
 from typer.testing import CliRunner
 
@@ -85,16 +86,24 @@ def test_ece_matches_torchmetrics_and_temperature_helps():
 @pytest.mark.parametrize(("held_out", "scanvi"), [("3pv1", (0.914, 0.723)), ("5p", (0.956, 0.813))])
 def test_held_out_chemistry_at_least_scanvi(chemistries, tmp_path, held_out, scanvi):
     reference, query = chemistries[held_out]
-    summary = run_transfer(_config(reference, [query]), tmp_path / "out", log=lambda _: None).set_index("dataset")
+    figures = held_out == "5p"  # the PNGs only on request; the confusion tables always
+    summary = run_transfer(_config(reference, [query]), tmp_path / "out", log=lambda _: None, figures=figures).set_index("dataset")
     row = summary.loc[f"query_{held_out}"]
     assert row["accuracy"] >= scanvi[0] and row["macro_f1"] >= scanvi[1]
-    assert (tmp_path / "out" / "report.html").exists()
+    assert (tmp_path / "out" / "report.html").read_text().count("<table class='heatmap'>") == 2  # reference and query
     calibration = pd.read_csv(tmp_path / "out" / "calibration.csv").iloc[0]
     assert calibration["ece_after"] <= calibration["ece_before"]
     qdir = tmp_path / "out" / f"query_{held_out}"
-    for name in ("predictions.csv", "probabilities.parquet", "metrics.csv", "per_class_metrics.csv", "confusion_matrix.png", "gene_overlap.csv"):
+    for name in ("predictions.csv", "probabilities.parquet", "metrics.csv", "per_class_metrics.csv", "confusion_matrix.csv", "gene_overlap.csv"):
         assert (qdir / name).exists()
+    assert (qdir / "confusion_matrix.png").exists() == figures and (tmp_path / "out" / "reference" / "confusion_matrix.png").exists() == figures
     pred = pd.read_csv(qdir / "predictions.csv")
+    truth = ad.read_h5ad(query).obs["author_cell_type"].astype(str).to_numpy()
+    confusion = pd.read_csv(qdir / "confusion_matrix.csv", index_col="true")
+    labels = sorted(set(truth) | set(pred["predicted"]))
+    expected = confusion_matrix(truth, pred["predicted"].astype(str), labels=labels)
+    np.testing.assert_array_equal(confusion.to_numpy(), expected[[labels.index(t) for t in sorted(set(truth))]])
+    assert list(confusion.columns) == labels
     assert list(pred.columns[:4]) == ["cell_id", "predicted", "confidence", "unknown"]
     proba = pd.read_parquet(qdir / "probabilities.parquet").drop(columns="cell_id")
     np.testing.assert_allclose(proba.sum(1), 1, atol=1e-6)
@@ -150,8 +159,9 @@ def test_cli_zarr_stores_stream_like_h5ad_files(chemistries, tmp_path):
         files["zarr"].append(tmp_path / f"{path.stem}.zarr")
     for kind, (reference, query) in files.items():
         result = runner.invoke(app, ["transfer", "--reference", str(reference), "--query", str(query), "--label-key", "author_cell_type",
-                                     "--out", str(tmp_path / kind), "--stream", "--max-epochs", "3", "--query-chunk-size", "250"])
+                                     "--out", str(tmp_path / kind), "--stream", "--max-epochs", "3", "--query-chunk-size", "250", "--figures"])
         assert result.exit_code == 0, result.output
+        assert (tmp_path / kind / "reference" / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
     for d in ("reference", "query_5p"):
         assert (tmp_path / "h5ad" / d / "predictions.csv").read_bytes() == (tmp_path / "zarr" / d / "predictions.csv").read_bytes()
 

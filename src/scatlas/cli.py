@@ -388,6 +388,7 @@ def transfer(
     stream: Annotated[bool, typer.Option("--stream", help="Never load the reference's X either: read its (CSR) file in chunks; flat host memory.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Reference cells per training chunk with --stream (default 100,000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help=_BATCH_HELP)] = None,
+    figures: Annotated[bool, typer.Option("--figures", help="Also draw each confusion matrix as a PNG (the report and confusion_matrix.csv hold them anyway).")] = False,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
     from scatlas.tl._annotation import default_method
@@ -415,7 +416,7 @@ def transfer(
             "seed": seed,
         }
     )
-    summary = run_transfer(cfg, out, overwrite=overwrite, log=log)
+    summary = run_transfer(cfg, out, overwrite=overwrite, log=log, figures=figures)
     columns = [c for c in ("dataset", "n_cells", "accuracy", "balanced_accuracy", "macro_f1", "unknown_fraction") if c in summary]
     console.print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(f"results: {out} (report: {out / 'report.html'})")

@@ -92,6 +92,26 @@ def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"label": labels, "precision": _ratio(tp, n_pred), "recall": _ratio(tp, n_true), "f1": _f1(tp, n_pred, n_true), "support": n_true})
 
 
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """Cells of each true label (rows) called each label (columns).
+
+    Parameters
+    ----------
+    y_true, y_pred
+        True and predicted labels.
+    labels
+        Row and column order; default: the true labels sorted as rows, the true and predicted
+        labels sorted as columns (a label only predicted gets a column, not a row).
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
+    rows = list(labels) if labels is not None else sorted(set(y_true))
+    cols = list(labels) if labels is not None else sorted(set(y_true) | set(y_pred))
+    t, p = pd.Index(rows).get_indexer(y_true), pd.Index(cols).get_indexer(y_pred)
+    keep = (t >= 0) & (p >= 0)
+    counts = np.bincount(t[keep] * len(cols) + p[keep], minlength=len(rows) * len(cols)).reshape(len(rows), len(cols))
+    return pd.DataFrame(counts, index=pd.Index(rows, name="true"), columns=pd.Index(cols, name="predicted"))
+
+
 def annotation_tables(
     y_true: np.ndarray,
     y_pred: np.ndarray,

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from scatlas._io import save_figure  # noqa: E402
+from scatlas.metrics.annotation import confusion_counts  # noqa: E402
 
 
 def _finish(fig: plt.Figure, path: str | Path | None) -> Any:
@@ -79,10 +80,8 @@ def embedding_panels(
 
 def confusion_heatmap(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path | None, title: str = "", labels: list[str] | None = None) -> Any:
     """Row-normalised confusion matrix (true × predicted) with each cell's share and count annotated."""
-    y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
-    rows = labels or sorted(set(y_true))
-    cols = labels or sorted(set(y_true) | set(y_pred))
-    counts = pd.crosstab(pd.Categorical(y_true, rows), pd.Categorical(y_pred, cols), dropna=False).to_numpy()
+    table = confusion_counts(y_true, y_pred, labels)
+    rows, cols, counts = list(table.index), list(table.columns), table.to_numpy()
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.65 * len(cols), 1.0 + 0.55 * len(rows)))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)

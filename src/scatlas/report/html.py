@@ -1,7 +1,8 @@
 """One self-contained HTML page per run: no external files, no network, readable offline.
 
 Figures are embedded as base64 PNG, tables are plain HTML that a few lines of inline
-JavaScript make sortable by clicking a column header. The first section is the headline.
+JavaScript make sortable by clicking a column header, and confusion matrices are HTML tables
+shaded by each row's share (no figure needed). The first section is the headline.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ th,td{border:1px solid #ddd;padding:.2rem .4rem;text-align:right} th{background:
 td:first-child,th:first-child{text-align:left} tr:nth-child(even){background:#fafafa}
 figure{display:inline-block;margin:.5rem 1rem .5rem 0;vertical-align:top} figure img{max-width:560px;border:1px solid #eee}
 figcaption{font-size:.8rem;color:#555} p.note{font-size:.9rem}
+table.heatmap td{min-width:2.5em} table.heatmap th{cursor:default}
 """
 
 _SORT = """
@@ -58,6 +60,7 @@ METRIC_NAMES: dict[str, str] = {
     "accuracy": "accuracy ↑",
     "balanced_accuracy": "balanced accuracy ↑",
     "macro_f1": "macro F1 ↑",
+    "micro_f1": "micro F1 ↑",
     "weighted_f1": "weighted F1 ↑",
     "f1": "F1 ↑",
     "precision": "precision ↑",
@@ -66,6 +69,9 @@ METRIC_NAMES: dict[str, str] = {
     "unknown_fraction": "share called unknown",
     "ece_before": "ECE before ↓",
     "ece_after": "ECE after ↓",
+    "ece_with_fitted": "ECE at the fitted temperature ↓",
+    "temperature_fitted": "fitted temperature",
+    "n_cells_unseen_label": "cells of labels the reference lacks",
     "map": "mAP ↑",
     "precision_at_r": "precision@R ↑",
     "Total": "Total ↑",
@@ -76,9 +82,10 @@ METRIC_NAMES: dict[str, str] = {
 
 @dataclass
 class Section:
-    """A titled part of a report: a note, tables and figures.
+    """A titled part of a report: a note, tables, confusion matrices and figures.
 
-    ``nan_reasons`` says why a column can be undefined (NaN); a column that is NaN in every row
+    ``heatmaps`` are count tables (e.g. :func:`~scatlas.metrics.annotation.confusion_counts`: true
+    labels as rows), each shown with every cell shaded by its share of the row. ``nan_reasons`` says why a column can be undefined (NaN); a column that is NaN in every row
     gets that sentence (or a generic one) under the table instead of an unexplained empty column.
     """
 
@@ -88,10 +95,12 @@ class Section:
     note: str = ""
     captions: Sequence[str] = field(default_factory=list)
     nan_reasons: dict[str, str] = field(default_factory=dict)
+    heatmaps: Sequence[pd.DataFrame] = ()
 
     def is_empty(self) -> bool:
-        """No table, no existing figure and no note: the section is left out of the page."""
-        return not self.note and not any(len(t) for t in self.tables) and not any(Path(f).exists() for f in self.figures)
+        """No table, no heatmap, no existing figure and no note: the section is left out of the page."""
+        return (not self.note and not any(len(t) for t in [*self.tables, *self.heatmaps])
+                and not any(Path(f).exists() for f in self.figures))
 
 
 def _nan_sentence(df: pd.DataFrame, reasons: dict[str, str]) -> str:
@@ -125,6 +134,19 @@ def _table(df: pd.DataFrame, reasons: dict[str, str] | None = None) -> str:
     return table + _nan_sentence(df, reasons or {})
 
 
+def _heatmap(counts: pd.DataFrame) -> str:
+    """A count table as HTML, each cell shaded by its share of its row (the count shown, the share on hover)."""
+    share = counts.to_numpy() / np.maximum(counts.to_numpy().sum(1, keepdims=True), 1)
+    corner = html.escape(f"{counts.index.name or ''} \\ {counts.columns.name or ''}".strip(" \\"))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in counts.columns)
+    body = []
+    for label, values, shares in zip(counts.index, counts.to_numpy(), share, strict=True):
+        cells = "".join(f"<td style='background:rgba(33,113,181,{f:.2f});color:{'#fff' if f > 0.6 else '#222'}' title='{f:.1%}'>{v if v else ''}</td>"
+                        for v, f in zip(values, shares, strict=True))
+        body.append(f"<tr><th>{html.escape(str(label))}</th>{cells}</tr>")
+    return f"<table class='heatmap'><thead><tr><th>{corner}</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 def _figure(path: Path, caption: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -155,6 +177,7 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], subt
         if section.note:
             parts.append(f"<p class='note'>{html.escape(section.note)}</p>")
         parts.extend(_table(t, section.nan_reasons) for t in section.tables if len(t))
+        parts.extend(_heatmap(h) for h in section.heatmaps if len(h))
         captions = list(section.captions) + [Path(f).stem for f in section.figures[len(section.captions):]]
         parts.extend(_figure(Path(f), c) for f, c in zip(section.figures, captions, strict=True) if Path(f).exists())
         parts.append("</section>")

@@ -33,7 +33,7 @@ from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import validate
 from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
-from scatlas.metrics.annotation import annotation_tables, hierarchical_correct
+from scatlas.metrics.annotation import annotation_tables, confusion_counts, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.base import SplitData, build_model, parse_model_config, validate_entry
 from scatlas.models.classifiers import CellTypeClassifier, LinearClassifier
@@ -563,7 +563,9 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
                                  "exact_share": (table["y_call"] == table["y_true"]).mean(), "n_cells": len(table)}]), out / "hierarchical_calls.csv")
     from scatlas.plot.figures import confusion_heatmap, per_class_bars  # matplotlib loads only when a figure is drawn
 
-    confusion_heatmap(table["y_true"].map(names).to_numpy(), table["y_pred"].map(names).to_numpy(), out / "confusion_matrix.png", title)
+    y_true, y_pred = table["y_true"].map(names).to_numpy(), table["y_pred"].map(names).to_numpy()
+    write_csv(confusion_counts(y_true, y_pred).reset_index(), out / "confusion_matrix.csv")
+    confusion_heatmap(y_true, y_pred, out / "confusion_matrix.png", title)
     per_class_bars(per_class.assign(label=per_class["label"].map(names).fillna(per_class["label"])), out / "per_class_f1.png", title=title)
     return tables["overall"]
 

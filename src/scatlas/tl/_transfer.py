@@ -7,8 +7,10 @@ whatever queries are passed, and the same seed gives the same query predictions.
 Outputs per dataset (``reference`` and one folder per query file stem):
 ``predictions.csv`` (``cell_id, predicted, confidence, unknown`` + the two reasons and the
 latent distance), ``probabilities.parquet`` (calibrated), and with labels ``metrics.csv``,
-``per_class_metrics.csv`` and ``confusion_matrix.png``. ``calibration.csv`` holds the
-expected calibration error before and after temperature scaling on held-out reference cells.
+``per_class_metrics.csv`` and ``confusion_matrix.csv`` (cells of each true label called each
+label; ``report.html`` shows it shaded by row; ``confusion_matrix.png`` too with ``figures``).
+``calibration.csv`` holds the expected calibration error before and after temperature scaling on
+held-out reference cells.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from scatlas.data.validate import check_obs_keys, validate
 from scatlas.models.base import SplitData
 from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.settings import TrainingConfig, parse_settings
-from scatlas.metrics.annotation import overall_metrics, per_class_metrics
+from scatlas.metrics.annotation import confusion_counts, overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
 from scatlas.ontology import CellOntology
 from scatlas.report.html import Section, write_report
@@ -226,8 +228,9 @@ def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> n
     return np.sqrt(np.maximum(d2, 0)).min(1)
 
 
-def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace, out: Path, title: str) -> dict[str, float]:
-    """Metrics on cells whose label the reference knows; unseen labels reported, never mapped."""
+def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace, out: Path, title: str, figures: bool = False) -> dict[str, float]:
+    """Metrics on cells whose label the reference knows; unseen labels reported, never mapped. The confusion
+    matrix (every cell) is a table, and with ``figures`` also a figure."""
     known = np.isin(y_true, labels.names)
     unseen = pd.Series(y_true[~known]).value_counts()
     if len(unseen):
@@ -242,9 +245,11 @@ def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace,
     metrics["n_cells_unseen_label"] = float((~known).sum())
     write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
     write_csv(per_class_metrics(y_true[known], pred[known]), out / "per_class_metrics.csv")
-    from scatlas.plot.figures import confusion_heatmap  # matplotlib loads only when a figure is drawn
+    write_csv(confusion_counts(y_true, pred).reset_index(), out / "confusion_matrix.csv")
+    if figures:
+        from scatlas.plot.figures import confusion_heatmap  # matplotlib loads only when a figure is drawn
 
-    confusion_heatmap(y_true, pred, out / "confusion_matrix.png", f"{title}: true (rows) vs predicted, row-normalised")
+        confusion_heatmap(y_true, pred, out / "confusion_matrix.png", f"{title}: true (rows) vs predicted, row-normalised")
     return metrics
 
 
@@ -365,8 +370,9 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     return layers
 
 
-def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
-    """Learn the reference model, map every query, write predictions, calibration and metrics.
+def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print, figures: bool = False) -> pd.DataFrame:
+    """Learn the reference model, map every query, write predictions, calibration and metrics (``figures``: also
+    each confusion matrix as a PNG, which takes matplotlib, about 0.5 s; the report shows the tables either way).
 
     Returns
     -------
@@ -387,7 +393,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
             reference, predictions, calib, calib_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)))
         write_csv(calibration, stage / "calibration.csv")
-        metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells")
+        metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells", figures)
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
         reference.save(ref_dir / "model")
         for stem, adata, layer in zip(stems, queries, layers, strict=True):
@@ -400,14 +406,17 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 truth = string_values(adata.obs[config.query_label_key])
-                row.update(_evaluate(truth, pred, reference.annotator.labels, qdir, stem))
+                row.update(_evaluate(truth, pred, reference.annotator.labels, qdir, stem, figures))
             summary.append(row)
         table = pd.DataFrame(summary)
         table["n_cells"] = table["n_cells"].astype(int)
         write_csv(table, stage / "summary.csv")
         write_yaml(config.model_dump(mode="json", exclude=unset_scaled(config.training)), stage / "config.yaml")
         sections = [Section("Summary", [table]), Section("Calibration (held-out reference cells)", [pd.read_csv(stage / "calibration.csv")])]
-        sections += [Section(name, [], [stage / d / "confusion_matrix.png"]) for name, d in [("reference (held-out cells)", "reference"), *((s, s) for s in stems)]]
+        for name, folder in [("reference (held-out cells)", stage / "reference"), *((s, stage / s) for s in stems)]:
+            if (folder / "confusion_matrix.csv").exists():
+                sections.append(Section(f"{name}: true (rows) vs predicted", heatmaps=[pd.read_csv(folder / "confusion_matrix.csv", index_col=0)],
+                                        figures=[folder / "confusion_matrix.png"]))
         write_report(stage / "report.html", "Label transfer", sections, f"reference {config.reference.path}")
     return table
 
