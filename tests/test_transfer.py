@@ -281,6 +281,10 @@ def test_query_gene_key_maps_ensembl_ids_to_the_same_bits(tmp_path):
     assert "by var['feature_name']" in lines[-1] and annotated.uns["scatlas_gene_overlap"]["missing_examples"] == ""
     with pytest.raises(InputError, match=r"no gene column 'symbol' in .var \(its columns: ENSEMBL, SYMBOL, feature_name\)"):
         sa.tl.annotate(by_id.copy(), model.annotator, gene_key="symbol", log=lambda _: None)
+    from_raw = by_id.copy()
+    from_raw.raw = from_raw  # the genes now read from .raw: messages name .raw.var, where the user must look
+    with pytest.raises(InputError, match=r"no gene column 'symbol' in \.raw\.var \(its columns: ENSEMBL, SYMBOL, feature_name\)"):
+        sa.tl.annotate(from_raw, model.annotator, layer="raw", gene_key="symbol", log=lambda _: None)
     del query.var["SYMBOL"]
     with pytest.raises(InputError, match="the var_names hold them: leave the gene column out"):
         sa.tl.annotate(query.copy(), model.annotator, gene_key="ENSEMBL", log=lambda _: None)  # the key given to the wrong file

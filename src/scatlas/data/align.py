@@ -75,7 +75,7 @@ class GeneAlignment:
 
 
 def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float = 0.5, source: str = "query",
-                gene_key: str | None = None) -> GeneAlignment:
+                gene_key: str | None = None, var_label: str = ".var") -> GeneAlignment:
     """Match genes by name.
 
     Parameters
@@ -94,6 +94,9 @@ def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float =
     gene_key
         Column of ``var`` holding the gene names the model uses (as scanpy's ``gene_symbols``);
         default: ``var``'s index.
+    var_label
+        How messages name ``var``: ``.var``, or ``.raw.var`` when the query is read from ``.raw``
+        (:func:`~scatlas.data.io.var_name`).
 
     Raises
     ------
@@ -101,7 +104,7 @@ def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float =
         When ``gene_key`` is not a column of ``var``, or fewer than ``min_overlap`` of the
         model's genes are in the query.
     """
-    query_genes = gene_names(var, gene_key, source)
+    query_genes = gene_names(var, gene_key, source, var_label)
     position = pd.Series(np.arange(len(query_genes)), index=pd.Index(np.asarray(query_genes, dtype=str)))
     position = position[~position.index.duplicated()]
     index = position.reindex(np.asarray(model_genes, dtype=str)).fillna(-1).to_numpy(dtype=np.int64)
@@ -110,7 +113,7 @@ def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float =
     if alignment.fraction < min_overlap:
         column = _column_with_genes(var.drop(columns=[gene_key]) if gene_key else var, model_genes, min_overlap)
         if column:
-            hint = (f"; .var[{column!r}] holds them: name it as the gene column (gene_key={column!r}; "
+            hint = (f"; {var_label}[{column!r}] holds them: name it as the gene column (gene_key={column!r}; "
                     f"CLI: --gene-key {column}, --query-gene-key {column} in `transfer`)")
         elif gene_key and _share_found(model_genes, var.index) >= min_overlap:
             hint = "; the var_names hold them: leave the gene column out"
@@ -124,8 +127,8 @@ def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float =
     return alignment
 
 
-def gene_names(var: pd.DataFrame, gene_key: str | None = None, source: str = "query") -> pd.Index:
-    """The gene names of ``var``'s rows: its index, or its ``gene_key`` column as text.
+def gene_names(var: pd.DataFrame, gene_key: str | None = None, source: str = "query", var_label: str = ".var") -> pd.Index:
+    """The gene names of ``var``'s rows: its index, or its ``gene_key`` column as text (``var_label``: how messages name ``var``).
 
     Raises
     ------
@@ -135,7 +138,7 @@ def gene_names(var: pd.DataFrame, gene_key: str | None = None, source: str = "qu
     if gene_key is None:
         return var.index
     if gene_key not in var.columns:
-        raise InputError(f"{source}: no gene column {gene_key!r} in .var (its columns: {', '.join(map(str, var.columns)) or 'none'})")
+        raise InputError(f"{source}: no gene column {gene_key!r} in {var_label} (its columns: {', '.join(map(str, var.columns)) or 'none'})")
     return pd.Index(var[gene_key].astype(str).to_numpy(), name=gene_key)
 
 

@@ -171,6 +171,11 @@ def get_var(adata: ad.AnnData, layer: str | None = None) -> pd.DataFrame:
     return adata.raw.var if uses_raw(adata, layer) else adata.var
 
 
+def var_name(adata: ad.AnnData, layer: str | None = None) -> str:
+    """How messages name the genes of that matrix: ``.raw.var`` for ``.raw``, else ``.var``."""
+    return ".raw.var" if uses_raw(adata, layer) else ".var"
+
+
 def matrix_name(adata: ad.AnnData, layer: str | None) -> str:
     """How messages name the matrix: ``.X``, ``.raw`` or ``layer 'name'``."""
     return ".X" if layer is None else ".raw" if uses_raw(adata, layer) else f"layer {layer!r}"

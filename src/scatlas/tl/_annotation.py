@@ -27,7 +27,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, check_output_file, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer
+from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer, var_name
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import validate
@@ -760,7 +760,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
     layer = chosen
     validate(adata, layer=layer, require_counts=annotator.input == "counts")
-    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata), gene_key)
+    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata), gene_key, var_name(adata, layer))
     log(alignment.said(source_name(adata), annotator.missing_said))
     offset = annotator.missing_offset(alignment)
 

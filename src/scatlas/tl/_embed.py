@@ -24,7 +24,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, string_categorical, to_csr
+from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, string_categorical, to_csr, var_name
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
@@ -149,7 +149,7 @@ class Preprocessing:
         """
         source = source_name(adata)
         validate(adata, layer=self.layer, require_counts=self.counts)
-        alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source, gene_key)
+        alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source, gene_key, var_name(adata, self.layer))
         X = to_csr(get_matrix(adata, self.layer))
         if self.counts:
             X = normalize_log1p(X)

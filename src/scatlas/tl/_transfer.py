@@ -33,7 +33,7 @@ from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpac
                                     reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer
+from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
@@ -211,7 +211,7 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, c
     (``config``'s ``min_overlap`` and ``query_gene_key``).
     """
     annotator = model.annotator
-    alignment = align_genes(get_var(adata, layer), annotator.genes, config.min_overlap, source_name(adata), config.query_gene_key)
+    alignment = align_genes(get_var(adata, layer), annotator.genes, config.min_overlap, source_name(adata), config.query_gene_key, var_name(adata, layer))
     offset, kept = annotator.missing_offset(alignment), []
     for part in cell_chunks(adata, config.query_chunk_size):  # each cell's result does not depend on the chunking
         predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy(), offset)
@@ -363,7 +363,7 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     layers = [trained_layer(q, config.query_layer, config.reference.layer) for q in queries]
     for q, layer in zip(queries, layers, strict=True):
         validate(q, layer=layer, require_counts=config.reference.input == "counts")
-        align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q), config.query_gene_key)
+        align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q), config.query_gene_key, var_name(q, layer))
     for q, layer in zip(queries, layers, strict=True):
         if layer != config.query_layer:
             log(f"{source_name(q)}: reading {matrix_name(q, layer)}, as the reference")
