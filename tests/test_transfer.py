@@ -415,3 +415,26 @@ def test_default_transfer_imports_no_torch_optimiser():
     done = subprocess.run([sys.executable, "-c", code, str(data_path("kang18_muscat_4samples.h5ad"))], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fitted full-batch to convergence: max_epochs do not apply" in done.stdout
+
+
+def test_tl_transfer_leaves_an_all_zero_reference_cell_without_a_call():
+    """The fit leaves an all-zero reference cell out (with a notice); writing the reference's calls used to fail on the
+    length (749 calls for 750 cells). That cell gets no call and counts as unknown; every other cell gets one."""
+    import scatlas as sa
+    from conftest import data_path
+
+    kang = ad.read_h5ad(data_path("kang18_muscat_4samples.h5ad"))
+    reference, query = kang[kang.obs["group_id"] == "ctrl"].copy(), kang[kang.obs["group_id"] == "stim"].copy()
+    X = reference.X.tolil()
+    X[3, :] = 0
+    reference.X = X.tocsr()
+    lines: list[str] = []
+    sa.tl.transfer(reference, query, label_key="author_cell_type", log=lines.append)
+    assert any("all-zero" in line for line in lines)
+    obs, empty = reference.obs, reference.obs_names[3]
+    assert pd.isna(obs.loc[empty, "author_cell_type_pred"]) and np.isnan(obs.loc[empty, "author_cell_type_pred_score"])
+    assert obs.loc[empty, "author_cell_type_unknown"] and pd.isna(obs.loc[empty, "author_cell_type_reference_split"])
+    assert np.isnan(reference.obsm["author_cell_type_proba"][3]).all()
+    others = obs.drop(index=empty)
+    assert others["author_cell_type_pred"].notna().all() and others["author_cell_type_reference_split"].notna().all()
+    assert (others["author_cell_type_pred"] == others["author_cell_type"]).mean() > 0.9

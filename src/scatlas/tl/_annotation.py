@@ -687,24 +687,36 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     return summary
 
 
-def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, unknown: np.ndarray | None = None) -> None:
+def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, unknown: np.ndarray | None = None,
+                rows: np.ndarray | None = None) -> None:
     """Write a classifier's calls into ``adata`` under the keys ``annotate`` and ``transfer`` share.
 
     ``obs['<key>_pred']`` (finest-class call, class id), ``obs['<key>_pred_label']`` (its readable
     name), ``obs['<key>_pred_score']`` (its probability), ``obs['<key>_unknown']`` (when given),
-    ``obsm['<key>_proba']`` (cells × classes) and ``uns['<key>_classes']``.
+    ``obsm['<key>_proba']`` (cells × classes) and ``uns['<key>_classes']``. ``rows``: the
+    positions in ``adata`` of ``proba``'s cells (default: every cell, in order); any other cell
+    (e.g. an all-zero one the fit left out) gets no call (missing values) and counts as unknown.
     """
+    rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
     best = labels.finest(proba)
-    adata.obs[f"{key}_pred"] = pd.Categorical(np.asarray(labels.classes)[best])
-    adata.obs[f"{key}_pred_label"] = pd.Categorical(np.asarray(labels.names)[best])
-    adata.obs[f"{key}_pred_score"] = proba[np.arange(len(best)), best]
+
+    def column(values: np.ndarray, missing: Any = None) -> np.ndarray:
+        full = np.full(adata.n_obs, missing, dtype=object if missing is None else np.asarray(values).dtype)
+        full[rows] = values
+        return full
+
+    adata.obs[f"{key}_pred"] = pd.Categorical(column(np.asarray(labels.classes)[best]))
+    adata.obs[f"{key}_pred_label"] = pd.Categorical(column(np.asarray(labels.names)[best]))
+    adata.obs[f"{key}_pred_score"] = column(proba[np.arange(len(best)), best], np.nan)
     if unknown is not None:
-        adata.obs[f"{key}_unknown"] = np.asarray(unknown, dtype=bool)
+        adata.obs[f"{key}_unknown"] = column(np.asarray(unknown, dtype=bool), True)
     calls = labels.calls(proba)
     if calls is not None:
-        adata.obs[f"{key}_pred_hierarchical"] = pd.Categorical(calls["id"].to_numpy())
-        adata.obs[f"{key}_pred_hierarchical_label"] = pd.Categorical(calls["name"].to_numpy())
-    adata.obsm[f"{key}_proba"] = proba.astype(np.float32)
+        adata.obs[f"{key}_pred_hierarchical"] = pd.Categorical(column(calls["id"].to_numpy()))
+        adata.obs[f"{key}_pred_hierarchical_label"] = pd.Categorical(column(calls["name"].to_numpy()))
+    full = np.full((adata.n_obs, proba.shape[1]), np.nan, dtype=np.float32)
+    full[rows] = proba
+    adata.obsm[f"{key}_proba"] = full
     adata.uns[f"{key}_classes"] = [str(c) for c in labels.classes]
 
 

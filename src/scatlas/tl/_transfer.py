@@ -490,7 +490,8 @@ def transfer(
     The frozen :class:`ReferenceModel`. Each AnnData gains ``obs['<key>_pred']``, ``_pred_label``,
     ``_pred_score`` (calibrated confidence), ``_unknown``, ``obsm['<key>_proba']`` and
     ``uns['<key>_classes']``, with ``key = ontology_key or label_key``; the reference also gets
-    ``obs['<key>_reference_split']`` (train / val / calibration). ``model.save(dir)`` keeps the
+    ``obs['<key>_reference_split']`` (train / val / calibration). Reference cells the fit leaves
+    out (all-zero cells, with a notice) get no call and count as unknown. ``model.save(dir)`` keeps the
     reference model; ``sa.tl.annotate(new, dir)`` maps new cells through it later with the same
     calls, confidences and unknown flags.
 
@@ -522,8 +523,11 @@ def transfer(
     model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
     key = ontology_key or label_key
     labels = model.annotator.labels
-    write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy())
-    reference.obs[f"{key}_reference_split"] = pd.Categorical(predictions["reference_split"].to_numpy())
+    fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero cells were left out (logged)
+    write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy(), fitted)
+    split = np.full(reference.n_obs, None, dtype=object)
+    split[fitted] = predictions["reference_split"].to_numpy()
+    reference.obs[f"{key}_reference_split"] = pd.Categorical(split)
     for q, q_layer in zip(queries, layers, strict=True):
         parts = []
         pred, alignment = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
