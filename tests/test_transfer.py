@@ -210,14 +210,20 @@ def test_unseen_labels_reported_and_unknowns(chemistries, tmp_path):
     adata = ad.read_h5ad(query)
     adata.obs["author_cell_type"] = adata.obs["author_cell_type"].astype(str)
     adata.obs.loc[adata.obs_names[:7], "author_cell_type"] = "Platelet"
+    X = adata.X.tolil()
+    X[[10, 11], :] = 0  # no counts at all: nothing to call them by (they used to get a confident call from the intercepts)
+    adata.X = X.tocsr()
     adata.write_h5ad(tmp_path / "q.h5ad")
-    summary = run_transfer(_config(reference, [tmp_path / "q.h5ad"], training={"max_epochs": 5, "batch_size": 64, "patience": 0}), tmp_path / "out", log=lambda _: None)
+    lines: list[str] = []
+    summary = run_transfer(_config(reference, [tmp_path / "q.h5ad"], training={"max_epochs": 5, "batch_size": 64, "patience": 0}), tmp_path / "out", log=lines.append)
+    assert f"q: 2 of {adata.n_obs} cells have no counts in the model's genes: called unknown" in lines
     unseen = pd.read_csv(tmp_path / "out" / "q" / "unseen_labels.csv")
     assert unseen.to_dict("records") == [{"label": "Platelet", "n_cells": 7}]
     assert summary.set_index("dataset").loc["q", "n_cells_unseen_label"] == 7
     pred = pd.read_csv(tmp_path / "out" / "q" / "predictions.csv")
     assert set(pred["predicted"]) <= set(ad.read_h5ad(reference).obs["author_cell_type"].astype(str))  # never a new label
-    assert pred["unknown"].equals(pred["unknown_low_confidence"] | pred["unknown_far_from_reference"])
+    assert pred["unknown"].equals(pred["unknown_low_confidence"] | pred["unknown_far_from_reference"] | pred["unknown_no_counts"])
+    assert list(np.flatnonzero(pred["unknown_no_counts"])) == [10, 11]
 
 
 def test_zheng17_reference_to_donor_query_cli(tmp_path):
@@ -429,7 +435,7 @@ def test_tl_transfer_leaves_an_all_zero_reference_cell_without_a_call():
     X[3, :] = 0
     reference.X = X.tocsr()
     lines: list[str] = []
-    sa.tl.transfer(reference, query, label_key="author_cell_type", log=lines.append)
+    model = sa.tl.transfer(reference, query, label_key="author_cell_type", log=lines.append)
     assert any("all-zero" in line for line in lines)
     obs, empty = reference.obs, reference.obs_names[3]
     assert pd.isna(obs.loc[empty, "author_cell_type_pred"]) and np.isnan(obs.loc[empty, "author_cell_type_pred_score"])
@@ -438,3 +444,8 @@ def test_tl_transfer_leaves_an_all_zero_reference_cell_without_a_call():
     others = obs.drop(index=empty)
     assert others["author_cell_type_pred"].notna().all() and others["author_cell_type_reference_split"].notna().all()
     assert (others["author_cell_type_pred"] == others["author_cell_type"]).mean() > 0.9
+    lines.clear()
+    sa.tl.annotate(reference, model, log=lines.append)  # the all-zero cell as a query: flagged unknown, said once
+    assert reference.obs["author_cell_type_unknown"].iloc[3] and lines[-1].endswith("1 of 750 cells have no counts in the model's genes: called unknown")
+    sa.tl.annotate(reference, model.annotator, log=lines.append)  # without the reference model: no flags, but said
+    assert lines[-1].endswith("their calls rest on the model's intercepts alone (a transfer's reference model flags them unknown)")

@@ -687,6 +687,17 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     return summary
 
 
+def no_counts(X: Any) -> np.ndarray:
+    """Which cells (rows of a model-ready matrix, non-negative as validated) have no counts in any of the model's genes."""
+    return np.asarray(X.sum(axis=1)).ravel() == 0
+
+
+def no_counts_said(source: str, n: int, n_cells: int, flagged: bool) -> str:
+    """The one line saying that ``n`` cells of ``source`` have no counts in the model's genes, and what their calls are."""
+    what = "called unknown" if flagged else "their calls rest on the model's intercepts alone (a transfer's reference model flags them unknown)"
+    return f"{source}: {n} of {n_cells} cells have no counts in the model's genes: {what}"
+
+
 def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, unknown: np.ndarray | None = None,
                 rows: np.ndarray | None = None) -> None:
     """Write a classifier's calls into ``adata`` under the keys ``annotate`` and ``transfer`` share.
@@ -776,14 +787,20 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     log(alignment.said(source_name(adata), annotator.missing_said))
     offset = annotator.missing_offset(alignment)
 
+    empty: list[np.ndarray] = []
+
     def calls(X: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        empty.append(no_counts(X))
         if reference is None:
             return annotator.predict_proba(X, offset), None
         proba, distance = reference.scores(X, offset)
-        low, far = reference.unknown(proba, distance)
-        return proba, low | far
+        low, far, none = reference.unknown(proba, distance, X)
+        return proba, low | far | none
 
     parts = [calls(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)]
+    n_empty = int(np.concatenate(empty).sum())
+    if n_empty:
+        log(no_counts_said(source_name(adata), n_empty, adata.n_obs, flagged=reference is not None))
     key = annotator.meta.get("label_key") or "cell_type"
     write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), None if reference is None else np.concatenate([u for _, u in parts]))
     adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}

@@ -5,7 +5,7 @@ through the frozen model. Consequences: the reference's predictions are bit-iden
 whatever queries are passed, and the same seed gives the same query predictions.
 
 Outputs per dataset (``reference`` and one folder per query file stem):
-``predictions.csv`` (``cell_id, predicted, confidence, unknown`` + the two reasons and the
+``predictions.csv`` (``cell_id, predicted, confidence, unknown`` + its three reasons and the
 latent distance), ``probabilities.parquet`` (calibrated), and with labels ``metrics.csv``,
 ``per_class_metrics.csv`` and ``confusion_matrix.csv`` (cells of each true label called each
 label; ``report.html`` shows it shaded by row; ``confusion_matrix.png`` too with ``figures``).
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
-                                    reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
+                                    no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
@@ -158,10 +158,11 @@ class ReferenceModel:
         sdata = self.annotator.split_data(X, offset=offset)
         return softmax(model.predict_logits(sdata, rows), self.temperature), centroid_distances(model, sdata, rows, self.centroids)
 
-    def unknown(self, proba: np.ndarray, distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which cells are unknown for low confidence (the finest call's probability) and which for lying far from the reference."""
+    def unknown(self, proba: np.ndarray, distance: np.ndarray, X: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which cells are unknown for low confidence (the finest call's probability), which for lying far from the reference,
+        and which for having no counts in the model's genes (``X``, the model-ready matrix: such a call rests on the intercepts alone)."""
         best = self.annotator.labels.finest(proba)
-        return proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold
+        return proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold, no_counts(X)
 
     def predict(self, X: Any, cell_ids: np.ndarray, offset: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Predictions and calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`)."""
@@ -169,15 +170,16 @@ class ReferenceModel:
         names = np.asarray(self.annotator.labels.names)
         best = self.annotator.labels.finest(proba)
         confidence = proba[np.arange(len(best)), best]
-        low, far = self.unknown(proba, distance)
+        low, far, empty = self.unknown(proba, distance, X)
         predictions = pd.DataFrame(
             {
                 "cell_id": cell_ids,
                 "predicted": names[best],
                 "confidence": confidence,
-                "unknown": low | far,
+                "unknown": low | far | empty,
                 "unknown_low_confidence": low,
                 "unknown_far_from_reference": far,
+                "unknown_no_counts": empty,
                 "latent_distance": distance,
             }
         )
@@ -403,6 +405,8 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             report = alignment.report()
             write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
             log(alignment.said(f"{stem} ({adata.n_obs} cells)", reference.annotator.missing_said))
+            if pred["unknown_no_counts"].any():
+                log(no_counts_said(stem, int(pred["unknown_no_counts"].sum()), adata.n_obs, flagged=True))
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 truth = string_values(adata.obs[config.query_label_key])
@@ -532,6 +536,8 @@ def transfer(
         parts = []
         pred, alignment = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
         log(alignment.said(source_name(q), model.annotator.missing_said))
+        if pred["unknown_no_counts"].any():
+            log(no_counts_said(source_name(q), int(pred["unknown_no_counts"].sum()), q.n_obs, flagged=True))
         write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
 
