@@ -362,7 +362,21 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     np.testing.assert_allclose(streamed.obsm[f"{key}_proba"], p.obsm[f"{key}_proba"], atol=1e-6)  # other minibatch sizes: float rounding
     result = runner.invoke(app, ["annotate", "evaluate", str(pred), "--truth-key", key, "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "eval" / "overall_metrics.csv").exists()
+    full = pd.read_csv(tmp_path / "eval" / "overall_metrics.csv").set_index("evaluation")
+    # cells without a true label or without a call are left out and counted, not scored as a label 'nan'
+    p.obs[key] = p.obs[key].astype(object)
+    p.obs.iloc[:4, p.obs.columns.get_loc(key)] = np.nan
+    p.obs[f"{key}_pred"] = p.obs[f"{key}_pred"].astype(object)
+    p.obs.iloc[4:6, p.obs.columns.get_loc(f"{key}_pred")] = np.nan
+    p.write_h5ad(tmp_path / "partial.h5ad")
+    result = runner.invoke(app, ["annotate", "evaluate", str(tmp_path / "partial.h5ad"), "--truth-key", key, "--out", str(tmp_path / "eval_partial")])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"4 of {p.n_obs} cells have no true label in obs column '{key}': left out of the evaluation" in said
+    assert f"2 of {p.n_obs} cells have no call in obs column '{key}_pred'" in said
+    partial = pd.read_csv(tmp_path / "eval_partial" / "overall_metrics.csv").set_index("evaluation")
+    assert partial.loc["exact", "n_cells"] == full.loc["exact", "n_cells"] - 6
+    assert "nan" not in set(pd.read_csv(tmp_path / "eval_partial" / "per_class_metrics.csv")["label"].astype(str))
     # too few shared genes: a clear error, no output
     result = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "p2.h5ad"), "--min-overlap", "0.9"])
     assert result.exit_code == 2 and "below the minimum 90%" in result.output and not (tmp_path / "p2.h5ad").exists()

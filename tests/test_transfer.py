@@ -213,10 +213,14 @@ def test_unseen_labels_reported_and_unknowns(chemistries, tmp_path):
     X = adata.X.tolil()
     X[[10, 11], :] = 0  # no counts at all: nothing to call them by (they used to get a confident call from the intercepts)
     adata.X = X.tocsr()
+    adata.obs.loc[adata.obs_names[20:23], "author_cell_type"] = np.nan  # unlabelled query cells: mapped, left out of the scores
     adata.write_h5ad(tmp_path / "q.h5ad")
     lines: list[str] = []
     summary = run_transfer(_config(reference, [tmp_path / "q.h5ad"], training={"max_epochs": 5, "batch_size": 64, "patience": 0}), tmp_path / "out", log=lines.append)
     assert f"q: 2 of {adata.n_obs} cells have no counts in the model's genes: called unknown" in lines
+    assert f"q: 3 of {adata.n_obs} cells have no true label in obs column 'author_cell_type': left out of the evaluation" in lines
+    assert summary.set_index("dataset").loc["q", "n_cells_unlabelled"] == 3
+    assert pd.read_csv(tmp_path / "out" / "q" / "metrics.csv")["n_cells"].item() == adata.n_obs - 3 - 7  # neither unlabelled nor unseen
     unseen = pd.read_csv(tmp_path / "out" / "q" / "unseen_labels.csv")
     assert unseen.to_dict("records") == [{"label": "Platelet", "n_cells": 7}]
     assert summary.set_index("dataset").loc["q", "n_cells_unseen_label"] == 7

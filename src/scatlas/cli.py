@@ -342,7 +342,7 @@ def annotate_predict(
     console.print(adata.obs[key].value_counts().to_string())
     unknown = key.removesuffix("_pred_label") + "_unknown"
     if unknown in adata.obs:  # a transfer's reference model
-        console.print(f"unknown (low confidence or far from the reference): {int(adata.obs[unknown].sum())} of {adata.n_obs} cells")
+        console.print(f"unknown (low confidence, far from the reference or no counts): {int(adata.obs[unknown].sum())} of {adata.n_obs} cells")
     console.print(f"predictions: {out}")
 
 
@@ -357,7 +357,7 @@ def annotate_evaluate(
     """Exact and (with CL ids) hierarchy-aware metrics of stored predictions."""
     from scatlas.tl._annotation import evaluate_annotations
 
-    overall = evaluate_annotations(predictions, truth_key, out, pred_key)
+    overall = evaluate_annotations(predictions, truth_key, out, pred_key, log=console.print)
     console.print(overall.to_string(index=False))
 
 

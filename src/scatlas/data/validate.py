@@ -27,8 +27,8 @@ def _examples(values: Iterable[object], n: int = 5) -> str:
     return shown + (f", … ({len(values)} in all)" if len(values) > n else "")
 
 
-def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None]) -> None:
-    """Check that every non-``None`` key is a column of ``adata.obs`` without missing values."""
+def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None], missing_ok: bool = False) -> None:
+    """Check that every non-``None`` key is a column of ``adata.obs`` without missing values (``missing_ok``: with at least one value)."""
     src = source_name(adata)
     for key in keys:
         if key is None:
@@ -36,7 +36,9 @@ def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None]) -> None:
         if key not in adata.obs.columns:
             raise InputError(f"{src}: obs column {key!r} not found; available columns: {list(adata.obs.columns)}")
         missing = adata.obs[key].isna()
-        if missing.any():
+        if missing_ok and missing.all():
+            raise InputError(f"{src}: obs column {key!r} holds no value (all {len(missing)} are missing)")
+        if missing.any() and not missing_ok:
             raise InputError(
                 f"{src}: obs column {key!r} has {int(missing.sum())} missing values "
                 f"(cells {_examples(adata.obs_names[missing.to_numpy()])})"

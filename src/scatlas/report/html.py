@@ -72,6 +72,7 @@ METRIC_NAMES: dict[str, str] = {
     "ece_with_fitted": "ECE at the fitted temperature ↓",
     "temperature_fitted": "fitted temperature",
     "n_cells_unseen_label": "cells of labels the reference lacks",
+    "n_cells_unlabelled": "cells without a label",
     "map": "mAP ↑",
     "precision_at_r": "precision@R ↑",
     "Total": "Total ↑",

@@ -687,6 +687,15 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     return summary
 
 
+def with_values(values: pd.Series, source: str, key: str, meaning: str, log: Log) -> np.ndarray:
+    """Which cells have a value in the obs column ``values`` (named ``key``); one line says how many lack one
+    (``meaning``: what a missing value is, e.g. "no true label") and that they are left out of the evaluation."""
+    present = values.notna().to_numpy()
+    if not present.all():
+        log(f"{source}: {int((~present).sum())} of {len(present)} cells have {meaning} in obs column {key!r}: left out of the evaluation")
+    return present
+
+
 def no_counts(X: Any) -> np.ndarray:
     """Which cells (rows of a model-ready matrix, non-negative as validated) have no counts in any of the model's genes."""
     return np.asarray(X.sum(axis=1)).ravel() == 0
@@ -831,11 +840,13 @@ def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Pat
 
 
 def evaluate_annotations(
-    predictions: str | Path, truth_key: str, out: str | Path, pred_key: str | None = None, ontology: Literal["auto", "none"] = "auto"
+    predictions: str | Path, truth_key: str, out: str | Path, pred_key: str | None = None, ontology: Literal["auto", "none"] = "auto",
+    log: Log = print,
 ) -> pd.DataFrame:
     """Evaluate predictions stored in an ``.h5ad`` against a truth column; write tables and figures to ``out``.
 
-    With ``ontology='auto'`` and CL ids on both sides, hierarchy-aware rows are added.
+    With ``ontology='auto'`` and CL ids on both sides, hierarchy-aware rows are added. Cells
+    without a true label or without a call (missing values) are left out, and ``log`` hears how many.
     """
     check_writable(out)
     adata = read_anndata(predictions)
@@ -847,6 +858,12 @@ def evaluate_annotations(
     for key in (truth_key, pred_key):
         if key not in adata.obs:
             raise InputError(f"{predictions}: obs column {key!r} not found; available: {list(adata.obs.columns)}")
+    source = Path(predictions).name
+    kept = (with_values(adata.obs[truth_key], source, truth_key, "no true label", log)
+            & with_values(adata.obs[pred_key], source, pred_key, "no call", log))
+    if not kept.any():
+        raise InputError(f"{predictions}: no cell has both a true label ({truth_key!r}) and a call ({pred_key!r})")
+    adata = adata[kept] if not kept.all() else adata
     truth = string_values(adata.obs[truth_key])
     pred = string_values(adata.obs[pred_key])
     if not set(truth) & set(pred):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
-                                    no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
+                                    no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, with_values, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
@@ -230,9 +230,11 @@ def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> n
     return np.sqrt(np.maximum(d2, 0)).min(1)
 
 
-def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace, out: Path, title: str, figures: bool = False) -> dict[str, float]:
+def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace, out: Path, title: str, figures: bool = False,
+              unlabelled: int = 0) -> dict[str, float]:
     """Metrics on cells whose label the reference knows; unseen labels reported, never mapped. The confusion
-    matrix (every cell) is a table, and with ``figures`` also a figure."""
+    matrix (every cell) is a table, and with ``figures`` also a figure. ``unlabelled``: cells left out for having
+    no label (recorded as ``n_cells_unlabelled``)."""
     known = np.isin(y_true, labels.names)
     unseen = pd.Series(y_true[~known]).value_counts()
     if len(unseen):
@@ -245,6 +247,7 @@ def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace,
         metrics["hierarchical_call_accuracy"] = float(right.mean()) if known.any() else float("nan")
         metrics["hierarchical_call_depth"] = float(predictions["hierarchical_depth"].to_numpy()[known].mean()) if known.any() else float("nan")
     metrics["n_cells_unseen_label"] = float((~known).sum())
+    metrics["n_cells_unlabelled"] = float(unlabelled)
     write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
     write_csv(per_class_metrics(y_true[known], pred[known]), out / "per_class_metrics.csv")
     write_csv(confusion_counts(y_true, pred).reset_index(), out / "confusion_matrix.csv")
@@ -386,7 +389,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     queries = [read_anndata(q, backed=True) for q in config.queries]  # fail on a missing/corrupt query before training; X stays on disk
     if config.query_label_key:
         for q in queries:
-            check_obs_keys(q, [config.query_label_key])
+            check_obs_keys(q, [config.query_label_key], missing_ok=True)  # unlabelled cells are mapped, and left out of the evaluation
     check_output_dir(out, overwrite)
     data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
     layers = check_queries(queries, config, data, log)
@@ -409,8 +412,10 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
                 log(no_counts_said(stem, int(pred["unknown_no_counts"].sum()), adata.n_obs, flagged=True))
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
-                truth = string_values(adata.obs[config.query_label_key])
-                row.update(_evaluate(truth, pred, reference.annotator.labels, qdir, stem, figures))
+                labelled = with_values(adata.obs[config.query_label_key], stem, config.query_label_key, "no true label", log)
+                truth = string_values(adata.obs[config.query_label_key])[labelled]
+                row.update(_evaluate(truth, pred[labelled].reset_index(drop=True), reference.annotator.labels, qdir, stem, figures,
+                                     int((~labelled).sum())))
             summary.append(row)
         table = pd.DataFrame(summary)
         table["n_cells"] = table["n_cells"].astype(int)
