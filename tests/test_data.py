@@ -28,7 +28,7 @@ from scatlas.data import (
     study_splits,
     validate,
 )
-from scatlas.data.dataset import DatasetConfig, load_dataset
+from scatlas.data.dataset import DatasetConfig, cell_data, load_dataset
 from scatlas.data.splits import holdout
 from scatlas.data.loaders import _scatter_dense, host_tensor
 
@@ -388,6 +388,36 @@ def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):
         load_dataset(cfg.model_copy(update={"layer": "counts"}))
     with pytest.raises(InputError, match="file not found"):
         load_dataset(cfg.model_copy(update={"path": tmp_path / "nope.h5ad"}))
+
+
+def test_unlabelled_cells_are_refused_or_left_out_loaded_and_streamed(cellbench5_path, tmp_path):
+    """Cells without a label: refused by default (named); with ``unlabelled: leave_out`` (classifier training) left out with
+    one notice, the same cells and rows whether the matrix is loaded or streamed from the file, by config or AnnData."""
+    adata = ad.read_h5ad(cellbench5_path)
+    adata.obs["cell_line"] = adata.obs["cell_line"].astype(object)
+    unlabelled = [2, 50, 51]
+    adata.obs.iloc[unlabelled, adata.obs.columns.get_loc("cell_line")] = np.nan
+    adata.write_h5ad(tmp_path / "cb.h5ad")
+    cfg = DatasetConfig(name="cb", path=tmp_path / "cb.h5ad", batch_key="batch", label_key="cell_line")
+    with pytest.raises(InputError, match="obs column 'cell_line' has 3 missing values"):
+        load_dataset(cfg, log=lambda _: None)
+    lines: list[str] = []
+    left = cfg.model_copy(update={"unlabelled": "leave_out"})
+    loaded = load_dataset(left, log=lines.append)
+    assert f"3 of {adata.n_obs} cells have no label in obs column 'cell_line': left out of training" in lines[0]
+    kept = np.delete(np.arange(adata.n_obs), unlabelled)
+    kept = kept[np.asarray(adata.X[kept].sum(axis=1)).ravel() > 0]  # all-zero cells go too
+    assert list(loaded.obs.index) == list(adata.obs_names[kept]) and loaded.label.notna().all()
+    backed = ad.read_h5ad(tmp_path / "cb.h5ad", backed="r")
+    for streamed in (load_dataset(left.model_copy(update={"stream": True}), log=lambda _: None),
+                     cell_data(backed, label_key="cell_line", batch_key="batch", stream=True, unlabelled="leave_out", log=lambda _: None)):
+        assert list(streamed.obs.index) == list(loaded.obs.index)
+        np.testing.assert_allclose(streamed.lognorm.read(0, streamed.n_cells).toarray(), loaded.lognorm.toarray(), rtol=1e-6)
+    in_memory = cell_data(adata, label_key="cell_line", batch_key="batch", unlabelled="leave_out", log=lambda _: None)
+    assert list(in_memory.obs.index) == list(loaded.obs.index) and adata.n_obs == len(adata.obs)  # the AnnData is left whole
+    adata.obs["cell_line"] = np.nan
+    with pytest.raises(InputError, match="obs column 'cell_line' holds no label"):
+        cell_data(adata, label_key="cell_line", unlabelled="leave_out", log=lambda _: None)
 
 
 def test_read_anndata_leaves_a_zarr_matrix_on_disk(cellbench, cellbench5_path, tmp_path):

@@ -427,9 +427,10 @@ def test_default_transfer_imports_no_torch_optimiser():
     assert "fitted full-batch to convergence: max_epochs do not apply" in done.stdout
 
 
-def test_tl_transfer_leaves_an_all_zero_reference_cell_without_a_call():
+def test_tl_transfer_leaves_all_zero_and_unlabelled_reference_cells_without_a_call():
     """The fit leaves an all-zero reference cell out (with a notice); writing the reference's calls used to fail on the
-    length (749 calls for 750 cells). That cell gets no call and counts as unknown; every other cell gets one."""
+    length (749 calls for 750 cells). That cell gets no call and counts as unknown; every other cell gets one. Cells
+    without a label (refused before) are left out of training too, and called when the reference is also a query."""
     import scatlas as sa
     from conftest import data_path
 
@@ -438,6 +439,9 @@ def test_tl_transfer_leaves_an_all_zero_reference_cell_without_a_call():
     X = reference.X.tolil()
     X[3, :] = 0
     reference.X = X.tocsr()
+    unlabelled = reference.copy()
+    unlabelled.obs["author_cell_type"] = unlabelled.obs["author_cell_type"].astype(object)
+    unlabelled.obs.iloc[[7, 8], unlabelled.obs.columns.get_loc("author_cell_type")] = np.nan
     lines: list[str] = []
     model = sa.tl.transfer(reference, query, label_key="author_cell_type", log=lines.append)
     assert any("all-zero" in line for line in lines)
@@ -453,3 +457,9 @@ def test_tl_transfer_leaves_an_all_zero_reference_cell_without_a_call():
     assert reference.obs["author_cell_type_unknown"].iloc[3] and lines[-1].endswith("1 of 750 cells have no counts in the model's genes: called unknown")
     sa.tl.annotate(reference, model.annotator, log=lines.append)  # without the reference model: no flags, but said
     assert lines[-1].endswith("their calls rest on the model's intercepts alone (a transfer's reference model flags them unknown)")
+    lines.clear()
+    sa.tl.transfer(unlabelled, query.copy(), label_key="author_cell_type", log=lines.append)
+    assert "2 of 750 cells have no label in obs column 'author_cell_type': left out of training (map them as a query to call them)" in lines[0]
+    assert unlabelled.obs["author_cell_type_pred"].isna().sum() == 3 and unlabelled.obs["author_cell_type_reference_split"].isna().sum() == 3
+    sa.tl.transfer(unlabelled, [query.copy(), unlabelled], label_key="author_cell_type", log=lambda _: None)  # the reference as a query too
+    assert unlabelled.obs["author_cell_type_pred"].iloc[[7, 8]].notna().all()

@@ -286,8 +286,7 @@ def annotate_train(
     cfg = load_annotate_config(
         {
             "dataset": {"name": data.stem, "path": data, "layer": layer, "input": kind, "batch_key": batch_key, "label_key": label_key,
-                        "filter": _filters(filter),
-                        "stream": stream},
+                        "filter": _filters(filter), "stream": stream, "unlabelled": "leave_out"},
             "ontology_key": ontology_key,
             "dataset_key": dataset_key,
             "ontology_obo": ontology_obo,
@@ -400,7 +399,7 @@ def transfer(
     cfg = load_transfer_config(
         {
             "reference": {"name": reference.stem, "path": reference, "input": kind, "label_key": label_key, "layer": layer,
-                          "stream": stream},
+                          "stream": stream, "unlabelled": "leave_out"},
             "queries": query,
             "query_layer": query_layer,
             "query_gene_key": query_gene_key,

@@ -43,6 +43,10 @@ class DatasetConfig(BaseModel):
     filter
         Keep only cells whose ``obs[column]`` is in the listed values, e.g.
         ``{demuxlet_cls: [SNG]}``.
+    unlabelled
+        Cells whose ``label_key`` value is missing: ``refuse`` the dataset (one line naming
+        them), or ``leave_out`` those cells with a notice (what a classifier's training does:
+        the reference is its labelled cells).
     backed
         Open the file in backed mode (the matrix is read in chunks, then held in memory).
     stream
@@ -60,6 +64,7 @@ class DatasetConfig(BaseModel):
     batch_key: str | None = None
     label_key: str | None = None
     filter: dict[str, list[str]] = Field(default_factory=dict)
+    unlabelled: Literal["refuse", "leave_out"] = "refuse"
     backed: bool = False
     stream: bool = False
 
@@ -185,10 +190,25 @@ def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ())
     return adata, summary
 
 
-def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...]) -> tuple[ad.AnnData, MatrixSummary, np.ndarray]:
+def labelled_cells(adata: ad.AnnData, label_key: str | None, unlabelled: Literal["refuse", "leave_out"], log: Log) -> np.ndarray:
+    """Which cells to keep for their label: all, or with ``unlabelled="leave_out"`` those whose ``label_key`` value is
+    not missing (one notice says how many are left out; a column with no label at all is refused)."""
+    if unlabelled == "refuse" or label_key is None or label_key not in adata.obs:
+        return np.ones(adata.n_obs, dtype=bool)  # validation refuses missing labels, naming the cells
+    keep = adata.obs[label_key].notna().to_numpy()
+    if not keep.any():
+        raise InputError(f"{source_name(adata)}: obs column {label_key!r} holds no label (all {adata.n_obs} values are missing)")
+    if not keep.all():
+        log(f"{source_name(adata)}: {int((~keep).sum())} of {adata.n_obs} cells have no label in obs column {label_key!r}: "
+            "left out of training (map them as a query to call them)")
+    return keep
+
+
+def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...], log: Log = print) -> tuple[ad.AnnData, MatrixSummary, np.ndarray]:
     """:func:`read_dataset`, and the rows of the file its cells are."""
     adata = read_anndata(config.path, backed=config.backed or config.stream)
     keep = filter_mask(adata, config.filter) if config.filter else np.ones(adata.n_obs, dtype=bool)
+    keep &= labelled_cells(adata, config.label_key, config.unlabelled, log)
     if not keep.all():
         adata = adata[keep]
     summary = validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=extra_keys, layer=config.layer,
@@ -215,7 +235,7 @@ def load_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (),
         non-integer counts with ``input: counts``, repeated names, an all-zero matrix, empty or
         single-cell batches, or a label column with one class.
     """
-    adata, summary, rows = _read(config, extra_keys)
+    adata, summary, rows = _read(config, extra_keys, log)
     return _cell_data(adata, summary, config.name, config.batch_key, config.label_key, config.layer, config.input == "counts", True, log,
                       rows if config.stream else None)
 
@@ -231,6 +251,7 @@ def cell_data(
     extra_keys: tuple[str | None, ...] = (),
     drop_empty_cells: bool = True,
     stream: bool = False,
+    unlabelled: Literal["refuse", "leave_out"] = "refuse",
     log: Log = print,
 ) -> CellData:
     """Validate an AnnData (in memory or backed) and log-normalise its matrix.
@@ -254,8 +275,10 @@ def cell_data(
         callers that output every cell but train without them). All-zero genes are always dropped.
     stream
         For a backed AnnData (not a view): leave its matrix on disk (see :attr:`DatasetConfig.stream`).
+    unlabelled
+        Cells without a ``label_key`` value: ``refuse``, or ``leave_out`` (see :attr:`DatasetConfig.unlabelled`).
     log
-        Receives the notice about all-zero cells and genes.
+        Receives the notices about all-zero cells and genes and about cells left out for having no label.
 
     Raises
     ------
@@ -264,8 +287,12 @@ def cell_data(
     """
     if stream:
         whole_backed(adata)
+    keep = labelled_cells(adata, label_key, unlabelled, log)
+    rows = np.flatnonzero(keep)
+    if not keep.all():
+        adata = adata[keep]
     summary = validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts)
-    return _cell_data(adata, summary, name, batch_key, label_key, layer, counts, drop_empty_cells, log, np.arange(adata.n_obs) if stream else None)
+    return _cell_data(adata, summary, name, batch_key, label_key, layer, counts, drop_empty_cells, log, rows if stream else None)
 
 
 def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: str | None, label_key: str | None, layer: str | None,

@@ -500,7 +500,8 @@ def transfer(
     ``_pred_score`` (calibrated confidence), ``_unknown``, ``obsm['<key>_proba']`` and
     ``uns['<key>_classes']``, with ``key = ontology_key or label_key``; the reference also gets
     ``obs['<key>_reference_split']`` (train / val / calibration). Reference cells the fit leaves
-    out (all-zero cells, with a notice) get no call and count as unknown. ``model.save(dir)`` keeps the
+    out (all-zero cells, and cells without a label: each with a notice) get no call and count as
+    unknown; to call the unlabelled ones, pass the reference among the queries too. ``model.save(dir)`` keeps the
     reference model; ``sa.tl.annotate(new, dir)`` maps new cells through it later with the same
     calls, confidences and unknown flags.
 
@@ -524,7 +525,7 @@ def transfer(
               "seed": seed, **settings}
     config = load_transfer_config(values)
     data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
-                     stream=on_disk(reference), log=log)
+                     stream=on_disk(reference), unlabelled="leave_out", log=log)
     if decided:
         log(decided)
     layers = check_queries(queries, config, data, log)
@@ -532,7 +533,7 @@ def transfer(
     model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
     key = ontology_key or label_key
     labels = model.annotator.labels
-    fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero cells were left out (logged)
+    fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
     write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy(), fitted)
     split = np.full(reference.n_obs, None, dtype=object)
     split[fitted] = predictions["reference_split"].to_numpy()
