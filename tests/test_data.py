@@ -415,6 +415,16 @@ def test_unlabelled_cells_are_refused_or_left_out_loaded_and_streamed(cellbench5
         np.testing.assert_allclose(streamed.lognorm.read(0, streamed.n_cells).toarray(), loaded.lognorm.toarray(), rtol=1e-6)
     in_memory = cell_data(adata, label_key="cell_line", batch_key="batch", unlabelled="leave_out", log=lambda _: None)
     assert list(in_memory.obs.index) == list(loaded.obs.index) and adata.n_obs == len(adata.obs)  # the AnnData is left whole
+    # with a filter, the unlabelled cells are counted among those it keeps (cell 1 is a doublet), loaded and streamed alike
+    adata.obs.iloc[1, adata.obs.columns.get_loc("cell_line")] = np.nan
+    adata.write_h5ad(tmp_path / "cb2.h5ad")
+    lines.clear()
+    singlets = left.model_copy(update={"path": tmp_path / "cb2.h5ad", "filter": {"demuxlet_cls": ["SNG"]}})
+    loaded, streamed = (load_dataset(singlets.model_copy(update={"stream": stream}), log=lines.append) for stream in (False, True))
+    assert lines[0].endswith(f"3 of {int((adata.obs['demuxlet_cls'] == 'SNG').sum())} cells have no label in obs column 'cell_line': "
+                             "left out of training (map them as a query to call them)")
+    assert list(streamed.obs.index) == list(loaded.obs.index) and not set(adata.obs_names[[1, 2, 50, 51]]) & set(loaded.obs.index)
+    np.testing.assert_allclose(streamed.lognorm.read(0, streamed.n_cells).toarray(), loaded.lognorm.toarray(), rtol=1e-6)
     adata.obs["cell_line"] = np.nan
     with pytest.raises(InputError, match="obs column 'cell_line' holds no label"):
         cell_data(adata, label_key="cell_line", unlabelled="leave_out", log=lambda _: None)

@@ -190,16 +190,16 @@ def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ())
     return adata, summary
 
 
-def labelled_cells(adata: ad.AnnData, label_key: str | None, unlabelled: Literal["refuse", "leave_out"], log: Log) -> np.ndarray:
-    """Which cells to keep for their label: all, or with ``unlabelled="leave_out"`` those whose ``label_key`` value is
-    not missing (one notice says how many are left out; a column with no label at all is refused)."""
-    if unlabelled == "refuse" or label_key is None or label_key not in adata.obs:
-        return np.ones(adata.n_obs, dtype=bool)  # validation refuses missing labels, naming the cells
-    keep = adata.obs[label_key].notna().to_numpy()
+def labelled_cells(obs: pd.DataFrame, source: str, label_key: str | None, unlabelled: Literal["refuse", "leave_out"], log: Log) -> np.ndarray:
+    """Which cells (rows of ``obs``) to keep for their label: all, or with ``unlabelled="leave_out"`` those whose ``label_key``
+    value is not missing (one notice says how many are left out; a column with no label at all is refused)."""
+    if unlabelled == "refuse" or label_key is None or label_key not in obs:
+        return np.ones(len(obs), dtype=bool)  # validation refuses missing labels, naming the cells
+    keep = obs[label_key].notna().to_numpy()
     if not keep.any():
-        raise InputError(f"{source_name(adata)}: obs column {label_key!r} holds no label (all {adata.n_obs} values are missing)")
+        raise InputError(f"{source}: obs column {label_key!r} holds no label (all {len(obs)} values are missing)")
     if not keep.all():
-        log(f"{source_name(adata)}: {int((~keep).sum())} of {adata.n_obs} cells have no label in obs column {label_key!r}: "
+        log(f"{source}: {int((~keep).sum())} of {len(obs)} cells have no label in obs column {label_key!r}: "
             "left out of training (map them as a query to call them)")
     return keep
 
@@ -208,12 +208,13 @@ def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...], log: Log = 
     """:func:`read_dataset`, and the rows of the file its cells are."""
     adata = read_anndata(config.path, backed=config.backed or config.stream)
     keep = filter_mask(adata, config.filter) if config.filter else np.ones(adata.n_obs, dtype=bool)
-    keep &= labelled_cells(adata, config.label_key, config.unlabelled, log)
+    keep[keep] = labelled_cells(adata.obs[keep], source_name(adata), config.label_key, config.unlabelled, log)  # among the cells the filter kept
+    rows = np.flatnonzero(keep)
     if not keep.all():
-        adata = adata[keep]
+        adata = adata[keep]  # one view: a backed AnnData cannot be indexed twice
     summary = validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=extra_keys, layer=config.layer,
                        require_counts=config.input == "counts")
-    return adata, summary, np.flatnonzero(keep)
+    return adata, summary, rows
 
 
 def load_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (), log: Log = print) -> CellData:
@@ -287,7 +288,7 @@ def cell_data(
     """
     if stream:
         whole_backed(adata)
-    keep = labelled_cells(adata, label_key, unlabelled, log)
+    keep = labelled_cells(adata.obs, source_name(adata), label_key, unlabelled, log)
     rows = np.flatnonzero(keep)
     if not keep.all():
         adata = adata[keep]
