@@ -228,6 +228,7 @@ def test_unseen_labels_reported_and_unknowns(chemistries, tmp_path):
     assert set(pred["predicted"]) <= set(ad.read_h5ad(reference).obs["author_cell_type"].astype(str))  # never a new label
     assert pred["unknown"].equals(pred["unknown_low_confidence"] | pred["unknown_far_from_reference"] | pred["unknown_no_counts"])
     assert list(np.flatnonzero(pred["unknown_no_counts"])) == [10, 11]
+    assert summary.set_index("dataset").loc["q", "unknown_fraction"] == pytest.approx(pred["unknown"].mean())  # over every cell
 
 
 def test_zheng17_reference_to_donor_query_cli(tmp_path):

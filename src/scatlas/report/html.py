@@ -86,8 +86,9 @@ class Section:
     """A titled part of a report: a note, tables, confusion matrices and figures.
 
     ``heatmaps`` are count tables (e.g. :func:`~scatlas.metrics.annotation.confusion_counts`: true
-    labels as rows), each shown with every cell shaded by its share of the row. ``nan_reasons`` says why a column can be undefined (NaN); a column that is NaN in every row
-    gets that sentence (or a generic one) under the table instead of an unexplained empty column.
+    labels as rows), each shown with every cell shaded by its share of the row. ``nan_reasons``
+    says why a column can be undefined (NaN); a column that is NaN in every row gets that sentence
+    (or a generic one) under the table instead of an unexplained empty column.
     """
 
     title: str

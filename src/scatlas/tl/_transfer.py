@@ -231,23 +231,26 @@ def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> n
 
 
 def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace, out: Path, title: str, figures: bool = False,
-              unlabelled: int = 0) -> dict[str, float]:
+              labelled: np.ndarray | None = None) -> dict[str, float]:
     """Metrics on cells whose label the reference knows; unseen labels reported, never mapped. The confusion
-    matrix (every cell) is a table, and with ``figures`` also a figure. ``unlabelled``: cells left out for having
-    no label (recorded as ``n_cells_unlabelled``)."""
+    matrix (every labelled cell) is a table, and with ``figures`` also a figure. ``labelled``: which cells have a
+    label (the others are left out and counted as ``n_cells_unlabelled``; ``unknown_fraction`` is over every cell)."""
+    labelled = np.ones(len(y_true), dtype=bool) if labelled is None else labelled
+    unknown_fraction = float(predictions["unknown"].mean())
+    y_true, predictions = y_true[labelled], predictions[labelled]
     known = np.isin(y_true, labels.names)
     unseen = pd.Series(y_true[~known]).value_counts()
     if len(unseen):
         write_csv(unseen.rename_axis("label").reset_index(name="n_cells"), out / "unseen_labels.csv")
     pred = predictions["predicted"].to_numpy().astype(str)
     metrics = overall_metrics(y_true[known], pred[known])
-    metrics["unknown_fraction"] = float(predictions["unknown"].mean())
+    metrics["unknown_fraction"] = unknown_fraction
     if "hierarchical" in predictions and labels.reachability is not None:  # a call is right when it is the truth or an ancestor of it
         right = labels.calls_right(predictions["hierarchical_id"].to_numpy()[known], pd.Index(labels.names).get_indexer(y_true[known]))
         metrics["hierarchical_call_accuracy"] = float(right.mean()) if known.any() else float("nan")
         metrics["hierarchical_call_depth"] = float(predictions["hierarchical_depth"].to_numpy()[known].mean()) if known.any() else float("nan")
     metrics["n_cells_unseen_label"] = float((~known).sum())
-    metrics["n_cells_unlabelled"] = float(unlabelled)
+    metrics["n_cells_unlabelled"] = float((~labelled).sum())
     write_csv(pd.DataFrame([metrics]), out / "metrics.csv")
     write_csv(per_class_metrics(y_true[known], pred[known]), out / "per_class_metrics.csv")
     write_csv(confusion_counts(y_true, pred).reset_index(), out / "confusion_matrix.csv")
@@ -413,9 +416,8 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 labelled = with_values(adata.obs[config.query_label_key], stem, config.query_label_key, "no true label", log)
-                truth = string_values(adata.obs[config.query_label_key])[labelled]
-                row.update(_evaluate(truth, pred[labelled].reset_index(drop=True), reference.annotator.labels, qdir, stem, figures,
-                                     int((~labelled).sum())))
+                row.update(_evaluate(string_values(adata.obs[config.query_label_key]), pred, reference.annotator.labels, qdir, stem, figures,
+                                     labelled))
             summary.append(row)
         table = pd.DataFrame(summary)
         table["n_cells"] = table["n_cells"].astype(int)
@@ -501,9 +503,9 @@ def transfer(
     ``uns['<key>_classes']``, with ``key = ontology_key or label_key``; the reference also gets
     ``obs['<key>_reference_split']`` (train / val / calibration). Reference cells the fit leaves
     out (all-zero cells, and cells without a label: each with a notice) get no call and count as
-    unknown; to call the unlabelled ones, pass the reference among the queries too. ``model.save(dir)`` keeps the
-    reference model; ``sa.tl.annotate(new, dir)`` maps new cells through it later with the same
-    calls, confidences and unknown flags.
+    unknown; to call the unlabelled ones, pass the reference among the queries too.
+    ``model.save(dir)`` keeps the reference model; ``sa.tl.annotate(new, dir)`` maps new cells
+    through it later with the same calls, confidences and unknown flags.
 
     Examples
     --------
