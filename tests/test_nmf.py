@@ -82,7 +82,8 @@ def test_nmf_cli_writes_results_only_anndata(tmp_path):
     adata = ad.read_h5ad(out)
     assert adata.obsm["H_cond_aenmf_k10"].shape == (7811, 10) and adata.varm["W_cond_aenmf_k10"].shape[1] == 10
     assert (adata.obsm["H_cond_aenmf_k10"] >= 0).all() and (adata.varm["W_cond_aenmf_k10"] >= 0).all()
-    assert list(adata.obs.columns) == ["cell_type", "donor_id"]
+    source = ad.read_h5ad(data_path("onek1k_4types_40donors.h5ad"), backed="r")
+    pd.testing.assert_frame_equal(adata.obs, source.obs.set_axis(source.obs_names.astype(str)))  # the input's obs, every column
     by_type = pd.read_csv(tmp_path / "onek1k_cond_benchmark_by_cell_type.csv").set_index("kind")
     by_donor = pd.read_csv(tmp_path / "onek1k_cond_benchmark_by_donor_id.csv").set_index("kind")
     assert {"logreg", "dummy"} <= set(by_donor.index)  # the donor read-out is written too

@@ -165,7 +165,14 @@ def test_cli_embed_writes_the_latent_of_tl_embed(symphony_path, symphony, tmp_pa
     adata = symphony.copy()
     sa.tl.embed(adata, "ae", batch_key="batch", label_key="cell_type", max_epochs=2, batch_size=128, latent_dim=16)
     np.testing.assert_array_equal(written.obsm["X_ae"], adata.obsm["X_ae"])
-    assert list(written.obs.columns) == ["cell_type", "batch"] and written.n_vars == symphony.n_vars
+    pd.testing.assert_frame_equal(written.obs, symphony.obs)  # every column, so the file can be scored or plotted by any
+    assert written.n_vars == symphony.n_vars and written.X is None
+    # scored as it is: without X, PCR comparison needs an unintegrated embedding named (it said "X is empty; pass a layer")
+    score = ["benchmark", str(out), "--embedding", "X_ae", "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "bench")]
+    refused = runner.invoke(app, score)
+    assert refused.exit_code == 2 and "--pre-key" in refused.output and not (tmp_path / "bench").exists()
+    assert "['X_nope'] not in .obsm" in runner.invoke(app, [*score, "--pre-key", "X_nope"]).output
+    assert runner.invoke(app, [*score, "--pre-key", "X_ae"]).exit_code == 0 and (tmp_path / "bench" / "benchmark.csv").exists()
     np.testing.assert_array_equal(sa.load_model(tmp_path / "sym_ae_model").get_latent_representation(symphony), adata.obsm["X_ae"])
     again = runner.invoke(app, ["embed", str(symphony_path), "--out", str(out), "--batch-key", "batch"])
     assert again.exit_code == 2 and "exists (pass --overwrite" in again.output

@@ -500,7 +500,7 @@ def _option_values(values: list[str]) -> dict[str, Any]:
 @_user_errors
 def embed(
     data: Annotated[Path, typer.Argument(help=".h5ad or .zarr with raw counts or log-normalised values.")],
-    out: Annotated[Path, typer.Option(help="Results-only .h5ad (latent in .obsm, W in .varm for factor models); the model is saved beside it in OUT_model/.")],
+    out: Annotated[Path, typer.Option(help="Results-only .h5ad (the input's obs, latent in .obsm, W in .varm for factor models; no X); the model is saved beside it in OUT_model/.")],
     model: Annotated[str, typer.Option(help="pca, ae, aec, fe, fec, re, nmf, aenmf or cond_aenmf (`scatlas models`).")] = "ae",
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column (aec, fec need it).")] = None,
@@ -532,7 +532,7 @@ def embed(
                            n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print, **options)
     result.save(model_dir, overwrite=overwrite)
     with atomic_path(out) as tmp:
-        results_anndata(adata, [label_key, batch_key]).write_h5ad(tmp)
+        results_anndata(adata).write_h5ad(tmp)
     latent = adata.obsm[result.key]
     console.print(f"{result.name}: {latent.shape[0]} cells × {latent.shape[1]} dimensions in .obsm[{result.key!r}], {len(result.history)} epochs; "
                   f"{len(result.prep.genes)} genes")
@@ -543,7 +543,7 @@ def embed(
 @_user_errors
 def nmf(
     data: Annotated[Path, typer.Argument(help=".h5ad or .zarr with counts (or --input lognorm).")],
-    out: Annotated[Path, typer.Option(help="Results-only .h5ad (H in .obsm, W in .varm); tables are written beside it.")],
+    out: Annotated[Path, typer.Option(help="Results-only .h5ad (the input's obs, H in .obsm, W in .varm; no X); tables are written beside it.")],
     model: Annotated[str, typer.Option(help="nmf, aenmf or cond_aenmf.")] = "aenmf",
     rank: Annotated[int, typer.Option(help="Number of factors K.")] = 20,
     batch_key: Annotated[str | None, typer.Option(help="Donor / batch column (conditions cond_aenmf; benchmark by donor).")] = None,

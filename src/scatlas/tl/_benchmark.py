@@ -26,7 +26,7 @@ import pandas as pd
 
 from scatlas._errors import InputError
 from scatlas._io import write_csv
-from scatlas.data.io import get_matrix, to_csr
+from scatlas.data.io import get_matrix, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.validate import one_batch_notice, validate
 from scatlas.metrics.clustering import kmeans_ari_nmi
@@ -100,6 +100,10 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
+    if pre_key is None and adata.X is None:
+        raise InputError(f"{source_name(adata)}: no .X for the unintegrated PCA that PCR comparison starts from (a results-only file, as "
+                         "`scatlas embed` and `nmf` write): name an unintegrated .obsm embedding as pre_key (CLI: --pre-key, e.g. the X_pca "
+                         "of `scatlas embed --model pca`), or benchmark the file that holds the counts")
     validate(adata, batch_key=batch_key, label_key=label_key, require_counts=counts, check_values=pre_key is None)
     notice = one_batch_notice(adata, batch_key)
     if notice:
@@ -107,9 +111,9 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
-    missing = [e for e in embeddings if e not in adata.obsm]
+    missing = [e for e in [*embeddings, *([pre_key] if pre_key else [])] if e not in adata.obsm]
     if missing:
-        raise InputError(f"embeddings {missing} not in .obsm; available: {list(adata.obsm)}")
+        raise InputError(f"{source_name(adata)}: embeddings {missing} not in .obsm; available: {list(adata.obsm)}")
     labels = adata.obs[label_key].astype(str).to_numpy()
     batch = adata.obs[batch_key].astype(str).to_numpy()
     estimate = adata.n_obs > EXACT_MAX_CELLS if exact is None else not exact

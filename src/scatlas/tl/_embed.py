@@ -24,7 +24,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, string_categorical, to_csr, var_name
+from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, to_csr, var_name
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
@@ -514,10 +514,17 @@ def counterfactual(adata: ad.AnnData, model: ScatlasModel, batch: str, layer_add
     return name
 
 
-def results_anndata(adata: ad.AnnData, keep_obs: list[str | None]) -> ad.AnnData:
-    """A results-only AnnData: ``adata``'s obs columns ``keep_obs``, its genes, and what scatlas wrote to obsm / varm / uns."""
-    obs = pd.DataFrame({c: string_categorical(adata.obs[c]) for c in keep_obs if c}, index=adata.obs_names.astype(str))
-    out = ad.AnnData(obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+def results_obs(obs: pd.DataFrame) -> pd.DataFrame:
+    """The cells' annotations a results-only AnnData keeps: every obs column (so the file can be scored or plotted by any of
+    them, e.g. ``scatlas benchmark --label-key``), with string cell names."""
+    kept = obs.copy()
+    kept.index = kept.index.astype(str)
+    return kept
+
+
+def results_anndata(adata: ad.AnnData) -> ad.AnnData:
+    """A results-only AnnData: ``adata``'s obs (:func:`results_obs`), its genes, and what scatlas wrote to obsm / varm / uns."""
+    out = ad.AnnData(obs=results_obs(adata.obs), var=pd.DataFrame(index=adata.var_names.astype(str)))
     for k in adata.uns.get("scatlas", {}):
         out.obsm[k] = adata.obsm[k]
         w = f"W_{k.removeprefix('X_')}"

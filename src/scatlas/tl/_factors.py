@@ -20,13 +20,13 @@ import pandas as pd
 
 from scatlas._errors import InputError
 from scatlas._io import atomic_path, check_output_file, write_csv
-from scatlas.data.io import on_disk, read_anndata, string_categorical
+from scatlas.data.io import on_disk, read_anndata
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
 from scatlas.metrics.classification import classify_embedding
 from scatlas.metrics.clustering import leiden_agreement
 from scatlas.models.base import parse_model_config
-from scatlas.tl._embed import embed
+from scatlas.tl._embed import embed, results_obs
 
 Log = Callable[[str], None]
 
@@ -52,8 +52,7 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,
                    key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, log=log, **options, **training.model_dump())
     obs, genes, H, W = adata.obs, result.prep.genes, adata.obsm[f"H_{key}"], result.loadings()
-    out = ad.AnnData(obs=pd.DataFrame({c: string_categorical(obs[c]) for c in (dataset.label_key, dataset.batch_key) if c},
-                                      index=obs.index.astype(str)), var=pd.DataFrame(index=genes))
+    out = ad.AnnData(obs=results_obs(obs), var=pd.DataFrame(index=genes))
     out.obsm[f"H_{key}"] = H
     out.varm[f"W_{key}"] = W
     out.uns["scatlas_factors"] = {"model": entry.model_dump(mode="json"), "data": str(dataset.path), "streamed": stream}
