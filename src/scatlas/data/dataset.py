@@ -17,7 +17,7 @@ from scatlas._errors import InputError
 from scatlas.data.io import file_path, get_matrix, get_var, on_disk, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.sources import AnnDataCSRSource, RowSubset
-from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate
+from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate, with_values
 
 Log = Callable[[str], None]
 
@@ -195,13 +195,9 @@ def labelled_cells(obs: pd.DataFrame, source: str, label_key: str | None, unlabe
     value is not missing (one notice says how many are left out; a column with no label at all is refused)."""
     if unlabelled == "refuse" or label_key is None or label_key not in obs:
         return np.ones(len(obs), dtype=bool)  # validation refuses missing labels, naming the cells
-    keep = obs[label_key].notna().to_numpy()
-    if not keep.any():
+    if obs[label_key].isna().all():
         raise InputError(f"{source}: obs column {label_key!r} holds no label (all {len(obs)} values are missing)")
-    if not keep.all():
-        log(f"{source}: {int((~keep).sum())} of {len(obs)} cells have no label in obs column {label_key!r}: "
-            "left out of training (map them as a query to call them)")
-    return keep
+    return with_values(obs[label_key], source, label_key, "no label", "training (map them as a query to call them)", log)
 
 
 def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...], log: Log = print) -> tuple[ad.AnnData, MatrixSummary, np.ndarray]:

@@ -6,7 +6,7 @@ the offending values, so that a user can fix the input without a debugger.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -43,6 +43,15 @@ def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None], missing_ok: bo
                 f"{src}: obs column {key!r} has {int(missing.sum())} missing values "
                 f"(cells {_examples(adata.obs_names[missing.to_numpy()])})"
             )
+
+
+def with_values(values: pd.Series, source: str, key: str, missing: str, left_out_of: str, log: Callable[[str], None]) -> np.ndarray:
+    """Which cells have a value in the obs column ``values`` (named ``key``); one line says how many lack one
+    (``missing``: what that means, e.g. "no label") and what they are left out of (``left_out_of``)."""
+    present = values.notna().to_numpy()
+    if not present.all():
+        log(f"{source}: {int((~present).sum())} of {len(present)} cells have {missing} in obs column {key!r}: left out of {left_out_of}")
+    return present
 
 
 def check_groups(adata: ad.AnnData, key: str, min_size: int = 2, min_groups: int = 1) -> None:

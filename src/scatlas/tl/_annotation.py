@@ -30,7 +30,7 @@ from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer, var_name
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
-from scatlas.data.validate import validate
+from scatlas.data.validate import validate, with_values
 from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, confusion_counts, hierarchical_correct
@@ -687,15 +687,6 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     return summary
 
 
-def with_values(values: pd.Series, source: str, key: str, meaning: str, log: Log) -> np.ndarray:
-    """Which cells have a value in the obs column ``values`` (named ``key``); one line says how many lack one
-    (``meaning``: what a missing value is, e.g. "no true label") and that they are left out of the evaluation."""
-    present = values.notna().to_numpy()
-    if not present.all():
-        log(f"{source}: {int((~present).sum())} of {len(present)} cells have {meaning} in obs column {key!r}: left out of the evaluation")
-    return present
-
-
 def no_counts(X: Any) -> np.ndarray:
     """Which cells (rows of a model-ready matrix, non-negative as validated) have no counts in any of the model's genes."""
     return np.asarray(X.sum(axis=1)).ravel() == 0
@@ -799,11 +790,12 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     empty: list[np.ndarray] = []
 
     def calls(X: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        empty.append(no_counts(X))
         if reference is None:
+            empty.append(no_counts(X))
             return annotator.predict_proba(X, offset), None
         proba, distance = reference.scores(X, offset)
         low, far, none = reference.unknown(proba, distance, X)
+        empty.append(none)
         return proba, low | far | none
 
     parts = [calls(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)]
@@ -859,8 +851,8 @@ def evaluate_annotations(
         if key not in adata.obs:
             raise InputError(f"{predictions}: obs column {key!r} not found; available: {list(adata.obs.columns)}")
     source = Path(predictions).name
-    kept = (with_values(adata.obs[truth_key], source, truth_key, "no true label", log)
-            & with_values(adata.obs[pred_key], source, pred_key, "no call", log))
+    kept = (with_values(adata.obs[truth_key], source, truth_key, "no true label", "the evaluation", log)
+            & with_values(adata.obs[pred_key], source, pred_key, "no call", "the evaluation", log))
     if not kept.any():
         raise InputError(f"{predictions}: no cell has both a true label ({truth_key!r}) and a call ({pred_key!r})")
     adata = adata[kept] if not kept.all() else adata

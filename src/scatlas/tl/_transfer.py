@@ -30,14 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
-                                    no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, with_values, write_calls)
+                                    no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
-from scatlas.data.validate import check_obs_keys, validate
+from scatlas.data.validate import check_obs_keys, validate, with_values
 from scatlas.models.base import SplitData
 from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.settings import TrainingConfig, parse_settings
@@ -415,7 +415,7 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
                 log(no_counts_said(stem, int(pred["unknown_no_counts"].sum()), adata.n_obs, flagged=True))
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
-                labelled = with_values(adata.obs[config.query_label_key], stem, config.query_label_key, "no true label", log)
+                labelled = with_values(adata.obs[config.query_label_key], stem, config.query_label_key, "no true label", "the evaluation", log)
                 row.update(_evaluate(string_values(adata.obs[config.query_label_key]), pred, reference.annotator.labels, qdir, stem, figures,
                                      labelled))
             summary.append(row)
