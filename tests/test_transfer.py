@@ -68,6 +68,23 @@ def test_centroids_and_distances_embed_bounded_blocks(monkeypatch):
     assert calls == [1024, 1024, 452] * 2
 
 
+def test_nearest_centroid_distance_steps_keep_the_bits_of_one_pass(monkeypatch):
+    """The distances go a thousand cells at a time (fast: the float64 temporaries stay in cache), each cell's as in one
+    pass over all cells (to BLAS's last bits, which may depend on a step's size), and equal SciPy's Euclidean distances."""
+    from scipy.spatial.distance import cdist
+
+    from scatlas.tl import _transfer
+
+    rng = np.random.default_rng(0)
+    embedding = sp.random(2500, 1000, density=0.3, random_state=0, format="csr", dtype=np.float32).toarray()
+    centroids = rng.random((7, 1000)).astype(np.float32)
+    stepped = _transfer.nearest_centroid_distance(embedding, centroids)
+    monkeypatch.setattr(_transfer, "DISTANCE_ROWS", 10**6)
+    np.testing.assert_allclose(stepped, _transfer.nearest_centroid_distance(embedding, centroids), rtol=1e-12)
+    np.testing.assert_allclose(stepped, cdist(embedding.astype(np.float64), centroids.astype(np.float64)).min(1), rtol=1e-6)
+    assert _transfer.nearest_centroid_distance(embedding[:0], centroids).shape == (0,)
+
+
 def test_ece_matches_torchmetrics_and_temperature_helps():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2000, 4)) * 4
