@@ -81,12 +81,11 @@ PEAK_LINE = 'print("bench: peak_gb", next(int(l.split()[1]) for l in open("/proc
 # ``python -c CLI_PROGRAM ARGS...`` runs ``scatlas ARGS...`` and prints its peak RSS; its exit code is the command's
 CLI_PROGRAM = f"""
 import sys
-from scatlas.cli import app
+from scatlas.cli import main
 try:
-    code = app(sys.argv[1:], standalone_mode=False)  # an InputError comes back as exit code 2, not raised
+    main(sys.argv[1:])  # the `scatlas` program (its garbage-collector settings too); exits with the command's code
 finally:
     {PEAK_LINE}
-sys.exit(code)
 """
 
 

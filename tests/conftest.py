@@ -68,7 +68,7 @@ def symphony_pca(symphony_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
 _PEAK_SCRIPT = """
 import sys
 from pathlib import Path
-from scatlas.cli import app
+from scatlas.cli import main
 
 def rss(field):
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field)) / 2**20
@@ -76,10 +76,9 @@ def rss(field):
 import scatlas.tl._factors, scatlas.models, lightning  # everything the command imports, before the baseline
 print("baseline", rss("VmRSS:"))
 try:
-    code = app(sys.argv[1:], standalone_mode=False)  # an InputError comes back as exit code 2, not raised
+    main(sys.argv[1:])  # the program as users run it (its garbage-collector settings too); exits with the command's code
 finally:
     print("peak", rss("VmHWM:"))
-sys.exit(code)
 """
 
 

@@ -1,3 +1,3 @@
-from scatlas.cli import app
+from scatlas.cli import main
 
-app()
+main()
