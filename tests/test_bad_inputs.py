@@ -264,6 +264,16 @@ def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files
     assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"]).exit_code == 0
     refused(work, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"], "pred.h5ad exists (pass --overwrite")
     assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad", "--overwrite"]).exit_code == 0
+    # an input kept inside an earlier output: --overwrite would delete it with the folder
+    inside = work / "tr" / "cells_copy.h5ad"
+    shutil.copy(data, inside)
+    refused(work, ["transfer", "--reference", str(inside), "--label-key", "cellTypes", "--query", str(data), "--out", "tr", "--overwrite"],
+            "tr: holds the input", "cells_copy.h5ad", "give a new output directory")
+    refused(work, [*transfer[:-1], str(inside), "--out", "tr", "--overwrite"], "holds the input")  # a query
+    refused(work, ["annotate", "train", str(inside), "--label-key", "cellTypes", "--n-splits", "0", "--out", "tr", "--overwrite"], "holds the input")
+    shutil.copytree(work / "tr", work / "tr_model")  # a folder scatlas wrote, where `embed --out tr.h5ad` saves its model
+    refused(work, ["embed", str(work / "tr_model" / inside.name), "--out", "tr.h5ad", "--overwrite"], "tr_model: holds the input")
+    assert inside.exists()
 
 
 def test_annotate_refuses_bad_input(files, work):

@@ -181,10 +181,11 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
         plt.close(fig)
 
 
-def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
     """Refuse an output directory that cannot be written (:func:`check_writable`) or holds files, unless ``overwrite``
-    and scatlas wrote it (it holds :data:`OUTPUT_MARK`): the directory is then replaced whole, so ``--overwrite``
-    never deletes a folder of the user's (``--out .``, or the folder holding the input data).
+    and scatlas wrote it (it holds :data:`OUTPUT_MARK`) and it holds none of the command's ``inputs``: the directory is
+    then replaced whole, so ``--overwrite`` never deletes a folder of the user's (``--out .``, or the folder holding the
+    input data) nor an input file put into an earlier output.
 
     Called before any work by every command that writes a directory, and again by :func:`staged_dir`.
     """
@@ -197,6 +198,10 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Pa
         if not (out / OUTPUT_MARK).exists():
             raise ConfigError(f"{out}: not a directory scatlas wrote (no {OUTPUT_MARK} in it), and --overwrite would delete everything in it: "
                               "give a new output directory, or empty this one yourself")
+        held = [p for p in inputs if Path(p).exists() and Path(p).resolve().is_relative_to(out.resolve())]
+        if held:
+            raise ConfigError(f"{out}: holds the input {held[0]}, and --overwrite would delete it with the rest of the directory: "
+                              "give a new output directory, or move the input out of it")
     return out
 
 
@@ -214,15 +219,15 @@ def check_output_file(out: str | os.PathLike[str], suffix: str, overwrite: bool 
 
 
 @contextmanager
-def staged_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike[str], overwrite: bool = False, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling directory of ``out``; rename it to ``out`` when the block succeeds.
 
-    An existing non-empty ``out`` is an error unless ``overwrite``. On failure the
-    temporary directory is removed and ``out`` is untouched.
+    An existing non-empty ``out`` is an error unless ``overwrite`` (:func:`check_output_dir`, with
+    the command's ``inputs``). On failure the temporary directory is removed and ``out`` is untouched.
     """
     import shutil
 
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -462,7 +462,7 @@ def aggregate(
             raise ConfigError("aggregate: give DATA, --label-key and --sample-key (or --cells-per-sample), or --toy covariance")
         combined = sample_key is None or "," in sample_key
         settings.update(sample_key="scatlas_sample" if combined else sample_key, label_key=label_key, batch_key=batch_key)
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, (data,))
         cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}), stream=stream)
         columns = sample_key.split(",") if sample_key else []
         missing = [c for c in columns if c not in cells.obs.columns]
@@ -524,7 +524,7 @@ def embed(
 
     model_dir = out.with_name(f"{out.stem}_model")
     check_output_file(out, ".h5ad", overwrite, inputs=(data,))
-    check_output_dir(model_dir, overwrite)
+    check_output_dir(model_dir, overwrite, (data,))
     adata = read_anndata(data, backed=stream)
     options = _option_values(set_ or [])
     if chunk_size is not None:

@@ -665,7 +665,7 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     codes = labels.codes(truth)
     if not (config.cross_validate or config.final_model):
         raise ConfigError("annotate: nothing to do (no cross-validation and no final model)")
-    with staged_dir(out, overwrite) as stage:
+    with staged_dir(out, overwrite, (config.dataset.path,)) as stage:
         summary = _cross_validate(config, data, labels, codes, truth, stage, log) if config.cross_validate else pd.DataFrame()
         if config.final_model:
             log("final model on all labelled cells")

@@ -409,10 +409,11 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     if config.query_label_key:
         for q in queries:
             check_obs_keys(q, [config.query_label_key], missing_ok=True)  # unlabelled cells are mapped, and left out of the evaluation
-    check_output_dir(out, overwrite)
+    inputs = (config.reference.path, *config.queries)
+    check_output_dir(out, overwrite, inputs)
     data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
     layers = check_queries(queries, config, data, log)
-    with staged_dir(out, overwrite) as stage:
+    with staged_dir(out, overwrite, inputs) as stage:
         ref_dir = stage / "reference"
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
             reference, predictions, calib, calib_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)))
