@@ -225,11 +225,15 @@ def test_validate_reports_empty_cells_genes_and_one_batch(files, work):
     a.X[:4] = 0
     a.X[:, :7] = 0
     a.obs["one"] = "b1"
+    a.obs["label"] = pd.Series(np.where(np.arange(a.n_obs) % 2, "x", "y"), index=a.obs_names).mask(np.arange(a.n_obs) >= a.n_obs - 3)
     a.write_h5ad(work / "sparse_holes.h5ad")
-    result = runner.invoke(app, ["validate", str(work / "sparse_holes.h5ad"), "--batch-key", "one"])
+    result = runner.invoke(app, ["validate", str(work / "sparse_holes.h5ad"), "--batch-key", "one", "--label-key", "label"])
     assert result.exit_code == 0, result.output
-    assert "4 all-zero cells and 7 all-zero genes (of 200 × 1047) are left out of training" in result.output
+    assert "4 all-zero cells and 7 all-zero genes (of 197 × 1047) are left out of training" in result.output  # of the labelled cells
     assert "holds one batch ('b1')" in result.output
+    # cells without a label: what annotate / transfer would do with them, and who refuses them
+    assert ("3 of 200 cells have no label in obs column 'label': left out of training (map them as a query to call them), by "
+            "`annotate train` and `transfer`; `embed`, `benchmark` and `run` refuse cells without a label") in " ".join(result.output.split())
 
 
 def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):

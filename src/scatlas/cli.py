@@ -185,9 +185,10 @@ def validate(
         dataset, extra = cfg.dataset, ((cfg.group_key,) if cfg.split.kind != "kfold" else ())
     else:
         dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "layer": layer, "batch_key": batch_key, "label_key": label_key,
-                                                 "input": "counts" if counts else "lognorm", "backed": True})
+                                                 "input": "counts" if counts else "lognorm", "backed": True, "unlabelled": "leave_out"})
         extra = ()
-    adata, summary = read_dataset(dataset, extra)
+    adata, summary = read_dataset(dataset, extra, lambda line: console.print(
+        f"notice: {line}, by `annotate train` and `transfer`; `embed`, `benchmark` and `run` refuse cells without a label", highlight=False))
     for notice in (summary.notice(), one_batch_notice(adata, dataset.batch_key)):
         if notice:
             console.print(f"notice: {notice}", highlight=False)

@@ -179,14 +179,15 @@ def file_source(path: str | Path, layer: str | None = None, normalize: bool = Fa
     return source if rows is None or len(rows) == source.shape[0] else RowSubset(source, rows)
 
 
-def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = ()) -> tuple[ad.AnnData, MatrixSummary]:
+def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (), log: Log = print) -> tuple[ad.AnnData, MatrixSummary]:
     """Read and filter a dataset and run :func:`~scatlas.data.validate.validate` on it (what ``scatlas validate CONFIG`` runs).
+    ``log`` gets the line about unlabelled cells left out (``config.unlabelled``).
 
     Returns
     -------
     The (possibly backed) AnnData and the all-zero cells and genes found.
     """
-    adata, summary, _ = _read(config, extra_keys)
+    adata, summary, _ = _read(config, extra_keys, log)
     return adata, summary
 
 
