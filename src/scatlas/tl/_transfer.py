@@ -204,13 +204,16 @@ def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
 
 
 def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, config: TransferConfig,
-                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[pd.DataFrame, GeneAlignment]:
+                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None, name: str | None = None,
+                  log: Log = print) -> tuple[pd.DataFrame, GeneAlignment]:
     """Map a validated query through the frozen reference model: ``chunk_size`` cells at a time read from the file of a
     backed AnnData (host memory flat in its size), in one piece otherwise.
 
     Each chunk's predictions and probabilities go to ``sink`` (e.g. appended to files); returned
     are the compact predictions of every cell (:func:`_compact`) and the gene alignment
-    (``config``'s ``min_overlap`` and ``query_gene_key``).
+    (``config``'s ``min_overlap`` and ``query_gene_key``). ``log`` gets the gene overlap and,
+    if any, the number of cells with no counts in the model's genes, for the query ``name``
+    (default: its file's name).
     """
     annotator = model.annotator
     alignment = align_genes(get_var(adata, layer), annotator.genes, config.min_overlap, source_name(adata), config.query_gene_key, var_name(adata, layer))
@@ -220,7 +223,11 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, c
         if sink is not None:
             sink(predictions, probabilities)
         kept.append(_compact(predictions, annotator.labels))
-    return pd.concat(kept, ignore_index=True), alignment
+    compact, name = pd.concat(kept, ignore_index=True), name or source_name(adata)
+    log(alignment.said(f"{name} ({adata.n_obs} cells)", annotator.missing_said))
+    if compact["unknown_no_counts"].any():
+        log(no_counts_said(name, int(compact["unknown_no_counts"].sum()), adata.n_obs, flagged=True))
+    return compact, alignment
 
 
 DISTANCE_ROWS = 1024
@@ -424,12 +431,8 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
         for stem, adata, layer in zip(stems, queries, layers, strict=True):
             qdir = stage / stem
             with ChunkedTable(qdir / "predictions.csv") as csv, ChunkedTable(qdir / "probabilities.parquet") as parquet:
-                pred, alignment = predict_query(reference, adata, layer, config, lambda p, q: (csv.write(p), parquet.write(q)))
-            report = alignment.report()
-            write_csv(pd.DataFrame([report]), qdir / "gene_overlap.csv")
-            log(alignment.said(f"{stem} ({adata.n_obs} cells)", reference.annotator.missing_said))
-            if pred["unknown_no_counts"].any():
-                log(no_counts_said(stem, int(pred["unknown_no_counts"].sum()), adata.n_obs, flagged=True))
+                pred, alignment = predict_query(reference, adata, layer, config, lambda p, q: (csv.write(p), parquet.write(q)), stem, log)
+            write_csv(pd.DataFrame([alignment.report()]), qdir / "gene_overlap.csv")
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
                 labelled = with_values(adata.obs[config.query_label_key], stem, config.query_label_key, "no true label", "the evaluation", log)
@@ -559,10 +562,7 @@ def transfer(
     reference.obs[f"{key}_reference_split"] = pd.Categorical(split)
     for q, q_layer in zip(queries, layers, strict=True):
         parts = []
-        pred, alignment = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
-        log(alignment.said(source_name(q), model.annotator.missing_said))
-        if pred["unknown_no_counts"].any():
-            log(no_counts_said(source_name(q), int(pred["unknown_no_counts"].sum()), q.n_obs, flagged=True))
+        pred, _ = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
         write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
 
