@@ -640,8 +640,6 @@ def list_models() -> None:
     console.print(table)
 
 
-
-
 PROGRAM_GC_THRESHOLD = (50_000, 10, 10)
 """The cyclic collector's thresholds in the ``scatlas`` program (Python's default: ``(700, 10, 10)``)."""
 

@@ -244,12 +244,12 @@ def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> n
     machine, steps this size gave the bits of one step over all cells.
     """
     squared, cross = (centroids**2).sum(1)[None, :], np.ascontiguousarray(np.asarray(centroids, dtype=np.float64).T)
-    out = np.empty(len(embedding))
-    for rows in np.array_split(np.arange(len(embedding)), max(1, -(-len(embedding) // DISTANCE_ROWS))):
-        if not len(rows):
-            continue
-        e = np.asarray(embedding[rows[0] : rows[-1] + 1], dtype=np.float64)
-        out[rows] = np.sqrt(np.maximum((e**2).sum(1)[:, None] + squared - 2 * e @ cross, 0)).min(1)
+    n = len(embedding)
+    edges = np.linspace(0, n, -(-n // DISTANCE_ROWS) + 1).astype(int)
+    out = np.empty(n)
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        e = np.asarray(embedding[a:b], dtype=np.float64)
+        out[a:b] = np.sqrt(np.maximum((e**2).sum(1)[:, None] + squared - 2 * e @ cross, 0)).min(1)
     return out
 
 
