@@ -5,7 +5,7 @@ ctrl → stim and stim → ctrl), one ``scatlas.tl.transfer`` per split, seed an
 setting (``--grid linear``: the full-batch linear model's settings beside the MLP preset); the table gives the mean and the range over seeds of exact accuracy, macro F1 and (on
 symphony) the share of CD14 monocytes called CD16 monocytes on the queries. scikit-learn's LogisticRegression on the same genes is the peer (it has no seed).
 
-    python benchmarks/transfer_defaults.py [--seeds 5] [--grid linear|linear_class_weighted|dropout|batch_size|batch_lr|weight_decay|hidden|class_weighted|ensemble]
+    python benchmarks/transfer_defaults.py [--seeds 5] [--grid linear|linear_class_weighted|linear_within|dropout|batch_size|batch_lr|weight_decay|hidden|class_weighted|ensemble]
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def _mlp(dropout: float, batch_size: int = 64, lr: float = 1e-3, weight_decay: f
             "training": {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size}}
 
 
-def _linear(C: float, gene_scale: float, output: str = "ovr", class_weighted: bool = True) -> dict:
-    return {"type": "linear", "solver": "lbfgs", "output": output, "C": C, "gene_scale": gene_scale, "class_weighted": class_weighted}
+def _linear(C: float, gene_scale: float, output: str = "ovr", class_weighted: bool = True, scale_by: str = "total") -> dict:
+    return {"type": "linear", "solver": "lbfgs", "output": output, "C": C, "gene_scale": gene_scale, "gene_scale_by": scale_by,
+            "class_weighted": class_weighted}
 
 
 GRIDS = {
@@ -45,6 +46,9 @@ GRIDS = {
     # balanced class weights (the preset) or none, as LogisticRegression and CellTypist train
     "class_weighted": {f"mlp 256-128, dropout 0.3, class weights {w}": _mlp(0.3, class_weighted=w) for w in (True, False)},
     "linear_class_weighted": {f"linear lbfgs ovr, C 0.03, gene scale 0.5, class weights {w}": _linear(0.03, 0.5, class_weighted=w) for w in (True, False)},
+    # each gene's standard deviation over all cells (the default) or pooled within classes
+    "linear_within": {f"linear lbfgs ovr, C {c:g}, gene scale {a:g} by {by}": _linear(c, a, scale_by=by)
+                      for c, a, by in ((0.03, 0.5, "total"), (0.03, 0.5, "within"), (0.01, 1.0, "within"), (0.03, 1.0, "within"))},
     # one network, or several, each early-stopping on its own held-out draw, averaged
     "ensemble": {f"mlp 256-128, dropout 0.3, ensemble {k}": _mlp(0.3, ensemble=k) for k in (1, 3, 5)},
     "hidden": {f"mlp {'-'.join(map(str, h))}, dropout 0.3": _mlp(0.3, hidden=h) for h in ([256, 128], [512, 256], [1024], [128, 128, 128])},

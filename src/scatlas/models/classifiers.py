@@ -201,6 +201,10 @@ class LinearConfig(ClassifierConfig):
         ``lbfgs``: each gene is divided by its standard deviation on the fitted cells to this
         power before the penalty applies (0: none; 1: unit variance as CellTypist's scaling);
         the saved weights act on the unscaled genes.
+    gene_scale_by
+        ``lbfgs``: that standard deviation over all fitted cells (``total``), or pooled within
+        their classes (``within``: the noise inside each class, not the differences between
+        them, as linear discriminant analysis scales).
     max_iter, tol
         ``lbfgs``: most iterations; stop when the largest gradient component is below ``tol``
         (scikit-learn's defaults: 1e-4, on the mean loss).
@@ -211,12 +215,13 @@ class LinearConfig(ClassifierConfig):
     solver: Literal["adam", "lbfgs"] = "adam"
     C: float = Field(1.0, gt=0)
     gene_scale: float = Field(0.0, ge=0, le=1)
+    gene_scale_by: Literal["total", "within"] = "total"
     max_iter: int = Field(1000, ge=1)
     tol: float = Field(1e-4, gt=0)
 
     def check(self) -> None:
         """Also: the ``lbfgs`` fields only with that solver (a saved model's dump repeats their defaults), and no ensemble of identical full-batch fits."""
-        given = sorted(k for k in ("C", "gene_scale", "max_iter", "tol") if getattr(self, k) != type(self).model_fields[k].default)
+        given = sorted(k for k in ("C", "gene_scale", "gene_scale_by", "max_iter", "tol") if getattr(self, k) != type(self).model_fields[k].default)
         if self.solver == "adam" and given:
             raise ValueError(f"{', '.join(given)}: only for solver 'lbfgs'")
         if self.solver == "lbfgs" and self.ensemble > 1:
@@ -361,16 +366,28 @@ class LinearClassifier(CellTypeClassifier):
                               "use the mlp method, or solver 'adam', for a streamed reference")
         self.module = self.build_module(data)
         self.plan = None
-        return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter, cfg.tol, start)
+        return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter, cfg.tol, start, cfg.gene_scale_by)
+
+
+def within_class_variance(X: sp.csr_matrix, codes: np.ndarray) -> np.ndarray:
+    """Each gene's variance within the classes ``codes`` of the rows of ``X``, pooled: the squared deviations from
+    each class's mean, summed over classes, over ``n − k`` (``n`` cells, ``k`` classes present; 0 when ``n = k``)."""
+    present, where = np.unique(codes, return_inverse=True)
+    members = sp.csr_matrix((np.ones(len(codes)), (where, np.arange(len(codes)))), shape=(len(present), len(codes)))
+    sums, squares = members @ X, np.asarray((members @ X.multiply(X)).sum(0)).ravel()
+    sums = sums.toarray() if sp.issparse(sums) else sums
+    within = squares - ((sums**2) / np.bincount(where)[:, None]).sum(0)
+    return np.maximum(within, 0) / max(len(codes) - len(present), 1)
 
 
 def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: float, max_iter: int, tol: float,
-              start: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+              start: tuple[np.ndarray, np.ndarray] | None = None, scale_by: Literal["total", "within"] = "total") -> pd.DataFrame:
     """Fit ``module``'s linear head on the cells ``data.train`` full-batch by L-BFGS (scipy's L-BFGS-B, float64).
 
     Minimises ``module.class_loss(X (s ∘ W) + b)`` (the class-weighted mean of CE, HCE or their
     one-vs-rest forms) ``+ ‖W‖² / (2 C n)``, where ``s`` divides each gene by its standard
-    deviation on those cells to the power ``gene_scale``; the head gets ``s ∘ W`` and ``b``. The
+    deviation on those cells (``scale_by``: over all of them, or pooled within their classes,
+    :func:`within_class_variance`) to the power ``gene_scale``; the head gets ``s ∘ W`` and ``b``. The
     matrix products run in scipy, the loss and its gradient with respect to the scores in torch,
     so the fit is deterministic on a CPU. Stops as scikit-learn's ``lbfgs`` solver does
     (projected gradient below ``tol``, or no relative progress). The search starts from zero, or
@@ -388,7 +405,7 @@ def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: f
     source = None if source is None else torch.as_tensor(source, dtype=torch.long)
     n, n_genes = X.shape
     n_classes = module.backbone.head.out_features
-    _, var = gene_moments(X)
+    var = gene_moments(X)[1] if scale_by == "total" else within_class_variance(X, data.label[data.train])
     scale = np.where(var > 0, var, 1.0) ** (-gene_scale / 2)
     module.train()
     terms: dict[str, float] = {}
