@@ -332,8 +332,8 @@ def test_cli_onek1k_reference_keyed_by_ensembl_ids_maps_kang_by_its_ensembl_colu
     truth = ad.read_h5ad(kang, backed="r").obs["cell_type"].astype(str).to_numpy()
     called = pd.crosstab(truth, pred["predicted"].to_numpy(), normalize="index")
     assert called.loc["CD4-positive, alpha-beta T cell", "CD4-positive, alpha-beta T cell"] > 0.9
-    # 74% of the model's genes are missing, set to their reference means (a linear model): 75% of CD16 monocytes are called
-    # non-classical (set to 0: 68%; the MLP: 81%) and 99% of B cells memory B cells (set to 0: 92%)
+    # 74% of the model's genes are missing, set to their reference means (a linear model): 83% of CD16 monocytes are called
+    # non-classical and 99% of B cells memory B cells (benchmarks/RESULTS.md, "The default classifier")
     assert called.loc["CD14-low, CD16-positive monocyte", "non-classical monocyte"] > 0.7
     assert called.loc["CD14-positive monocyte", "classical monocyte"] > 0.9 and called.loc["B cell", "memory B cell"] > 0.95
     assert "missing ones set to their reference means" in result.output
