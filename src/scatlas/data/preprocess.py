@@ -121,6 +121,17 @@ def _block_moments(block: sp.csr_matrix, expm1: bool) -> tuple[np.ndarray, np.nd
     return block_mean, np.bincount(block.indices, deviations**2, minlength=n_genes) + (k - stored) * block_mean**2
 
 
+def within_class_variance(X: sp.csr_matrix, codes: np.ndarray) -> np.ndarray:
+    """Each gene's variance within the classes ``codes`` of the rows of ``X``, pooled: the squared deviations from
+    each class's mean, summed over classes, over ``n − k`` (``n`` cells, ``k`` classes present; 0 when ``n = k``).
+    From per-class sums and sums of squares (float64), one sparse product each."""
+    present, where = np.unique(codes, return_inverse=True)
+    members = sp.csr_matrix((np.ones(len(codes)), (where, np.arange(len(codes)))), shape=(len(present), len(codes)))
+    sums, squares = (members @ X).toarray(), np.asarray((members @ X.multiply(X)).sum(0)).ravel()
+    within = squares - ((sums**2) / np.bincount(where)[:, None]).sum(0)
+    return np.maximum(within, 0) / max(len(codes) - len(present), 1)
+
+
 def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
     """Normalised dispersions of Seurat v2 (scanpy's ``flavor="seurat"``) from per-gene moments of ``expm1`` of log data.
 

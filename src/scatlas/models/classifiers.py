@@ -29,7 +29,7 @@ from scipy.optimize import minimize
 from torch.nn import functional as F
 
 from scatlas.data.loaders import Batch
-from scatlas.data.preprocess import gene_moments
+from scatlas.data.preprocess import gene_moments, within_class_variance
 from scatlas.losses import cross_entropy, hierarchical_cross_entropy, one_vs_rest_cross_entropy
 from scatlas.data.splits import holdout
 from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register
@@ -369,17 +369,6 @@ class LinearClassifier(CellTypeClassifier):
         return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter, cfg.tol, start, cfg.gene_scale_by)
 
 
-def within_class_variance(X: sp.csr_matrix, codes: np.ndarray) -> np.ndarray:
-    """Each gene's variance within the classes ``codes`` of the rows of ``X``, pooled: the squared deviations from
-    each class's mean, summed over classes, over ``n − k`` (``n`` cells, ``k`` classes present; 0 when ``n = k``)."""
-    present, where = np.unique(codes, return_inverse=True)
-    members = sp.csr_matrix((np.ones(len(codes)), (where, np.arange(len(codes)))), shape=(len(present), len(codes)))
-    sums, squares = members @ X, np.asarray((members @ X.multiply(X)).sum(0)).ravel()
-    sums = sums.toarray() if sp.issparse(sums) else sums
-    within = squares - ((sums**2) / np.bincount(where)[:, None]).sum(0)
-    return np.maximum(within, 0) / max(len(codes) - len(present), 1)
-
-
 def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: float, max_iter: int, tol: float,
               start: tuple[np.ndarray, np.ndarray] | None = None, scale_by: Literal["total", "within"] = "total") -> pd.DataFrame:
     """Fit ``module``'s linear head on the cells ``data.train`` full-batch by L-BFGS (scipy's L-BFGS-B, float64).
@@ -387,7 +376,7 @@ def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: f
     Minimises ``module.class_loss(X (s ∘ W) + b)`` (the class-weighted mean of CE, HCE or their
     one-vs-rest forms) ``+ ‖W‖² / (2 C n)``, where ``s`` divides each gene by its standard
     deviation on those cells (``scale_by``: over all of them, or pooled within their classes,
-    :func:`within_class_variance`) to the power ``gene_scale``; the head gets ``s ∘ W`` and ``b``. The
+    :func:`~scatlas.data.preprocess.within_class_variance`) to the power ``gene_scale``; the head gets ``s ∘ W`` and ``b``. The
     matrix products run in scipy, the loss and its gradient with respect to the scores in torch,
     so the fit is deterministic on a CPU. Stops as scikit-learn's ``lbfgs`` solver does
     (projected gradient below ``tol``, or no relative progress). The search starts from zero, or
