@@ -139,6 +139,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     cellxgene_like.write_h5ad(paths["kang_raw"])
     embedded = kang.copy()
     embedded.obsm["X_pca"] = np.random.default_rng(0).normal(size=(kang.n_obs, 10)).astype(np.float32)
+    embedded.obsm["X_diverged"] = embedded.obsm["X_pca"].copy()  # e.g. a model whose training diverged
+    embedded.obsm["X_diverged"][[3, 8], 1] = np.nan
     paths["kang_embedded"] = root / "kang_embedded.h5ad"
     embedded.write_h5ad(paths["kang_embedded"])
     return paths
@@ -373,7 +375,10 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     refused(work, ["aggregate", kang, "--out", "agg", "--sample-key", "sample_id"], "--label-key")
     refused(work, ["aggregate", "--out", "agg", "--toy", "spiral"], "unknown check 'spiral'")
     embedded = str(files["kang_embedded"])
+    kang_names = ad.read_h5ad(files["kang_embedded"], backed="r").obs_names
     refused(work, ["benchmark", embedded, "--embedding", "X_scvi", "--label-key", "cell_type", "--batch-key", "sample_id"], "['X_scvi'] not in .obsm")
+    refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--embedding", "X_diverged", "--label-key", "cell_type", "--batch-key", "sample_id"],
+            ".obsm['X_diverged'] has NaN or infinite values in 2 cells", kang_names[3], kang_names[8])
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
     refused(work, ["benchmark", str(files["dup_cells"]), "--embedding", "X_pca", "--label-key", "cellTypes", "--batch-key", "batch"], "cell names repeat")

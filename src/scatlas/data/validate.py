@@ -45,6 +45,23 @@ def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None], missing_ok: bo
             )
 
 
+def check_embeddings(adata: ad.AnnData, keys: Sequence[str]) -> None:
+    """Check that every key is an ``.obsm`` embedding of finite numbers, naming the first cells that are not."""
+    src = source_name(adata)
+    missing = [k for k in keys if k not in adata.obsm]
+    if missing:
+        raise InputError(f"{src}: embeddings {missing} not in .obsm; available: {list(adata.obsm)}")
+    for key in keys:
+        try:
+            values = np.asarray(adata.obsm[key], dtype=np.float64).reshape(adata.n_obs, -1)
+        except (TypeError, ValueError):
+            raise InputError(f"{src}: .obsm[{key!r}] is not a numeric cells × dimensions array") from None
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            raise InputError(f"{src}: .obsm[{key!r}] has NaN or infinite values in {int(bad.sum())} cells "
+                             f"(cells {_examples(adata.obs_names[bad])})")
+
+
 def with_values(values: pd.Series, source: str, key: str, missing: str, left_out_of: str, log: Callable[[str], None]) -> np.ndarray:
     """Which cells have a value in the obs column ``values`` (named ``key``); one line says how many lack one
     (``missing``: what that means, e.g. "no label") and what they are left out of (``left_out_of``)."""

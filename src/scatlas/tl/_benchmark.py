@@ -28,7 +28,7 @@ from scatlas._errors import InputError
 from scatlas._io import write_csv
 from scatlas.data.io import get_matrix, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
-from scatlas.data.validate import one_batch_notice, validate
+from scatlas.data.validate import check_embeddings, one_batch_notice, validate
 from scatlas.metrics.clustering import kmeans_ari_nmi
 from scatlas.metrics.integration import Neighbors, neighbors_from_distances, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
 from scatlas.metrics.sampling import group_weighted_mean, sample_rows
@@ -111,9 +111,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
-    missing = [e for e in [*embeddings, *([pre_key] if pre_key else [])] if e not in adata.obsm]
-    if missing:
-        raise InputError(f"{source_name(adata)}: embeddings {missing} not in .obsm; available: {list(adata.obsm)}")
+    check_embeddings(adata, [*embeddings, *([pre_key] if pre_key else [])])
     labels = adata.obs[label_key].astype(str).to_numpy()
     batch = adata.obs[batch_key].astype(str).to_numpy()
     estimate = adata.n_obs > EXACT_MAX_CELLS if exact is None else not exact
