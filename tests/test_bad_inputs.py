@@ -350,7 +350,7 @@ def test_counts_kept_in_a_layer_are_named_in_the_refusal(files, work):
     assert result.exit_code == 0 and "kang_layers.h5ad: OK" in result.output, result.output
 
 
-def test_transfer_api_refuses_a_model_that_is_not_a_classifier_or_clashes_with_method(files):
+def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_clashes_with_method(files):
     import scatlas as sa
     from scatlas._errors import ConfigError
 
@@ -361,6 +361,8 @@ def test_transfer_api_refuses_a_model_that_is_not_a_classifier_or_clashes_with_m
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "mlp"}, loss="hce", log=lambda _: None)
     with pytest.raises(ConfigError, match="C: only for solver 'lbfgs'"):
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "linear", "C": 0.1}, log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"model: a saved model's folder, an Annotator or a ReferenceModel, not AnnData \(to learn from a labelled reference, sa.tl.transfer"):
+        sa.tl.annotate(kang, kang)
     with pytest.raises(ConfigError, match="solver 'lbfgs' needs the reference in memory"):  # a backed reference streams
         kang.write_h5ad(files["kang"].parent / "kang_copy.h5ad")
         sa.tl.transfer(ad.read_h5ad(files["kang"].parent / "kang_copy.h5ad", backed="r"), kang, label_key="cell_type", method="linear", log=lambda _: None)

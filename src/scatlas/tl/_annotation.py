@@ -10,6 +10,7 @@ zero-filled) without changing any parameter.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -773,6 +774,9 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     from scatlas.tl._transfer import ReferenceModel  # the transfer's model builds on this module
 
     loaded = model
+    if not isinstance(model, (Annotator, ReferenceModel, str, os.PathLike)):
+        raise ConfigError(f"model: a saved model's folder, an Annotator or a ReferenceModel, not {type(model).__name__}"
+                         + (" (to learn from a labelled reference, sa.tl.transfer(reference, query, label_key=...))" if isinstance(model, ad.AnnData) else ""))
     if not isinstance(model, (Annotator, ReferenceModel)):
         directory = model_directory(model)
         loaded = ReferenceModel.load(directory) if (directory / TRANSFER_FILE).exists() else Annotator.load(directory)
