@@ -28,6 +28,7 @@ from scatlas.data import (
     study_splits,
     validate,
 )
+from scatlas.data.preprocess import within_class_variance
 from scatlas.data.dataset import DatasetConfig, cell_data, load_dataset
 from scatlas.data.splits import holdout
 from scatlas.data.loaders import _scatter_dense, host_tensor
@@ -87,6 +88,22 @@ def test_hvg_equal_scanpy_in_memory_and_streamed_from_disk(name, tmp_path):
     path = tmp_path / "counts.h5ad"
     ad.AnnData(X=counts).write_h5ad(path)
     assert np.array_equal(highly_variable_genes(AnnDataCSRSource(path, normalize=True), half, 500, chunk_size=150), genes)
+
+
+def test_within_class_variance_two_passes():
+    """The pooled within-class variance equals numpy's on the dense matrix, explicit zeros and an absent class code
+    included, also where a large common offset makes sums of squares minus squared sums lose every digit."""
+    rng = np.random.default_rng(0)
+    dense = np.where(rng.random((300, 40)) < 0.3, rng.gamma(2.0, 1.0, (300, 40)), 0.0)
+    dense[:, 5] = 0.0
+    dense[:, 6] = 1e6 + rng.normal(0, 1e-3, 300)  # a gene every cell holds at about the same large value
+    codes = rng.choice([0, 2, 7], 300)
+    X = sp.csr_matrix(dense)
+    X.data[0] = 0.0  # an explicit zero
+    dense = X.toarray()
+    expected = sum(((dense[codes == k] - dense[codes == k].mean(0)) ** 2).sum(0) for k in (0, 2, 7)) / (300 - 3)
+    np.testing.assert_allclose(within_class_variance(X, codes), expected, rtol=1e-9, atol=1e-15)
+    assert within_class_variance(sp.csr_matrix(dense[:3]), np.arange(3)).tolist() == [0.0] * 40  # n = k
 
 
 def test_streamed_gene_pca_equals_sklearn_full_pca(tmp_path):

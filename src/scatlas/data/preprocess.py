@@ -124,12 +124,21 @@ def _block_moments(block: sp.csr_matrix, expm1: bool) -> tuple[np.ndarray, np.nd
 def within_class_variance(X: sp.csr_matrix, codes: np.ndarray) -> np.ndarray:
     """Each gene's variance within the classes ``codes`` of the rows of ``X``, pooled: the squared deviations from
     each class's mean, summed over classes, over ``n − k`` (``n`` cells, ``k`` classes present; 0 when ``n = k``).
-    From per-class sums and sums of squares (float64), one sparse product each."""
+
+    Two passes in float64, as :func:`gene_moments`' blocks: the class means (one sparse
+    product), then the stored values' squared deviations from their class's mean plus the
+    zeros' share, so no sum of squares cancels against a squared mean.
+    """
+    X = sp.csr_matrix(X, dtype=np.float64)
     present, where = np.unique(codes, return_inverse=True)
+    counts = np.bincount(where)
     members = sp.csr_matrix((np.ones(len(codes)), (where, np.arange(len(codes)))), shape=(len(present), len(codes)))
-    sums, squares = (members @ X).toarray(), np.asarray((members @ X.multiply(X)).sum(0)).ravel()
-    within = squares - ((sums**2) / np.bincount(where)[:, None]).sum(0)
-    return np.maximum(within, 0) / max(len(codes) - len(present), 1)
+    means = (members @ X).toarray() / counts[:, None]
+    pattern = sp.csr_matrix((np.ones(X.nnz), X.indices, X.indptr), shape=X.shape)
+    stored = (members @ pattern).toarray()
+    deviations = X.data - means[np.repeat(where, np.diff(X.indptr)), X.indices]
+    within = np.bincount(X.indices, deviations**2, minlength=X.shape[1]) + ((counts[:, None] - stored) * means**2).sum(0)
+    return within / max(len(codes) - len(present), 1)
 
 
 def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
