@@ -264,6 +264,15 @@ def test_pl_figures(fitted, tmp_path):
     assert sa.pl.loss_curves(models["fe"]).axes
     adata.obs["fake_pred"] = adata.obs["cell_type"]
     assert sa.pl.confusion_matrix(adata, "cell_type", "fake_pred").axes
+    # as scanpy's color=: missing values in grey as NA, a many-valued score on a colour scale
+    adata.obs["call"] = adata.obs["cell_type"].astype(object).where(np.arange(adata.n_obs) % 10 > 0)
+    adata.obs["score"] = np.linspace(0, 1, adata.n_obs)
+    fig = sa.pl.embedding(adata, "X_fe", ["call", "score"])
+    calls, score, colourbar = fig.axes
+    assert [t.get_text() for t in calls.get_legend().get_texts()] == ["NA", *sorted(adata.obs["cell_type"].astype(str).unique())]
+    assert score.get_legend() is None and colourbar.get_ylim() == (0.0, 1.0)
+    confusion = sa.pl.confusion_matrix(adata, "cell_type", "call").axes[0]
+    assert "NA" in [t.get_text() for t in confusion.get_xticklabels()]
     from scatlas.plot import confusion_heatmap
 
     written = confusion_heatmap(adata.obs["cell_type"], adata.obs["fake_pred"], str(tmp_path / "confusion.png"))  # a str path, as users give it

@@ -27,6 +27,9 @@ def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, titl
     """Side-by-side scatter panels of an ``.obsm`` embedding, one per ``obs`` column in ``color``, with legends.
 
     An embedding of more than two dimensions is first laid out by UMAP (scanpy's neighbours + UMAP).
+    As scanpy's ``color=``, categories keep a categorical's order, a numeric column of many values
+    (e.g. ``<key>_pred_score``) is drawn on a colour scale, and missing values (e.g. the calls of
+    cells without counts) in grey as ``NA``.
 
     Examples
     --------
@@ -35,12 +38,12 @@ def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, titl
     if basis not in adata.obsm:
         raise InputError(f"obsm key {basis!r} not found; available: {list(adata.obsm)}")
     columns = [color] if isinstance(color, str) else list(color)
-    check_obs_keys(adata, columns)
+    check_obs_keys(adata, columns, missing_ok=True)
     coords = np.asarray(adata.obsm[basis])
     axis = basis.removeprefix("X_").upper()
     if coords.shape[1] > 2:
         coords, axis = figures.umap_coordinates(coords, seed=seed), "UMAP"
-    return figures.embedding_panels(coords, {c: adata.obs[c].to_numpy() for c in columns}, None, title or basis, axis=axis)
+    return figures.embedding_panels(coords, {c: adata.obs[c] for c in columns}, None, title or basis, axis=axis)
 
 
 def loss_curves(result: ScatlasModel | pd.DataFrame, *, title: str = "") -> Figure:
@@ -58,15 +61,16 @@ def loss_curves(result: ScatlasModel | pd.DataFrame, *, title: str = "") -> Figu
 
 
 def confusion_matrix(adata: ad.AnnData, truth_key: str, pred_key: str, *, title: str = "") -> Figure:
-    """Row-normalised confusion matrix of two ``obs`` columns (true × predicted).
+    """Row-normalised confusion matrix of two ``obs`` columns (true × predicted); a missing value is the class ``NA``.
 
     Examples
     --------
     >>> sa.tl.transfer(reference, query, label_key="cell_type")                     # doctest: +SKIP
     >>> sa.pl.confusion_matrix(query, "cell_type", "cell_type_pred_label")           # doctest: +SKIP
     """
-    check_obs_keys(adata, [truth_key, pred_key])
-    return figures.confusion_heatmap(adata.obs[truth_key].astype(str).to_numpy(), adata.obs[pred_key].astype(str).to_numpy(), None, title)
+    check_obs_keys(adata, [truth_key, pred_key], missing_ok=True)
+    truth, pred = (adata.obs[key].astype(object).where(adata.obs[key].notna(), "NA").astype(str).to_numpy() for key in (truth_key, pred_key))
+    return figures.confusion_heatmap(truth, pred, None, title)
 
 
 def benchmark_table(table: pd.DataFrame, *, title: str = "") -> Figure:

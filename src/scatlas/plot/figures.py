@@ -55,24 +55,56 @@ def umap_coordinates(X: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_di
     return tmp.obsm["X_umap"]
 
 
+#: Colour of cells whose value is missing (scanpy's ``na_color``), drawn first, under the others.
+NA_COLOUR = "lightgray"
+
+#: A numeric column with more distinct values than this is drawn on a colour scale, not as categories.
+MAX_CATEGORIES = 25
+
+
+def _sorted(values: np.ndarray) -> list[Any]:
+    """``values`` sorted, by their text where they do not compare (a column mixing numbers and strings)."""
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
 def embedding_panels(
-    coords: np.ndarray, colours: Mapping[str, np.ndarray], path: str | Path | None, title: str = "", axis: str = "UMAP"
+    coords: np.ndarray, colours: Mapping[str, Any], path: str | Path | None, title: str = "", axis: str = "UMAP"
 ) -> Any:
-    """Scatter the 2-D ``coords`` once per entry of ``colours`` (e.g. label, batch), with legends."""
+    """Scatter the 2-D ``coords`` once per entry of ``colours`` (e.g. label, batch), with legends.
+
+    As scanpy draws ``color=``: categories in a categorical's order (else sorted), a numeric
+    column of more than :data:`MAX_CATEGORIES` distinct values on a colour scale (e.g. a score),
+    and missing values in :data:`NA_COLOUR` as ``NA``.
+    """
     fig, axes = plt.subplots(1, len(colours), figsize=(7 * len(colours), 4.5), squeeze=False)
-    for ax, (name, values) in zip(axes[0], colours.items(), strict=True):
-        values = np.asarray(values).astype(str)
-        cats = list(pd.unique(values))
-        cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
-        for i, cat in enumerate(cats):
-            mask = values == cat
-            ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=cmap(i % cmap.N), label=cat, linewidths=0)
+    for ax, (name, column) in zip(axes[0], colours.items(), strict=True):
+        values = pd.Series(column)
+        missing = values.isna().to_numpy()
+        if missing.any():
+            ax.scatter(coords[missing, 0], coords[missing, 1], s=6, color=NA_COLOUR, label="NA", linewidths=0)
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        if numeric and values.nunique() > MAX_CATEGORIES:
+            points = ax.scatter(coords[~missing, 0], coords[~missing, 1], s=6, c=values[~missing].to_numpy(dtype=float), cmap="viridis", linewidths=0)
+            fig.colorbar(points, ax=ax, fraction=0.04)
+            cats: list[str] = []
+        else:
+            known = values[~missing]
+            order = [c for c in known.cat.categories if c in set(known)] if isinstance(known.dtype, pd.CategoricalDtype) else _sorted(pd.unique(known))
+            cats = [str(c) for c in order]
+            text = values.astype(str).to_numpy()
+            cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
+            for i, cat in enumerate(cats):
+                mask = ~missing & (text == cat)
+                ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=cmap(i % cmap.N), label=cat, linewidths=0)
         ax.set_title(f"{title} — {name}" if title else name)
         ax.set_xlabel(f"{axis} 1")
         ax.set_ylabel(f"{axis} 2")
         ax.set_xticks([])
         ax.set_yticks([])
-        if len(cats) <= 25:
+        if 0 < len(cats) + missing.any() <= MAX_CATEGORIES:
             ax.legend(markerscale=2.5, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     return _finish(fig, path)
