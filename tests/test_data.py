@@ -90,6 +90,25 @@ def test_hvg_equal_scanpy_in_memory_and_streamed_from_disk(name, tmp_path):
     assert np.array_equal(highly_variable_genes(AnnDataCSRSource(path, normalize=True), half, 500, chunk_size=150), genes)
 
 
+def test_row_range_and_normalisation_in_blocks_equal_scipy_and_scanpy(cellbench):
+    """Rows of an in-memory CSR matrix from its arrays equal SciPy's slicing; normalising in place, a block of cells at
+    a time, gives the bits of a copy normalised at once and scanpy's values."""
+    from scatlas.data.io import row_range
+
+    X = sp.csr_matrix(cellbench.X, dtype=np.float32)
+    for start, stop in [(0, 7), (100, 350), (X.shape[0] - 5, X.shape[0] + 10), (40, 40)]:
+        part = row_range(X, start, stop)
+        assert part.shape == X[start:stop].shape and (part != X[start:stop]).nnz == 0 and part.dtype == np.float32
+    assert np.array_equal(row_range(X.toarray(), 3, 9), X[3:9].toarray())  # other matrices are sliced
+    whole = normalize_log1p(X)
+    blocks = normalize_log1p(X.copy(), copy=False, chunk_size=37)
+    assert np.array_equal(whole.data, blocks.data) and np.array_equal(whole.indices, blocks.indices)
+    ref = ad.AnnData(X.copy())
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    np.testing.assert_allclose(whole.toarray(), ref.X.toarray(), rtol=1e-5)
+
+
 def test_within_class_variance_two_passes():
     """The pooled within-class variance equals numpy's on the dense matrix, explicit zeros and an absent class code
     included, also where a large common offset makes sums of squares minus squared sums lose every digit."""

@@ -149,10 +149,16 @@ def filter_mask(adata: ad.AnnData, filters: dict[str, list[str]]) -> np.ndarray:
 
 
 def _lognorm_matrix(adata: ad.AnnData, layer: str | None, counts: bool) -> sp.csr_matrix:
+    """A float32 CSR copy of the matrix, log-normalised in place when it holds ``counts``: one copy beside an in-memory
+    matrix, read :data:`CHUNK_ROWS` cells at a time from a backed one."""
     matrix = get_matrix(adata, layer)
-    chunks = [to_csr(matrix[i : i + CHUNK_ROWS]) for i in range(0, adata.n_obs, CHUNK_ROWS)]
-    X = sp.vstack(chunks, format="csr") if len(chunks) > 1 else chunks[0]
-    return normalize_log1p(X) if counts else X
+    if sp.issparse(matrix) or isinstance(matrix, np.ndarray):
+        X = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    else:
+        chunks = [to_csr(matrix[i : i + CHUNK_ROWS]) for i in range(0, adata.n_obs, CHUNK_ROWS)]
+        X = sp.vstack(chunks, format="csr") if len(chunks) > 1 else chunks[0]
+        del chunks
+    return normalize_log1p(X, copy=False) if counts else X
 
 
 def whole_backed(adata: ad.AnnData) -> Path:
@@ -305,8 +311,10 @@ def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: 
         X = file_source(file_path(adata), layer, counts, file_rows[keep_cells], np.flatnonzero(keep_genes))  # adata: the file's cells, or a filtered view of them
     else:
         X = _lognorm_matrix(adata, layer, counts=counts)
-        if not (keep_cells.all() and keep_genes.all()):
-            X = X[keep_cells][:, keep_genes]
+        if not keep_cells.all():
+            X = X[keep_cells]
+        if not keep_genes.all():
+            X = X[:, keep_genes]
     obs = adata.obs[keep_cells].copy() if not keep_cells.all() else adata.obs.copy()
     obs.index = obs.index.astype(str)
     return CellData(

@@ -188,6 +188,16 @@ def to_csr(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
 
 
+def row_range(matrix: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a matrix; of an in-memory CSR matrix built from slices of its arrays (SciPy's
+    ``X[start:stop]`` checks every stored value's column: about 40× slower, 0.2 s per 6M values)."""
+    if not (sp.issparse(matrix) and matrix.format == "csr"):
+        return matrix[start:stop]
+    stop = min(stop, matrix.shape[0])
+    lo, hi = matrix.indptr[start], matrix.indptr[stop]
+    return sp.csr_matrix((matrix.data[lo:hi], matrix.indices[lo:hi], matrix.indptr[start : stop + 1] - lo), shape=(stop - start, matrix.shape[1]))
+
+
 def write_chunked_h5ad(path: str | os.PathLike[str], chunks: Iterable[sp.csr_matrix], obs: pd.DataFrame, var: pd.DataFrame) -> Path:
     """Write an ``.h5ad`` whose CSR ``X`` arrives in row chunks, never holding the whole matrix.
 

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
-from scatlas.data.io import RAW
+from scatlas.data.io import RAW, row_range
 from scatlas.data.preprocess import normalize_log1p
 
 
@@ -94,7 +94,7 @@ class InMemoryCSR:
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` (the matrix itself, not a copy, when all rows are asked for)."""
-        return self.X if (start, stop) == (0, self.X.shape[0]) else self.X[start:stop]
+        return self.X if (start, stop) == (0, self.X.shape[0]) else row_range(self.X, start, stop)
 
     def with_genes(self, genes: np.ndarray) -> InMemoryCSR:
         """A copy keeping only the columns ``genes`` (as the on-disk sources' ``with_genes``)."""

@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
-from scatlas.data.io import get_matrix, get_var, matrix_name, source_name, string_categorical, uses_raw
+from scatlas.data.io import get_matrix, get_var, matrix_name, row_range, source_name, string_categorical, uses_raw
 
 #: Rows read at a time when scanning a matrix (keeps backed files out of memory).
 CHUNK_ROWS = 50_000
@@ -187,7 +187,7 @@ def check_matrix(
     empty_cells = np.zeros(adata.n_obs, dtype=bool)
     used_genes = np.zeros(matrix.shape[1], dtype=bool)
     for start in range(0, adata.n_obs, CHUNK_ROWS):
-        chunk = matrix[start : start + CHUNK_ROWS]
+        chunk = row_range(matrix, start, start + CHUNK_ROWS)
         bad, empty, used = _scan_chunk(chunk, require_counts)
         empty_cells[start : start + chunk.shape[0]] = empty
         used_genes |= used
@@ -277,6 +277,6 @@ def one_batch_notice(adata: ad.AnnData, batch_key: str | None) -> str | None:
 
 def is_count_matrix(adata: ad.AnnData, layer: str | None = None, n_cells: int = 10_000) -> bool:
     """Whether the first ``n_cells`` cells of the matrix hold only whole, non-negative numbers (raw counts)."""
-    values = _chunk_values(get_matrix(adata, layer)[:n_cells])
+    values = _chunk_values(row_range(get_matrix(adata, layer), 0, n_cells))
     finite = values[np.isfinite(values)]
     return bool(finite.size == 0 or ((finite >= 0) & (finite == np.round(finite))).all())
