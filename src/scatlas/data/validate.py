@@ -52,8 +52,9 @@ def check_embeddings(adata: ad.AnnData, keys: Sequence[str]) -> None:
     if missing:
         raise InputError(f"{src}: embeddings {missing} not in .obsm; available: {list(adata.obsm)}")
     for key in keys:
-        try:
-            values = np.asarray(adata.obsm[key], dtype=np.float64).reshape(adata.n_obs, -1)
+        values = np.asarray(adata.obsm[key])
+        try:  # numbers are checked as stored (no float64 copy of a large float32 embedding)
+            values = (values if values.dtype.kind in "biuf" else values.astype(np.float64)).reshape(adata.n_obs, -1)
         except (TypeError, ValueError):
             raise InputError(f"{src}: .obsm[{key!r}] is not a numeric cells × dimensions array") from None
         bad = ~np.isfinite(values).all(axis=1)

@@ -158,10 +158,13 @@ class ReferenceModel:
         sdata = self.annotator.split_data(X, offset=offset)
         return softmax(model.predict_logits(sdata, rows), self.temperature), centroid_distances(model, sdata, rows, self.centroids)
 
-    def unknown(self, proba: np.ndarray, distance: np.ndarray, X: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def unknown(self, proba: np.ndarray, distance: np.ndarray, X: Any, best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which cells are unknown for low confidence (the finest call's probability), which for lying far from the reference,
-        and which for having no counts in the model's genes (``X``, the model-ready matrix: such a call rests on the intercepts alone)."""
-        best = self.annotator.labels.finest(proba)
+        and which for having no counts in the model's genes (``X``, the model-ready matrix: such a call rests on the intercepts alone).
+
+        ``best``: the finest-class calls of ``proba`` when the caller has them already.
+        """
+        best = self.annotator.labels.finest(proba) if best is None else best
         return proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold, no_counts(X)
 
     def predict(self, X: Any, cell_ids: np.ndarray, offset: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -170,7 +173,7 @@ class ReferenceModel:
         names = np.asarray(self.annotator.labels.names)
         best = self.annotator.labels.finest(proba)
         confidence = proba[np.arange(len(best)), best]
-        low, far, empty = self.unknown(proba, distance, X)
+        low, far, empty = self.unknown(proba, distance, X, best)
         predictions = pd.DataFrame(
             {
                 "cell_id": cell_ids,
