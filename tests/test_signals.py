@@ -116,3 +116,83 @@ def test_after():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode == 2 and "KeyboardInterrupt" in proc.stdout and "test_after" not in proc.stdout.split("KeyboardInterrupt")[-1], proc.stdout
+
+
+def test_embed_stopped_by_sigterm_then_resumed_equals_an_uninterrupted_run(tmp_path):
+    """`scatlas embed --stream` keeps its checkpoint when a scheduler stops it, refuses to start over silently or resume
+    other settings, and --resume gives the uninterrupted latent and weights byte for byte."""
+    import anndata as ad
+    from conftest import data_path
+
+    env = {**os.environ, "COLUMNS": "300"}
+    args = [str(data_path("scmerge_mesc_2batches.h5ad")), "--model", "ae", "--batch-key", "batch", "--quiet", "--stream", "--chunk-size", "64",
+            "--max-epochs", "60", "--set", "hidden=[64]", "--set", "latent_dim=8", "--set", "batch_size=8", "--set", "dropout=0.2",
+            "--set", "checkpoint_interval_s=0"]
+
+    def embed(out: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "scatlas", "embed", *args, "--out", str(tmp_path / out), *extra], capture_output=True,
+                              text=True, env=env, timeout=600)
+
+    assert embed("whole.h5ad").returncode == 0
+    assert not (tmp_path / "whole_checkpoints").exists()  # removed once the outputs are written
+    proc = subprocess.Popen([sys.executable, "-m", "scatlas", "embed", *args, "--out", str(tmp_path / "cut.h5ad")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    checkpoints = tmp_path / "cut_checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few epochs later, somewhere inside one
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert f"checkpoint is kept in {checkpoints}" in stderr.splitlines()[-1] and "--resume" in stderr.splitlines()[-1]
+    assert not (checkpoints / "early_stopped").exists(), "training ended before the signal"
+    assert not (tmp_path / "cut.h5ad").exists() and not (tmp_path / "cut_model").exists()
+
+    again = embed("cut.h5ad")  # without --resume: refused before any work, the checkpoint kept
+    assert again.returncode == 2 and "--resume" in again.stderr and (checkpoints / "last.ckpt").exists()
+    other = embed("cut.h5ad", "--resume", "--set", "latent_dim=16")
+    assert other.returncode == 2 and "latent_dim': 8" in other.stderr and (checkpoints / "last.ckpt").exists()
+
+    assert embed("cut.h5ad", "--resume").returncode == 0
+    assert not checkpoints.exists()
+    whole, cut = ad.read_h5ad(tmp_path / "whole.h5ad"), ad.read_h5ad(tmp_path / "cut.h5ad")
+    assert whole.obsm["X_ae"].tobytes() == cut.obsm["X_ae"].tobytes()
+    assert (tmp_path / "whole_model" / "module.pt").read_bytes() == (tmp_path / "cut_model" / "module.pt").read_bytes()
+
+
+class _Stopped(BaseException):
+    """Stands for the CLI's SIGINT / SIGTERM exception (a BaseException)."""
+
+
+def test_resumable_training_keeps_a_checkpoint_only_once_one_is_written(tmp_path):
+    from scatlas._errors import ConfigError
+    from scatlas._io import OUTPUT_MARK, resumable_training
+
+    directory, said = tmp_path / "out_checkpoints", []
+    with pytest.raises(_Stopped):
+        with resumable_training(directory, resume=False):
+            raise _Stopped  # stopped before the first checkpoint: nothing to resume, nothing kept
+    assert not directory.exists()
+    with pytest.raises(_Stopped):
+        with resumable_training(directory, resume=False) as d:
+            (d / "last.ckpt").write_bytes(b"state")
+            raise _Stopped
+    assert (directory / "last.ckpt").exists() and (directory / OUTPUT_MARK).exists()
+    with pytest.raises(ConfigError, match="add --resume"):
+        with resumable_training(directory, resume=False):
+            pass
+    with resumable_training(directory, resume=True) as d:
+        assert (d / "last.ckpt").read_bytes() == b"state"
+    assert not directory.exists()  # the run ended: removed
+    with resumable_training(directory, resume=True, log=said.append):
+        pass
+    assert said == [f"{directory}: no checkpoint to resume from; training from the start"]
+    (directory / "last.ckpt").parent.mkdir()
+    (directory / "last.ckpt").write_bytes(b"state")
+    with pytest.raises(ConfigError, match="not a directory scatlas made"):  # a folder of the user's is never deleted
+        with resumable_training(directory, resume=False, overwrite=True):
+            pass
+    (directory / OUTPUT_MARK).write_text("")
+    with resumable_training(directory, resume=False, overwrite=True) as d:  # --overwrite starts again
+        assert not (d / "last.ckpt").exists()

@@ -239,3 +239,47 @@ def staged_dir(out: str | os.PathLike[str], overwrite: bool = False, inputs: tup
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def checkpoints_beside(out: str | os.PathLike[str]) -> Path:
+    """The training-checkpoint directory of a command writing ``out``: ``<out's stem>_checkpoints`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_checkpoints")
+
+
+@contextmanager
+def resumable_training(directory: str | os.PathLike[str], resume: bool, overwrite: bool = False,
+                       log: Callable[[str], None] = print) -> Iterator[Path]:
+    """The checkpoint directory of one command's training, kept only while it can serve a ``--resume``.
+
+    Checked before any work: a directory holding an interrupted run's ``last.ckpt`` is refused
+    unless ``resume`` (continue it) or ``overwrite`` (start again; only a directory scatlas made,
+    holding :data:`OUTPUT_MARK`). When the block ends, the directory is removed: after success,
+    and after a failure or interruption that came before any checkpoint was written; a
+    checkpoint, once written, is kept for ``--resume``.
+    """
+    import shutil
+
+    from scatlas._errors import ConfigError
+
+    directory = check_writable(directory)
+    last = directory / "last.ckpt"
+    if directory.exists() and any(directory.iterdir()) and not (directory / OUTPUT_MARK).exists():
+        raise ConfigError(f"{directory}: the training checkpoints of this output go here, and it is not a directory scatlas made "
+                          f"(no {OUTPUT_MARK} in it): move it away or give another output name")
+    if last.exists() and not resume:
+        if not overwrite:
+            raise ConfigError(f"{directory}: holds the checkpoint of an interrupted run; add --resume to continue it (same settings), "
+                              "or --overwrite to start again")
+        shutil.rmtree(directory)
+    if resume and not last.exists():
+        log(f"{directory}: no checkpoint to resume from; training from the start")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / OUTPUT_MARK).write_text("training checkpoints written by scatlas; removed when the run ends\n")
+    try:
+        yield directory
+    except BaseException:
+        if not last.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    shutil.rmtree(directory, ignore_errors=True)

@@ -44,7 +44,20 @@ class Interrupted(BaseException):
 def _resume_hint(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str:
     if fn.__name__ == "run":
         return f"; finished splits are kept, resume with: scatlas run {kwargs['config']} --resume"
+    if fn.__name__ in _RESUMABLE:
+        from scatlas._io import checkpoints_beside
+
+        checkpoints = checkpoints_beside(kwargs["out"])
+        if (checkpoints / "last.ckpt").exists():
+            return f"; no output was written, the training checkpoint is kept in {checkpoints}: the same command with --resume continues it"
     return "; no partial output was kept"
+
+
+_RESUMABLE = ("embed", "nmf")
+"""Commands that keep a training checkpoint beside their output (:func:`scatlas._io.resumable_training`)."""
+
+_RESUME_HELP = ("Continue an interrupted run from its training checkpoint (OUT's name + _checkpoints, kept when a run is stopped); "
+                "on CPU the result equals an uninterrupted run's. Same data and options.")
 
 
 def _user_errors(fn: F) -> F:
@@ -517,24 +530,31 @@ def embed(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream).")] = None,
+    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
 ) -> None:
-    """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model."""
-    from scatlas._io import atomic_path, check_output_dir, check_output_file
+    """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model.
+
+    While a network trains, its checkpoint is kept in OUT's name + _checkpoints (removed when the outputs are
+    written): after a stop (Ctrl-C, a scheduler's SIGTERM, kill -9), the same command with --resume continues it.
+    """
+    from scatlas._io import atomic_path, check_output_dir, check_output_file, checkpoints_beside, resumable_training
     from scatlas.data import read_anndata
     from scatlas.tl._embed import embed as fit_embedding, results_anndata
 
     model_dir = out.with_name(f"{out.stem}_model")
     check_output_file(out, ".h5ad", overwrite, inputs=(data,))
     check_output_dir(model_dir, overwrite, (data,))
-    adata = read_anndata(data, backed=stream)
-    options = _option_values(set_ or [])
-    if chunk_size is not None:
-        options["chunk_size"] = chunk_size
-    result = fit_embedding(adata, model, batch_key=batch_key, label_key=label_key, layer=layer, input=input, key_added=key_added,  # type: ignore[arg-type]
-                           n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print, **options)
-    result.save(model_dir, overwrite=overwrite)
-    with atomic_path(out) as tmp:
-        results_anndata(adata).write_h5ad(tmp)
+    with resumable_training(checkpoints_beside(out), resume, overwrite, console.print) as checkpoints:
+        adata = read_anndata(data, backed=stream)
+        options = _option_values(set_ or [])
+        if chunk_size is not None:
+            options["chunk_size"] = chunk_size
+        result = fit_embedding(adata, model, batch_key=batch_key, label_key=label_key, layer=layer, input=input, key_added=key_added,  # type: ignore[arg-type]
+                               n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print,
+                               checkpoint_dir=checkpoints, resume=resume, **options)
+        with atomic_path(out) as tmp:  # OUT appears only once the model is saved too
+            results_anndata(adata).write_h5ad(tmp)
+            result.save(model_dir, overwrite=overwrite)
     latent = adata.obsm[result.key]
     console.print(f"{result.name}: {latent.shape[0]} cells × {latent.shape[1]} dimensions in .obsm[{result.key!r}], {len(result.history)} epochs; "
                   f"{len(result.prep.genes)} genes")
@@ -560,8 +580,13 @@ def nmf(
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream; all cells otherwise).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its tables.")] = False,
+    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
 ) -> None:
-    """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks."""
+    """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks.
+
+    An AE-NMF's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a
+    stop, the same command with --resume continues it.
+    """
     from scatlas.data.dataset import DatasetConfig
     from scatlas.settings import TrainingConfig, parse_settings
     from scatlas.tl._factors import run_factors
@@ -570,7 +595,8 @@ def nmf(
     dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": kind, "layer": layer, "batch_key": batch_key,
                                              "label_key": label_key})
     training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size})
-    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream, overwrite=overwrite)
+    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream, overwrite=overwrite,
+                         resume=resume)
     for name, table in tables.items():
         console.print(f"benchmark by {name}:")
         console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

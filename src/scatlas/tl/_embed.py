@@ -21,7 +21,7 @@ import yaml
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import staged_dir, write_csv
+from scatlas._io import staged_dir, write_csv, write_yaml
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
 from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, to_csr, var_name
@@ -102,11 +102,12 @@ def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], 
 
 
 def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, Any], seed: int = 0, progress: bool = False,
-                  log: Log = _silent) -> tuple[EmbeddingModel, pd.DataFrame]:
+                  log: Log = _silent, checkpoint_dir: Path | None = None, resume: bool = False) -> tuple[EmbeddingModel, pd.DataFrame]:
     """Build and fit a registered embedding model on ``data`` (``data.val`` only for early stopping).
 
     When the model sizes its training to the number of cells (``fe`` / ``fec`` on small data), one
-    line of ``log`` says what it chose.
+    line of ``log`` says what it chose. A network writes ``last.ckpt`` to ``checkpoint_dir`` and,
+    with ``resume``, continues from it (:meth:`~scatlas.models.base.NeuralModel.fit`).
 
     Returns
     -------
@@ -126,7 +127,7 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
         cfg = model.train_config
         log(f"{config.type}: {len(data.train):,} training cells are {steps_per_epoch(len(data.train), cfg.batch_size)} minibatches an epoch, so "
             f"{', '.join(f'{k} {v}' for k, v in sized.items())} (counted in minibatches; set patience / max_epochs to override)")
-    history = model.fit(data)
+    history = model.fit(data, checkpoint_dir, resume)
     return model, history if history is not None else pd.DataFrame()
 
 
@@ -325,6 +326,32 @@ def load_model(directory: str | Path) -> ScatlasModel:
                         meta["key"], meta["batch_names"], meta.get("label_names"), history, {"training": meta.get("training", {})})
 
 
+CHECKPOINT_SETTINGS = "embed_settings.yaml"
+"""Written beside a :func:`embed` checkpoint: the call's settings, and digests of its cells and genes."""
+
+
+def _digest(names: Any) -> str:
+    """How many names, and the start of the SHA-256 of their text: the same cells or genes in the same order."""
+    import hashlib
+
+    names = np.asarray(names).astype(str)
+    return f"{len(names)}, sha256 {hashlib.sha256(chr(0).join(names).encode()).hexdigest()[:16]}"
+
+
+def check_checkpoint_settings(directory: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Write ``settings`` beside the checkpoint in ``directory``; when resuming one, first refuse settings that differ
+    from those it was written with (a resumed fit must continue the same training), naming each."""
+    path = directory / CHECKPOINT_SETTINGS
+    if resume and (directory / "last.ckpt").exists() and path.exists():
+        saved = yaml.safe_load(path.read_text()) or {}
+        differ = [f"{k}: {saved.get(k)!r}, now {settings.get(k)!r}" for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k)]
+        if differ:
+            raise ConfigError(f"{directory}: the checkpoint was written with other settings ({'; '.join(differ)}); resume with the same "
+                              "data and options, or start again without --resume (--overwrite)")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_yaml(settings, path)
+
+
 def _plain(value: Any) -> Any:
     """``value`` with ``None`` entries dropped (h5ad cannot store them) and tuples as lists."""
     if isinstance(value, dict):
@@ -364,6 +391,8 @@ def embed(
     seed: int = 0,
     progress: bool = False,
     log: Log = _silent,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
     **model_options: Any,
 ) -> ScatlasModel:
     """Fit a scatlas embedding model on all cells of ``adata`` and write its latent into it.
@@ -413,6 +442,15 @@ def embed(
         Show a progress bar.
     log
         Receives one line per notice (e.g. ``print``).
+    checkpoint_dir
+        Where a network writes ``last.ckpt`` while it trains (weights, optimiser, loop and random
+        states; at the end of an epoch at most every ``checkpoint_interval_s`` seconds, default 60,
+        and when training ends), beside this call's settings (:data:`CHECKPOINT_SETTINGS`).
+        ``None``: no checkpoints (models without epochs, e.g. ``pca``, never write one).
+    resume
+        Continue from ``checkpoint_dir``'s ``last.ckpt`` where there is one: on CPU the latent then
+        equals an uninterrupted fit's to the bit. Refused when the settings, cells or genes differ
+        from those the checkpoint was written with.
     **model_options
         The model's hyper-parameters (e.g. ``latent_dim=30``, ``adversary_weight=1.0``) and
         training settings (``batch_size``, ``lr``, ``patience``, ``accelerator``, ...).
@@ -430,6 +468,8 @@ def embed(
     """
     if model not in REGISTRY:
         raise ConfigError(f"unknown model {model!r}; available: {sorted(k for k, v in REGISTRY.items() if not issubclass(v, LatentClassifier))}")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True continues from checkpoint_dir's last.ckpt: give checkpoint_dir")
     counts, decided = resolve_input(adata, layer, input)
     entry, training = split_options(model, model_options)
     if max_epochs is not None:
@@ -447,7 +487,14 @@ def embed(
         split = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, scale)
         sdata = all_cells_split(split.X, data.obs, batch_key, label_key, split.genes, train, val)
         prep = Preprocessing(split.genes, counts, layer, split.scaler)
-    fitted, history = fit_all_cells(sdata, entry, training, seed, progress, log)
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        settings = {"model": _plain(entry), "training": _plain({k: v for k, v in training.items() if k != "checkpoint_interval_s"}),
+                    "seed": seed, "batch_key": batch_key, "label_key": label_key, "layer": layer, "counts": counts, "scale": scale,
+                    "n_top_genes": n_top_genes, "val_fraction": val_fraction, "streamed": on_disk(adata),
+                    "cells": _digest(adata.obs_names), "genes": _digest(prep.genes)}
+        check_checkpoint_settings(checkpoint_dir, settings, resume)
+    fitted, history = fit_all_cells(sdata, entry, training, seed, progress, log, checkpoint_dir, resume)
     key = key_added or f"X_{model}"
     result = ScatlasModel(fitted, prep, batch_key, label_key, key, sdata.batch_names, sdata.label_names, history, {"training": training}, sdata, log)
     write_results(adata, result)

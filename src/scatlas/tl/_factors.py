@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from scatlas._errors import InputError
-from scatlas._io import atomic_path, check_output_file, write_csv
+from scatlas._io import atomic_path, check_output_file, checkpoints_beside, resumable_training, write_csv
 from scatlas.data.io import on_disk, read_anndata
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
@@ -32,12 +32,13 @@ Log = Callable[[str], None]
 
 
 def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, n_top_genes: int | None = 2000, seed: int = 0,
-                stream: bool = False, log: Log = print) -> tuple[ad.AnnData, str]:
+                stream: bool = False, log: Log = print, checkpoint_dir: Path | None = None, resume: bool = False) -> tuple[ad.AnnData, str]:
     """Fit a factor model on all cells (10% held out for early stopping); return the results-only AnnData and its key.
 
-    This is :func:`scatlas.tl.embed`; with ``stream`` on the backed file, so the matrix is never
-    loaded: it is read in chunks of ``training.chunk_size`` cells (default 100,000) for
-    validation, gene selection, training and embedding.
+    This is :func:`scatlas.tl.embed` (``checkpoint_dir`` and ``resume`` as there); with ``stream``
+    on the backed file, so the matrix is never loaded: it is read in chunks of
+    ``training.chunk_size`` cells (default 100,000) for validation, gene selection, training and
+    embedding.
     """
     entry = parse_model_config(model)
     key = f"{entry.type}_k{entry.rank}"  # type: ignore[attr-defined]
@@ -50,7 +51,8 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
         adata = adata.to_memory()
     options = {k: v for k, v in model.items() if k != "type"}
     result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,
-                   key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, log=log, **options, **training.model_dump())
+                   key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, log=log, checkpoint_dir=checkpoint_dir, resume=resume, **options,
+                   **training.model_dump())
     obs, genes, H, W = adata.obs, result.prep.genes, adata.obsm[f"H_{key}"], result.loadings()
     out = ad.AnnData(obs=results_obs(obs), var=pd.DataFrame(index=genes))
     out.obsm[f"H_{key}"] = H
@@ -88,22 +90,33 @@ def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int =
 
 
 def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: TrainingConfig, out: str | Path, n_top_genes: int | None = 2000, benchmark_seeds: int = 10,
-                log: Log = print, stream: bool = False, overwrite: bool = False) -> dict[str, pd.DataFrame]:
+                log: Log = print, stream: bool = False, overwrite: bool = False, resume: bool = False) -> dict[str, pd.DataFrame]:
     """Fit, write ``out`` (.h5ad), ``<out>_loadings.csv`` and ``<out>_benchmark_by_<key>.csv``; return the benchmark tables.
 
-    An existing ``out`` is refused unless ``overwrite``, and the input file always.
+    An existing ``out`` is refused unless ``overwrite``, and the input file always. The files are
+    written once everything is computed, ``out`` last; a failure or interruption leaves none of
+    them. An AE-NMF's training checkpoint is kept beside ``out`` until then
+    (:func:`~scatlas._io.resumable_training`), and ``resume`` continues it.
     """
     out = check_output_file(out, ".h5ad", overwrite, inputs=(dataset.path,))
-    adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream, log=log)
-    H, W = adata.obsm[f"H_{key}"], adata.varm[f"W_{key}"]
-    log(f"{key}: H {H.shape} (min {H.min():.3g}), W {W.shape} (min {W.min():.3g})")
-    tables: dict[str, pd.DataFrame] = {}
-    targets = {k: adata.obs[k].to_numpy() for k in (dataset.label_key, dataset.batch_key) if k and adata.obs[k].nunique() > 1}
-    if benchmark_seeds and targets:
-        tables = factor_benchmark(H, targets, benchmark_seeds)
-        for name, table in tables.items():
-            write_csv(table, out.with_name(f"{out.stem}_benchmark_by_{name}.csv"))
-    write_csv(ranked_loadings(W, adata.var_names.to_numpy()), out.with_name(f"{out.stem}_loadings.csv"))
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
+    with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
+        adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream, log=log, checkpoint_dir=checkpoints, resume=resume)
+        H, W = adata.obsm[f"H_{key}"], adata.varm[f"W_{key}"]
+        log(f"{key}: H {H.shape} (min {H.min():.3g}), W {W.shape} (min {W.min():.3g})")
+        tables: dict[str, pd.DataFrame] = {}
+        targets = {k: adata.obs[k].to_numpy() for k in (dataset.label_key, dataset.batch_key) if k and adata.obs[k].nunique() > 1}
+        if benchmark_seeds and targets:
+            tables = factor_benchmark(H, targets, benchmark_seeds)
+        files = {out.with_name(f"{out.stem}_benchmark_by_{name}.csv"): table for name, table in tables.items()}
+        files[out.with_name(f"{out.stem}_loadings.csv")] = ranked_loadings(W, adata.var_names.to_numpy())
+        written: list[Path] = []
+        try:
+            for path, table in files.items():
+                written.append(write_csv(table, path))
+            with atomic_path(out) as tmp:
+                adata.write_h5ad(tmp)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     return tables
