@@ -196,3 +196,52 @@ def test_resumable_training_keeps_a_checkpoint_only_once_one_is_written(tmp_path
     (directory / OUTPUT_MARK).write_text("")
     with resumable_training(directory, resume=False, overwrite=True) as d:  # --overwrite starts again
         assert not (d / "last.ckpt").exists()
+
+
+_TRAIN_SCRIPT = """
+import sys
+from pathlib import Path
+from scatlas.tl._annotation import load_annotate_config, train_annotator
+from scatlas.tl._transfer import load_transfer_config, run_transfer
+kang, command, out, resume = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "1"
+training = {"checkpoint_interval_s": 0, "max_epochs": 40, "patience": 40}  # a checkpoint every epoch; no early stop
+dataset = {"name": "kang", "path": kang, "label_key": "author_cell_type", "batch_key": "sample_id"}
+if command == "annotate":
+    config = load_annotate_config({"dataset": dataset, "model": {"type": "mlp"}, "split": {"kind": "kfold", "n_splits": 3}, "training": training})
+    train_annotator(config, out, log=lambda _: None, resume=resume)
+else:
+    config = load_transfer_config({"reference": dataset, "queries": [kang], "model": {"type": "mlp"}, "training": training})
+    run_transfer(config, out, log=lambda _: None, resume=resume)
+"""
+
+
+@pytest.mark.parametrize(("command", "fits"), [("annotate", ["splits_1", "splits_2", "splits_3", "final"]), ("transfer", [""])])
+def test_classifier_training_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, command, fits):
+    """`annotate train` (each fold and the final model) and `transfer` keep their networks' checkpoints beside the output
+    when killed, and resuming gives the uninterrupted run's outputs byte for byte."""
+    from conftest import data_path
+
+    kang = str(data_path("kang18_muscat_4samples.h5ad"))
+
+    def train(out: str, resume: bool) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", _TRAIN_SCRIPT, kang, command, str(tmp_path / out), "1" if resume else "0"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    assert train("whole", False).wait(timeout=600) == 0
+    assert not (tmp_path / "whole_checkpoints").exists()
+    proc, checkpoints = train("cut", False), tmp_path / "cut_checkpoints"
+    last = checkpoints / fits[-1] / "last.ckpt"  # the last fit has started: earlier ones are done and resumed as such
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training ended before the kill"
+    assert all((checkpoints / fit / "last.ckpt").exists() for fit in fits) and not (tmp_path / "cut").exists()
+    resumed = train("cut", True)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read() if resumed.stderr else ""
+    assert not checkpoints.exists()
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file() and p.suffix != ".html")
+    differ = [str(f) for f in files if (tmp_path / "whole" / f).read_bytes() != (tmp_path / "cut" / f).read_bytes()]
+    assert files and differ == [f for f in map(str, files) if f.endswith("history.csv")]  # only the epochs' wall times differ

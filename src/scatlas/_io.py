@@ -242,9 +242,44 @@ def staged_dir(out: str | os.PathLike[str], overwrite: bool = False, inputs: tup
 
 
 def checkpoints_beside(out: str | os.PathLike[str]) -> Path:
-    """The training-checkpoint directory of a command writing ``out``: ``<out's stem>_checkpoints`` beside it."""
+    """The training-checkpoint directory of a command writing ``out``: ``<name>_checkpoints`` beside it (without an ``.h5ad`` suffix)."""
     out = Path(out)
-    return out.with_name(f"{out.stem}_checkpoints")
+    return out.with_name(f"{out.stem if out.suffix == '.h5ad' else out.name}_checkpoints")
+
+
+def has_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """Whether a training run left a ``last.ckpt`` in ``directory`` or below it (one per fit: folds, ensemble members)."""
+    directory = Path(directory)
+    return directory.is_dir() and next(directory.rglob("last.ckpt"), None) is not None
+
+
+CHECKPOINT_SETTINGS = "checkpoint_settings.yaml"
+"""Written beside a run's checkpoints by :func:`check_checkpoint_settings`."""
+
+
+def name_digest(names: Any) -> str:
+    """How many names, and the start of the SHA-256 of their text: the same cells or genes in the same order."""
+    import hashlib
+
+    names = np.asarray(names).astype(str)
+    return f"{len(names)}, sha256 {hashlib.sha256(chr(0).join(names).encode()).hexdigest()[:16]}"
+
+
+def check_checkpoint_settings(directory: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Write ``settings`` (what decides the trained weights: options, seed, digests of the cells and genes) beside the
+    checkpoints in ``directory``; when resuming them, first refuse settings that differ from those they were written
+    with (a resumed fit must continue the same training), naming each."""
+    from scatlas._errors import ConfigError
+
+    path = directory / CHECKPOINT_SETTINGS
+    if resume and has_checkpoint(directory) and path.exists():
+        saved = yaml.safe_load(path.read_text()) or {}
+        differ = [f"{k}: {saved.get(k)!r}, now {settings.get(k)!r}" for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k)]
+        if differ:
+            raise ConfigError(f"{directory}: the checkpoint was written with other settings ({'; '.join(differ)}); resume with the same "
+                              "data and options, or start again without --resume (--overwrite)")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_yaml(settings, path)
 
 
 @contextmanager
@@ -263,23 +298,22 @@ def resumable_training(directory: str | os.PathLike[str], resume: bool, overwrit
     from scatlas._errors import ConfigError
 
     directory = check_writable(directory)
-    last = directory / "last.ckpt"
     if directory.exists() and any(directory.iterdir()) and not (directory / OUTPUT_MARK).exists():
         raise ConfigError(f"{directory}: the training checkpoints of this output go here, and it is not a directory scatlas made "
                           f"(no {OUTPUT_MARK} in it): move it away or give another output name")
-    if last.exists() and not resume:
+    if has_checkpoint(directory) and not resume:
         if not overwrite:
             raise ConfigError(f"{directory}: holds the checkpoint of an interrupted run; add --resume to continue it (same settings), "
                               "or --overwrite to start again")
         shutil.rmtree(directory)
-    if resume and not last.exists():
+    if resume and not has_checkpoint(directory):
         log(f"{directory}: no checkpoint to resume from; training from the start")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / OUTPUT_MARK).write_text("training checkpoints written by scatlas; removed when the run ends\n")
     try:
         yield directory
     except BaseException:
-        if not last.exists():
+        if not has_checkpoint(directory):
             shutil.rmtree(directory, ignore_errors=True)
         raise
     shutil.rmtree(directory, ignore_errors=True)

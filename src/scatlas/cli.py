@@ -45,15 +45,15 @@ def _resume_hint(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str:
     if fn.__name__ == "run":
         return f"; finished splits are kept, resume with: scatlas run {kwargs['config']} --resume"
     if fn.__name__ in _RESUMABLE:
-        from scatlas._io import checkpoints_beside
+        from scatlas._io import checkpoints_beside, has_checkpoint
 
         checkpoints = checkpoints_beside(kwargs["out"])
-        if (checkpoints / "last.ckpt").exists():
+        if has_checkpoint(checkpoints):
             return f"; no output was written, the training checkpoint is kept in {checkpoints}: the same command with --resume continues it"
     return "; no partial output was kept"
 
 
-_RESUMABLE = ("embed", "nmf")
+_RESUMABLE = ("embed", "nmf", "transfer", "annotate_train")
 """Commands that keep a training checkpoint beside their output (:func:`scatlas._io.resumable_training`)."""
 
 _RESUME_HELP = ("Continue an interrupted run from its training checkpoint (OUT's name + _checkpoints, kept when a run is stopped); "
@@ -290,8 +290,13 @@ def annotate_train(
     chunk_size: Annotated[int | None, typer.Option(help="Cells per training chunk with --stream (default 100,000).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
 ) -> None:
-    """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model."""
+    """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model.
+
+    The networks' training checkpoints (one per fold, one for the final model) are kept in OUT's name +
+    _checkpoints until the outputs are written: after a stop, the same command with --resume continues them.
+    """
     from scatlas.tl._annotation import METHODS, default_method, load_annotate_config, train_annotator
 
     if model is not None and model not in METHODS:
@@ -315,7 +320,7 @@ def annotate_train(
             "seed": seed,
         }
     )
-    summary = train_annotator(cfg, out, overwrite=overwrite, log=log)
+    summary = train_annotator(cfg, out, overwrite=overwrite, log=log, resume=resume)
     if summary.empty:
         console.print(f"model for `annotate predict`: {out / 'model'} (no cross-validation)")
         return
@@ -403,8 +408,13 @@ def transfer(
     chunk_size: Annotated[int | None, typer.Option(help="Reference cells per training chunk with --stream (default 100,000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help=_BATCH_HELP)] = None,
     figures: Annotated[bool, typer.Option("--figures", help="Also draw each confusion matrix as a PNG (the report and confusion_matrix.csv hold them anyway).")] = False,
+    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
 ) -> None:
-    """Learn a classifier on the reference once, then map each query through it (reference predictions never change)."""
+    """Learn a classifier on the reference once, then map each query through it (reference predictions never change).
+
+    A network's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a
+    stop, the same command with --resume continues it.
+    """
     from scatlas.tl._annotation import default_method
     from scatlas.tl._transfer import METHODS, load_transfer_config, run_transfer
 
@@ -430,7 +440,7 @@ def transfer(
             "seed": seed,
         }
     )
-    summary = run_transfer(cfg, out, overwrite=overwrite, log=log, figures=figures)
+    summary = run_transfer(cfg, out, overwrite=overwrite, log=log, figures=figures, resume=resume)
     columns = [c for c in ("dataset", "n_cells", "accuracy", "balanced_accuracy", "macro_f1", "unknown_fraction") if c in summary]
     console.print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(f"results: {out} (report: {out / 'report.html'})")

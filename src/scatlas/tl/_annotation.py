@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import atomic_path, check_output_file, check_writable, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml
+from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_dir, check_output_file, check_writable, checkpoints_beside, name_digest,
+                         resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer, var_name
@@ -494,6 +495,8 @@ def fit_classifier(
     sources: np.ndarray | None = None,
     log: Log | None = None,
     start: tuple[CellTypeClassifier, np.ndarray] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
 ) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
     """Preprocess (HVGs on ``train`` when asked), fit a classifier; return it, its split data and genes.
 
@@ -502,7 +505,9 @@ def fit_classifier(
     (``None``: one source). The minibatch size and epochs the user left unset follow
     :func:`scaled_training`; ``log`` hears when they were scaled, or that a full-batch fit ignores them.
     ``start``: a full-batch classifier of the same labels and its genes, where a full-batch fit
-    starts (genes it lacks start at zero).
+    starts (genes it lacks start at zero). A network trained by minibatches writes ``last.ckpt`` to
+    ``checkpoint_dir`` (an ensemble, one per member) and, with ``resume``, continues from it; a
+    full-batch fit keeps no checkpoint.
     """
     ignored = sorted({"max_epochs", "batch_size", "lr", "weight_decay"} & training.model_fields_set)  # what the user set
     training, scaled = scaled_training(training, len(train))
@@ -518,10 +523,10 @@ def fit_classifier(
         log(f"the linear model is fitted full-batch to convergence: {', '.join(ignored)} do not apply (minibatch training: the mlp method)")
     elif log and scaled and not model.full_batch:
         log(scaled)
-    # no checkpoints: every fit keeps its last epoch's weights, so a cross-validation fold is fitted as the saved model and
-    # the transfer reference are (the best-validation-loss epoch transferred worse to held-out batches: benchmarks/RESULTS.md)
+    # every fit keeps its last epoch's weights (no best-epoch restore), so a cross-validation fold is fitted as the saved model
+    # and the transfer reference are (the best-validation-loss epoch transferred worse to held-out batches: benchmarks/RESULTS.md)
     if start is None:
-        history = model.fit(sdata)
+        history = model.fit(sdata, checkpoint_dir, resume)
     else:
         assert isinstance(model, LinearClassifier) and isinstance(start[0], LinearClassifier)
         history = model.fit(sdata, start=start[0].head_on(start[1], prep.genes))
@@ -588,11 +593,13 @@ def reference_means(model: CellTypeClassifier, sdata: SplitData) -> np.ndarray |
     return gene_moments(sdata.X)[0].astype(np.float32) if isinstance(model, LinearClassifier) else None
 
 
-def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log) -> None:
+def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, key: str, out: Path, log: Log,
+                 checkpoint_dir: Path | None = None, resume: bool = False) -> None:
     train, val = holdout(np.arange(data.n_cells), 0.1, config.seed, codes)
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     train, val = np.sort(train), np.sort(val)
-    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
+    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log,
+                                         checkpoint_dir=checkpoint_dir, resume=resume)
     labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, sdata.sources_of(val))
     if model.full_batch:
         model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, np.arange(data.n_cells),
@@ -602,8 +609,11 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
     Annotator(model, genes, labels, config.dataset.input, meta, reference_means(model, sdata)).save(out / "model")
 
 
-def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, truth: np.ndarray, stage: Path, log: Log) -> pd.DataFrame:
-    """Fit and evaluate on every fold of ``config.split``; write per-fold and pooled tables; return the mean ± 95% CI table."""
+def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, truth: np.ndarray, stage: Path, log: Log,
+                    checkpoints: Path | None = None, resume: bool = False) -> pd.DataFrame:
+    """Fit and evaluate on every fold of ``config.split``; write per-fold and pooled tables; return the mean ± 95% CI table.
+
+    Fold ``i``'s network checkpoints to ``checkpoints / splits_<i>`` (``resume``: continues from there)."""
     strata = _strata(config, data)
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     split_data = CellData(data.name, data.lognorm, data.var_names, data.obs, data.batch, pd.Categorical(truth))
@@ -613,7 +623,8 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
         log(f"split {split.number}/{len(splits)}: {parse_model_config(config.model).type} ({len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells)")
         fold_dir = stage / f"splits_{split.number}"
         model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, split.train, split.val,
-                                             fold_dir, sources, log)
+                                             fold_dir, sources, log, checkpoint_dir=checkpoints / f"splits_{split.number}" if checkpoints else None,
+                                             resume=resume)
         fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision, sdata.sources_of(split.val))
         if model.full_batch:  # as the saved model: the validation cells set the threshold, then join the fit
             model, sdata, _ = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes,
@@ -630,7 +641,7 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
     return summary
 
 
-def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
+def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = False, log: Log = print, resume: bool = False) -> pd.DataFrame:
     """Cross-validate a cell-type classifier, write every evaluation table, and save the final model.
 
     Parameters
@@ -643,6 +654,9 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
         Replace an existing ``out``.
     log
         Receives progress lines.
+    resume
+        Continue the networks' training from the checkpoints an interrupted run kept beside ``out``
+        (one per fold and one for the final model; :func:`~scatlas._io.resumable_training`).
 
     Returns
     -------
@@ -655,37 +669,42 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
         raise ConfigError("annotate: --loss hce needs --ontology-key (a column of Cell Ontology ids) or --label-map")
     if config.label_map is not None and (config.ontology_key or not config.dataset.label_key):
         raise ConfigError("annotate: --label-map maps --label-key values to CL ids; do not combine it with --ontology-key")
-    key = config.ontology_key or (f"{config.dataset.label_key}_cl_id" if config.label_map else config.dataset.label_key)
-    data = load_dataset(config.dataset, extra_keys=tuple(k for k in (config.ontology_key, config.split.group_key, config.dataset_key) if k), log=log)
-    if config.label_map is not None:
-        data.obs[key] = map_author_labels(data.obs[config.dataset.label_key].astype(str), config.label_map, ontology)
-    truth = string_values(data.obs[key])
-    names = string_values(data.obs[config.dataset.label_key]) if config.dataset.label_key else None
-    sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
-    labels = label_space(truth, names, ontology, where=f"{config.dataset.path}: obs column {key!r}: ", sources=sources, log=log)
-    codes = labels.codes(truth)
     if not (config.cross_validate or config.final_model):
         raise ConfigError("annotate: nothing to do (no cross-validation and no final model)")
-    with staged_dir(out, overwrite, (config.dataset.path,)) as stage:
-        summary = _cross_validate(config, data, labels, codes, truth, stage, log) if config.cross_validate else pd.DataFrame()
-        if config.final_model:
-            log("final model on all labelled cells")
-            _final_model(config, data, labels, codes, key, stage, log)
-        write_yaml({**config.model_dump(mode="json", exclude=unset_scaled(config.training)), "ontology": labels.ontology_version}, stage / "config.yaml")
-        sections = []
-        if config.cross_validate:
-            sections = [Section("Test cells: mean ± 95% CI half-width over folds", [mean_ci_table(summary, "evaluation", ("accuracy", "macro_f1", "weighted_f1"))],
-                                note="↑ higher is better. exact: the predicted class is the truth; hierarchical: the truth or one of its "
-                                     "Cell Ontology descendants counts as right (scTab). Every fold: fold_metrics.csv."),
-                        Section("Per class (all test cells)", [pd.read_csv(stage / "per_class_metrics.csv")], [stage / "per_class_f1.png", stage / "confusion_matrix.png"]),
-                        *[Section(f"By {c}", [pd.read_csv(stage / f"per_{c}_metrics.csv")]) for c in _strata(config, data)]]
-        if len(labels.nested):
-            write_csv(labels.nested, stage / "label_hierarchy.csv")
-            sections.append(Section("Labels that nest in the Cell Ontology, and what each means per source", [labels.nested]))
-        if sections:
-            write_report(stage / "report.html", f"Annotation: {parse_model_config(config.model).type} + {parse_model_config(config.model).loss}",  # type: ignore[attr-defined]
-                         sections, f"{config.dataset.path} · {labels.ontology_version or 'no ontology'}")
-    return summary
+    check_output_dir(out, overwrite, (config.dataset.path,))
+    with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
+        key = config.ontology_key or (f"{config.dataset.label_key}_cl_id" if config.label_map else config.dataset.label_key)
+        data = load_dataset(config.dataset, extra_keys=tuple(k for k in (config.ontology_key, config.split.group_key, config.dataset_key) if k), log=log)
+        if config.label_map is not None:
+            data.obs[key] = map_author_labels(data.obs[config.dataset.label_key].astype(str), config.label_map, ontology)
+        truth = string_values(data.obs[key])
+        names = string_values(data.obs[config.dataset.label_key]) if config.dataset.label_key else None
+        sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
+        labels = label_space(truth, names, ontology, where=f"{config.dataset.path}: obs column {key!r}: ", sources=sources, log=log)
+        codes = labels.codes(truth)
+        settings = {**config.model_dump(mode="json", exclude={"training": {"checkpoint_interval_s"}}), "cells": name_digest(data.cell_ids),
+                    "genes": name_digest(data.var_names)}
+        check_checkpoint_settings(checkpoints, settings, resume)
+        with staged_dir(out, overwrite, (config.dataset.path,)) as stage:
+            summary = _cross_validate(config, data, labels, codes, truth, stage, log, checkpoints, resume) if config.cross_validate else pd.DataFrame()
+            if config.final_model:
+                log("final model on all labelled cells")
+                _final_model(config, data, labels, codes, key, stage, log, checkpoints / "final", resume)
+            write_yaml({**config.model_dump(mode="json", exclude=unset_scaled(config.training)), "ontology": labels.ontology_version}, stage / "config.yaml")
+            sections = []
+            if config.cross_validate:
+                sections = [Section("Test cells: mean ± 95% CI half-width over folds", [mean_ci_table(summary, "evaluation", ("accuracy", "macro_f1", "weighted_f1"))],
+                                    note="↑ higher is better. exact: the predicted class is the truth; hierarchical: the truth or one of its "
+                                         "Cell Ontology descendants counts as right (scTab). Every fold: fold_metrics.csv."),
+                            Section("Per class (all test cells)", [pd.read_csv(stage / "per_class_metrics.csv")], [stage / "per_class_f1.png", stage / "confusion_matrix.png"]),
+                            *[Section(f"By {c}", [pd.read_csv(stage / f"per_{c}_metrics.csv")]) for c in _strata(config, data)]]
+            if len(labels.nested):
+                write_csv(labels.nested, stage / "label_hierarchy.csv")
+                sections.append(Section("Labels that nest in the Cell Ontology, and what each means per source", [labels.nested]))
+            if sections:
+                write_report(stage / "report.html", f"Annotation: {parse_model_config(config.model).type} + {parse_model_config(config.model).loss}",  # type: ignore[attr-defined]
+                             sections, f"{config.dataset.path} · {labels.ontology_version or 'no ontology'}")
+        return summary
 
 
 def no_counts(X: Any) -> np.ndarray:

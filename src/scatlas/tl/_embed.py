@@ -21,7 +21,7 @@ import yaml
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import staged_dir, write_csv, write_yaml
+from scatlas._io import check_checkpoint_settings, name_digest, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
 from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, to_csr, var_name
@@ -326,32 +326,6 @@ def load_model(directory: str | Path) -> ScatlasModel:
                         meta["key"], meta["batch_names"], meta.get("label_names"), history, {"training": meta.get("training", {})})
 
 
-CHECKPOINT_SETTINGS = "embed_settings.yaml"
-"""Written beside a :func:`embed` checkpoint: the call's settings, and digests of its cells and genes."""
-
-
-def _digest(names: Any) -> str:
-    """How many names, and the start of the SHA-256 of their text: the same cells or genes in the same order."""
-    import hashlib
-
-    names = np.asarray(names).astype(str)
-    return f"{len(names)}, sha256 {hashlib.sha256(chr(0).join(names).encode()).hexdigest()[:16]}"
-
-
-def check_checkpoint_settings(directory: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Write ``settings`` beside the checkpoint in ``directory``; when resuming one, first refuse settings that differ
-    from those it was written with (a resumed fit must continue the same training), naming each."""
-    path = directory / CHECKPOINT_SETTINGS
-    if resume and (directory / "last.ckpt").exists() and path.exists():
-        saved = yaml.safe_load(path.read_text()) or {}
-        differ = [f"{k}: {saved.get(k)!r}, now {settings.get(k)!r}" for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k)]
-        if differ:
-            raise ConfigError(f"{directory}: the checkpoint was written with other settings ({'; '.join(differ)}); resume with the same "
-                              "data and options, or start again without --resume (--overwrite)")
-    directory.mkdir(parents=True, exist_ok=True)
-    write_yaml(settings, path)
-
-
 def _plain(value: Any) -> Any:
     """``value`` with ``None`` entries dropped (h5ad cannot store them) and tuples as lists."""
     if isinstance(value, dict):
@@ -445,7 +419,7 @@ def embed(
     checkpoint_dir
         Where a network writes ``last.ckpt`` while it trains (weights, optimiser, loop and random
         states; at the end of an epoch at most every ``checkpoint_interval_s`` seconds, default 60,
-        and when training ends), beside this call's settings (:data:`CHECKPOINT_SETTINGS`).
+        and when training ends), beside this call's settings (:func:`~scatlas._io.check_checkpoint_settings`).
         ``None``: no checkpoints (models without epochs, e.g. ``pca``, never write one).
     resume
         Continue from ``checkpoint_dir``'s ``last.ckpt`` where there is one: on CPU the latent then
@@ -492,7 +466,7 @@ def embed(
         settings = {"model": _plain(entry), "training": _plain({k: v for k, v in training.items() if k != "checkpoint_interval_s"}),
                     "seed": seed, "batch_key": batch_key, "label_key": label_key, "layer": layer, "counts": counts, "scale": scale,
                     "n_top_genes": n_top_genes, "val_fraction": val_fraction, "streamed": on_disk(adata),
-                    "cells": _digest(adata.obs_names), "genes": _digest(prep.genes)}
+                    "cells": name_digest(adata.obs_names), "genes": name_digest(prep.genes)}
         check_checkpoint_settings(checkpoint_dir, settings, resume)
     fitted, history = fit_all_cells(sdata, entry, training, seed, progress, log, checkpoint_dir, resume)
     key = key_added or f"X_{model}"

@@ -28,7 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import ChunkedTable, check_output_dir, staged_dir, write_csv, write_npy, write_yaml
+from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoints_beside, name_digest, resumable_training, staged_dir,
+                         write_csv, write_npy, write_yaml)
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
                                     no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
@@ -295,9 +296,23 @@ def _query_stems(queries: list[Path]) -> list[str]:
     return stems
 
 
+def reference_training_settings(config: TransferConfig, data: CellData) -> dict[str, Any]:
+    """What decides the reference network's weights: the reference and its keys, the model, its training, the held-out
+    shares, the seed, and digests of the reference's cells and genes (the queries and thresholds do not)."""
+    fields = {"reference", "ontology_key", "dataset_key", "model", "n_top_genes", "calibration_fraction", "val_fraction", "seed"}
+    settings = config.model_dump(mode="json", include=fields)
+    settings["training"] = config.training.model_dump(mode="json", exclude={"checkpoint_interval_s"})
+    return {**settings, "cells": name_digest(data.cell_ids), "genes": name_digest(data.var_names)}
+
+
 def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
-                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
+                  sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None, checkpoint_dir: Path | None = None,
+                  resume: bool = False) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
     """Fit the reference classifier, its temperature and its unknown thresholds on ``data`` alone.
+
+    A network writes its training checkpoint to ``checkpoint_dir`` and, with ``resume``, continues
+    from it, after checking that the settings that decide its weights are those it was written with
+    (:func:`~scatlas._io.check_checkpoint_settings`).
 
     ``data`` may be streamed (:attr:`~scatlas.data.DatasetConfig.stream`): then no step holds more
     than ``config.query_chunk_size`` cells' inputs, latents or probabilities at once. Every
@@ -322,7 +337,10 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     train, val = holdout(fit_rows, config.val_fraction / (1 - config.calibration_fraction), config.seed, codes[fit_rows], min_count=5)
     train, val, calib = np.sort(train), np.sort(val), np.sort(calib)
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
-    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources, log=log)
+    if checkpoint_dir is not None:
+        check_checkpoint_settings(checkpoint_dir, reference_training_settings(config, data), resume)
+    model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources,
+                                         log=log, checkpoint_dir=checkpoint_dir, resume=resume)
     logits = model.predict_logits(sdata, calib)
     calib_sources = sdata.sources_of(calib)
     target = labels.satisfying(codes[calib], calib_sources)  # a coarse label is satisfied by its finer classes
@@ -404,9 +422,13 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     return layers
 
 
-def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print, figures: bool = False) -> pd.DataFrame:
+def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print, figures: bool = False,
+                 resume: bool = False) -> pd.DataFrame:
     """Learn the reference model, map every query, write predictions, calibration and metrics (``figures``: also
     each confusion matrix as a PNG, which takes matplotlib, about 0.5 s; the report shows the tables either way).
+
+    A network's training checkpoint is kept beside ``out`` until the outputs are written
+    (:func:`~scatlas._io.resumable_training`); ``resume`` continues it.
 
     Returns
     -------
@@ -421,12 +443,21 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
             check_obs_keys(q, [config.query_label_key], missing_ok=True)  # unlabelled cells are mapped, and left out of the evaluation
     inputs = (config.reference.path, *config.queries)
     check_output_dir(out, overwrite, inputs)
-    data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
-    layers = check_queries(queries, config, data, log)
+    with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
+        data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
+        layers = check_queries(queries, config, data, log)
+        return _write_transfer(config, data, queries, layers, stems, Path(out), overwrite, log, figures, checkpoints, resume)
+
+
+def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.AnnData], layers: list[str | None], stems: list[str], out: Path,
+                    overwrite: bool, log: Log, figures: bool, checkpoints: Path, resume: bool) -> pd.DataFrame:
+    """:func:`run_transfer`'s outputs, staged: the reference model, then every query, the summary and the report."""
+    inputs = (config.reference.path, *config.queries)
     with staged_dir(out, overwrite, inputs) as stage:
         ref_dir = stage / "reference"
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
-            reference, predictions, calib, calib_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)))
+            reference, predictions, calib, calib_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)),
+                                                                                    checkpoints, resume)
         write_csv(calibration, stage / "calibration.csv")
         metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells", figures)
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
@@ -471,6 +502,8 @@ def transfer(
     dataset_key: str | None = None,
     seed: int = 0,
     log: Log = print,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
     **settings: Any,
 ) -> ReferenceModel:
     """Learn labels on ``reference`` and transfer them to each query; calls go into every AnnData.
@@ -514,6 +547,9 @@ def transfer(
         Seeds the held-out cells and the training.
     log
         Receives one line per step.
+    checkpoint_dir, resume
+        Where a network writes its training checkpoint, and whether to continue from it, as in
+        :func:`~scatlas.tl.embed` (the full-batch linear model keeps none).
     **settings
         Other fields of :class:`TransferConfig` (``confidence_threshold``, ``n_top_genes``, ...);
         ``model`` (a whole classifier entry, as in ``scatlas models``) replaces ``method`` /
@@ -538,6 +574,8 @@ def transfer(
     """
     if method is not None and method not in METHODS:
         raise ConfigError(f"transfer: unknown method {method!r}; available: {sorted(METHODS)}")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True continues from checkpoint_dir's checkpoint: give checkpoint_dir")
     if "model" in settings and (method, loss, ensemble) != (None, "ce", 1):
         raise ConfigError("transfer: pass either `model` (a whole classifier entry, e.g. {'type': 'mlp', 'loss': 'hce', 'ensemble': 3}) "
                           "or `method` / `loss` / `ensemble`, not both")
@@ -555,7 +593,8 @@ def transfer(
         log(decided)
     layers = check_queries(queries, config, data, log)
     parts: list[np.ndarray] = []
-    model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()))
+    model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()),
+                                                Path(checkpoint_dir) if checkpoint_dir is not None else None, resume)
     key = ontology_key or label_key
     labels = model.annotator.labels
     fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
