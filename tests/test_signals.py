@@ -171,9 +171,9 @@ def test_resumable_training_keeps_a_checkpoint_only_once_one_is_written(tmp_path
 
     directory, said = tmp_path / "out_checkpoints", []
     with pytest.raises(_Stopped):
-        with resumable_training(directory, resume=False):
-            raise _Stopped  # stopped before the first checkpoint: nothing to resume, nothing kept
-    assert not directory.exists()
+        with resumable_training(tmp_path / "new" / "folders" / "out_checkpoints", resume=False):
+            raise _Stopped  # stopped before the first checkpoint: nothing to resume, nothing kept, no folder made for it
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(_Stopped):
         with resumable_training(directory, resume=False) as d:
             (d / "last.ckpt").write_bytes(b"state")

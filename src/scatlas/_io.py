@@ -308,12 +308,16 @@ def resumable_training(directory: str | os.PathLike[str], resume: bool, overwrit
         shutil.rmtree(directory)
     if resume and not has_checkpoint(directory):
         log(f"{directory}: no checkpoint to resume from; training from the start")
+    made = [p for p in (directory, *directory.parents) if not p.exists()]  # the folders this run creates, deepest first
     directory.mkdir(parents=True, exist_ok=True)
     (directory / OUTPUT_MARK).write_text("training checkpoints written by scatlas; removed when the run ends\n")
     try:
         yield directory
     except BaseException:
-        if not has_checkpoint(directory):
+        if not has_checkpoint(directory):  # nothing to resume: leave no trace, not even the parent folders made for it
             shutil.rmtree(directory, ignore_errors=True)
+            for parent in made[1:]:
+                if parent.exists() and not any(parent.iterdir()):
+                    parent.rmdir()
         raise
     shutil.rmtree(directory, ignore_errors=True)
