@@ -251,13 +251,18 @@ def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
     refused(work, ["nmf", str(files["negative"]), "--out", "factors.h5ad"], "negative values")
 
 
-def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files, work):
+def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files, work, monkeypatch):
     """`--out` naming the input file is refused (a results-only .h5ad would replace the data), and `--overwrite`
     replaces only a folder scatlas wrote: never `--out .` or a folder holding the user's files."""
     import shutil
 
     data = work / "cells.h5ad"
     shutil.copy(files["good"], data)
+    (work / "empty").mkdir()
+    monkeypatch.chdir(work / "empty")  # `--out .` in an empty folder: the staged output cannot be moved onto the current directory
+    refused(work, ["transfer", "--reference", str(data), "--label-key", "cellTypes", "--out", "."], ".: is the current directory")
+    refused(work, ["annotate", "train", str(data), "--label-key", "cellTypes", "--out", str(work / "empty")], "is the current directory")
+    monkeypatch.chdir(work)
     refused(work, ["embed", str(data), "--out", "cells.h5ad", "--overwrite"], "cells.h5ad: is the input file")
     refused(work, ["nmf", str(data), "--out", str(data)], "is the input file")
     refused(work, ["annotate", "train", str(data), "--label-key", "cellTypes", "--out", ".", "--overwrite"], "not a directory scatlas wrote",

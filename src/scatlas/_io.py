@@ -202,6 +202,9 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False, input
         if held:
             raise ConfigError(f"{out}: holds the input {held[0]}, and --overwrite would delete it with the rest of the directory: "
                               "give a new output directory, or move the input out of it")
+    if Path.cwd().is_relative_to(out.resolve()):
+        raise ConfigError(f"{out}: is the current directory or holds it, and an output directory is written elsewhere and moved into "
+                          "place whole: give a new folder name (e.g. --out results)")
     return out
 
 
@@ -244,6 +247,8 @@ def staged_dir(out: str | os.PathLike[str], overwrite: bool = False, inputs: tup
 def checkpoints_beside(out: str | os.PathLike[str]) -> Path:
     """The training-checkpoint directory of a command writing ``out``: ``<name>_checkpoints`` beside it (without an ``.h5ad`` suffix)."""
     out = Path(out)
+    if out.name in ("", ".."):  # `--out .` or `--out ..`: name the folder itself
+        out = out.resolve()
     return out.with_name(f"{out.stem if out.suffix == '.h5ad' else out.name}_checkpoints")
 
 
