@@ -367,6 +367,45 @@ def train_aggregator(X: ScaledFeatures, sample_ids: np.ndarray, labels: np.ndarr
     return module.eval()
 
 
+def validation_samples(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which training samples choose the set model's epoch: about ``fraction`` of them, each with a same-label partner.
+
+    The validation mAP retrieves same-label samples among the validation samples, so a sample
+    without a partner there scores nothing (drawn at random, 20% of donor × cell-type samples held
+    a donor's pair for about one donor in ten, and the chosen epoch was noise). A label with at
+    least 4 training samples gives ``fraction`` of them (at least 2) and keeps at least 2 for
+    training; labels with 2 or 3 samples (e.g. donors over a few cell types) go to validation
+    whole, ``fraction`` of those labels (at least 2, and at least 2 left to train on); a label's
+    only sample always trains. Where that leaves fewer than two labels to validate on,
+    ``fraction`` of the samples are drawn plainly.
+
+    Parameters
+    ----------
+    labels
+        Label of each training sample.
+    fraction
+        Share of the samples, and of the small labels, to validate on.
+    seed
+        Seeds the draw.
+
+    Returns
+    -------
+    Boolean mask over ``labels``.
+    """
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(labels), dtype=bool)
+    codes, counts = np.unique(labels, return_counts=True)
+    for code, n in zip(codes[counts >= 4], counts[counts >= 4], strict=True):
+        val[rng.choice(np.flatnonzero(labels == code), max(2, int(round(fraction * n))), replace=False)] = True
+    small = codes[(counts >= 2) & (counts < 4)]
+    whole = min(len(small), max(2, int(round(fraction * len(small)))))
+    if len(small) and (counts >= 4).sum() + len(small) - whole + (counts == 1).sum() >= 2:  # training keeps two labels at least
+        val |= np.isin(labels, rng.choice(small, whole, replace=False))
+    if len(np.unique(labels[val])) < 2:  # no retrieval among one label: a plain draw, as before
+        return np.random.default_rng(seed).random(len(labels)) < fraction
+    return val
+
+
 def rows_by_sample(sample_ids: np.ndarray) -> dict[Any, np.ndarray]:
     """Row indices of each sample's cells."""
     return pd.Series(np.arange(len(sample_ids))).groupby(np.asarray(sample_ids)).indices
@@ -452,7 +491,7 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
         profiles_seed0[how] = profiles
         rows += _score(profiles, meta, config, tasks, test, how, seed=None)
     for seed in config.seeds:
-        val_mask = np.random.default_rng(seed).random(len(train_samples)) < 0.2
+        val_mask = validation_samples(pd.Series(label_codes, index=samples).loc[train_samples].to_numpy(), 0.2, seed)
         cell_labels = pd.Series(label_codes, index=samples).reindex(sample_ids).to_numpy()
         module = train_aggregator(X, sample_ids, cell_labels, train_samples[~val_mask], train_samples[val_mask], config, seed)
         profiles = learned_profiles(module, X, sample_ids, samples)
