@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_dir, check_output_file, check_writable, checkpoints_beside, name_digest,
+from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_dir, check_output_file, check_writable, checkpoints_beside,
                          resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
@@ -682,9 +682,7 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
         sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
         labels = label_space(truth, names, ontology, where=f"{config.dataset.path}: obs column {key!r}: ", sources=sources, log=log)
         codes = labels.codes(truth)
-        settings = {**config.model_dump(mode="json", exclude={"training": {"checkpoint_interval_s"}}), "cells": name_digest(data.cell_ids),
-                    "genes": name_digest(data.var_names)}
-        check_checkpoint_settings(checkpoints, settings, resume)
+        check_checkpoint_settings(checkpoints, config.model_dump(mode="json"), data.cell_ids, data.var_names, resume)
         with staged_dir(out, overwrite, (config.dataset.path,)) as stage:
             summary = _cross_validate(config, data, labels, codes, truth, stage, log, checkpoints, resume) if config.cross_validate else pd.DataFrame()
             if config.final_model:

@@ -21,7 +21,7 @@ import yaml
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import check_checkpoint_settings, name_digest, staged_dir, write_csv
+from scatlas._io import check_checkpoint_settings, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
 from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, to_csr, var_name
@@ -463,11 +463,9 @@ def embed(
         prep = Preprocessing(split.genes, counts, layer, split.scaler)
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
-        settings = {"model": _plain(entry), "training": _plain({k: v for k, v in training.items() if k != "checkpoint_interval_s"}),
-                    "seed": seed, "batch_key": batch_key, "label_key": label_key, "layer": layer, "counts": counts, "scale": scale,
-                    "n_top_genes": n_top_genes, "val_fraction": val_fraction, "streamed": on_disk(adata),
-                    "cells": name_digest(adata.obs_names), "genes": name_digest(prep.genes)}
-        check_checkpoint_settings(checkpoint_dir, settings, resume)
+        settings = {"model": _plain(entry), "training": _plain(training), "seed": seed, "batch_key": batch_key, "label_key": label_key, "layer": layer,
+                    "counts": counts, "scale": scale, "n_top_genes": n_top_genes, "val_fraction": val_fraction, "streamed": on_disk(adata)}
+        check_checkpoint_settings(checkpoint_dir, settings, adata.obs_names, prep.genes, resume)
     fitted, history = fit_all_cells(sdata, entry, training, seed, progress, log, checkpoint_dir, resume)
     key = key_added or f"X_{model}"
     result = ScatlasModel(fitted, prep, batch_key, label_key, key, sdata.batch_names, sdata.label_names, history, {"training": training}, sdata, log)

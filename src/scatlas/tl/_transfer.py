@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoints_beside, name_digest, resumable_training, staged_dir,
+from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoints_beside, resumable_training, staged_dir,
                          write_csv, write_npy, write_yaml)
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
                                     no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
@@ -296,13 +296,8 @@ def _query_stems(queries: list[Path]) -> list[str]:
     return stems
 
 
-def reference_training_settings(config: TransferConfig, data: CellData) -> dict[str, Any]:
-    """What decides the reference network's weights: the reference and its keys, the model, its training, the held-out
-    shares, the seed, and digests of the reference's cells and genes (the queries and thresholds do not)."""
-    fields = {"reference", "ontology_key", "dataset_key", "model", "n_top_genes", "calibration_fraction", "val_fraction", "seed"}
-    settings = config.model_dump(mode="json", include=fields)
-    settings["training"] = config.training.model_dump(mode="json", exclude={"checkpoint_interval_s"})
-    return {**settings, "cells": name_digest(data.cell_ids), "genes": name_digest(data.var_names)}
+REFERENCE_TRAINING = {"reference", "ontology_key", "dataset_key", "model", "n_top_genes", "training", "calibration_fraction", "val_fraction", "seed"}
+"""The :class:`TransferConfig` fields that decide the reference network's weights (the queries and thresholds do not)."""
 
 
 def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
@@ -338,7 +333,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     train, val, calib = np.sort(train), np.sort(val), np.sort(calib)
     log(f"reference: {data.n_cells} cells, {len(labels.classes)} classes; {len(train)} train, {len(val)} val, {len(calib)} calibration cells")
     if checkpoint_dir is not None:
-        check_checkpoint_settings(checkpoint_dir, reference_training_settings(config, data), resume)
+        check_checkpoint_settings(checkpoint_dir, config.model_dump(mode="json", include=REFERENCE_TRAINING), data.cell_ids, data.var_names, resume)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources,
                                          log=log, checkpoint_dir=checkpoint_dir, resume=resume)
     logits = model.predict_logits(sdata, calib)
@@ -446,13 +441,12 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
         data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
         layers = check_queries(queries, config, data, log)
-        return _write_transfer(config, data, queries, layers, stems, Path(out), overwrite, log, figures, checkpoints, resume)
+        return _write_transfer(config, data, queries, layers, stems, Path(out), inputs, overwrite, log, figures, checkpoints, resume)
 
 
 def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.AnnData], layers: list[str | None], stems: list[str], out: Path,
-                    overwrite: bool, log: Log, figures: bool, checkpoints: Path, resume: bool) -> pd.DataFrame:
+                    inputs: tuple[Path, ...], overwrite: bool, log: Log, figures: bool, checkpoints: Path, resume: bool) -> pd.DataFrame:
     """:func:`run_transfer`'s outputs, staged: the reference model, then every query, the summary and the report."""
-    inputs = (config.reference.path, *config.queries)
     with staged_dir(out, overwrite, inputs) as stage:
         ref_dir = stage / "reference"
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
