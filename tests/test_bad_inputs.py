@@ -251,6 +251,22 @@ def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
     refused(work, ["nmf", str(files["negative"]), "--out", "factors.h5ad"], "negative values")
 
 
+def test_commands_other_than_run_refuse_a_distributed_launch(files, work, monkeypatch):
+    """Started by torchrun (WORLD_SIZE > 1) every rank would repeat the command and race to write OUT:
+    each refuses before reading anything; `run` (which shares the work) and WORLD_SIZE=1 are let through."""
+    good = str(files["good"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    refused(work, ["embed", good, "--out", "latent.h5ad"], "scatlas embed runs as one process", "rank 1 of WORLD_SIZE=2", "strategy=ddp_spawn", "scatlas run")
+    refused(work, ["annotate", "train", good, "--label-key", "cellTypes", "--out", "model"], "scatlas annotate train runs as one process")
+    refused(work, ["benchmark", good, "--embedding", "X_pca", "--label-key", "cellTypes", "--batch-key", "batch", "--out", "scores"],
+            "scatlas benchmark runs as one process")
+    refused(work, ["transfer", "--reference", good, "--query", good, "--label-key", "cellTypes", "--out", "t"], "scatlas transfer runs")
+    refused(work, ["run", "missing.yaml"], "missing.yaml")  # past the launcher check, to the config's own refusal
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refused(work, ["embed", good, "--out", "latent.txt"], "latent.txt", ".h5ad")
+
+
 def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files, work, monkeypatch):
     """`--out` naming the input file is refused (a results-only .h5ad would replace the data), and `--overwrite`
     replaces only a folder scatlas wrote: never `--out .` or a folder holding the user's files."""

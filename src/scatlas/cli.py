@@ -60,8 +60,28 @@ _RESUME_HELP = ("Continue an interrupted run from its training checkpoint (OUT's
                 "on CPU the result equals an uninterrupted run's. Same data and options.")
 
 
+def _one_process(command: str) -> None:
+    """Refuse a command other than ``run`` started as one of several ranks of a launcher (torchrun sets ``WORLD_SIZE``).
+
+    Each rank would repeat the whole command and race the others to write the same outputs; only
+    ``scatlas run`` shares the work between ranks and writes from rank 0.
+    """
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command == "run" or not world.isdigit() or int(world) <= 1:
+        return
+    several = " (several GPUs of one machine: one process with --set devices=N --set strategy=ddp_spawn)" if command == "embed" else ""
+    raise ConfigError(f"scatlas {command} runs as one process, but it was started as rank {os.environ.get('RANK', '?')} of "
+                      f"WORLD_SIZE={world} by a launcher (torchrun): every rank would repeat it and write the same outputs. "
+                      f"Start it without the launcher{several}; `scatlas run` is the command that trains under torchrun / SLURM")
+
+
 def _user_errors(fn: F) -> F:
-    """Print a :class:`ScatlasError` as one line on stderr and exit 2; exit 130 / 143 on SIGINT / SIGTERM with one line."""
+    """Print a :class:`ScatlasError` as one line on stderr and exit 2; exit 130 / 143 on SIGINT / SIGTERM with one line.
+
+    A command other than ``run`` started by a distributed launcher is refused first (:func:`_one_process`).
+    """
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -73,6 +93,7 @@ def _user_errors(fn: F) -> F:
 
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            _one_process(fn.__name__.removesuffix("_command").replace("_", " "))
             result = fn(*args, **kwargs)
         except ScatlasError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)

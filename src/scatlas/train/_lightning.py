@@ -30,6 +30,8 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*is an invalid value for `num_workers`.*")
 warnings.filterwarnings("ignore", message=".*You defined a `validation_step` but have no `val_dataloader`.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# the epoch means are summed over ranks before they are logged (``_log_epoch``), so sync_dist would only repeat that
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 class TrainingPlan(L.LightningModule):
