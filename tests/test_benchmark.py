@@ -255,3 +255,26 @@ def test_sampled_estimators_are_close_to_the_exact_columns():
     assert estimated["Silhouette label"] != exact["Silhouette label"] and estimated["KBET"] != exact["KBET"]  # sampled, not exact
     for key in exact:
         assert estimated[key] == pytest.approx(exact[key], abs=0.01 if key in (*sampled, "Bio conservation", "Batch correction", "Total") else 0), key
+
+
+def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony):
+    """Cells without a label are left out of every score with one notice: the scores equal those of the labelled cells
+    alone; precomputed graphs, which hold those cells as neighbours, are refused in one line instead."""
+    import scatlas as sa
+    from scatlas._errors import InputError
+
+    _, Z, _, _ = symphony
+    adata = ad.read_h5ad(symphony_path)
+    adata.obsm["X_pca"] = Z
+    unlabelled = np.zeros(adata.n_obs, dtype=bool)
+    unlabelled[::7] = True
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(~unlabelled, None)
+    notes: list[str] = []
+    table = sa.tl.benchmark(adata, ["X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
+    assert notes == [f"<AnnData>: {unlabelled.sum()} of {adata.n_obs} cells have no label in obs column 'cell_type': "
+                     "left out of the benchmark (its scores need a label per cell)"]
+    alone = sa.tl.benchmark(adata[~unlabelled].copy(), ["X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
+    pd.testing.assert_frame_equal(table, alone)
+    sc.pp.neighbors(adata, n_neighbors=91, use_rep="X_pca", key_added="pca")
+    with pytest.raises(InputError, match="172 cells have no label in obs column 'cell_type'.*'pca_distances'"):
+        sa.tl.benchmark(adata, ["X_pca"], label_key="cell_type", batch_key="batch", graphs={"X_pca": "pca_distances"})

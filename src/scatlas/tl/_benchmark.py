@@ -28,7 +28,7 @@ from scatlas._errors import InputError
 from scatlas._io import write_csv
 from scatlas.data.io import get_matrix, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
-from scatlas.data.validate import check_embeddings, one_batch_notice, validate
+from scatlas.data.validate import check_embeddings, check_obs_keys, one_batch_notice, validate, with_values
 from scatlas.metrics.clustering import kmeans_ari_nmi
 from scatlas.metrics.integration import Neighbors, neighbors_from_distances, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
 from scatlas.metrics.sampling import group_weighted_mean, sample_rows
@@ -60,7 +60,8 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     embeddings
         ``.obsm`` keys.
     label_key, batch_key
-        Cell type and batch columns.
+        Cell type and batch columns. Cells without a label (a missing value) are left out of every
+        score, with one notice; the batch column must be complete.
     pre_key
         ``.obsm`` key of the unintegrated reference for PCR comparison (default: a 50-component
         PCA of the log-normalised ``X``).
@@ -104,6 +105,14 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
         raise InputError(f"{source_name(adata)}: no .X for the unintegrated PCA that PCR comparison starts from (a results-only file, as "
                          "`scatlas embed` and `nmf` write): name an unintegrated .obsm embedding as pre_key (CLI: --pre-key, e.g. the X_pca "
                          "of `scatlas embed --model pca`), or benchmark the file that holds the counts")
+    check_obs_keys(adata, [label_key], missing_ok=True)
+    unlabelled = int(adata.obs[label_key].isna().sum())
+    if unlabelled and graphs:
+        raise InputError(f"{source_name(adata)}: {unlabelled} cells have no label in obs column {label_key!r}, and the precomputed graphs "
+                         f"{sorted(set(graphs.values()))} hold them as neighbours: leave them out before computing the graphs, or score without graphs")
+    labelled = with_values(adata.obs[label_key], source_name(adata), label_key, "no label", "the benchmark (its scores need a label per cell)", log)
+    if unlabelled:
+        adata = adata[labelled]
     validate(adata, batch_key=batch_key, label_key=label_key, require_counts=counts, check_values=pre_key is None)
     notice = one_batch_notice(adata, batch_key)
     if notice:
