@@ -198,6 +198,21 @@ def test_resumable_training_keeps_a_checkpoint_only_once_one_is_written(tmp_path
         assert not (d / "last.ckpt").exists()
 
 
+def test_tl_functions_refuse_resume_without_a_checkpoint_dir():
+    import anndata as ad
+    from conftest import data_path
+
+    import scatlas as sa
+    from scatlas._errors import ConfigError
+
+    kang = ad.read_h5ad(data_path("kang18_muscat_4samples.h5ad"))
+
+    for call in (lambda: sa.tl.embed(kang.copy(), "ae", resume=True), lambda: sa.tl.transfer(kang.copy(), kang.copy(), label_key="cell_type", resume=True),
+                 lambda: sa.tl.aggregate(kang.copy(), sample_key="sample_id", label_key="cell_type", resume=True)):
+        with pytest.raises(ConfigError, match="resume=True continues from the checkpoints in checkpoint_dir: give checkpoint_dir"):
+            call()
+
+
 _TRAIN_SCRIPT = """
 import sys
 from pathlib import Path
@@ -245,3 +260,37 @@ def test_classifier_training_killed_then_resumed_equals_an_uninterrupted_run(tmp
     files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file() and p.suffix != ".html")
     differ = [str(f) for f in files if (tmp_path / "whole" / f).read_bytes() != (tmp_path / "cut" / f).read_bytes()]
     assert files and differ == [f for f in map(str, files) if f.endswith("history.csv")]  # only the epochs' wall times differ
+
+
+def test_aggregate_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
+    """`aggregate` keeps each seed's set-model checkpoint when killed; --resume reloads the finished seeds, continues the
+    third from its last epoch (the same views drawn) and writes the uninterrupted run's tables, profiles and model."""
+    from conftest import data_path
+
+    args = [sys.executable, "-m", "scatlas", "aggregate", str(data_path("onek1k_4types_40donors.h5ad")), "--sample-key", "donor_id,cell_type",
+            "--label-key", "donor_id", "--batch-key", "cell_type", "--features", "pca:20", "--seeds", "3", "--width", "256", "--max-epochs", "40"]
+
+    def aggregate(out: str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*args, "--out", str(tmp_path / out), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    assert aggregate("whole").wait(timeout=600) == 0
+    assert not (tmp_path / "whole_checkpoints").exists()
+    proc, checkpoints = aggregate("cut"), tmp_path / "cut_checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "seed_2" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert all((checkpoints / f"seed_{s}" / "last.ckpt").exists() for s in range(3)) and not (tmp_path / "cut").exists()
+    again = aggregate("cut", "--seeds", "4", "--resume")
+    _, stderr = again.communicate(timeout=600)
+    assert again.returncode == 2 and "seeds: [0, 1, 2], now [0, 1, 2, 3]" in stderr
+    resumed = aggregate("cut", "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert not checkpoints.exists()
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.suffix not in (".html", ".png"))
+    assert "model.pt" in files and "metrics.csv" in files
+    assert [f for f in files if (tmp_path / "whole" / f).read_bytes() != (tmp_path / "cut" / f).read_bytes()] == []

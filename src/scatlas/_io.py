@@ -270,15 +270,25 @@ def name_digest(names: Any) -> str:
     return f"{len(names)}, sha256 {hashlib.sha256(chr(0).join(names).encode()).hexdigest()[:16]}"
 
 
+def checkpoint_path(checkpoint_dir: str | os.PathLike[str] | None, resume: bool) -> Path | None:
+    """A ``tl`` function's ``checkpoint_dir`` as a path; ``resume`` without one is refused."""
+    from scatlas._errors import ConfigError
+
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True continues from the checkpoints in checkpoint_dir: give checkpoint_dir")
+    return None if checkpoint_dir is None else Path(checkpoint_dir)
+
+
 def check_checkpoint_settings(directory: Path, settings: dict[str, Any], cells: Any, genes: Any, resume: bool) -> None:
     """Write ``settings`` (what decides the trained weights: options and seed), with digests of the ``cells`` and
-    ``genes`` (:func:`name_digest`), beside the checkpoints in ``directory``; when resuming them, first refuse settings
-    that differ from those they were written with (a resumed fit must continue the same training), naming each.
-    How often checkpoints are written (``training.checkpoint_interval_s``) may change."""
+    ``genes`` (:func:`name_digest`; ``genes=None``: none, e.g. features whose digest is in ``settings``), beside the
+    checkpoints in ``directory``; when resuming them, first refuse settings that differ from those they were written
+    with (a resumed fit must continue the same training), naming each. How often checkpoints are written
+    (``training.checkpoint_interval_s``) may change."""
     from scatlas._errors import ConfigError
 
     training = {k: v for k, v in settings.get("training", {}).items() if k != "checkpoint_interval_s"}
-    settings = {**settings, "training": training, "cells": name_digest(cells), "genes": name_digest(genes)}
+    settings = {**settings, "training": training, "cells": name_digest(cells), **({} if genes is None else {"genes": name_digest(genes)})}
     path = directory / CHECKPOINT_SETTINGS
     if resume and has_checkpoint(directory) and path.exists():
         saved = yaml.safe_load(path.read_text()) or {}

@@ -53,7 +53,7 @@ def _resume_hint(fn: Callable[..., Any], kwargs: dict[str, Any]) -> str:
     return "; no partial output was kept"
 
 
-_RESUMABLE = ("embed", "nmf", "transfer", "annotate_train")
+_RESUMABLE = ("embed", "nmf", "transfer", "annotate_train", "aggregate")
 """Commands that keep a training checkpoint beside their output (:func:`scatlas._io.resumable_training`)."""
 
 _RESUME_HELP = ("Continue an interrupted run from its training checkpoint (OUT's name + _checkpoints, kept when a run is stopped); "
@@ -488,36 +488,44 @@ def aggregate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's / .zarr's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Cells read at a time by the streamed passes (--stream).")] = 65_536,
+    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
 ) -> None:
-    """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP."""
-    from scatlas._io import check_output_dir
+    """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP.
+
+    Each seed's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a
+    stop, the same command with --resume continues it (finished seeds are reloaded).
+    """
+    from scatlas._io import check_output_dir, checkpoints_beside, resumable_training
     from scatlas.tl._aggregation import joined_samples, load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
                                 "max_epochs": max_epochs, "features": features, "group_key": group_key, "chunk_size": chunk_size,
                                 **({"cells_mean": cells_per_view} if cells_per_view else {})}
-    if toy is not None:
-        if toy != "covariance":
-            raise ConfigError(f"--toy: unknown check {toy!r}; available: covariance")
-        cells = toy_covariance()
-        settings.update(sample_key="sample", label_key="label", batch_key="replicate", normalize="none", cells_mean=400, cells_sd=100, cells_min=100, labels_per_batch=10)
-        console.print("toy: 10 classes with zero mean and rotated covariances, 4 replicate sets of 800 points; set 'replicate' held out")
-    else:
-        if data is None or label_key is None or (sample_key is None and cells_per_sample is None):
-            raise ConfigError("aggregate: give DATA, --label-key and --sample-key (or --cells-per-sample), or --toy covariance")
-        combined = sample_key is None or "," in sample_key
-        settings.update(sample_key="scatlas_sample" if combined else sample_key, label_key=label_key, batch_key=batch_key)
-        check_output_dir(out, overwrite, (data,))
-        cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}), stream=stream)
-        columns = sample_key.split(",") if sample_key else []
-        missing = [c for c in columns if c not in cells.obs.columns]
-        if missing:
-            raise InputError(f"{data}: --sample-key columns {missing} not found; available: {list(cells.obs.columns)[:30]}")
-        if sample_key is None:
-            cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
-        elif combined:  # e.g. --sample-key donor_id,cell_type
-            cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
-    summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=console.print)
+    if toy is not None and toy != "covariance":
+        raise ConfigError(f"--toy: unknown check {toy!r}; available: covariance")
+    if toy is None and (data is None or label_key is None or (sample_key is None and cells_per_sample is None)):
+        raise ConfigError("aggregate: give DATA, --label-key and --sample-key (or --cells-per-sample), or --toy covariance")
+    check_output_dir(out, overwrite, (data,) if data is not None else ())
+    with resumable_training(checkpoints_beside(out), resume, overwrite, console.print) as checkpoints:
+        if toy is not None:
+            cells = toy_covariance()
+            settings.update(sample_key="sample", label_key="label", batch_key="replicate", normalize="none", cells_mean=400, cells_sd=100, cells_min=100,
+                            labels_per_batch=10)
+            console.print("toy: 10 classes with zero mean and rotated covariances, 4 replicate sets of 800 points; set 'replicate' held out")
+        else:
+            assert data is not None and label_key is not None
+            combined = sample_key is None or "," in sample_key
+            settings.update(sample_key="scatlas_sample" if combined else sample_key, label_key=label_key, batch_key=batch_key)
+            cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}), stream=stream)
+            columns = sample_key.split(",") if sample_key else []
+            missing = [c for c in columns if c not in cells.obs.columns]
+            if missing:
+                raise InputError(f"{data}: --sample-key columns {missing} not found; available: {list(cells.obs.columns)[:30]}")
+            if sample_key is None:
+                cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
+            elif combined:  # e.g. --sample-key donor_id,cell_type
+                cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
+        summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=console.print, checkpoint_dir=checkpoints, resume=resume)
     shown = summary[summary["metric"].isin(["map", "precision_at_r"])]
     table = Table(title="held-out queries: mean ± 95% CI half-width over seeds")
     for column in ("task", "method", "metric", "mean", "± CI"):

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from scatlas._lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import anndata as ad
     import pandas as pd
 
@@ -37,7 +39,7 @@ __getattr__ = lazy_attributes(__name__, _HOMES)
 
 
 def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: str | None = None, features: str | None = None,
-              **settings: Any) -> pd.DataFrame:
+              checkpoint_dir: str | Path | None = None, resume: bool = False, **settings: Any) -> pd.DataFrame:
     """Learn sample profiles with the set model and score them against mean / median aggregation by mAP.
 
     Parameters
@@ -54,6 +56,11 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
         Plate / donor: positives must come from another batch, and whole batches are held out.
     features
         ``None`` (``.X``), an ``.obsm`` key, or ``pca:<k>``.
+    checkpoint_dir
+        Where each seed's set model keeps its training checkpoint (``seed_<s>/``; ``None``: none).
+    resume
+        Continue from the checkpoints in ``checkpoint_dir`` (same data and settings; on CPU the
+        result equals an uninterrupted run's).
     **settings
         Other :class:`~scatlas.tl._aggregation.AggregateConfig` fields (``seeds``, ``width``, ...).
 
@@ -65,10 +72,12 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
     --------
     >>> sa.tl.aggregate(adata, sample_key="sample", label_key="cell_type", batch_key="donor_id")  # doctest: +SKIP
     """
+    from scatlas._io import checkpoint_path
     from scatlas.tl._aggregation import cells_from_anndata, load_aggregate_config, run_aggregation
 
+    checkpoints = checkpoint_path(checkpoint_dir, resume)
     config = load_aggregate_config({"sample_key": sample_key, "label_key": label_key, "batch_key": batch_key, "features": features, **settings})
-    return run_aggregation(cells_from_anndata(adata, config), config, log=lambda _: None)
+    return run_aggregation(cells_from_anndata(adata, config), config, log=lambda _: None, checkpoint_dir=checkpoints, resume=resume)
 
 
 __all__ = ["AggregateConfig", "Annotator", "ReferenceModel", "ScatlasModel", "aggregate", "annotate", "benchmark", "counterfactual", "embed",

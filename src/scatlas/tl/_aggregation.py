@@ -9,6 +9,7 @@ given) and the mAP is averaged over the held-out batches' queries, for each seed
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError, UnpairedError
-from scatlas._io import atomic_path, check_output_dir, staged_dir, write_csv, write_parquet, write_torch, write_yaml
+from scatlas._io import atomic_path, check_checkpoint_settings, check_output_dir, staged_dir, write_csv, write_parquet, write_torch, write_yaml
 from scatlas.data.io import get_matrix, on_disk, read_anndata, string_values, to_csr
 from scatlas.data.dataset import file_source, whole_backed
 from scatlas.data.loaders import host_tensor
@@ -283,6 +284,10 @@ class ViewSampler:
     def __len__(self) -> int:
         return self.steps
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the views of epoch ``epoch`` next (the trainer calls it before each epoch, so a resumed fit draws the same views)."""
+        self._epoch = epoch
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rng = np.random.default_rng((self.seed, self._epoch))
         self._epoch += 1
@@ -352,8 +357,12 @@ def _cells_per_view(config: AggregateConfig, sizes: np.ndarray) -> tuple[float, 
     return median, median / 2, max(2, int(median // 4))
 
 
-def train_aggregator(X: ScaledFeatures, sample_ids: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray, config: AggregateConfig, seed: int) -> SetAggregator:
-    """Fit the set model on the features ``X`` of the samples ``train`` (checkpoint with the best mAP on ``val``)."""
+def train_aggregator(X: ScaledFeatures, sample_ids: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.ndarray, config: AggregateConfig, seed: int,
+                     checkpoint_dir: Path | None = None, resume: bool = False) -> SetAggregator:
+    """Fit the set model on the features ``X`` of the samples ``train`` (checkpoint with the best mAP on ``val``).
+
+    Its training checkpoint goes to ``checkpoint_dir``; ``resume`` continues from it (on CPU to the bit).
+    """
     rows_of = rows_by_sample(sample_ids)
     label_of = pd.Series(labels).groupby(sample_ids, sort=False).first().to_dict()
     train_cells = {s: rows_of[s] for s in train}
@@ -363,7 +372,7 @@ def train_aggregator(X: ScaledFeatures, sample_ids: np.ndarray, labels: np.ndarr
     plan = AggregationPlan(module, lr=config.lr, weight_decay=config.weight_decay)
     train_config = TrainConfig(max_epochs=config.max_epochs, patience=config.patience, monitor="val_map", monitor_mode="max", restore_best=True, seed=seed,
                                progress=False)
-    fit(plan, sampler, SampleLoader(X, {s: rows_of[s] for s in val}, label_of), train_config)
+    fit(plan, sampler, SampleLoader(X, {s: rows_of[s] for s in val}, label_of), train_config, checkpoint_dir, resume)
     return module.eval()
 
 
@@ -445,8 +454,13 @@ def _retrieval(profiles: np.ndarray, meta: pd.DataFrame, label: str, batch: str 
     return ap
 
 
-def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path | None = None, overwrite: bool = False, log: Log = print) -> pd.DataFrame:
+def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path | None = None, overwrite: bool = False, log: Log = print,
+                    checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
     """Train on the non-test batches for every seed; score learned, mean and median profiles.
+
+    Seed ``s``'s set model keeps its training checkpoint in ``checkpoint_dir / seed_<s>``; ``resume``
+    continues every seed from there (a finished one is reloaded), after checking that the settings,
+    samples and features are those the checkpoints were written with.
 
     Returns
     -------
@@ -485,6 +499,10 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
                          "a positive to retrieve; use a finer sample key (e.g. donor_id,cell_type) or --cells-per-sample")
     log(f"{len(samples)} samples, {len(np.unique(label_codes))} labels; held out: {test.sum()} samples" + (f" of batches {sorted(map(str, test_batches))}" if config.batch_key else ""))
     tasks = [("label", config.label_key, None)] + ([("group", config.group_key, config.label_key)] if config.group_key else [])
+    if checkpoint_dir is not None:  # the features decide the weights: their digest, not names (an .obsm key or pca:<k> has none)
+        features = hashlib.sha256(np.ascontiguousarray(cells.X).view(np.uint8)).hexdigest()[:16]
+        check_checkpoint_settings(checkpoint_dir, {**config.model_dump(mode="json"), "features": f"{cells.X.shape[1]}, sha256 {features}"},
+                                  sample_ids, None, resume)
     rows, profiles_seed0 = [], {}
     for how in ("mean", "median"):
         profiles = baseline_profiles(X, sample_ids, samples, how)
@@ -493,7 +511,8 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
     for seed in config.seeds:
         val_mask = validation_samples(pd.Series(label_codes, index=samples).loc[train_samples].to_numpy(), 0.2, seed)
         cell_labels = pd.Series(label_codes, index=samples).reindex(sample_ids).to_numpy()
-        module = train_aggregator(X, sample_ids, cell_labels, train_samples[~val_mask], train_samples[val_mask], config, seed)
+        module = train_aggregator(X, sample_ids, cell_labels, train_samples[~val_mask], train_samples[val_mask], config, seed,
+                                  checkpoint_dir / f"seed_{seed}" if checkpoint_dir is not None else None, resume)
         profiles = learned_profiles(module, X, sample_ids, samples)
         rows += _score(profiles, meta, config, tasks, test, "learned", seed)
         if seed == config.seeds[0]:

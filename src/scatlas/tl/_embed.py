@@ -21,7 +21,7 @@ import yaml
 
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import check_checkpoint_settings, staged_dir, write_csv
+from scatlas._io import check_checkpoint_settings, checkpoint_path, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
 from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, to_csr, var_name
@@ -442,8 +442,7 @@ def embed(
     """
     if model not in REGISTRY:
         raise ConfigError(f"unknown model {model!r}; available: {sorted(k for k, v in REGISTRY.items() if not issubclass(v, LatentClassifier))}")
-    if resume and checkpoint_dir is None:
-        raise ConfigError("resume=True continues from checkpoint_dir's last.ckpt: give checkpoint_dir")
+    checkpoint_dir = checkpoint_path(checkpoint_dir, resume)
     counts, decided = resolve_input(adata, layer, input)
     entry, training = split_options(model, model_options)
     if max_epochs is not None:
@@ -462,7 +461,6 @@ def embed(
         sdata = all_cells_split(split.X, data.obs, batch_key, label_key, split.genes, train, val)
         prep = Preprocessing(split.genes, counts, layer, split.scaler)
     if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir)
         settings = {"model": _plain(entry), "training": _plain(training), "seed": seed, "batch_key": batch_key, "label_key": label_key, "layer": layer,
                     "counts": counts, "scale": scale, "n_top_genes": n_top_genes, "val_fraction": val_fraction, "streamed": on_disk(adata)}
         check_checkpoint_settings(checkpoint_dir, settings, adata.obs_names, prep.genes, resume)

@@ -28,8 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas._errors import ConfigError, InputError
-from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoints_beside, resumable_training, staged_dir,
-                         write_csv, write_npy, write_yaml)
+from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
+                         staged_dir, write_csv, write_npy, write_yaml)
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
                                     no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
@@ -568,8 +568,7 @@ def transfer(
     """
     if method is not None and method not in METHODS:
         raise ConfigError(f"transfer: unknown method {method!r}; available: {sorted(METHODS)}")
-    if resume and checkpoint_dir is None:
-        raise ConfigError("resume=True continues from checkpoint_dir's checkpoint: give checkpoint_dir")
+    checkpoints = checkpoint_path(checkpoint_dir, resume)
     if "model" in settings and (method, loss, ensemble) != (None, "ce", 1):
         raise ConfigError("transfer: pass either `model` (a whole classifier entry, e.g. {'type': 'mlp', 'loss': 'hce', 'ensemble': 3}) "
                           "or `method` / `loss` / `ensemble`, not both")
@@ -588,7 +587,7 @@ def transfer(
     layers = check_queries(queries, config, data, log)
     parts: list[np.ndarray] = []
     model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()),
-                                                Path(checkpoint_dir) if checkpoint_dir is not None else None, resume)
+                                                checkpoints, resume)
     key = ontology_key or label_key
     labels = model.annotator.labels
     fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
