@@ -263,8 +263,9 @@ def test_classifier_training_killed_then_resumed_equals_an_uninterrupted_run(tmp
 
 
 def test_aggregate_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
-    """`aggregate` keeps each seed's set-model checkpoint when killed; --resume reloads the finished seeds, continues the
-    third from its last epoch (the same views drawn) and writes the uninterrupted run's tables, profiles and model."""
+    """`aggregate` keeps each seed's set-model checkpoint when killed (one per epoch with --checkpoint-interval 0); --resume
+    reloads the finished seeds, continues the third from its last epoch (the same views drawn) and writes the uninterrupted
+    run's tables, profiles, model and config, also with another checkpoint interval."""
     from conftest import data_path
 
     args = [sys.executable, "-m", "scatlas", "aggregate", str(data_path("onek1k_4types_40donors.h5ad")), "--sample-key", "donor_id,cell_type",
@@ -275,7 +276,7 @@ def test_aggregate_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
 
     assert aggregate("whole").wait(timeout=600) == 0
     assert not (tmp_path / "whole_checkpoints").exists()
-    proc, checkpoints = aggregate("cut"), tmp_path / "cut_checkpoints"
+    proc, checkpoints = aggregate("cut", "--checkpoint-interval", "0"), tmp_path / "cut_checkpoints"
     deadline = time.monotonic() + 300
     while not (checkpoints / "seed_2" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -287,7 +288,7 @@ def test_aggregate_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
     again = aggregate("cut", "--seeds", "4", "--resume")
     _, stderr = again.communicate(timeout=600)
     assert again.returncode == 2 and "seeds: [0, 1, 2], now [0, 1, 2, 3]" in stderr
-    resumed = aggregate("cut", "--resume")
+    resumed = aggregate("cut", "--resume", "--checkpoint-interval", "30")
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
     assert not checkpoints.exists()

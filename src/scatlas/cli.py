@@ -242,6 +242,8 @@ _METHOD_HELP = ("Classifier: linear (default in memory: one-vs-rest logistic reg
                 "mlp (default with --stream) or tabnet.")
 _ENSEMBLE_HELP = ("Networks averaged (mlp / tabnet), each with its own seed and early-stopping cells: steadier from seed to seed, "
                   "about that many times the training time.")
+_CHECKPOINT_HELP = ("Seconds between a network's training checkpoints for --resume (written at the end of an epoch, and when training ends; "
+                    "0: every epoch). Not a setting of the result: a resumed run may use another.")
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
 
@@ -267,10 +269,10 @@ def _input_kind(data: Path, layer: str | None, input: str) -> tuple[str, Callabl
     return "counts" if counts else "lognorm", log
 
 
-def _classifier_training(max_epochs: int | None, batch_size: int | None, chunk_size: int | None) -> dict[str, int | None]:
+def _classifier_training(max_epochs: int | None, batch_size: int | None, chunk_size: int | None, checkpoint_interval: float) -> dict[str, float | None]:
     """The classifier's training settings from the CLI: the minibatch size and epochs only where given (else scaled to the reference)."""
     given = {"max_epochs": max_epochs, "batch_size": batch_size}
-    return {"patience": 10, "chunk_size": chunk_size, **{k: v for k, v in given.items() if v is not None}}
+    return {"patience": 10, "chunk_size": chunk_size, "checkpoint_interval_s": checkpoint_interval, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _filters(values: list[str]) -> dict[str, list[str]]:
@@ -312,6 +314,7 @@ def annotate_train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
+    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
 ) -> None:
     """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model.
 
@@ -336,7 +339,7 @@ def annotate_train(
             "n_top_genes": n_top_genes,
             "split": {"kind": split, "n_splits": n_splits or 5, "group_key": group_key, "seed": seed},
             "cross_validate": n_splits != 0,
-            "training": _classifier_training(max_epochs, batch_size, chunk_size),
+            "training": _classifier_training(max_epochs, batch_size, chunk_size, checkpoint_interval),
             "final_model": final,
             "seed": seed,
         }
@@ -430,6 +433,7 @@ def transfer(
     batch_size: Annotated[int | None, typer.Option(help=_BATCH_HELP)] = None,
     figures: Annotated[bool, typer.Option("--figures", help="Also draw each confusion matrix as a PNG (the report and confusion_matrix.csv hold them anyway).")] = False,
     resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
+    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change).
 
@@ -453,7 +457,7 @@ def transfer(
             "dataset_key": dataset_key,
             "query_label_key": query_label_key,
             "model": {**METHODS[method or default_method(stream)], "loss": loss, "ensemble": ensemble},
-            "training": _classifier_training(max_epochs, batch_size, chunk_size),
+            "training": _classifier_training(max_epochs, batch_size, chunk_size, checkpoint_interval),
             "confidence_threshold": confidence_threshold,
             "distance_quantile": distance_quantile,
             "min_overlap": min_overlap,
@@ -489,6 +493,7 @@ def aggregate(
     stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's / .zarr's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Cells read at a time by the streamed passes (--stream).")] = 65_536,
     resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
+    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP.
 
@@ -500,6 +505,7 @@ def aggregate(
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
                                 "max_epochs": max_epochs, "features": features, "group_key": group_key, "chunk_size": chunk_size,
+                                "checkpoint_interval_s": checkpoint_interval,
                                 **({"cells_mean": cells_per_view} if cells_per_view else {})}
     if toy is not None and toy != "covariance":
         raise ConfigError(f"--toy: unknown check {toy!r}; available: covariance")
@@ -570,6 +576,7 @@ def embed(
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream).")] = None,
     resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
+    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
 ) -> None:
     """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model.
 
@@ -585,7 +592,7 @@ def embed(
     check_output_dir(model_dir, overwrite, (data,))
     with resumable_training(checkpoints_beside(out), resume, overwrite, console.print) as checkpoints:
         adata = read_anndata(data, backed=stream)
-        options = _option_values(set_ or [])
+        options = {"checkpoint_interval_s": checkpoint_interval, **_option_values(set_ or [])}  # --set checkpoint_interval_s=... as well
         if chunk_size is not None:
             options["chunk_size"] = chunk_size
         result = fit_embedding(adata, model, batch_key=batch_key, label_key=label_key, layer=layer, input=input, key_added=key_added,  # type: ignore[arg-type]
@@ -620,6 +627,7 @@ def nmf(
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream; all cells otherwise).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its tables.")] = False,
     resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
+    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
 ) -> None:
     """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks.
 
@@ -633,7 +641,8 @@ def nmf(
     kind, log = _input_kind(data, layer, input)
     dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": kind, "layer": layer, "batch_key": batch_key,
                                              "label_key": label_key})
-    training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size})
+    training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size,
+                                               "checkpoint_interval_s": checkpoint_interval})
     tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream, overwrite=overwrite,
                          resume=resume)
     for name, table in tables.items():

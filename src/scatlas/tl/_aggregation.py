@@ -80,6 +80,9 @@ class AggregateConfig(BaseModel):
     chunk_size
         Cells read at a time by the streamed passes over an on-disk matrix (``pca:<k>`` or ``.X``
         of a backed file); host memory holds one such chunk, not the cells' genes.
+    checkpoint_interval_s
+        Seconds between a seed's training checkpoints when it keeps them (``checkpoint_dir``); not
+        a setting of the result, so neither ``config.yaml`` nor a resume compares it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -109,6 +112,7 @@ class AggregateConfig(BaseModel):
     lr: float = 5e-4
     weight_decay: float = 0.01
     chunk_size: int = Field(65_536, gt=0)
+    checkpoint_interval_s: float = Field(60.0, ge=0)
 
 
 def read_cells(path: str | Path, config: AggregateConfig, stream: bool = False) -> CellTable:
@@ -371,7 +375,7 @@ def train_aggregator(X: ScaledFeatures, sample_ids: np.ndarray, labels: np.ndarr
     module = SetAggregator(X.shape[1], config.width, config.head_width, config.out_width, config.pooling, config.temperature)
     plan = AggregationPlan(module, lr=config.lr, weight_decay=config.weight_decay)
     train_config = TrainConfig(max_epochs=config.max_epochs, patience=config.patience, monitor="val_map", monitor_mode="max", restore_best=True, seed=seed,
-                               progress=False)
+                               progress=False, checkpoint_interval_s=config.checkpoint_interval_s)
     fit(plan, sampler, SampleLoader(X, {s: rows_of[s] for s in val}, label_of), train_config, checkpoint_dir, resume)
     return module.eval()
 
@@ -499,10 +503,10 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
                          "a positive to retrieve; use a finer sample key (e.g. donor_id,cell_type) or --cells-per-sample")
     log(f"{len(samples)} samples, {len(np.unique(label_codes))} labels; held out: {test.sum()} samples" + (f" of batches {sorted(map(str, test_batches))}" if config.batch_key else ""))
     tasks = [("label", config.label_key, None)] + ([("group", config.group_key, config.label_key)] if config.group_key else [])
+    settings = config.model_dump(mode="json", exclude={"checkpoint_interval_s"})
     if checkpoint_dir is not None:  # the features decide the weights: their digest, not names (an .obsm key or pca:<k> has none)
         features = hashlib.sha256(np.ascontiguousarray(cells.X).view(np.uint8)).hexdigest()[:16]
-        check_checkpoint_settings(checkpoint_dir, {**config.model_dump(mode="json"), "features": f"{cells.X.shape[1]}, sha256 {features}"},
-                                  sample_ids, None, resume)
+        check_checkpoint_settings(checkpoint_dir, {**settings, "features": f"{cells.X.shape[1]}, sha256 {features}"}, sample_ids, None, resume)
     rows, profiles_seed0 = [], {}
     for how in ("mean", "median"):
         profiles = baseline_profiles(X, sample_ids, samples, how)
@@ -527,7 +531,7 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
             for how, profiles in profiles_seed0.items():
                 _write_profiles(profiles, meta, stage / f"profiles_{how}")
             write_torch(model0.state_dict(), stage / "model.pt")
-            write_yaml({**config.model_dump(mode="json"), "n_features": int(X.shape[1]), "data": cells.source}, stage / "config.yaml")
+            write_yaml({**settings, "n_features": int(X.shape[1]), "data": cells.source}, stage / "config.yaml")
             _pr_figure(profiles_seed0, meta, config, test, stage / "precision_recall.png")
             write_report(stage / "report.html", "Profile aggregation: learned vs mean vs median",
                          [Section("Held-out queries: mean and 95% CI over seeds", [summary], [stage / "precision_recall.png"]), Section("Per seed", [metrics])], cells.source)

@@ -44,7 +44,7 @@ from scatlas.report.html import Section, mean_ci_table, write_report
 from scatlas.tl._embed import categorical_codes
 
 if TYPE_CHECKING:
-    from scatlas.tl._transfer import ReferenceModel
+    from scatlas.tl._transfer import ReferenceModel, TransferConfig
 
 STRATA = ("assay", "dataset_id", "dataset", "disease", "tissue", "tissue_general")
 Log = Callable[[str], None]
@@ -481,6 +481,13 @@ def unset_scaled(training: TrainingConfig) -> dict[str, set[str]]:
     return {"training": {"batch_size", "max_epochs"} - training.model_fields_set}
 
 
+def config_record(config: AnnotateConfig | TransferConfig) -> dict[str, Any]:
+    """What ``config.yaml`` records of an ``annotate`` / ``transfer`` config: every setting but the training fields
+    :func:`scaled_training` decides (:func:`unset_scaled`) and how often checkpoints were written (not a setting of
+    the result: a resumed run may use another)."""
+    return config.model_dump(mode="json", exclude={"training": unset_scaled(config.training)["training"] | {"checkpoint_interval_s"}})
+
+
 def fit_classifier(
     model_entry: dict[str, Any],
     training: TrainingConfig,
@@ -688,7 +695,7 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
             if config.final_model:
                 log("final model on all labelled cells")
                 _final_model(config, data, labels, codes, key, stage, log, checkpoints / "final", resume)
-            write_yaml({**config.model_dump(mode="json", exclude=unset_scaled(config.training)), "ontology": labels.ontology_version}, stage / "config.yaml")
+            write_yaml({**config_record(config), "ontology": labels.ontology_version}, stage / "config.yaml")
             sections = []
             if config.cross_validate:
                 sections = [Section("Test cells: mean ± 95% CI half-width over folds", [mean_ci_table(summary, "evaluation", ("accuracy", "macro_f1", "weighted_f1"))],

@@ -466,7 +466,8 @@ def embed(
         check_checkpoint_settings(checkpoint_dir, settings, adata.obs_names, prep.genes, resume)
     fitted, history = fit_all_cells(sdata, entry, training, seed, progress, log, checkpoint_dir, resume)
     key = key_added or f"X_{model}"
-    result = ScatlasModel(fitted, prep, batch_key, label_key, key, sdata.batch_names, sdata.label_names, history, {"training": training}, sdata, log)
+    recorded = {k: v for k, v in training.items() if k != "checkpoint_interval_s"}  # how often checkpoints were kept is not a setting of the result
+    result = ScatlasModel(fitted, prep, batch_key, label_key, key, sdata.batch_names, sdata.label_names, history, {"training": recorded}, sdata, log)
     write_results(adata, result)
     return result
 

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
                          staged_dir, write_csv, write_npy, write_yaml)
-from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, default_method, fit_classifier, label_space, model_directory,
-                                    no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unset_scaled, write_calls)
+from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, config_record, default_method, fit_classifier, label_space,
+                                    model_directory, no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, write_calls)
 from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
@@ -470,7 +470,7 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
         table = pd.DataFrame(summary)
         table["n_cells"] = table["n_cells"].astype(int)
         write_csv(table, stage / "summary.csv")
-        write_yaml(config.model_dump(mode="json", exclude=unset_scaled(config.training)), stage / "config.yaml")
+        write_yaml(config_record(config), stage / "config.yaml")
         sections = [Section("Summary", [table]), Section("Calibration (held-out reference cells)", [pd.read_csv(stage / "calibration.csv")])]
         for name, folder in [("reference (held-out cells)", stage / "reference"), *((s, stage / s) for s in stems)]:
             if (folder / "confusion_matrix.csv").exists():
