@@ -243,3 +243,35 @@ def test_ddp_strategies_get_the_configured_timeout():
     strategy = lightning_strategy(config)
     assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(minutes=7) and strategy._start_method == "spawn"
     assert lightning_strategy(TrainConfig(strategy="auto")) == "auto"
+
+
+_OWN_GROUP_SCRIPT = """
+import os, socket, sys
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+def worker(rank, port, data):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    import anndata as ad, scatlas as sa
+    sa.tl.embed(ad.read_h5ad(data), "ae", max_epochs=2, restore_best=True)  # restore_best: through the Lightning trainer
+    print("group kept:", dist.is_initialized(), flush=True)
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, sys.argv[1]), nprocs=1)
+"""
+
+
+def test_a_fit_in_a_users_own_worker_keeps_its_process_group(tmp_path):
+    """Only a worker that the fit's own ddp_spawn started has its process group destroyed at the end (gloo's exit hazard);
+    a user's multiprocessing worker running a one-process fit keeps the group it made."""
+    from conftest import data_path
+
+    script = tmp_path / "own_group.py"  # a file: spawned workers import the function from it
+    script.write_text(_OWN_GROUP_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(data_path("scmerge_mesc_2batches.h5ad"))], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "group kept: True" in done.stdout

@@ -175,21 +175,24 @@ class ResumeState(Callback):
 
 
 class ReleaseProcessGroup(Callback):
-    """In a worker that ``ddp_spawn`` started, destroy the process group when the fit ends.
+    """In a worker that this fit's ``ddp_spawn`` started, destroy the process group when the fit ends.
 
     The worker exits right after; gloo's threads, left to the exit, can abort it ("terminate called
     without an active exception", SIGABRT: seen once in CI, a known PyTorch hazard of exiting without
     ``destroy_process_group``). A process that launched itself (torchrun, ``ddp``) keeps its group for
-    later fits.
+    later fits, and so does any other process: e.g. a worker of the user's own multiprocessing whose
+    group a fit without ``ddp_spawn`` shares.
     """
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Destroy the process group of a spawned worker."""
+        """Destroy the process group of a worker that this fit's spawn launcher started."""
         import multiprocessing
 
         import torch.distributed as dist
+        from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
-        if multiprocessing.parent_process() is not None and dist.is_available() and dist.is_initialized():
+        spawned = isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher) and multiprocessing.parent_process() is not None
+        if spawned and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
