@@ -39,6 +39,11 @@ class GeneAlignment:
         """Share of model genes found in the query."""
         return self.n_shared / max(self.n_model_genes, 1)
 
+    @property
+    def matched_by(self) -> str:
+        """What the query's gene names were read from: ``var_names`` or ``var['<gene_key>']``."""
+        return "var_names" if self.gene_key is None else f"var[{self.gene_key!r}]"
+
     def report(self) -> dict[str, object]:
         """Counts and up to 20 missing genes, for logs and ``gene_overlap.csv``."""
         return {
@@ -47,12 +52,12 @@ class GeneAlignment:
             "shared_genes": self.n_shared,
             "fraction_of_model_genes": round(self.fraction, 4),
             "missing_examples": ";".join(self.missing[:20]),
-            "query_gene_names": "var_names" if self.gene_key is None else f"var[{self.gene_key!r}]",
+            "query_gene_names": self.matched_by,
         }
 
     def said(self, name: str, missing: str) -> str:
         """One log line: how many model genes ``name`` has, matched by what, and what its missing ones are set to (``missing``)."""
-        found = f"{name}: {self.n_shared} of the model's {self.n_model_genes} genes found ({self.fraction:.1%}, by {self.report()['query_gene_names']})"
+        found = f"{name}: {self.n_shared} of the model's {self.n_model_genes} genes found ({self.fraction:.1%}, by {self.matched_by})"
         return found + ("" if self.n_shared == self.n_model_genes else f"; missing ones {missing}")
 
     def apply(self, X: sp.csr_matrix) -> sp.csr_matrix:
