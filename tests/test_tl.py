@@ -407,3 +407,26 @@ def test_queries_are_read_from_the_layer_the_model_was_trained_on(symphony, tmp_
     assert (again.obs["author_cell_type_pred"] == plain.obs["author_cell_type_pred"]).all()
     with pytest.raises(InputError, match="layer 'spliced' not found"):  # an explicit layer is read as given
         sa.tl.annotate(query.copy(), tmp_path / "model", layer="spliced", log=lambda _: None)
+
+
+def test_embed_without_a_model_removes_the_batch_it_is_given():
+    """No model named: fe when the batch key holds several batches (the integration method measured best), ae otherwise, said
+    in one line; a model that ignores the batch key says its latent keeps the batch effect."""
+    from conftest import data_path
+
+    mesc = ad.read_h5ad(data_path("scmerge_mesc_2batches.h5ad"))
+    said: list[str] = []
+    sa.tl.embed(adata := mesc.copy(), batch_key="batch", max_epochs=1, log=said.append)
+    assert list(adata.obsm) == ["X_fe"] and said[0].startswith("model: fe (the default with a batch key of several batches")
+    said.clear()
+    sa.tl.embed(adata := mesc.copy(), max_epochs=1, log=said.append)
+    assert list(adata.obsm) == ["X_ae"] and said[0].startswith("model: ae (the default without a batch key")
+    one = mesc.copy()
+    one.obs["run"] = "only"
+    assert sa.tl.embed(one, batch_key="run", max_epochs=1).name == "ae"
+    said.clear()
+    sa.tl.embed(mesc.copy(), "pca", batch_key="batch", log=said.append)
+    assert said[0] == "pca does not use the batch key 'batch': its latent keeps any batch effect (fe removes it; README \"Which model for integration\")"
+    said.clear()
+    sa.tl.embed(mesc.copy(), "fe", batch_key="batch", max_epochs=1, log=said.append)
+    assert not any("does not use the batch" in line or line.startswith("model:") for line in said)

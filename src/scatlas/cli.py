@@ -561,7 +561,8 @@ def _option_values(values: list[str]) -> dict[str, Any]:
 def embed(
     data: Annotated[Path, typer.Argument(help=".h5ad or .zarr with raw counts or log-normalised values.")],
     out: Annotated[Path, typer.Option(help="Results-only .h5ad (the input's obs, latent in .obsm, W in .varm for factor models; no X); the model is saved beside it in OUT_model/.")],
-    model: Annotated[str, typer.Option(help="pca, ae, aec, fe, fec, re, nmf, aenmf or cond_aenmf (`scatlas models`).")] = "ae",
+    model: Annotated[str | None, typer.Option(help="pca, ae, aec, fe, fec, re, nmf, aenmf or cond_aenmf (`scatlas models`); "
+                                               "default: fe with a --batch-key of several batches (it removes them), else ae.", show_default=False)] = None,
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column (aec, fec need it).")] = None,
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,

@@ -135,6 +135,8 @@ class EmbeddingModel(abc.ABC):
     needs_labels: ClassVar[bool] = False
     #: Whether embedding a cell needs its batch (so new cells must come from a training batch).
     uses_batch: ClassVar[bool] = False
+    #: Whether training uses the batch at all (to remove it from the latent, or to model it); others ignore a batch key.
+    batch_aware: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, train: TrainConfig) -> None:
         self.config = config

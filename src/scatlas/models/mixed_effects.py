@@ -212,6 +212,7 @@ class ScMEDALFE(AE):
     """scMEDAL-FE: autoencoder with an adversarial batch classifier (batch-invariant latent)."""
 
     Config = FEConfig
+    batch_aware = True
 
     def training_defaults(self) -> dict[str, Any]:
         """Minibatches of 128 (measured: more adversarial steps per epoch mix better), except in the published configuration."""
@@ -367,6 +368,7 @@ class ScMEDALRE(NeuralModel):
     Config = REConfig
     latent_name = "latent"
     uses_batch = True
+    batch_aware = True
 
     def build_module(self, data: SplitData) -> RandomEffectsModule:
         """RE autoencoder over this split's batches."""

@@ -324,6 +324,7 @@ class CondAENMF(AENMF):
 
     Config = CondAENMFConfig
     uses_batch = True
+    batch_aware = True
 
     def build_module(self, data: SplitData) -> nn.Module:
         """The conditioned autoencoder over this split's donors."""

@@ -349,9 +349,16 @@ def resolve_input(adata: ad.AnnData, layer: str | None, input: InputKind) -> tup
                     f"{'whole numbers: treated as raw counts (normalised + log1p)' if counts else 'non-integer values: treated as log-normalised'}")
 
 
+def default_model(adata: ad.AnnData, batch_key: str | None) -> str:
+    """``fe`` when ``batch_key`` names a column of two or more batches (the measured best at removing them, README
+    "Which model for integration"), else ``ae``."""
+    several = batch_key is not None and (batch_key not in adata.obs or adata.obs[batch_key].nunique() > 1)  # a missing column: validation names it
+    return "fe" if several else "ae"
+
+
 def embed(
     adata: ad.AnnData,
-    model: str = "ae",
+    model: str | None = None,
     *,
     batch_key: str | None = None,
     label_key: str | None = None,
@@ -388,9 +395,11 @@ def embed(
         Cells × genes; raw counts or log-normalised values in ``.X`` or ``layer``.
     model
         A registered embedding model: ``pca``, ``ae``, ``aec``, ``fe``, ``fec``, ``re``, ``nmf``,
-        ``aenmf``, ``cond_aenmf`` (``scatlas models`` lists their options).
+        ``aenmf``, ``cond_aenmf`` (``scatlas models`` lists their options). Default: ``fe`` when
+        ``batch_key`` names two or more batches (it removes them), else ``ae``; ``log`` says which.
     batch_key
-        Batch / donor column of ``obs`` (``None``: one batch).
+        Batch / donor column of ``obs`` (``None``: one batch). A model that ignores the batch (``ae``,
+        ``aec``, ``pca``, ``nmf``, ``aenmf``) keeps any batch effect in its latent; ``log`` says so.
     label_key
         Cell-type column, for the supervised models (``aec``, ``fec``) and stratified metrics.
     layer
@@ -440,22 +449,31 @@ def embed(
     >>> model = sa.tl.embed(adata, "fe", batch_key="batch", label_key="cell_type")  # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_fe"); sc.tl.umap(adata)               # doctest: +SKIP
     """
+    notices: list[str] = []  # said once the data passed validation, so that bad input gets its one line alone
+    if model is None:
+        model = default_model(adata, batch_key)
+        notices.append(f"model: {model} (the default {'with a batch key of several batches: it removes them' if model == 'fe' else 'without a batch key'}; "
+                       "`model` / --model to choose)")
     if model not in REGISTRY:
         raise ConfigError(f"unknown model {model!r}; available: {sorted(k for k, v in REGISTRY.items() if not issubclass(v, LatentClassifier))}")
+    if batch_key is not None and issubclass(REGISTRY[model], EmbeddingModel) and not REGISTRY[model].batch_aware:
+        notices.append(f"{model} does not use the batch key {batch_key!r}: its latent keeps any batch effect (fe removes it; README "
+                       "\"Which model for integration\")")
     checkpoint_dir = checkpoint_path(checkpoint_dir, resume)
     counts, decided = resolve_input(adata, layer, input)
+    notices += [decided] if decided else []
     entry, training = split_options(model, model_options)
     if max_epochs is not None:
         training["max_epochs"] = max_epochs
     if on_disk(adata):
         training["chunk_size"] = training.get("chunk_size") or STREAM_CHUNK
-        if decided:
-            log(decided)
+        for line in notices:
+            log(line)
         sdata, prep = streamed_split(adata, batch_key, label_key, layer, counts, n_top_genes, scale, val_fraction, seed, training["chunk_size"], log)
     else:
         data = cell_data(adata, batch_key=batch_key, label_key=label_key, layer=layer, counts=counts, drop_empty_cells=False, log=log)
-        if decided:
-            log(decided)
+        for line in notices:
+            log(line)
         train, val = holdout(data.n_cells, val_fraction, seed, exclude=data.empty_cells)
         split = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, scale)
         sdata = all_cells_split(split.X, data.obs, batch_key, label_key, split.genes, train, val)
