@@ -247,6 +247,7 @@ def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
     refused(work, ["embed", good, "--out", "latent.h5ad", "--model", "vae"], "unknown model 'vae'")
     refused(work, ["embed", str(files["dup_cells"]), "--out", "latent.h5ad"], "cell names repeat")
     refused(work, ["embed", good, "--out", "latent.h5ad", "--batch-key", "plate"], "obs column 'plate' not found")
+    refused(work, ["embed", good, "--out", "latent.h5ad", "--batch-key", "plate", "--stream"], "obs column 'plate' not found")  # no notice before it
     refused(work, ["nmf", good, "--out", "factors.txt"], "factors.txt", ".h5ad")
     refused(work, ["nmf", str(files["negative"]), "--out", "factors.h5ad"], "negative values")
 

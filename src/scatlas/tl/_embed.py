@@ -8,7 +8,7 @@ cells (genes, input kind, scaling, batch and label names) and saves / reloads it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,16 +69,18 @@ def all_cells_split(X: Any, obs: pd.DataFrame, batch_key: str | None, label_key:
 
 
 def streamed_split(adata: ad.AnnData, batch_key: str | None, label_key: str | None, layer: str | None, counts: bool, n_top_genes: int | None,
-                   scale: ScaleKind, val_fraction: float, seed: int, chunk_size: int, log: Log) -> tuple[SplitData, Preprocessing]:
+                   scale: ScaleKind, val_fraction: float, seed: int, chunk_size: int, log: Log, notices: Sequence[str] = ()) -> tuple[SplitData, Preprocessing]:
     """All cells of a backed AnnData as model input streamed from its file; ``X`` is never loaded.
 
-    The file is validated in chunks; highly variable genes (scanpy's ``seurat`` genes of the
+    The file is validated in chunks (``notices`` are logged once it passed, so bad input gets its one line alone); highly variable genes (scanpy's ``seurat`` genes of the
     training cells, as in memory) and the per-gene scaling come from streamed passes over the
     training cells, ``chunk_size`` cells at a time; every later read normalises (counts), subsets
     and scales one chunk. Host memory holds ``obs``, per-gene statistics and a few chunks.
     """
     summary = validate(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts)
     assert summary is not None
+    for line in notices:
+        log(line)
     notice = summary.notice()
     if notice:
         log(notice)
@@ -467,9 +469,7 @@ def embed(
         training["max_epochs"] = max_epochs
     if on_disk(adata):
         training["chunk_size"] = training.get("chunk_size") or STREAM_CHUNK
-        for line in notices:
-            log(line)
-        sdata, prep = streamed_split(adata, batch_key, label_key, layer, counts, n_top_genes, scale, val_fraction, seed, training["chunk_size"], log)
+        sdata, prep = streamed_split(adata, batch_key, label_key, layer, counts, n_top_genes, scale, val_fraction, seed, training["chunk_size"], log, notices)
     else:
         data = cell_data(adata, batch_key=batch_key, label_key=label_key, layer=layer, counts=counts, drop_empty_cells=False, log=log)
         for line in notices:
