@@ -257,7 +257,7 @@ def test_sampled_estimators_are_close_to_the_exact_columns():
         assert estimated[key] == pytest.approx(exact[key], abs=0.01 if key in (*sampled, "Bio conservation", "Batch correction", "Total") else 0), key
 
 
-def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony):
+def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony, tmp_path):
     """Cells without a label are left out of every score with one notice: the scores equal those of the labelled cells
     alone; precomputed graphs, which hold those cells as neighbours, are refused in one line instead."""
     import scatlas as sa
@@ -275,6 +275,11 @@ def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony):
                      "left out of the benchmark (its scores need a label per cell)"]
     alone = sa.tl.benchmark(adata[~unlabelled].copy(), ["X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
     pd.testing.assert_frame_equal(table, alone)
+    adata.write_h5ad(tmp_path / "some_unlabelled.h5ad")  # the CLI keeps the notice in the report too
+    result = CliRunner().invoke(app, ["benchmark", str(tmp_path / "some_unlabelled.h5ad"), "--embedding", "X_pca", "--label-key", "cell_type",
+                                      "--batch-key", "batch", "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 0, result.output
+    assert f"{unlabelled.sum()} of {adata.n_obs} cells have no label in obs column &#x27;cell_type&#x27;: left out" in (tmp_path / "bench" / "report.html").read_text()
     sc.pp.neighbors(adata, n_neighbors=91, use_rep="X_pca", key_added="pca")
     with pytest.raises(InputError, match="172 cells have no label in obs column 'cell_type'.*'pca_distances'"):
         sa.tl.benchmark(adata, ["X_pca"], label_key="cell_type", batch_key="batch", graphs={"X_pca": "pca_distances"})

@@ -678,10 +678,15 @@ def benchmark_command(
     if any(len(p) != 2 for p in pairs):
         raise InputError(f"--graph takes EMBEDDING=OBSP_KEY, got {graph}")
     check_writable(out)  # its files are written into OUT, nothing else in it is touched
-    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs),
-                      log=lambda line: console.print(f"notice: {line}", highlight=False), exact=exact, sample_size=sample_size,
-                      progress=lambda line: console.print(f"  {line}", highlight=False))
-    write_benchmark(table, out, data.stem)
+    notices: list[str] = []
+
+    def notice(line: str) -> None:
+        notices.append(line)
+        console.print(f"notice: {line}", highlight=False)
+
+    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs), log=notice, exact=exact,
+                      sample_size=sample_size, progress=lambda line: console.print(f"  {line}", highlight=False))
+    write_benchmark(table, out, data.stem, notices)
     console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(f"results: {out / 'benchmark.csv'} (report: {out / 'report.html'})")
 

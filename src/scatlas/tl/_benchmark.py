@@ -210,8 +210,9 @@ def leiden_columns(graph: Neighbors, labels: np.ndarray) -> dict[str, float]:
     return {"Leiden NMI": sweep["leiden_nmi"], "Leiden ARI": sweep["leiden_ari"], "Leiden resolution": sweep["leiden_resolution"]}
 
 
-def write_benchmark(table: pd.DataFrame, out: str | Path, title: str) -> Path:
-    """``benchmark.csv``, ``benchmark.png`` (metric × embedding heat table) and ``report.html`` in ``out``."""
+def write_benchmark(table: pd.DataFrame, out: str | Path, title: str, notices: Sequence[str] = ()) -> Path:
+    """``benchmark.csv``, ``benchmark.png`` (metric × embedding heat table) and ``report.html`` in ``out``; the report
+    repeats the ``notices`` :func:`benchmark` logged (cells left out, one batch, estimated columns) under the scores."""
     import matplotlib.pyplot as plt
 
     from scatlas._io import save_figure
@@ -230,5 +231,6 @@ def write_benchmark(table: pd.DataFrame, out: str | Path, title: str) -> Path:
     ax.set_title(title)
     fig.tight_layout()
     save_figure(fig, out / "benchmark.png")
-    write_report(out / "report.html", f"Benchmark: {title}", [Section("Scores (higher is better; Total = 0.6 bio + 0.4 batch)", [table], [out / "benchmark.png"])])
+    write_report(out / "report.html", f"Benchmark: {title}", [Section("Scores (higher is better; Total = 0.6 bio + 0.4 batch)", [table], [out / "benchmark.png"],
+                                                                      note=" ".join(notices))])
     return out / "benchmark.csv"
