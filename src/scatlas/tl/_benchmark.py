@@ -212,7 +212,7 @@ def leiden_columns(graph: Neighbors, labels: np.ndarray) -> dict[str, float]:
 
 def write_benchmark(table: pd.DataFrame, out: str | Path, title: str, notices: Sequence[str] = ()) -> Path:
     """``benchmark.csv``, ``benchmark.png`` (metric × embedding heat table) and ``report.html`` in ``out``; the report
-    repeats the ``notices`` :func:`benchmark` logged (cells left out, one batch, estimated columns) under the scores."""
+    repeats the ``notices`` :func:`benchmark` logged (cells left out, one batch, estimated columns) above the scores."""
     import matplotlib.pyplot as plt
 
     from scatlas._io import save_figure

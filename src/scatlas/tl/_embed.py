@@ -72,10 +72,11 @@ def streamed_split(adata: ad.AnnData, batch_key: str | None, label_key: str | No
                    scale: ScaleKind, val_fraction: float, seed: int, chunk_size: int, log: Log, notices: Sequence[str] = ()) -> tuple[SplitData, Preprocessing]:
     """All cells of a backed AnnData as model input streamed from its file; ``X`` is never loaded.
 
-    The file is validated in chunks (``notices`` are logged once it passed, so bad input gets its one line alone); highly variable genes (scanpy's ``seurat`` genes of the
-    training cells, as in memory) and the per-gene scaling come from streamed passes over the
-    training cells, ``chunk_size`` cells at a time; every later read normalises (counts), subsets
-    and scales one chunk. Host memory holds ``obs``, per-gene statistics and a few chunks.
+    The file is validated in chunks (``notices`` are logged once it passed, so bad input gets its
+    one line alone); highly variable genes (scanpy's ``seurat`` genes of the training cells, as in
+    memory) and the per-gene scaling come from streamed passes over the training cells,
+    ``chunk_size`` cells at a time; every later read normalises (counts), subsets and scales one
+    chunk. Host memory holds ``obs``, per-gene statistics and a few chunks.
     """
     summary = validate(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts)
     assert summary is not None
