@@ -244,6 +244,10 @@ _ENSEMBLE_HELP = ("Networks averaged (mlp / tabnet), each with its own seed and 
                   "about that many times the training time.")
 _CHECKPOINT_HELP = ("Seconds between a network's training checkpoints for --resume (written at the end of an epoch, and when training ends; "
                     "0: every epoch). Not a setting of the result: a resumed run may use another.")
+_Resume = Annotated[bool, typer.Option(help=_RESUME_HELP)]
+"""The ``--resume`` option of the commands in :data:`_RESUMABLE`."""
+_CheckpointInterval = Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)]
+"""Their ``--checkpoint-interval`` option."""
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
 
@@ -313,8 +317,8 @@ def annotate_train(
     chunk_size: Annotated[int | None, typer.Option(help="Cells per training chunk with --stream (default 100,000).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
-    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
-    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
+    resume: _Resume = False,
+    checkpoint_interval: _CheckpointInterval = 60.0,
 ) -> None:
     """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model.
 
@@ -432,8 +436,8 @@ def transfer(
     chunk_size: Annotated[int | None, typer.Option(help="Reference cells per training chunk with --stream (default 100,000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help=_BATCH_HELP)] = None,
     figures: Annotated[bool, typer.Option("--figures", help="Also draw each confusion matrix as a PNG (the report and confusion_matrix.csv hold them anyway).")] = False,
-    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
-    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
+    resume: _Resume = False,
+    checkpoint_interval: _CheckpointInterval = 60.0,
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change).
 
@@ -492,8 +496,8 @@ def aggregate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's / .zarr's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Cells read at a time by the streamed passes (--stream).")] = 65_536,
-    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
-    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
+    resume: _Resume = False,
+    checkpoint_interval: _CheckpointInterval = 60.0,
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP.
 
@@ -576,8 +580,8 @@ def embed(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream).")] = None,
-    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
-    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
+    resume: _Resume = False,
+    checkpoint_interval: _CheckpointInterval = 60.0,
 ) -> None:
     """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model.
 
@@ -627,8 +631,8 @@ def nmf(
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream; all cells otherwise).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its tables.")] = False,
-    resume: Annotated[bool, typer.Option(help=_RESUME_HELP)] = False,
-    checkpoint_interval: Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)] = 60.0,
+    resume: _Resume = False,
+    checkpoint_interval: _CheckpointInterval = 60.0,
 ) -> None:
     """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks.
 
