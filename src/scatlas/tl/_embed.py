@@ -460,8 +460,8 @@ def embed(
     if model not in REGISTRY:
         raise ConfigError(f"unknown model {model!r}; available: {sorted(k for k, v in REGISTRY.items() if not issubclass(v, LatentClassifier))}")
     if batch_key is not None and issubclass(REGISTRY[model], EmbeddingModel) and not REGISTRY[model].batch_aware:
-        notices.append(f"{model} does not use the batch key {batch_key!r}: its latent keeps any batch effect (fe removes it; README "
-                       "\"Which model for integration\")")
+        instead = "cond_aenmf conditions its factors on it" if model in ("nmf", "aenmf") else "fe removes it; README \"Which model for integration\""
+        notices.append(f"{model} does not use the batch key {batch_key!r}: its latent keeps any batch effect ({instead})")
     checkpoint_dir = checkpoint_path(checkpoint_dir, resume)
     counts, decided = resolve_input(adata, layer, input)
     notices += [decided] if decided else []
