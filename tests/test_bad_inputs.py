@@ -235,7 +235,7 @@ def test_validate_reports_empty_cells_genes_and_one_batch(files, work):
     assert "holds one batch ('b1')" in result.output
     # cells without a label: what annotate / transfer would do with them, and who refuses them
     assert ("3 of 200 cells have no label in obs column 'label': left out of training (map them as a query to call them), by "
-            "`annotate train` and `transfer`; `embed`, `benchmark` and `run` refuse cells without a label") in " ".join(result.output.split())
+            "`annotate train` and `transfer` (`benchmark` scores the labelled cells); `embed` and `run` refuse cells without a label") in " ".join(result.output.split())
 
 
 def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
@@ -339,7 +339,7 @@ def test_counts_kept_in_raw_are_pointed_at_and_selected_by_layer_raw(files, work
     """A CELLxGENE-like file (log-normalised X, counts in .raw): the refusal points at .raw, `--layer raw` selects it;
     `--layer raw` on a file without .raw (or such a layer) is refused by name."""
     kang_raw = str(files["kang_raw"])
-    refused(work, ["validate", kang_raw, "--label-key", "cell_type"], "kang_raw.h5ad: .X has non-integer values",
+    refused(work, ["validate", kang_raw, "--label-key", "cell_type", "--input", "counts"], "kang_raw.h5ad: .X has non-integer values",
             "the file has .raw", "select it with layer 'raw', `--layer raw`")
     result = runner.invoke(app, ["validate", kang_raw, "--label-key", "cell_type", "--layer", "raw"])
     assert result.exit_code == 0 and "kang_raw.h5ad: OK" in result.output, result.output
@@ -366,7 +366,7 @@ def test_counts_kept_in_a_layer_are_named_in_the_refusal(files, work):
     kang.X = kang.X.log1p()
     path = work / "kang_layers.h5ad"
     kang.write_h5ad(path)
-    refused(work, ["validate", str(path), "--label-key", "cell_type"], "kang_layers.h5ad: .X has non-integer values",
+    refused(work, ["validate", str(path), "--label-key", "cell_type", "--input", "counts"], "kang_layers.h5ad: .X has non-integer values",
             "pass `layer` (this file has layers ['counts']) or `input: lognorm`")
     result = runner.invoke(app, ["validate", str(path), "--label-key", "cell_type", "--layer", "counts"])
     assert result.exit_code == 0 and "kang_layers.h5ad: OK" in result.output, result.output
@@ -406,6 +406,11 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
     refused(work, ["benchmark", str(files["dup_cells"]), "--embedding", "X_pca", "--label-key", "cellTypes", "--batch-key", "batch"], "cell names repeat")
+    some_unlabelled = ad.read_h5ad(embedded)  # the notices (cells left out, how X was read) wait for every check: the refusal stays one line
+    some_unlabelled.obs["cell_type"] = some_unlabelled.obs["cell_type"].astype(object).where(np.arange(some_unlabelled.n_obs) % 5 > 0, None)
+    some_unlabelled.write_h5ad(Path(embedded).with_name("kang_some_unlabelled.h5ad"))
+    refused(work, ["benchmark", str(Path(embedded).with_name("kang_some_unlabelled.h5ad")), "--embedding", "X_scvi", "--label-key", "cell_type",
+                   "--batch-key", "sample_id"], "['X_scvi'] not in .obsm")
     refused(work, ["aggregate", str(files["nan"]), "--out", "agg", "--label-key", "cellTypes", "--sample-key", "batch"], "nan.h5ad", "NaN or infinite")
     refused(work, ["compare", str(work)], "no scatlas run outputs")
 

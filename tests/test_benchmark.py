@@ -272,7 +272,8 @@ def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony, tmp_path
     notes: list[str] = []
     table = sa.tl.benchmark(adata, ["X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
     assert notes == [f"<AnnData>: {unlabelled.sum()} of {adata.n_obs} cells have no label in obs column 'cell_type': "
-                     "left out of the benchmark (its scores need a label per cell)"]
+                     "left out of the benchmark (its scores need a label per cell)",
+                     "<AnnData>: .X holds whole numbers: treated as raw counts (normalised + log1p) for the unintegrated PCA of PCR comparison"]
     alone = sa.tl.benchmark(adata[~unlabelled].copy(), ["X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
     pd.testing.assert_frame_equal(table, alone)
     adata.write_h5ad(tmp_path / "some_unlabelled.h5ad")  # the CLI keeps the notice in the report too
@@ -283,3 +284,36 @@ def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony, tmp_path
     sc.pp.neighbors(adata, n_neighbors=91, use_rep="X_pca", key_added="pca")
     with pytest.raises(InputError, match="172 cells have no label in obs column 'cell_type'.*'pca_distances'"):
         sa.tl.benchmark(adata, ["X_pca"], label_key="cell_type", batch_key="batch", graphs={"X_pca": "pca_distances"})
+
+
+def test_benchmark_reads_what_scanpy_leaves_in_x(symphony_path, symphony, tmp_path):
+    """`.X` log-normalised by scanpy (the usual state after `sc.pp.log1p`) is used as it is for the default PCA, counts in a
+    layer are normalised first, and both give the scores of the counts in `.X`: `input="auto"` decides as the other `tl`
+    functions do and says so; the CLI takes `--layer` / `--input` alike."""
+    import scatlas as sa
+    from scatlas._errors import InputError
+
+    counts = ad.read_h5ad(symphony_path)
+    counts.obsm["X_pca"] = symphony[1]
+    expected = sa.tl.benchmark(counts, ["X_pca"], label_key="cell_type", batch_key="batch", log=lambda _: None)
+    scanpy_state = counts.copy()
+    scanpy_state.layers["counts"] = counts.X.copy()
+    sc.pp.normalize_total(scanpy_state, target_sum=1e4)
+    sc.pp.log1p(scanpy_state)
+    notes: list[str] = []
+    lognorm = sa.tl.benchmark(scanpy_state, ["X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
+    assert notes == ["<AnnData>: .X holds non-integer values: treated as log-normalised for the unintegrated PCA of PCR comparison"]
+    layer = sa.tl.benchmark(scanpy_state, ["X_pca"], label_key="cell_type", batch_key="batch", layer="counts", log=notes.append)
+    assert notes[-1] == "<AnnData>: layer 'counts' holds whole numbers: treated as raw counts (normalised + log1p) for the unintegrated PCA of PCR comparison"
+    for table in (lognorm, layer):
+        pd.testing.assert_frame_equal(table, expected, check_exact=False, rtol=1e-6)
+    with pytest.raises(InputError, match="non-integer values"):
+        sa.tl.benchmark(scanpy_state, ["X_pca"], label_key="cell_type", batch_key="batch", input="counts")
+    with pytest.raises(InputError, match="input 'raw': choose one of auto, counts, lognorm"):
+        sa.tl.benchmark(scanpy_state, ["X_pca"], label_key="cell_type", batch_key="batch", input="raw")
+    scanpy_state.write_h5ad(tmp_path / "lognorm.h5ad")
+    result = CliRunner().invoke(app, ["benchmark", str(tmp_path / "lognorm.h5ad"), "--embedding", "X_pca", "--label-key", "cell_type",
+                                      "--batch-key", "batch", "--layer", "counts", "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 0, result.output
+    assert "layer 'counts' holds whole numbers" in result.output
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "bench" / "benchmark.csv"), expected, check_exact=False, rtol=1e-6)

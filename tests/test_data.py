@@ -410,6 +410,35 @@ def test_non_integer_batch_is_named(cepo_path):
     bad = {b for b in adata.obs["batch"].unique() if np.any(X[(adata.obs["batch"] == b).to_numpy()].data % 1 != 0)}
     assert all(str(b) in str(info.value) for b in bad) and len(bad) == 1
     validate(read_anndata(cepo_path), batch_key="batch", label_key="cellTypes", require_counts=False)
+    with pytest.raises(InputError, match=r"\.X mixes kinds of values: 400 cells hold only whole numbers.*batch = 'batch 1', 'batch 4'\), "
+                                         r"128 cells non-integer values .*batch = 'batch 5'\)"):
+        validate(read_anndata(cepo_path), batch_key="batch", label_key="cellTypes", lognorm=True)
+
+
+def test_a_matrix_read_as_log_normalised_must_be_one(cepo_path, tmp_path):
+    """`input: auto` reads the pancreas file (two studies of counts, one of other values) as log-normalised: every command
+    now refuses it in one line naming the batches, where `embed` used to crash in its gene selection; counts read as
+    log-normalised are refused by their size; scanpy's log-normalised matrix passes."""
+    from typer.testing import CliRunner
+
+    from conftest import data_path
+    from scatlas.cli import app
+
+    kang_path = data_path("kang18_muscat_4samples.h5ad")
+    runner = CliRunner()
+    for command in (["validate", str(cepo_path), "--batch-key", "batch"],
+                    ["embed", str(cepo_path), "--batch-key", "batch", "--model", "pca", "--out", str(tmp_path / "cepo_pca.h5ad")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "mixes kinds of values" in result.output and "batch = 'batch 5'" in result.output, result.output
+    assert not (tmp_path / "cepo_pca.h5ad").exists()
+    result = runner.invoke(app, ["validate", str(kang_path), "--input", "lognorm"])
+    assert result.exit_code == 2 and ".X holds values up to 1,891, too large for log-normalised values" in result.output, result.output
+    kang = ad.read_h5ad(kang_path)
+    sc.pp.normalize_total(kang, target_sum=1e4)
+    sc.pp.log1p(kang)
+    kang.write_h5ad(tmp_path / "kang_lognorm.h5ad")
+    result = runner.invoke(app, ["validate", str(tmp_path / "kang_lognorm.h5ad")])
+    assert result.exit_code == 0 and "non-integer values: treated as log-normalised" in result.output and "OK (1556 cells" in result.output
 
 
 def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):

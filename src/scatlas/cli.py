@@ -204,7 +204,7 @@ def validate(
     batch_key: Annotated[str | None, typer.Option(help="Batch / donor column.")] = None,
     label_key: Annotated[str | None, typer.Option(help="Cell-type column.")] = None,
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
-    counts: Annotated[bool, typer.Option("--counts/--lognorm", help="Require raw integer counts.")] = True,
+    input: Annotated[str, typer.Option(help=_INPUT_HELP)] = "auto",
 ) -> None:
     """Run the checks every command runs on its data (one code path), and report what is wrong or will be left out."""
     from scatlas.data.dataset import DatasetConfig, read_dataset
@@ -217,16 +217,19 @@ def validate(
 
         cfg = load_config(data)
         dataset, extra = cfg.dataset, ((cfg.group_key,) if cfg.split.kind != "kfold" else ())
+        log: Callable[[str], None] = console.print
     else:
+        kind, log = _input_kind(data, layer, input)
         dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "layer": layer, "batch_key": batch_key, "label_key": label_key,
-                                                 "input": "counts" if counts else "lognorm", "backed": True, "unlabelled": "leave_out"})
+                                                 "input": kind, "backed": True, "unlabelled": "leave_out"})
         extra = ()
     adata, summary = read_dataset(dataset, extra, lambda line: console.print(
-        f"notice: {line}, by `annotate train` and `transfer`; `embed`, `benchmark` and `run` refuse cells without a label", highlight=False))
+        f"notice: {line}, by `annotate train` and `transfer` (`benchmark` scores the labelled cells); `embed` and `run` refuse cells without a label",
+        highlight=False))
     for notice in (summary.notice(), one_batch_notice(adata, dataset.batch_key)):
         if notice:
-            console.print(f"notice: {notice}", highlight=False)
-    console.print(f"{dataset.path}: OK ({adata.n_obs} cells × {len(get_var(adata, dataset.layer))} genes)")
+            log(f"notice: {notice}")
+    log(f"{dataset.path}: OK ({adata.n_obs} cells × {len(get_var(adata, dataset.layer))} genes)")
 
 
 annotate_app = typer.Typer(help="Cell-type annotation: train (CE or hierarchical CE over the Cell Ontology), predict, evaluate.", no_args_is_help=True)
@@ -257,10 +260,11 @@ def _input_kind(data: Path, layer: str | None, input: str) -> tuple[str, Callabl
     The log prints how ``auto`` decided before its first line, so a refusal before the command's
     first step stays one line.
     """
-    if input != "auto":
+    from scatlas.data.validate import check_input_kind, resolve_input
+
+    if check_input_kind(input) != "auto":
         return input, console.print
     from scatlas.data.io import read_anndata
-    from scatlas.tl._embed import resolve_input
 
     counts, decided = resolve_input(read_anndata(data, backed=True), layer, "auto")
     pending = [decided]
@@ -667,7 +671,8 @@ def benchmark_command(
     pre_key: Annotated[str | None, typer.Option(help=".obsm key of the unintegrated reference for PCR comparison (default: PCA of X).")] = None,
     n_neighbors: Annotated[int, typer.Option(help="k of the shared kNN graph.")] = 90,
     graph: Annotated[list[str] | None, typer.Option(help="Precomputed kNN distances for an embedding: EMBEDDING=OBSP_KEY (repeatable).")] = None,
-    counts: Annotated[bool, typer.Option("--counts/--lognorm", help="X holds counts (for the default PCA).")] = True,
+    input: Annotated[str, typer.Option(help="What the matrix of the default PCA holds: " + _INPUT_HELP)] = "auto",
+    layer: Annotated[str | None, typer.Option(help=_LAYER_HELP + " For the default PCA.")] = None,
     exact: Annotated[bool | None, typer.Option("--exact/--estimate", help="Exact silhouettes and KBET, or estimated from a cell sample "
                                                "(default: exact up to 100,000 cells, estimated above).", show_default=False)] = None,
     sample_size: Annotated[int, typer.Option(min=1000, help="Cells sampled by the estimators (split equally over labels).")] = 50_000,
@@ -688,7 +693,7 @@ def benchmark_command(
         notices.append(line)
         console.print(f"notice: {line}", highlight=False)
 
-    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, counts, graphs=dict(pairs), log=notice, exact=exact,
+    table = benchmark(adata, embedding, label_key, batch_key, pre_key, n_neighbors, input, layer, graphs=dict(pairs), log=notice, exact=exact,
                       sample_size=sample_size, progress=lambda line: console.print(f"  {line}", highlight=False))
     write_benchmark(table, out, data.stem, notices)
     console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -216,7 +216,7 @@ def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...], log: Log = 
     if not keep.all():
         adata = adata[keep]  # one view: a backed AnnData cannot be indexed twice
     summary = validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=extra_keys, layer=config.layer,
-                       require_counts=config.input == "counts")
+                       require_counts=config.input == "counts", lognorm=config.input == "lognorm")
     return adata, summary, rows
 
 
@@ -295,7 +295,7 @@ def cell_data(
     rows = np.flatnonzero(keep)
     if not keep.all():
         adata = adata[keep]
-    summary = validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts)
+    summary = validate(adata, batch_key=batch_key, label_key=label_key, extra_keys=extra_keys, layer=layer, require_counts=counts, lognorm=not counts)
     return _cell_data(adata, summary, name, batch_key, label_key, layer, counts, drop_empty_cells, log, rows if stream else None)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import anndata as ad
 import numpy as np
@@ -143,8 +144,9 @@ class MatrixSummary:
                 f"{self.empty_genes.size}) are left out of training")
 
 
-def _scan_chunk(chunk: sp.spmatrix | np.ndarray, require_counts: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Rows of one chunk with bad values (by kind), its all-zero rows and the columns it uses."""
+def _scan_chunk(chunk: sp.spmatrix | np.ndarray, whole: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
+    """Rows of one chunk with bad values (by kind; ``whole``: rows holding non-integer values too), its all-zero rows,
+    the columns it uses and its largest value."""
     if sp.issparse(chunk):
         chunk = sp.csr_matrix(chunk)
         row_of = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
@@ -159,11 +161,24 @@ def _scan_chunk(chunk: sp.spmatrix | np.ndarray, require_counts: bool) -> tuple[
         empty, used = ~nonzero.any(axis=1), nonzero.any(axis=0)
     finite = np.isfinite(values)
     checks = {"NaN or infinite": ~finite, "negative": finite & (values < 0)}
-    if require_counts:
+    if whole:
         checks["non-integer"] = finite & (values != np.round(values))
     bad = {name: np.unique(row_of[mask]) if sp.issparse(chunk) else np.flatnonzero(mask.any(axis=1))
            for name, mask in checks.items() if mask.any()}
-    return bad, empty, used
+    return bad, empty, used, float(values.max()) if values.size else 0.0  # NaN / inf: refused before the largest value is read
+
+
+LOGNORM_MAX = 50.0
+"""Largest value a log-normalised matrix may hold: log1p of counts per 10,000 stays below 9.3, of counts per million below 14."""
+
+
+def _cells_said(adata: ad.AnnData, rows: Sequence[int] | np.ndarray, batch_key: str | None) -> str:
+    """``cells 'a', 'b', …`` for these rows, and with ``batch_key`` the batches they are in."""
+    rows = np.asarray(rows)
+    detail = f"cells {_examples(adata.obs_names[rows])}"
+    if batch_key is not None:
+        detail += f"; {batch_key} = {_examples(pd.unique(adata.obs[batch_key].astype(str).to_numpy()[rows]))}"
+    return detail
 
 
 def check_matrix(
@@ -171,11 +186,15 @@ def check_matrix(
     layer: str | None = None,
     require_counts: bool = False,
     batch_key: str | None = None,
+    lognorm: bool = False,
 ) -> MatrixSummary:
     """Check the expression matrix for NaN/inf, negative and (for count models) non-integer values.
 
     The matrix is scanned in chunks of :data:`CHUNK_ROWS` rows, so backed files stay on disk.
-    When ``batch_key`` is given, a failure names the batches that hold the bad values.
+    When ``batch_key`` is given, a failure names the batches that hold the bad values. With
+    ``lognorm`` (the matrix will be used as log-normalised values) a mix of raw-count cells and
+    others, or a value above :data:`LOGNORM_MAX`, is refused too: either would be read as huge
+    expression levels.
 
     Returns
     -------
@@ -187,23 +206,20 @@ def check_matrix(
     problems: dict[str, list[int]] = {"NaN or infinite": [], "negative": [], "non-integer": []}
     empty_cells = np.zeros(adata.n_obs, dtype=bool)
     used_genes = np.zeros(matrix.shape[1], dtype=bool)
+    largest = 0.0
     for start in range(0, adata.n_obs, CHUNK_ROWS):
         chunk = row_range(matrix, start, start + CHUNK_ROWS)
-        bad, empty, used = _scan_chunk(chunk, require_counts)
+        bad, empty, used, top = _scan_chunk(chunk, require_counts or lognorm)
         empty_cells[start : start + chunk.shape[0]] = empty
         used_genes |= used
+        largest = max(largest, top)
         for name, rows in bad.items():
             problems[name].extend((rows + start).tolist())
+    raw = adata.raw is not None and layer is None
     for name, bad_rows in problems.items():
-        if not bad_rows:
+        if not bad_rows or (name == "non-integer" and not require_counts):
             continue
-        cells = adata.obs_names[np.asarray(bad_rows)]
-        detail = f"cells {_examples(cells)}"
-        if batch_key is not None:
-            batches = pd.unique(adata.obs[batch_key].astype(str).to_numpy()[np.asarray(bad_rows)])
-            detail += f"; {batch_key} = {_examples(batches)}"
         hint = ""
-        raw = adata.raw is not None and layer is None
         if name == "non-integer":
             others = [str(k) for k in adata.layers.keys() if k != layer]
             layers = f" (this file has layers {others})" if others else ""
@@ -211,10 +227,28 @@ def check_matrix(
             hint = f" (a count model needs raw integer counts: pass `layer`{layers} or `input: lognorm`{on_raw})"
         elif name == "negative" and raw:
             hint = " (scaled values? scanpy keeps the log-normalised genes in .raw: select it with layer 'raw', `--layer raw`)"
-        raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({detail}){hint}")
+        raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({_cells_said(adata, bad_rows, batch_key)}){hint}")
     if empty_cells.all():
         raise InputError(f"{src}: {where} holds no non-zero value ({adata.n_obs} cells × {matrix.shape[1]} genes)")
+    if lognorm:
+        _check_log_normalised(adata, where, np.asarray(problems["non-integer"], dtype=np.int64), empty_cells, largest, batch_key)
     return MatrixSummary(src, empty_cells, ~used_genes)
+
+
+def _check_log_normalised(adata: ad.AnnData, where: str, fractional: np.ndarray, empty_cells: np.ndarray, largest: float, batch_key: str | None) -> None:
+    """Refuse a matrix to be read as log-normalised whose cells mix whole numbers (raw counts) and fractions, or whose
+    values reach above :data:`LOGNORM_MAX` (counts, TPM)."""
+    src = source_name(adata)
+    whole = ~empty_cells
+    whole[fractional] = False
+    if whole.any() and fractional.size:
+        raise InputError(f"{src}: {where} mixes kinds of values: {int(whole.sum())} cells hold only whole numbers, as raw counts do "
+                         f"({_cells_said(adata, np.flatnonzero(whole), batch_key)}), {fractional.size} cells non-integer values "
+                         f"({_cells_said(adata, fractional, batch_key)}): give every cell the same kind, raw counts (`layer`) or log-normalised values")
+    if largest > LOGNORM_MAX:
+        raise InputError(f"{src}: {where} holds values up to {largest:,.6g}, too large for log-normalised values (log1p of counts per "
+                         f"10,000 stays below 9.3): pass raw counts (`layer`, `input: counts`) or log-normalise first (scanpy: "
+                         "sc.pp.normalize_total, sc.pp.log1p)")
 
 
 def validate(
@@ -226,6 +260,7 @@ def validate(
     layer: str | None = None,
     require_counts: bool = False,
     check_values: bool = True,
+    lognorm: bool = False,
 ) -> MatrixSummary | None:
     """Run every check of DESIGN §3 that applies to one dataset: the one validation every command runs.
 
@@ -246,6 +281,9 @@ def validate(
     check_values
         Scan the matrix (``False`` for commands that read only ``.obsm``, e.g. a benchmark of
         stored embeddings).
+    lognorm
+        The matrix will be read as log-normalised values (not with ``require_counts``): refuse
+        cells of raw counts beside others and values above :data:`LOGNORM_MAX`.
 
     Returns
     -------
@@ -257,7 +295,8 @@ def validate(
     InputError
         On the first problem found, naming file, key and values: an empty matrix, repeated cell or
         gene names, a missing or incomplete column, too few classes, a batch of one cell, NaN /
-        infinite / negative / (with ``require_counts``) non-integer values, or an all-zero matrix.
+        infinite / negative / (with ``require_counts``) non-integer values, an all-zero matrix, or
+        (with ``lognorm``) values that are not log-normalised.
     """
     check_names(adata, layer)
     check_obs_keys(adata, [batch_key, label_key, *extra_keys])
@@ -265,7 +304,7 @@ def validate(
         check_groups(adata, batch_key, min_size=2, min_groups=1)
     if label_key is not None:
         check_groups(adata, label_key, min_size=1, min_groups=2)
-    return check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key) if check_values else None
+    return check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key, lognorm=lognorm) if check_values else None
 
 
 def one_batch_notice(adata: ad.AnnData, batch_key: str | None) -> str | None:
@@ -281,3 +320,34 @@ def is_count_matrix(adata: ad.AnnData, layer: str | None = None, n_cells: int = 
     values = _chunk_values(row_range(get_matrix(adata, layer), 0, n_cells))
     finite = values[np.isfinite(values)]
     return bool(finite.size == 0 or ((finite >= 0) & (finite == np.round(finite))).all())
+
+
+InputKind = Literal["auto", "counts", "lognorm"]
+"""What a matrix holds: raw counts (normalised + log1p by scatlas), log-normalised values, or ``auto`` (decided from the values)."""
+
+
+def check_input_kind(input: str) -> InputKind:
+    """``input`` if it names an :data:`InputKind`; else one line naming it and the choices."""
+    if input not in get_args(InputKind):
+        raise InputError(f"input {input!r}: choose one of {', '.join(get_args(InputKind))}")
+    return input  # type: ignore[return-value]
+
+
+def resolve_input(adata: ad.AnnData, layer: str | None, input: InputKind) -> tuple[bool, str | None]:
+    """Whether the matrix holds counts: ``input`` as given, or for ``auto`` whether its values are whole numbers.
+
+    Returns
+    -------
+    The answer, and for ``auto`` a line saying what was decided (to log once the data passed validation).
+
+    Raises
+    ------
+    InputError
+        When ``input`` is none of ``auto``, ``counts`` and ``lognorm``.
+    """
+    check_input_kind(input)
+    if input != "auto":
+        return input == "counts", None
+    counts = is_count_matrix(adata, layer)
+    return counts, (f"{source_name(adata)}: {matrix_name(adata, layer)} holds "
+                    f"{'whole numbers: treated as raw counts (normalised + log1p)' if counts else 'non-integer values: treated as log-normalised'}")

@@ -810,7 +810,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     if chosen != layer:
         log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
     layer = chosen
-    validate(adata, layer=layer, require_counts=annotator.input == "counts")
+    validate(adata, layer=layer, require_counts=annotator.input == "counts", lognorm=annotator.input == "lognorm")
     alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata), gene_key, var_name(adata, layer))
     log(alignment.said(source_name(adata), annotator.missing_said))
     offset = annotator.missing_offset(alignment)

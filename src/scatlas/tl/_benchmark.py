@@ -28,7 +28,7 @@ from scatlas._errors import InputError
 from scatlas._io import write_csv
 from scatlas.data.io import get_matrix, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
-from scatlas.data.validate import check_embeddings, check_obs_keys, one_batch_notice, validate, with_values
+from scatlas.data.validate import InputKind, check_embeddings, check_obs_keys, one_batch_notice, resolve_input, validate, with_values
 from scatlas.metrics.clustering import kmeans_ari_nmi
 from scatlas.metrics.integration import Neighbors, neighbors_from_distances, clisi, graph_connectivity, ilisi, kbet_per_label, knn, leiden_sweep, pcr_comparison
 from scatlas.metrics.sampling import group_weighted_mean, sample_rows
@@ -48,8 +48,8 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90, counts: bool = True,
-              seed: int = 0, graphs: Mapping[str, str] | None = None, log: Log = _warn, exact: bool | None = None, sample_size: int = SAMPLE_SIZE,
+def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90,
+              input: InputKind = "auto", layer: str | None = None, seed: int = 0, graphs: Mapping[str, str] | None = None, log: Log = _warn, exact: bool | None = None, sample_size: int = SAMPLE_SIZE,
               progress: Log | None = None) -> pd.DataFrame:
     """Score every ``.obsm`` embedding; one row per embedding.
 
@@ -64,11 +64,15 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
         score, with one notice; the batch column must be complete.
     pre_key
         ``.obsm`` key of the unintegrated reference for PCR comparison (default: a 50-component
-        PCA of the log-normalised ``X``).
+        PCA of the log-normalised matrix, ``X`` or ``layer``).
     n_neighbors
         k of the shared kNN graph.
-    counts
-        ``X`` holds counts (normalise + log1p before the default PCA).
+    input
+        What the matrix of the default PCA holds: ``"counts"`` (normalised + log1p first),
+        ``"lognorm"`` (used as it is), or ``"auto"`` (default): counts when its values are whole
+        numbers, as the other ``tl`` functions decide, with a notice saying which.
+    layer
+        Layer holding that matrix (default ``X``; ``"raw"``: ``.raw``, as scanpy's ``use_raw``).
     seed
         k-means seed.
     graphs
@@ -101,7 +105,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
-    if pre_key is None and adata.X is None:
+    if pre_key is None and layer is None and adata.X is None:
         raise InputError(f"{source_name(adata)}: no .X for the unintegrated PCA that PCR comparison starts from (a results-only file, as "
                          "`scatlas embed` and `nmf` write): name an unintegrated .obsm embedding as pre_key (CLI: --pre-key, e.g. the X_pca "
                          "of `scatlas embed --model pca`), or benchmark the file that holds the counts")
@@ -110,17 +114,23 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     if unlabelled and graphs:
         raise InputError(f"{source_name(adata)}: {unlabelled} cells have no label in obs column {label_key!r}, and the precomputed graphs "
                          f"{sorted(set(graphs.values()))} hold them as neighbours: leave them out before computing the graphs, or score without graphs")
-    labelled = with_values(adata.obs[label_key], source_name(adata), label_key, "no label", "the benchmark (its scores need a label per cell)", log)
+    notices: list[str] = []  # said once every check passed, so that bad input gets its one line alone
+    labelled = with_values(adata.obs[label_key], source_name(adata), label_key, "no label", "the benchmark (its scores need a label per cell)",
+                           notices.append)
     if unlabelled:
         adata = adata[labelled]
-    validate(adata, batch_key=batch_key, label_key=label_key, require_counts=counts, check_values=pre_key is None)
-    notice = one_batch_notice(adata, batch_key)
-    if notice:
-        log(f"{notice}; Batch correction and Total are NaN, compare Bio conservation")
+    counts, decided = resolve_input(adata, layer, input) if pre_key is None else (False, None)
+    validate(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts, check_values=pre_key is None,
+             lognorm=not counts)
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
     check_embeddings(adata, [*embeddings, *([pre_key] if pre_key else [])])
+    notices += [f"{decided} for the unintegrated PCA of PCR comparison"] if decided else []
+    notice = one_batch_notice(adata, batch_key)
+    notices += [f"{notice}; Batch correction and Total are NaN, compare Bio conservation"] if notice else []
+    for line in notices:
+        log(line)
     labels = adata.obs[label_key].astype(str).to_numpy()
     batch = adata.obs[batch_key].astype(str).to_numpy()
     estimate = adata.n_obs > EXACT_MAX_CELLS if exact is None else not exact
@@ -131,7 +141,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     else:
         from sklearn.decomposition import PCA
 
-        X = to_csr(get_matrix(adata))  # sparse in, centred implicitly by ARPACK: never a dense cells × genes matrix
+        X = to_csr(get_matrix(adata, layer))  # sparse in, centred implicitly by ARPACK: never a dense cells × genes matrix
         pre = PCA(min(50, X.shape[1] - 1), svd_solver="arpack", random_state=0).fit_transform(normalize_log1p(X) if counts else X)
     rows = []
     for key in embeddings:

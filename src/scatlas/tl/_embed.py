@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -24,17 +24,16 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import check_checkpoint_settings, checkpoint_path, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, source_name, to_csr, var_name
+from scatlas.data.io import get_matrix, get_var, on_disk, source_name, to_csr, var_name
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
 from scatlas.data.sources import AnnDataCSRSource
-from scatlas.data.validate import is_count_matrix, validate
+from scatlas.data.validate import InputKind, resolve_input, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
 from scatlas.settings import TrainingConfig, parse_settings
 
 Log = Callable[[str], None]
-InputKind = Literal["auto", "counts", "lognorm"]
 MODEL_FILE = "scatlas_model.yaml"
 
 
@@ -78,7 +77,7 @@ def streamed_split(adata: ad.AnnData, batch_key: str | None, label_key: str | No
     ``chunk_size`` cells at a time; every later read normalises (counts), subsets and scales one
     chunk. Host memory holds ``obs``, per-gene statistics and a few chunks.
     """
-    summary = validate(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts)
+    summary = validate(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts, lognorm=not counts)
     assert summary is not None
     for line in notices:
         log(line)
@@ -152,7 +151,7 @@ class Preprocessing:
             For bad values, or fewer than ``min_overlap`` of the model's genes in ``adata``.
         """
         source = source_name(adata)
-        validate(adata, layer=self.layer, require_counts=self.counts)
+        validate(adata, layer=self.layer, require_counts=self.counts, lognorm=not self.counts)
         alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source, gene_key, var_name(adata, self.layer))
         X = to_csr(get_matrix(adata, self.layer))
         if self.counts:
@@ -336,20 +335,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def resolve_input(adata: ad.AnnData, layer: str | None, input: InputKind) -> tuple[bool, str | None]:
-    """Whether the matrix holds counts: ``input`` as given, or for ``auto`` whether its values are whole numbers.
-
-    Returns
-    -------
-    The answer, and for ``auto`` a line saying what was decided (to log once the data passed validation).
-    """
-    if input != "auto":
-        return input == "counts", None
-    counts = is_count_matrix(adata, layer)
-    return counts, (f"{source_name(adata)}: {matrix_name(adata, layer)} holds "
-                    f"{'whole numbers: treated as raw counts (normalised + log1p)' if counts else 'non-integer values: treated as log-normalised'}")
 
 
 def default_model(adata: ad.AnnData, batch_key: str | None) -> str:

@@ -32,13 +32,13 @@ from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_d
                          staged_dir, write_csv, write_npy, write_yaml)
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, config_record, default_method, fit_classifier, label_space,
                                     model_directory, no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, write_calls)
-from scatlas.tl._embed import STREAM_CHUNK, resolve_input
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
-from scatlas.data.validate import check_obs_keys, validate, with_values
+from scatlas.data.loaders import STREAM_CHUNK
+from scatlas.data.validate import check_obs_keys, resolve_input, validate, with_values
 from scatlas.models.base import SplitData
 from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.settings import TrainingConfig, parse_settings
@@ -409,7 +409,7 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     """
     layers = [trained_layer(q, config.query_layer, config.reference.layer) for q in queries]
     for q, layer in zip(queries, layers, strict=True):
-        validate(q, layer=layer, require_counts=config.reference.input == "counts")
+        validate(q, layer=layer, require_counts=config.reference.input == "counts", lognorm=config.reference.input == "lognorm")
         align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q), config.query_gene_key, var_name(q, layer))
     for q, layer in zip(queries, layers, strict=True):
         if layer != config.query_layer:
