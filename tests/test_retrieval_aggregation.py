@@ -193,6 +193,37 @@ def test_streamed_features_equal_loaded(tmp_path, cellbench5_path, features):
             cells_from_anndata(backed[:10], config)
 
 
+def test_features_from_a_layer_or_a_log_normalised_matrix(tmp_path, cellbench5_path):
+    """scanpy's usual file (log-normalised X, counts in a layer): ``pca:<k>`` of ``layer="counts"`` and of the log-normalised
+    ``.X`` (``input="auto"`` decides, a line says which) equal the PCA of counts in ``.X``, loaded and streamed; options
+    that would not be read are refused in one line."""
+    import anndata as ad
+
+    from scatlas.data import normalize_log1p
+    from scatlas.tl._aggregation import cells_from_anndata, read_cells
+
+    counts = ad.read_h5ad(cellbench5_path)
+    settings = {"sample_key": "batch", "label_key": "cell_line", "features": "pca:20"}
+    expected = cells_from_anndata(counts, load_aggregate_config(settings), log=lambda _: None).X
+    scanpy_file = counts.copy()
+    scanpy_file.layers["counts"] = counts.X.copy()
+    scanpy_file.X = normalize_log1p(counts.X)
+    scanpy_file.write_h5ad(path := tmp_path / "lognorm_x.h5ad")
+    lines: list[str] = []
+    for layer, said in ((None, ".X holds non-integer values: treated as log-normalised for pca:20"),
+                        ("counts", "layer 'counts' holds whole numbers: treated as raw counts (normalised + log1p) for pca:20")):
+        config = load_aggregate_config({**settings, "layer": layer})
+        for stream in (False, True):
+            assert np.array_equal(read_cells(path, config, stream=stream, log=lines.append).X, expected)
+            assert lines.pop() == f"{path}: {said}"
+    with pytest.raises(InputError, match="non-integer values"):
+        read_cells(path, load_aggregate_config({**settings, "input": "counts"}))
+    with pytest.raises(InputError, match=r"layer 'counts' is not read: the features are \.obsm\['X_pca'\]"):
+        read_cells(path, load_aggregate_config({**settings, "features": "X_pca", "layer": "counts"}))
+    with pytest.raises(InputError, match="input 'lognorm' applies to pca:<k> features"):
+        read_cells(path, load_aggregate_config({**settings, "features": None, "input": "lognorm"}))
+
+
 def test_make_samples_groups():
     obs = pd.DataFrame({"label": ["a"] * 25 + ["b"] * 9, "batch": ["p1"] * 34})
     ids = make_samples(obs, ["label", "batch"], 10)

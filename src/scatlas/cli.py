@@ -267,14 +267,19 @@ def _input_kind(data: Path, layer: str | None, input: str) -> tuple[str, Callabl
     from scatlas.data.io import read_anndata
 
     counts, decided = resolve_input(read_anndata(data, backed=True), layer, "auto")
-    pending = [decided]
+    return "counts" if counts else "lognorm", _said_first([decided] if decided else [])
+
+
+def _said_first(pending: list[str]) -> Callable[[str], None]:
+    """A command's log that prints the lines in ``pending`` (and any added later) before its first line: notices wait
+    for the command's first step, so that a refusal before it stays one line."""
 
     def log(line: str) -> None:
         while pending:
-            console.print(pending.pop())
+            console.print(pending.pop(0))
         console.print(line)
 
-    return "counts" if counts else "lognorm", log
+    return log
 
 
 def _classifier_training(max_epochs: int | None, batch_size: int | None, chunk_size: int | None, checkpoint_interval: float) -> dict[str, float | None]:
@@ -490,6 +495,8 @@ def aggregate(
     group_key: Annotated[str | None, typer.Option(help="Group label (e.g. mechanism of action) for a second retrieval task.")] = None,
     cells_per_sample: Annotated[int | None, typer.Option(help="Without a sample key: split each label × batch into samples of this many cells.")] = None,
     features: Annotated[str | None, typer.Option(help=".h5ad features: an obsm key or pca:<k> (default .X).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Layer holding the matrix of pca:<k> or of the features (default .X; 'raw' selects .raw).")] = None,
+    input: Annotated[str, typer.Option(help="What the matrix of pca:<k> holds: " + _INPUT_HELP)] = "auto",
     cells_per_view: Annotated[int | None, typer.Option(help="Mean cells per training view (default: the median sample size, 1,500 from 1,000 up).")] = None,
     normalize: Annotated[str, typer.Option(help="Per-batch normalisation: standard, mad or none.")] = "standard",
     sphering: Annotated[bool, typer.Option(help="ZCA-whiten the features.")] = False,
@@ -512,7 +519,7 @@ def aggregate(
     from scatlas.tl._aggregation import joined_samples, load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
 
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
-                                "max_epochs": max_epochs, "features": features, "group_key": group_key, "chunk_size": chunk_size,
+                                "max_epochs": max_epochs, "features": features, "layer": layer, "input": input, "group_key": group_key, "chunk_size": chunk_size,
                                 "checkpoint_interval_s": checkpoint_interval,
                                 **({"cells_mean": cells_per_view} if cells_per_view else {})}
     if toy is not None and toy != "covariance":
@@ -520,6 +527,7 @@ def aggregate(
     if toy is None and (data is None or label_key is None or (sample_key is None and cells_per_sample is None)):
         raise ConfigError("aggregate: give DATA, --label-key and --sample-key (or --cells-per-sample), or --toy covariance")
     check_output_dir(out, overwrite, (data,) if data is not None else ())
+    notices: list[str] = []
     with resumable_training(checkpoints_beside(out), resume, overwrite, console.print) as checkpoints:
         if toy is not None:
             cells = toy_covariance()
@@ -530,7 +538,7 @@ def aggregate(
             assert data is not None and label_key is not None
             combined = sample_key is None or "," in sample_key
             settings.update(sample_key="scatlas_sample" if combined else sample_key, label_key=label_key, batch_key=batch_key)
-            cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}), stream=stream)
+            cells = read_cells(data, load_aggregate_config({**settings, "sample_key": label_key}), stream=stream, log=notices.append)
             columns = sample_key.split(",") if sample_key else []
             missing = [c for c in columns if c not in cells.obs.columns]
             if missing:
@@ -539,7 +547,8 @@ def aggregate(
                 cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
             elif combined:  # e.g. --sample-key donor_id,cell_type
                 cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
-        summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=console.print, checkpoint_dir=checkpoints, resume=resume)
+        summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=_said_first(notices), checkpoint_dir=checkpoints,
+                                  resume=resume)
     shown = summary[summary["metric"].isin(["map", "precision_at_r"])]
     table = Table(title="held-out queries: mean ± 95% CI half-width over seeds")
     for column in ("task", "method", "metric", "mean", "± CI"):

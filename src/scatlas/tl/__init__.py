@@ -45,9 +45,10 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
     Parameters
     ----------
     adata
-        Cells with per-cell features in ``.X``, an ``.obsm`` key or ``pca:<k>`` (``features``). A
-        backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read in chunks, its matrix never
-        loaded (``pca:<k>``: streamed highly variable genes, then an exact PCA).
+        Cells with per-cell features in ``.X`` (or a layer, ``layer=``), an ``.obsm`` key or
+        ``pca:<k>`` (``features``). A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is
+        read in chunks, its matrix never loaded (``pca:<k>``: streamed highly variable genes, then
+        an exact PCA).
     sample_key
         Column naming each cell's sample (well, donor × condition, ...).
     label_key
@@ -62,7 +63,9 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
         Continue from the checkpoints in ``checkpoint_dir`` (same data and settings; on CPU the
         result equals an uninterrupted run's).
     **settings
-        Other :class:`~scatlas.tl._aggregation.AggregateConfig` fields (``seeds``, ``width``, ...).
+        Other :class:`~scatlas.tl._aggregation.AggregateConfig` fields (``seeds``, ``width``,
+        ``layer``, ``input``: what the matrix of ``pca:<k>`` holds, ``"auto"`` by default as in
+        :func:`embed`, ...).
 
     Returns
     -------

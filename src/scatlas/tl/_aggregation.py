@@ -29,7 +29,7 @@ from scatlas.data.dataset import file_source, whole_backed
 from scatlas.data.loaders import host_tensor
 from scatlas.data.preprocess import fit_gene_pca, highly_variable_genes, map_rows, normalize_log1p
 from scatlas.data.sources import InMemoryCSR
-from scatlas.data.validate import validate
+from scatlas.data.validate import InputKind, resolve_input, validate
 from scatlas.settings import parse_settings
 from scatlas.metrics.retrieval import average_precision
 from scatlas.metrics.stats import fold_summary
@@ -60,7 +60,14 @@ class AggregateConfig(BaseModel):
         (mechanism of action) for a second retrieval task.
     features
         For ``.h5ad`` input: an ``.obsm`` key, ``pca:<k>`` (log-normalised HVGs → PCA), or
-        ``None`` for ``.X``. Tables use every numeric non-metadata column.
+        ``None`` for ``.X`` (or ``layer``). Tables use every numeric non-metadata column.
+    layer
+        For ``.h5ad`` input, the matrix of ``pca:<k>`` or of the features themselves: a layer
+        (``raw``: ``.raw``, as scanpy's ``use_raw``; default ``.X``).
+    input
+        What that matrix holds for ``pca:<k>``: ``counts`` (normalised + log1p first),
+        ``lognorm`` (used as it is) or ``auto`` (counts when its values are whole numbers; a line
+        says which), as the other commands.
     normalize
         Per-batch feature normalisation: ``standard``, ``mad`` (robust: median / 1.4826·MAD) or ``none``.
     sphering
@@ -92,6 +99,8 @@ class AggregateConfig(BaseModel):
     batch_key: str | None = None
     group_key: str | None = None
     features: str | None = None
+    layer: str | None = None
+    input: InputKind = "auto"
     normalize: Literal["standard", "mad", "none"] = "standard"
     sphering: bool = False
     sphering_reg: float = Field(1e-2, gt=0)
@@ -115,30 +124,42 @@ class AggregateConfig(BaseModel):
     checkpoint_interval_s: float = Field(60.0, ge=0)
 
 
-def read_cells(path: str | Path, config: AggregateConfig, stream: bool = False) -> CellTable:
-    """Per-cell features from an ``.h5ad`` (``.X``, an ``.obsm`` key or ``pca:<k>``) or a CSV/parquet table.
+def read_cells(path: str | Path, config: AggregateConfig, stream: bool = False, log: Log = print) -> CellTable:
+    """Per-cell features from an ``.h5ad`` (``.X`` or a layer, an ``.obsm`` key or ``pca:<k>``) or a CSV/parquet table.
 
     With ``stream`` an ``.h5ad``'s or ``.zarr``'s matrix is never loaded: an ``.obsm`` key is read alone, and
     ``pca:<k>`` comes from streamed passes (highly variable genes, then an exact PCA of them), so
-    host memory holds the cells' features, not their genes.
+    host memory holds the cells' features, not their genes. ``log`` receives how ``input="auto"`` decided.
     """
     path = Path(path)
     keys = [k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k]
     if path.suffix in (".h5ad", ".zarr"):
-        return cells_from_anndata(read_anndata(path, backed=stream), config, str(path))
+        return cells_from_anndata(read_anndata(path, backed=stream), config, str(path), log)
     if path.name.endswith((".csv", ".csv.gz", ".parquet")):
+        if config.layer is not None or config.input != "auto":
+            raise InputError(f"{path}: a table's columns are its features; layer and input apply to .h5ad / .zarr files")
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         meta = [c for c in table.columns if c in keys or c.startswith("Metadata_") or not pd.api.types.is_numeric_dtype(table[c])]
         return checked_cells(table[meta].copy(), table.drop(columns=meta).to_numpy(dtype=np.float32), config, str(path))
     raise InputError(f"{path}: expected .h5ad, .zarr, .csv(.gz) or .parquet")
 
 
-def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str = "<AnnData>") -> CellTable:
-    """Per-cell features of an AnnData: ``.X``, an ``.obsm`` key or ``pca:<k>`` (``config.features``), after :func:`~scatlas.data.validate.validate`."""
-    uses_x = config.features is None or config.features.startswith("pca:")
-    validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=[config.sample_key, config.group_key],
-             require_counts=config.features is not None and uses_x, check_values=uses_x)
-    return checked_cells(adata.obs.copy(), _h5ad_features(adata, config.features, source, config.chunk_size), config, source)
+def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str = "<AnnData>", log: Log = print) -> CellTable:
+    """Per-cell features of an AnnData: the matrix (``.X`` or ``config.layer``), an ``.obsm`` key or ``pca:<k>``
+    (``config.features``), after :func:`~scatlas.data.validate.validate`; ``log`` receives how ``input="auto"`` decided."""
+    pca = config.features is not None and config.features.startswith("pca:")
+    if not pca and config.input != "auto":
+        raise InputError(f"{source}: input {config.input!r} applies to pca:<k> features (it says whether to log-normalise the matrix first); "
+                         f"features {config.features or '.X'!r} are used as they are")
+    if config.features is not None and not pca and config.layer is not None:
+        raise InputError(f"{source}: layer {config.layer!r} is not read: the features are .obsm[{config.features!r}]")
+    counts, decided = resolve_input(adata, config.layer, config.input) if pca else (False, None)
+    validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=[config.sample_key, config.group_key], layer=config.layer,
+             require_counts=counts, lognorm=pca and not counts, check_values=pca or config.features is None)
+    cells = checked_cells(adata.obs.copy(), _h5ad_features(adata, config, source, counts), config, source)
+    if decided:
+        log(f"{decided} for {config.features}")
+    return cells
 
 
 def checked_cells(obs: pd.DataFrame, X: np.ndarray, config: AggregateConfig, source: str) -> CellTable:
@@ -155,25 +176,27 @@ def checked_cells(obs: pd.DataFrame, X: np.ndarray, config: AggregateConfig, sou
     return CellTable(np.asarray(X, dtype=np.float32), obs.reset_index(drop=True), source)
 
 
-def _h5ad_features(adata: ad.AnnData, features: str | None, path: str, chunk_size: int) -> np.ndarray:
-    """The per-cell features ``features`` names; a backed AnnData's matrix is read in chunks, never loaded."""
+def _h5ad_features(adata: ad.AnnData, config: AggregateConfig, source: str, counts: bool) -> np.ndarray:
+    """The per-cell features ``config.features`` names (``counts``: log-normalise the matrix of ``pca:<k>`` first); a
+    backed AnnData's matrix is read in chunks, never loaded."""
+    features = config.features
     if features is not None and not features.startswith("pca:"):
         if features not in adata.obsm:
-            raise InputError(f"{path}: obsm key {features!r} not found; available: {list(adata.obsm)}")
+            raise InputError(f"{source}: obsm key {features!r} not found; available: {list(adata.obsm)}")
         return np.asarray(adata.obsm[features])
     if features is None:
-        X = _matrix(adata, normalize=False)
-        return map_rows(X, X.shape[1], lambda block: block.toarray(), chunk_size)
-    lognorm = _matrix(adata, normalize=True)
-    lognorm = lognorm.with_genes(highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000, chunk_size))
-    return fit_gene_pca(lognorm, int(features[4:]), chunk_size=chunk_size).transform(lognorm, chunk_size)
+        X = _matrix(adata, config.layer, normalize=False)
+        return map_rows(X, X.shape[1], lambda block: block.toarray(), config.chunk_size)
+    lognorm = _matrix(adata, config.layer, normalize=counts)
+    lognorm = lognorm.with_genes(highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000, config.chunk_size))
+    return fit_gene_pca(lognorm, int(features[4:]), chunk_size=config.chunk_size).transform(lognorm, config.chunk_size)
 
 
-def _matrix(adata: ad.AnnData, normalize: bool) -> Any:
-    """``.X`` (log-normalised when ``normalize``) as a source: in memory, or for a backed AnnData read from its file in chunks."""
+def _matrix(adata: ad.AnnData, layer: str | None, normalize: bool) -> Any:
+    """The matrix (``.X`` or ``layer``; log-normalised when ``normalize``) as a source: in memory, or for a backed AnnData read from its file in chunks."""
     if on_disk(adata):
-        return file_source(whole_backed(adata), normalize=normalize)
-    X = to_csr(get_matrix(adata))
+        return file_source(whole_backed(adata), layer=layer, normalize=normalize)
+    X = to_csr(get_matrix(adata, layer))
     return InMemoryCSR(normalize_log1p(X) if normalize else X)
 
 
