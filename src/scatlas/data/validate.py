@@ -163,9 +163,17 @@ def _scan_chunk(chunk: sp.spmatrix | np.ndarray, whole: bool) -> tuple[dict[str,
     checks = {"NaN or infinite": ~finite, "negative": finite & (values < 0)}
     if whole:
         checks["non-integer"] = finite & (values != np.round(values))
-    bad = {name: np.unique(row_of[mask]) if sp.issparse(chunk) else np.flatnonzero(mask.any(axis=1))
+    bad = {name: _rows_with(mask, row_of, chunk.shape[0]) if sp.issparse(chunk) else np.flatnonzero(mask.any(axis=1))
            for name, mask in checks.items() if mask.any()}
     return bad, empty, used, float(values.max()) if values.size else 0.0  # NaN / inf: refused before the largest value is read
+
+
+def _rows_with(mask: np.ndarray, row_of: np.ndarray, n_rows: int) -> np.ndarray:
+    """The rows holding a stored value where ``mask`` is true, in order: a scatter, not a sort (a log-normalised chunk
+    has a fractional value almost everywhere)."""
+    flagged = np.zeros(n_rows, dtype=bool)
+    flagged[row_of[mask]] = True
+    return np.flatnonzero(flagged)
 
 
 LOGNORM_MAX = 50.0
