@@ -49,8 +49,8 @@ def _warn(message: str) -> None:
 
 
 def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90,
-              input: InputKind = "auto", layer: str | None = None, seed: int = 0, graphs: Mapping[str, str] | None = None, log: Log = _warn, exact: bool | None = None, sample_size: int = SAMPLE_SIZE,
-              progress: Log | None = None) -> pd.DataFrame:
+              input: InputKind = "auto", layer: str | None = None, seed: int = 0, graphs: Mapping[str, str] | None = None, log: Log = _warn,
+              exact: bool | None = None, sample_size: int = SAMPLE_SIZE, progress: Log | None = None) -> pd.DataFrame:
     """Score every ``.obsm`` embedding; one row per embedding.
 
     Parameters
