@@ -21,7 +21,10 @@ import scipy.sparse as sp
 import yaml
 from typer.testing import CliRunner
 
+import scatlas as sa
+from scatlas import InputError
 from scatlas.cli import app
+from scatlas.data import normalize_log1p
 
 runner = CliRunner()
 Mutate = Callable[[ad.AnnData], ad.AnnData]
@@ -333,6 +336,14 @@ def test_transfer_refuses_before_training(files, work):
     refused(work, [*base, "--query", str(files["kang_nan"])], "kang_nan.h5ad", "NaN or infinite")
     refused(work, [*base, "--query", kang, "--query-label-key", "truth"], "obs column 'truth' not found")
     refused(work, ["transfer", "--reference", kang, "--label-key", "celltype", "--out", "tr", "--query", kang], "'celltype' not found")
+    lognorm = ad.read_h5ad(kang)  # a log-normalised reference with an all-zero gene (a notice) and a query of counts
+    lognorm.X = normalize_log1p(lognorm.X)
+    lognorm.X[:, 0] = 0
+    lognorm.write_h5ad(Path(kang).with_name("kang_lognorm_reference.h5ad"))
+    refused(work, ["transfer", "--reference", str(Path(kang).with_name("kang_lognorm_reference.h5ad")), "--label-key", "cell_type", "--out", "tr",
+                   "--query", kang], "kang.h5ad: .X holds values up to", "too large for log-normalised values")
+    with pytest.raises(InputError, match="too large for log-normalised values"):  # the API alike, before any line
+        sa.tl.transfer(lognorm, ad.read_h5ad(kang), label_key="cell_type", log=pytest.fail)
 
 
 def test_counts_kept_in_raw_are_pointed_at_and_selected_by_layer_raw(files, work):
@@ -347,7 +358,6 @@ def test_counts_kept_in_raw_are_pointed_at_and_selected_by_layer_raw(files, work
     for command in (["nmf", str(files["kang"]), "--out", "f.h5ad"], ["transfer", "--reference", kang_raw, "--label-key", "cell_type", "--out", "tr",
                                                                       "--query", str(files["kang"]), "--query-layer", "raw"]):
         refused(work, [*command, "--layer", "raw"], "kang.h5ad: layer 'raw' not found and there is no .raw")
-    from scatlas._errors import InputError
     from scatlas.data import validate
 
     repeated = ad.read_h5ad(kang_raw)
@@ -373,7 +383,6 @@ def test_counts_kept_in_a_layer_are_named_in_the_refusal(files, work):
 
 
 def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_clashes_with_method(files):
-    import scatlas as sa
     from scatlas._errors import ConfigError
 
     kang = ad.read_h5ad(files["kang"])

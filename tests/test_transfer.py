@@ -477,7 +477,8 @@ def test_tl_transfer_leaves_all_zero_and_unlabelled_reference_cells_without_a_ca
     assert lines[-1].endswith("their calls rest on the model's intercepts alone (a transfer's reference model flags them unknown)")
     lines.clear()
     sa.tl.transfer(unlabelled, query.copy(), label_key="author_cell_type", log=lines.append)
-    assert "2 of 750 cells have no label in obs column 'author_cell_type': left out of training (map them as a query to call them)" in lines[0]
+    assert "2 of 750 cells have no label in obs column 'author_cell_type': left out of training (map them as a query to call them)" in lines[1]
+    assert lines[0] == "<AnnData>: .X holds whole numbers: treated as raw counts (normalised + log1p)"  # how the reference was read comes first
     assert unlabelled.obs["author_cell_type_pred"].isna().sum() == 3 and unlabelled.obs["author_cell_type_reference_split"].isna().sum() == 3
     sa.tl.transfer(unlabelled, [query.copy(), unlabelled], label_key="author_cell_type", log=lambda _: None)  # the reference as a query too
     assert unlabelled.obs["author_cell_type_pred"].iloc[[7, 8]].notna().all()

@@ -417,6 +417,23 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     return layers
 
 
+def checked_reference(load: Callable[[Log], CellData], queries: Sequence[ad.AnnData], config: TransferConfig, log: Log,
+                      said: Sequence[str] = ()) -> tuple[CellData, list[str | None]]:
+    """The reference loaded (``load``) and the queries checked (:func:`check_queries`) before a notice of either is
+    logged: a bad query gets its one line alone. ``said``: lines to log first (how ``input="auto"`` decided).
+
+    Returns
+    -------
+    The reference's cells and each query's layer.
+    """
+    pending = list(said)
+    data = load(pending.append)
+    layers = check_queries(queries, config, data, pending.append)
+    for line in pending:
+        log(line)
+    return data, layers
+
+
 def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print, figures: bool = False,
                  resume: bool = False) -> pd.DataFrame:
     """Learn the reference model, map every query, write predictions, calibration and metrics (``figures``: also
@@ -439,8 +456,8 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     inputs = (config.reference.path, *config.queries)
     check_output_dir(out, overwrite, inputs)
     with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
-        data = load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k), log=log)
-        layers = check_queries(queries, config, data, log)
+        data, layers = checked_reference(lambda say: load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k),
+                                                                  log=say), queries, config, log)
         return _write_transfer(config, data, queries, layers, stems, Path(out), inputs, overwrite, log, figures, checkpoints, resume)
 
 
@@ -580,11 +597,9 @@ def transfer(
               "query_gene_key": query_gene_key, "model": {**METHODS[method or default_method(on_disk(reference))], "loss": loss, "ensemble": ensemble},
               "seed": seed, **settings}
     config = load_transfer_config(values)
-    data = cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts, extra_keys=(ontology_key, config.dataset_key),
-                     stream=on_disk(reference), unlabelled="leave_out", log=log)
-    if decided:
-        log(decided)
-    layers = check_queries(queries, config, data, log)
+    data, layers = checked_reference(lambda say: cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts,
+                                                           extra_keys=(ontology_key, config.dataset_key), stream=on_disk(reference),
+                                                           unlabelled="leave_out", log=say), queries, config, log, [decided] if decided else [])
     parts: list[np.ndarray] = []
     model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()),
                                                 checkpoints, resume)
