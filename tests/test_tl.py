@@ -407,6 +407,10 @@ def test_queries_are_read_from_the_layer_the_model_was_trained_on(symphony, tmp_
     assert (again.obs["author_cell_type_pred"] == plain.obs["author_cell_type_pred"]).all()
     with pytest.raises(InputError, match="layer 'spliced' not found"):  # an explicit layer is read as given
         sa.tl.annotate(query.copy(), tmp_path / "model", layer="spliced", log=lambda _: None)
+    broken = query.copy()
+    broken.layers["counts"].data[0] = np.nan
+    with pytest.raises(InputError, match="layer 'counts' has NaN or infinite values in 1 cells"):  # before any line
+        sa.tl.annotate(broken, tmp_path / "model", log=pytest.fail)
 
 
 def test_embed_without_a_model_removes_the_batch_it_is_given():

@@ -807,11 +807,11 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     reference = loaded if isinstance(loaded, ReferenceModel) else None
     annotator = loaded.annotator if isinstance(loaded, ReferenceModel) else loaded
     chosen = trained_layer(adata, layer, annotator.meta.get("layer"))
-    if chosen != layer:
+    validate(adata, layer=chosen, require_counts=annotator.input == "counts", lognorm=annotator.input == "lognorm")
+    alignment = align_genes(get_var(adata, chosen), annotator.genes, min_overlap, source_name(adata), gene_key, var_name(adata, chosen))
+    if chosen != layer:  # said once the query passed its checks, so that bad input gets its one line alone
         log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
     layer = chosen
-    validate(adata, layer=layer, require_counts=annotator.input == "counts", lognorm=annotator.input == "lognorm")
-    alignment = align_genes(get_var(adata, layer), annotator.genes, min_overlap, source_name(adata), gene_key, var_name(adata, layer))
     log(alignment.said(source_name(adata), annotator.missing_said))
     offset = annotator.missing_offset(alignment)
 
