@@ -167,12 +167,21 @@ def test_cli_embed_writes_the_latent_of_tl_embed(symphony_path, symphony, tmp_pa
     np.testing.assert_array_equal(written.obsm["X_ae"], adata.obsm["X_ae"])
     pd.testing.assert_frame_equal(written.obs, symphony.obs)  # every column, so the file can be scored or plotted by any
     assert written.n_vars == symphony.n_vars and written.X is None
-    # scored as it is: without X, PCR comparison needs an unintegrated embedding named (it said "X is empty; pass a layer")
+    # scored as it is: without X, PCR comparison's unintegrated PCA reads the file the results came from (named in .uns)
+    assert written.uns["scatlas_input"]["path"] == str(symphony_path.resolve())
     score = ["benchmark", str(out), "--embedding", "X_ae", "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "bench")]
+    scored = runner.invoke(app, score)
+    assert scored.exit_code == 0 and f"PCR comparison's unintegrated PCA reads the matrix of {symphony_path.resolve()}" in scored.output, scored.output
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "bench" / "benchmark.csv"),
+                                  sa.tl.benchmark(adata, ["X_ae"], label_key="cell_type", batch_key="batch", log=lambda _: None), rtol=1e-9)
+    written.uns["scatlas_input"]["path"] = str(tmp_path / "moved.h5ad")  # the input moved: an unintegrated embedding must be named
+    written.write_h5ad(out)
+    score[-1] = str(tmp_path / "bench2")
     refused = runner.invoke(app, score)
-    assert refused.exit_code == 2 and "--pre-key" in refused.output and not (tmp_path / "bench").exists()
+    assert refused.exit_code == 2 and "moved.h5ad, the file it was made from" in refused.output and "--pre-key" in refused.output
+    assert not (tmp_path / "bench2").exists()
     assert "['X_nope'] not in .obsm" in runner.invoke(app, [*score, "--pre-key", "X_nope"]).output
-    assert runner.invoke(app, [*score, "--pre-key", "X_ae"]).exit_code == 0 and (tmp_path / "bench" / "benchmark.csv").exists()
+    assert runner.invoke(app, [*score, "--pre-key", "X_ae"]).exit_code == 0 and (tmp_path / "bench2" / "benchmark.csv").exists()
     np.testing.assert_array_equal(sa.load_model(tmp_path / "sym_ae_model").get_latent_representation(symphony), adata.obsm["X_ae"])
     again = runner.invoke(app, ["embed", str(symphony_path), "--out", str(out), "--batch-key", "batch"])
     assert again.exit_code == 2 and "exists (pass --overwrite" in again.output

@@ -68,6 +68,17 @@ def _lazy_zarr(path: Path) -> ad.AnnData:
     return ad.AnnData(X=matrix(root["X"]) if "X" in root else None, layers=layers, raw=raw, **parts)
 
 
+INPUT_KEY = "scatlas_input"
+"""``.uns`` key of a results-only file (``scatlas embed`` / ``nmf``) naming the file its cells came from (``path``), so that
+``scatlas benchmark`` can compute PCR comparison's unintegrated PCA from that file's matrix."""
+
+
+def record_input(out: ad.AnnData, adata: ad.AnnData) -> None:
+    """Name in ``out.uns[INPUT_KEY]`` the file ``adata`` was read from (nothing for an AnnData made in memory)."""
+    if "scatlas_source" in adata.uns:
+        out.uns[INPUT_KEY] = {"path": str(adata.uns["scatlas_source"])}
+
+
 def file_path(adata: ad.AnnData) -> Path:
     """The file or store ``adata`` (or the AnnData it is a view of) was read from: a backed AnnData's
     file, else the path :func:`read_anndata` recorded."""

@@ -26,7 +26,7 @@ import pandas as pd
 
 from scatlas._errors import InputError
 from scatlas._io import write_csv
-from scatlas.data.io import get_matrix, source_name, to_csr
+from scatlas.data.io import INPUT_KEY, get_matrix, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.validate import InputKind, check_embeddings, check_obs_keys, one_batch_notice, resolve_input, validate, with_values
 from scatlas.metrics.clustering import kmeans_ari_nmi
@@ -105,10 +105,6 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
-    if pre_key is None and layer is None and adata.X is None:
-        raise InputError(f"{source_name(adata)}: no .X for the unintegrated PCA that PCR comparison starts from (a results-only file, as "
-                         "`scatlas embed` and `nmf` write): name an unintegrated .obsm embedding as pre_key (CLI: --pre-key, e.g. the X_pca "
-                         "of `scatlas embed --model pca`), or benchmark the file that holds the counts")
     check_obs_keys(adata, [label_key], missing_ok=True)
     unlabelled = int(adata.obs[label_key].isna().sum())
     if unlabelled and graphs:
@@ -119,9 +115,11 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
                            notices.append)
     if unlabelled:
         adata = adata[labelled]
-    counts, decided = resolve_input(adata, layer, input) if pre_key is None else (False, None)
-    validate(adata, batch_key=batch_key, label_key=label_key, layer=layer, require_counts=counts, check_values=pre_key is None,
-             lognorm=not counts)
+    validate(adata, batch_key=batch_key, label_key=label_key, check_values=False)
+    matrix = None if pre_key is not None else unintegrated_cells(adata, layer, notices)
+    counts, decided = resolve_input(matrix, layer, input) if matrix is not None else (False, None)
+    if matrix is not None:
+        validate(matrix, batch_key=batch_key if matrix is adata else None, layer=layer, require_counts=counts, lognorm=not counts)
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
@@ -141,7 +139,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     else:
         from sklearn.decomposition import PCA
 
-        X = to_csr(get_matrix(adata, layer))  # sparse in, centred implicitly by ARPACK: never a dense cells × genes matrix
+        X = to_csr(get_matrix(matrix, layer))  # sparse in, centred implicitly by ARPACK: never a dense cells × genes matrix
         pre = PCA(min(50, X.shape[1] - 1), svd_solver="arpack", random_state=0).fit_transform(normalize_log1p(X) if counts else X)
     rows = []
     for key in embeddings:
@@ -151,6 +149,30 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
             progress(f"{key}:")
         rows.append({"Embedding": key, **score_embedding(Z, graph, labels, batch, pre, seed, sample_size if estimate else None, progress)})
     return pd.DataFrame(rows)
+
+
+def unintegrated_cells(adata: ad.AnnData, layer: str | None, notices: list[str]) -> ad.AnnData:
+    """The cells whose matrix (``X`` or ``layer``) PCR comparison's unintegrated PCA starts from: ``adata``'s own, or for a
+    results-only file (``scatlas embed`` / ``nmf``: no ``X``) the same cells of the file it names in ``.uns[INPUT_KEY]``,
+    with a line in ``notices``."""
+    recorded = adata.uns.get(INPUT_KEY, {}).get("path")
+    if adata.X is not None or (recorded is None and layer is not None):  # a layer it lacks is named by validation
+        return adata
+    fix = ("name an unintegrated .obsm embedding as pre_key (CLI: --pre-key, e.g. the X_pca of `scatlas embed --model pca`), or benchmark the "
+           "file that holds the counts")
+    if recorded is None:
+        raise InputError(f"{source_name(adata)}: no .X for the unintegrated PCA that PCR comparison starts from (a results-only file, as "
+                         f"`scatlas embed` and `nmf` write, names no input file in .uns[{INPUT_KEY!r}]): {fix}")
+    if not Path(recorded).exists():
+        raise InputError(f"{source_name(adata)}: no .X, and {recorded}, the file it was made from (.uns[{INPUT_KEY!r}]), is not there for the "
+                         f"unintegrated PCA of PCR comparison: {fix}")
+    source = read_anndata(recorded)
+    rows = source.obs_names.get_indexer(adata.obs_names)
+    if (rows < 0).any():
+        raise InputError(f"{source_name(adata)}: {int((rows < 0).sum())} of its cells are not in {recorded} (.uns[{INPUT_KEY!r}]), the file "
+                         f"it names for the unintegrated PCA of PCR comparison: {fix}")
+    notices.append(f"{source_name(adata)}: no .X; PCR comparison's unintegrated PCA reads the matrix of {recorded}, the file it was made from")
+    return source if np.array_equal(rows, np.arange(source.n_obs)) else source[rows].copy()
 
 
 def score_embedding(Z: np.ndarray, graph: Neighbors, labels: np.ndarray, batch: np.ndarray, pre: np.ndarray, seed: int = 0,

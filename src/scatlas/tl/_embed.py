@@ -24,7 +24,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import check_checkpoint_settings, checkpoint_path, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, get_var, on_disk, source_name, to_csr, var_name
+from scatlas.data.io import get_matrix, get_var, on_disk, record_input, source_name, to_csr, var_name
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
@@ -545,7 +545,8 @@ def results_obs(obs: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_anndata(adata: ad.AnnData) -> ad.AnnData:
-    """A results-only AnnData: ``adata``'s obs (:func:`results_obs`), its genes, and what scatlas wrote to obsm / varm / uns."""
+    """A results-only AnnData: ``adata``'s obs (:func:`results_obs`), its genes, what scatlas wrote to obsm / varm / uns,
+    and the file ``adata`` was read from (:func:`record_input`)."""
     out = ad.AnnData(obs=results_obs(adata.obs), var=pd.DataFrame(index=adata.var_names.astype(str)))
     for k in adata.uns.get("scatlas", {}):
         out.obsm[k] = adata.obsm[k]
@@ -553,4 +554,5 @@ def results_anndata(adata: ad.AnnData) -> ad.AnnData:
         if w in adata.varm:
             out.varm[w] = adata.varm[w]
     out.uns["scatlas"] = adata.uns["scatlas"]
+    record_input(out, adata)
     return out

@@ -20,7 +20,7 @@ import pandas as pd
 
 from scatlas._errors import InputError
 from scatlas._io import atomic_path, check_output_file, checkpoints_beside, resumable_training, write_csv
-from scatlas.data.io import on_disk, read_anndata
+from scatlas.data.io import on_disk, read_anndata, record_input
 from scatlas.data.dataset import DatasetConfig, apply_filter
 from scatlas.settings import TrainingConfig
 from scatlas.metrics.classification import classify_embedding
@@ -58,6 +58,7 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     out.obsm[f"H_{key}"] = H
     out.varm[f"W_{key}"] = W
     out.uns["scatlas_factors"] = {"model": entry.model_dump(mode="json"), "data": str(dataset.path), "streamed": stream}
+    record_input(out, adata)
     return out, key
 
 
