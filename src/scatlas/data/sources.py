@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
-from scatlas.data.io import RAW, row_range
+from scatlas.data.io import RAW, row_range, take_columns
 from scatlas.data.preprocess import normalize_log1p
 
 
@@ -149,7 +149,7 @@ class _OnDiskSource:
         X = self._read_stored(start, stop)
         if self.normalize:
             X = normalize_log1p(X)
-        return X if self.genes is None else X[:, self.genes]
+        return X if self.genes is None else take_columns(X, self.genes)
 
     def read_window(self, start: int, stop: int, empty: Empty | None = None) -> CSRWindow:
         """Rows ``start:stop`` as stored (see :class:`CSRWindow`; ``empty`` is not used here)."""
