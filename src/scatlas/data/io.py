@@ -211,8 +211,8 @@ def row_range(matrix: Any, start: int, stop: int) -> Any:
 
 def take_columns(matrix: sp.csr_matrix, columns: np.ndarray) -> sp.csr_matrix:
     """``matrix[:, columns]`` of a CSR matrix for a boolean mask or increasing column indices, by renumbering the stored
-    columns in one pass: SciPy's column indexing takes 5.2 s to drop one gene of 1M cells × 1,000 genes (115M values),
-    this 0.5 s. Other selections (repeated or reordered columns) go to SciPy."""
+    columns in one pass (reading a 1M-cell reference with one all-zero gene into memory: 6.1 s with SciPy's column
+    indexing, 5.1 s with this). Other selections (repeated or reordered columns) go to SciPy."""
     columns = np.asarray(columns)
     if columns.dtype == bool:
         keep = columns
