@@ -285,6 +285,45 @@ def test_gene_mismatch_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_of_counts_reads_a_query_of_log_cp10k_as_it_is(tmp_path):
+    """A CellTypist-style query (scanpy's normalize_total(target_sum=1e4) + log1p, no counts) through a reference of
+    counts: read as it is, with a line, giving the calls of its counts (tl.transfer, the saved model through tl.annotate,
+    the CLI); log1p of counts per million is refused by name."""
+    import scanpy as sc
+
+    import scatlas as sa
+    from conftest import data_path
+    from scatlas._errors import InputError
+
+    kang = ad.read_h5ad(data_path("kang18_muscat_4samples.h5ad"))
+    reference, counts = kang[kang.obs["group_id"] == "ctrl"].copy(), kang[kang.obs["group_id"] == "stim"].copy()
+    lognorm, per_million = counts.copy(), counts.copy()
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    sc.pp.normalize_total(per_million, target_sum=1e6)
+    sc.pp.log1p(per_million)
+    settings = {"label_key": "cell_type", "training": {"max_epochs": 5}}
+    model = sa.tl.transfer(reference.copy(), counts, log=lambda _: None, **settings)
+    lines: list[str] = []
+    sa.tl.transfer(reference.copy(), lognorm, log=lines.append, **settings)
+    assert "<AnnData>: .X holds log1p of counts per 10,000, as the model normalises counts: read as it is" in lines
+    assert (lognorm.obs["cell_type_pred"] == counts.obs["cell_type_pred"]).all()
+    np.testing.assert_allclose(lognorm.obsm["cell_type_proba"], counts.obsm["cell_type_proba"], atol=1e-4)  # scanpy's float32 sums
+    model.save(tmp_path / "model")
+    again = lognorm.copy()
+    sa.tl.annotate(again, tmp_path / "model", log=lines.append)
+    assert lines[-2].endswith("read as it is") and (again.obs["cell_type_pred"] == counts.obs["cell_type_pred"]).all()
+    for run in (lambda: sa.tl.transfer(reference.copy(), per_million, log=pytest.fail, **settings),
+                lambda: sa.tl.annotate(per_million, tmp_path / "model", log=pytest.fail)):
+        with pytest.raises(InputError, match="has non-integer values in 806 cells"):
+            run()
+    reference.write_h5ad(tmp_path / "reference.h5ad")
+    lognorm.write_h5ad(tmp_path / "lognorm.h5ad")
+    result = runner.invoke(app, ["transfer", "--reference", str(tmp_path / "reference.h5ad"), "--label-key", "cell_type", "--query",
+                                 str(tmp_path / "lognorm.h5ad"), "--out", str(tmp_path / "tr")])
+    assert result.exit_code == 0 and "lognorm.h5ad: .X holds log1p of counts per 10,000" in result.output, result.output
+
+
 def test_query_gene_key_maps_ensembl_ids_to_the_same_bits(tmp_path):
     """A query keyed by Ensembl ids with symbols in a .var column (as CELLxGENE files) gets, through the gene column,
     the calls and probabilities its symbol-keyed twin gets; a column that is not there is refused by name."""

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
-from scatlas.data.io import get_matrix, get_var, matrix_name, row_range, source_name, string_categorical, uses_raw
+from scatlas.data.io import get_matrix, get_var, matrix_name, row_range, source_name, string_categorical, to_csr, uses_raw
 
 #: Rows read at a time when scanning a matrix (keeps backed files out of memory).
 CHUNK_ROWS = 50_000
@@ -328,6 +328,19 @@ def is_count_matrix(adata: ad.AnnData, layer: str | None = None, n_cells: int = 
     values = _chunk_values(row_range(get_matrix(adata, layer), 0, n_cells))
     finite = values[np.isfinite(values)]
     return bool(finite.size == 0 or ((finite >= 0) & (finite == np.round(finite))).all())
+
+
+CP10K = 1e4
+"""Counts per cell after normalisation (scanpy's ``normalize_total(target_sum=1e4)``, scatlas' and CellTypist's)."""
+
+
+def holds_log_cp10k(adata: ad.AnnData, layer: str | None = None, n_cells: int = 1_000) -> bool:
+    """Whether the matrix holds log1p of counts per 10,000 (:data:`CP10K`), as scatlas makes of counts: every non-empty
+    cell among the first ``n_cells`` sums to 10,000 (within 1%) after expm1 (CellTypist's check of a query)."""
+    rows = to_csr(row_range(get_matrix(adata, layer), 0, n_cells))
+    totals = np.asarray(rows.astype(np.float64).expm1().sum(axis=1)).ravel()
+    totals = totals[np.diff(rows.indptr) > 0]
+    return bool(totals.size and np.all(np.abs(totals - CP10K) <= 0.01 * CP10K))
 
 
 InputKind = Literal["auto", "counts", "lognorm"]

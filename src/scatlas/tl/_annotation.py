@@ -32,7 +32,7 @@ from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer, var_name
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
-from scatlas.data.validate import validate, with_values
+from scatlas.data.validate import holds_log_cp10k, is_count_matrix, validate, with_values
 from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, confusion_counts, hierarchical_correct
@@ -357,10 +357,12 @@ class Annotator:
             label=label, label_names=self.labels.classes, reachability=self.labels.reachability, offset=offset,
         )
 
-    def model_input(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment) -> Any:
-        """The model's matrix of validated cells: log-normalised (counts) and aligned to the model's genes by ``alignment`` (missing genes 0)."""
+    def model_input(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment, counts: bool | None = None) -> Any:
+        """The model's matrix of validated cells: log-normalised when they hold ``counts`` (default: when the model was
+        trained on counts; :func:`query_counts` decides for a query), aligned to the model's genes by ``alignment``
+        (missing genes 0)."""
         X = to_csr(get_matrix(adata, layer))
-        if self.input == "counts":
+        if self.input == "counts" if counts is None else counts:
             X = normalize_log1p(X)
         return alignment.apply(X)
 
@@ -807,10 +809,13 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     reference = loaded if isinstance(loaded, ReferenceModel) else None
     annotator = loaded.annotator if isinstance(loaded, ReferenceModel) else loaded
     chosen = trained_layer(adata, layer, annotator.meta.get("layer"))
-    validate(adata, layer=chosen, require_counts=annotator.input == "counts", lognorm=annotator.input == "lognorm")
+    counts, read_as = query_counts(adata, chosen, annotator.input)
+    validate(adata, layer=chosen, require_counts=counts, lognorm=not counts)
     alignment = align_genes(get_var(adata, chosen), annotator.genes, min_overlap, source_name(adata), gene_key, var_name(adata, chosen))
     if chosen != layer:  # said once the query passed its checks, so that bad input gets its one line alone
         log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
+    if read_as:
+        log(read_as)
     layer = chosen
     log(alignment.said(source_name(adata), annotator.missing_said))
     offset = annotator.missing_offset(alignment)
@@ -826,7 +831,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         empty.append(none)
         return proba, low | far | none
 
-    parts = [calls(annotator.model_input(part, layer, alignment)) for part in cell_chunks(adata, chunk_size)]
+    parts = [calls(annotator.model_input(part, layer, alignment, counts)) for part in cell_chunks(adata, chunk_size)]
     n_empty = int(np.concatenate(empty).sum())
     if n_empty:
         log(no_counts_said(source_name(adata), n_empty, adata.n_obs, flagged=reference is not None))
@@ -836,6 +841,17 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                        "ontology": str(annotator.labels.ontology_version), "version": __version__}
     return annotator
+
+
+def query_counts(adata: ad.AnnData, layer: str | None, model_input: str) -> tuple[bool, str | None]:
+    """Whether a query's matrix holds counts to log-normalise, for a model trained on ``model_input`` (``counts`` /
+    ``lognorm``); and a line when a model of counts is given log1p of counts per 10,000, the values it makes of counts
+    itself (:func:`~scatlas.data.validate.holds_log_cp10k`), which it then reads as they are, as CellTypist reads a query.
+    Any other non-integer matrix stays a counts query, which validation refuses by name."""
+    if model_input != "counts" or is_count_matrix(adata, layer) or not holds_log_cp10k(adata, layer):
+        return model_input == "counts", None
+    return False, (f"{source_name(adata)}: {matrix_name(adata, layer)} holds log1p of counts per 10,000, as the model normalises counts: "
+                   "read as it is")
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,

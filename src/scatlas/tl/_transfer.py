@@ -31,7 +31,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
                          staged_dir, write_csv, write_npy, write_yaml)
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, config_record, default_method, fit_classifier, label_space,
-                                    model_directory, no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, write_calls)
+                                    model_directory, no_counts, no_counts_said, query_counts, reference_means, refit_full_batch, resolve_model, write_calls)
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
 from scatlas.data.align import GeneAlignment, align_genes
@@ -207,11 +207,12 @@ def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
     return compact.astype({c: pd.CategoricalDtype(list(v)) for c, v in categories.items() if c in compact})
 
 
-def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, config: TransferConfig,
+def predict_query(model: ReferenceModel, adata: ad.AnnData, read: tuple[str | None, bool], config: TransferConfig,
                   sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None, name: str | None = None,
                   log: Log = print) -> tuple[pd.DataFrame, GeneAlignment]:
     """Map a validated query through the frozen reference model: ``chunk_size`` cells at a time read from the file of a
-    backed AnnData (host memory flat in its size), in one piece otherwise.
+    backed AnnData (host memory flat in its size), in one piece otherwise. ``read``: the query's layer and whether it
+    holds counts to log-normalise (:func:`check_queries`).
 
     Each chunk's predictions and probabilities go to ``sink`` (e.g. appended to files); returned
     are the compact predictions of every cell (:func:`_compact`) and the gene alignment
@@ -220,10 +221,11 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, layer: str | None, c
     (default: its file's name).
     """
     annotator = model.annotator
+    layer, counts = read
     alignment = align_genes(get_var(adata, layer), annotator.genes, config.min_overlap, source_name(adata), config.query_gene_key, var_name(adata, layer))
     offset, kept = annotator.missing_offset(alignment), []
     for part in cell_chunks(adata, config.query_chunk_size):  # each cell's result does not depend on the chunking
-        predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment), part.obs_names.astype(str).to_numpy(), offset)
+        predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment, counts), part.obs_names.astype(str).to_numpy(), offset)
         if sink is not None:
             sink(predictions, probabilities)
         kept.append(_compact(predictions, annotator.labels))
@@ -398,40 +400,47 @@ def centroid_distances(model: CellTypeClassifier, sdata: SplitData, rows: np.nda
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData, log: Log = print) -> list[str | None]:
+def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData, log: Log = print) -> list[tuple[str | None, bool]]:
     """Refuse, before the reference trains, a query with bad values or repeated names, or sharing too few of the reference's genes.
 
     Returns
     -------
-    Each query's layer: ``query_layer`` if set, else the reference's layer where the query has it,
-    else ``.X`` (:func:`~scatlas.data.io.trained_layer`); a query read from the reference's layer
-    gets a line in ``log``.
+    How to read each query: its layer (``query_layer`` if set, else the reference's layer where
+    the query has it, else ``.X``: :func:`~scatlas.data.io.trained_layer`) and whether it holds
+    counts to log-normalise (:func:`~scatlas.tl._annotation.query_counts`: a reference of counts
+    reads a query of log1p counts per 10,000 as it is). A query read from the reference's layer,
+    or read as it is, gets a line in ``log``.
     """
-    layers = [trained_layer(q, config.query_layer, config.reference.layer) for q in queries]
-    for q, layer in zip(queries, layers, strict=True):
-        validate(q, layer=layer, require_counts=config.reference.input == "counts", lognorm=config.reference.input == "lognorm")
+    reads = []
+    said: list[str] = []
+    for q in queries:
+        layer = trained_layer(q, config.query_layer, config.reference.layer)
+        counts, read_as = query_counts(q, layer, config.reference.input)
+        validate(q, layer=layer, require_counts=counts, lognorm=not counts)
         align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q), config.query_gene_key, var_name(q, layer))
-    for q, layer in zip(queries, layers, strict=True):
-        if layer != config.query_layer:
-            log(f"{source_name(q)}: reading {matrix_name(q, layer)}, as the reference")
-    return layers
+        said += [f"{source_name(q)}: reading {matrix_name(q, layer)}, as the reference"] if layer != config.query_layer else []
+        said += [read_as] if read_as else []
+        reads.append((layer, counts))
+    for line in said:  # once every query passed
+        log(line)
+    return reads
 
 
 def checked_reference(load: Callable[[Log], CellData], queries: Sequence[ad.AnnData], config: TransferConfig, log: Log,
-                      said: Sequence[str] = ()) -> tuple[CellData, list[str | None]]:
+                      said: Sequence[str] = ()) -> tuple[CellData, list[tuple[str | None, bool]]]:
     """The reference loaded (``load``) and the queries checked (:func:`check_queries`) before a notice of either is
     logged: a bad query gets its one line alone. ``said``: lines to log first (how ``input="auto"`` decided).
 
     Returns
     -------
-    The reference's cells and each query's layer.
+    The reference's cells and how to read each query (:func:`check_queries`).
     """
     pending = list(said)
     data = load(pending.append)
-    layers = check_queries(queries, config, data, pending.append)
+    reads = check_queries(queries, config, data, pending.append)
     for line in pending:
         log(line)
-    return data, layers
+    return data, reads
 
 
 def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = False, log: Log = print, figures: bool = False,
@@ -456,13 +465,13 @@ def run_transfer(config: TransferConfig, out: str | Path, overwrite: bool = Fals
     inputs = (config.reference.path, *config.queries)
     check_output_dir(out, overwrite, inputs)
     with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
-        data, layers = checked_reference(lambda say: load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k),
+        data, reads = checked_reference(lambda say: load_dataset(config.reference, extra_keys=tuple(k for k in (config.ontology_key, config.dataset_key) if k),
                                                                   log=say), queries, config, log)
-        return _write_transfer(config, data, queries, layers, stems, Path(out), inputs, overwrite, log, figures, checkpoints, resume)
+        return _write_transfer(config, data, queries, reads, stems, Path(out), inputs, overwrite, log, figures, checkpoints, resume)
 
 
-def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.AnnData], layers: list[str | None], stems: list[str], out: Path,
-                    inputs: tuple[Path, ...], overwrite: bool, log: Log, figures: bool, checkpoints: Path, resume: bool) -> pd.DataFrame:
+def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.AnnData], reads: list[tuple[str | None, bool]], stems: list[str],
+                    out: Path, inputs: tuple[Path, ...], overwrite: bool, log: Log, figures: bool, checkpoints: Path, resume: bool) -> pd.DataFrame:
     """:func:`run_transfer`'s outputs, staged: the reference model, then every query, the summary and the report."""
     with staged_dir(out, overwrite, inputs) as stage:
         ref_dir = stage / "reference"
@@ -473,10 +482,10 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
         metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells", figures)
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
         reference.save(ref_dir / "model")
-        for stem, adata, layer in zip(stems, queries, layers, strict=True):
+        for stem, adata, read in zip(stems, queries, reads, strict=True):
             qdir = stage / stem
             with ChunkedTable(qdir / "predictions.csv") as csv, ChunkedTable(qdir / "probabilities.parquet") as parquet:
-                pred, alignment = predict_query(reference, adata, layer, config, lambda p, q: (csv.write(p), parquet.write(q)), stem, log)
+                pred, alignment = predict_query(reference, adata, read, config, lambda p, q: (csv.write(p), parquet.write(q)), stem, log)
             write_csv(pd.DataFrame([alignment.report()]), qdir / "gene_overlap.csv")
             row: dict[str, Any] = {"dataset": stem, "n_cells": adata.n_obs, "unknown_fraction": float(pred["unknown"].mean())}
             if config.query_label_key:
@@ -597,7 +606,7 @@ def transfer(
               "query_gene_key": query_gene_key, "model": {**METHODS[method or default_method(on_disk(reference))], "loss": loss, "ensemble": ensemble},
               "seed": seed, **settings}
     config = load_transfer_config(values)
-    data, layers = checked_reference(lambda say: cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts,
+    data, reads = checked_reference(lambda say: cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts,
                                                            extra_keys=(ontology_key, config.dataset_key), stream=on_disk(reference),
                                                            unlabelled="leave_out", log=say), queries, config, log, [decided] if decided else [])
     parts: list[np.ndarray] = []
@@ -610,9 +619,9 @@ def transfer(
     split = np.full(reference.n_obs, None, dtype=object)
     split[fitted] = predictions["reference_split"].to_numpy()
     reference.obs[f"{key}_reference_split"] = pd.Categorical(split)
-    for q, q_layer in zip(queries, layers, strict=True):
+    for q, read in zip(queries, reads, strict=True):
         parts = []
-        pred, _ = predict_query(model, q, q_layer, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
+        pred, _ = predict_query(model, q, read, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
         write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
 
