@@ -343,6 +343,17 @@ def holds_log_cp10k(adata: ad.AnnData, layer: str | None = None, n_cells: int = 
     return bool(totals.size and np.all(np.abs(totals - CP10K) <= 0.01 * CP10K))
 
 
+def query_counts(adata: ad.AnnData, layer: str | None, model_input: str) -> tuple[bool, str | None]:
+    """Whether a query's matrix holds counts to log-normalise, for a model trained on ``model_input`` (``counts`` /
+    ``lognorm``); and a line when a model of counts is given log1p of counts per 10,000, the values it makes of counts
+    itself (:func:`holds_log_cp10k`), which it then reads as they are, as CellTypist reads a query.
+    Any other non-integer matrix stays a counts query, which validation refuses by name."""
+    if model_input != "counts" or is_count_matrix(adata, layer) or not holds_log_cp10k(adata, layer):
+        return model_input == "counts", None
+    return False, (f"{source_name(adata)}: {matrix_name(adata, layer)} holds log1p of counts per 10,000, as the model normalises counts: "
+                   "read as it is")
+
+
 InputKind = Literal["auto", "counts", "lognorm"]
 """What a matrix holds: raw counts (normalised + log1p by scatlas), log-normalised values, or ``auto`` (decided from the values)."""
 

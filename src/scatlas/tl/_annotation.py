@@ -32,7 +32,7 @@ from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
 from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer, var_name
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
-from scatlas.data.validate import holds_log_cp10k, is_count_matrix, validate, with_values
+from scatlas.data.validate import query_counts, validate, with_values
 from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, confusion_counts, hierarchical_correct
@@ -359,10 +359,10 @@ class Annotator:
 
     def model_input(self, adata: ad.AnnData, layer: str | None, alignment: GeneAlignment, counts: bool | None = None) -> Any:
         """The model's matrix of validated cells: log-normalised when they hold ``counts`` (default: when the model was
-        trained on counts; :func:`query_counts` decides for a query), aligned to the model's genes by ``alignment``
-        (missing genes 0)."""
+        trained on counts; :func:`~scatlas.data.validate.query_counts` decides for a query), aligned to the model's
+        genes by ``alignment`` (missing genes 0)."""
         X = to_csr(get_matrix(adata, layer))
-        if self.input == "counts" if counts is None else counts:
+        if (self.input == "counts") if counts is None else counts:
             X = normalize_log1p(X)
         return alignment.apply(X)
 
@@ -841,17 +841,6 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                        "ontology": str(annotator.labels.ontology_version), "version": __version__}
     return annotator
-
-
-def query_counts(adata: ad.AnnData, layer: str | None, model_input: str) -> tuple[bool, str | None]:
-    """Whether a query's matrix holds counts to log-normalise, for a model trained on ``model_input`` (``counts`` /
-    ``lognorm``); and a line when a model of counts is given log1p of counts per 10,000, the values it makes of counts
-    itself (:func:`~scatlas.data.validate.holds_log_cp10k`), which it then reads as they are, as CellTypist reads a query.
-    Any other non-integer matrix stays a counts query, which validation refuses by name."""
-    if model_input != "counts" or is_count_matrix(adata, layer) or not holds_log_cp10k(adata, layer):
-        return model_input == "counts", None
-    return False, (f"{source_name(adata)}: {matrix_name(adata, layer)} holds log1p of counts per 10,000, as the model normalises counts: "
-                   "read as it is")
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,
