@@ -11,7 +11,7 @@ zero-filled) without changing any parameter.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -808,15 +808,10 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         loaded = ReferenceModel.load(directory) if (directory / TRANSFER_FILE).exists() else Annotator.load(directory)
     reference = loaded if isinstance(loaded, ReferenceModel) else None
     annotator = loaded.annotator if isinstance(loaded, ReferenceModel) else loaded
-    chosen = trained_layer(adata, layer, annotator.meta.get("layer"))
-    counts, read_as = query_counts(adata, chosen, annotator.input)
-    validate(adata, layer=chosen, require_counts=counts, lognorm=not counts)
-    alignment = align_genes(get_var(adata, chosen), annotator.genes, min_overlap, source_name(adata), gene_key, var_name(adata, chosen))
-    if chosen != layer:  # said once the query passed its checks, so that bad input gets its one line alone
-        log(f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as the model was trained")
-    if read_as:
-        log(read_as)
-    layer = chosen
+    layer, counts, alignment, said = checked_query(adata, layer, annotator.meta.get("layer"), annotator.input, annotator.genes, min_overlap, gene_key,
+                                                   "the model was trained")
+    for line in said:  # once the query passed its checks, so that bad input gets its one line alone
+        log(line)
     log(alignment.said(source_name(adata), annotator.missing_said))
     offset = annotator.missing_offset(alignment)
 
@@ -841,6 +836,26 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                        "ontology": str(annotator.labels.ontology_version), "version": __version__}
     return annotator
+
+
+def checked_query(adata: ad.AnnData, layer: str | None, model_layer: str | None, model_input: str, genes: Sequence[str], min_overlap: float,
+                  gene_key: str | None, trained_as: str) -> tuple[str | None, bool, GeneAlignment, list[str]]:
+    """Check a query for a model: the matrix it is read from (``layer`` if given, else the model's layer where the query
+    has it, else ``.X``: :func:`~scatlas.data.io.trained_layer`) and what it holds
+    (:func:`~scatlas.data.validate.query_counts`), its values (:func:`~scatlas.data.validate.validate`) and its genes
+    against ``genes``.
+
+    Returns
+    -------
+    The layer, whether it holds counts to log-normalise, the gene alignment, and the lines to log once every check
+    passed: that the model's layer was chosen (``trained_as``: e.g. "the reference"), or log1p counts read as they are.
+    """
+    chosen = trained_layer(adata, layer, model_layer)
+    counts, read_as = query_counts(adata, chosen, model_input)
+    validate(adata, layer=chosen, require_counts=counts, lognorm=not counts)
+    alignment = align_genes(get_var(adata, chosen), genes, min_overlap, source_name(adata), gene_key, var_name(adata, chosen))
+    said = [f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as {trained_as}"] if chosen != layer else []
+    return chosen, counts, alignment, said + ([read_as] if read_as else [])
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,

@@ -30,15 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
                          staged_dir, write_csv, write_npy, write_yaml)
-from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, config_record, default_method, fit_classifier, label_space,
-                                    model_directory, no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, write_calls)
+from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, checked_query, classifier_entry, config_record, default_method,
+                                    fit_classifier, label_space, model_directory, no_counts, no_counts_said, reference_means, refit_full_batch,
+                                    resolve_model, write_calls)
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import cell_chunks, get_var, matrix_name, on_disk, read_anndata, source_name, string_values, trained_layer, var_name
+from scatlas.data.io import cell_chunks, get_var, on_disk, read_anndata, source_name, string_values, var_name
 from scatlas.data.align import GeneAlignment, align_genes
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
 from scatlas.data.loaders import STREAM_CHUNK
-from scatlas.data.validate import check_obs_keys, query_counts, resolve_input, validate, with_values
+from scatlas.data.validate import check_obs_keys, resolve_input, with_values
 from scatlas.models.base import SplitData
 from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.settings import TrainingConfig, parse_settings
@@ -407,19 +408,16 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     -------
     How to read each query: its layer (``query_layer`` if set, else the reference's layer where
     the query has it, else ``.X``: :func:`~scatlas.data.io.trained_layer`) and whether it holds
-    counts to log-normalise (:func:`~scatlas.data.validate.query_counts`: a reference of counts
+    counts to log-normalise (:func:`~scatlas.tl._annotation.checked_query`: a reference of counts
     reads a query of log1p counts per 10,000 as it is). A query read from the reference's layer,
     or read as it is, gets a line in ``log``.
     """
     reads = []
     said: list[str] = []
     for q in queries:
-        layer = trained_layer(q, config.query_layer, config.reference.layer)
-        counts, read_as = query_counts(q, layer, config.reference.input)
-        validate(q, layer=layer, require_counts=counts, lognorm=not counts)
-        align_genes(get_var(q, layer), data.var_names, config.min_overlap, source_name(q), config.query_gene_key, var_name(q, layer))
-        said += [f"{source_name(q)}: reading {matrix_name(q, layer)}, as the reference"] if layer != config.query_layer else []
-        said += [read_as] if read_as else []
+        layer, counts, _, lines = checked_query(q, config.query_layer, config.reference.layer, config.reference.input, data.var_names,
+                                                config.min_overlap, config.query_gene_key, "the reference")
+        said += lines
         reads.append((layer, counts))
     for line in said:  # once every query passed
         log(line)
