@@ -27,11 +27,21 @@ def _config(tmp_path: Path, cellbench5_path: Path) -> Path:
     return path
 
 
+def _stderr_once_stopped(proc: subprocess.Popen[str], timeout: float = 120) -> str:
+    """``proc``'s stderr once it exits; if it is still running after ``timeout`` s, the test fails with the stack of
+    each of its threads (faulthandler, enabled by ``PYTHONFAULTHANDLER`` in its environment, prints them on SIGABRT)."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail(f"still running {timeout} s after the signal; its threads:\n{proc.communicate(timeout=60)[1][-8000:]}")
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_training_exits_with_its_code_and_one_line(tmp_path, cellbench5_path, signum, code):
     config = _config(tmp_path, cellbench5_path)
     proc = subprocess.Popen([sys.executable, "-m", "scatlas", "run", str(config), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"})
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
     for line in proc.stdout:  # wait until the first split is training
@@ -39,7 +49,7 @@ def test_signal_during_training_exits_with_its_code_and_one_line(tmp_path, cellb
             break
     time.sleep(3)
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    stderr = _stderr_once_stopped(proc)
     assert proc.returncode == code, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith(f"interrupted by {signal.Signals(signum).name}") and f"scatlas run {config} --resume" in lines[-1]
@@ -118,13 +128,97 @@ def test_after():
     assert proc.returncode == 2 and "KeyboardInterrupt" in proc.stdout and "test_after" not in proc.stdout.split("KeyboardInterrupt")[-1], proc.stdout
 
 
+_UNDER_ALARMS = """
+import faulthandler, signal, threading, time
+
+faulthandler.dump_traceback_later(60, exit=True)  # a deadlock prints every thread's stack and fails the test
+
+class Stop(BaseException):  # stands for the CLI's Interrupted
+    pass
+
+def stop(signum, frame):
+    raise Stop
+
+signal.signal(signal.SIGALRM, stop)
+
+def alarm(n):  # somewhere inside the work that follows, differently each time
+    signal.setitimer(signal.ITIMER_REAL, 0.0002 + 0.0003 * (n % 7))
+"""
+
+
+def _under_alarms(body: str) -> str:
+    """Run ``body`` after :data:`_UNDER_ALARMS` in a fresh interpreter; its stdout once it has exited by itself."""
+    proc = subprocess.run([sys.executable, "-c", _UNDER_ALARMS + body], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_prefetch_thread_survives_a_signal_anywhere_in_its_consumer():
+    """A SIGTERM handler raising in the main thread while it takes a prefetched chunk must never leave a lock
+    held: with queue.Queue, its clean-up then waited on that lock forever (a CLI that never exited after a
+    scheduler's SIGTERM, within 100 interrupts here), or failed with 'release unlocked lock'."""
+    out = _under_alarms("""
+from scatlas.data.loaders import _prefetched
+
+for n in range(2000):
+    got = []
+    alarm(n)
+    prefetched = _prefetched(iter(range(1, 10**9)), 2)
+    try:
+        try:
+            got.extend(prefetched)
+        finally:
+            prefetched.close()
+    except Stop:
+        pass
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    assert got == list(range(1, len(got) + 1)), got[:10]  # in order, none lost or repeated
+time.sleep(0.5)  # workers whose clean-up was itself interrupted finish their item
+print(threading.active_count() - 1)
+""")
+    assert int(out) <= 10, "prefetch threads left running"  # only where a signal hit the clean-up itself
+
+
+def test_parallel_reads_survive_a_signal_and_let_the_process_exit(tmp_path, cellbench5_path):
+    """Reads split over threads (uncompressed HDF5, read around h5py), stopped by signals in the reading
+    thread: every later read is exact, and the process exits. With concurrent.futures' pool a signal could
+    leave a lock held and its non-daemon workers kept the interpreter from exiting."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    path = tmp_path / "cells.h5ad"  # uncompressed
+    ad.AnnData(X=sp.csr_matrix(ad.read_h5ad(cellbench5_path).X, dtype="float32")).write_h5ad(path)
+    out = _under_alarms(f"""
+import h5py, numpy as np
+from scatlas.data.sources import AnnDataCSRSource, _Extents
+
+_Extents._piece = 4096  # many pieces per read
+with h5py.File({str(path)!r}) as f:
+    expected = f["X/data"][:]
+extents = AnnDataCSRSource({str(path)!r})._raw_arrays()["data"]
+got, stopped = np.empty_like(expected), 0
+for n in range(300):
+    alarm(n)
+    try:
+        for _ in range(20):
+            got[:] = 0
+            assert np.array_equal(extents.read(0, len(expected), got), expected)
+    except Stop:
+        stopped += 1
+    signal.setitimer(signal.ITIMER_REAL, 0)
+print(stopped, len(extents._pieces(0, len(expected))))
+""")
+    stopped, pieces = (int(v) for v in out.split())
+    assert stopped > 200 and pieces > 20
+
+
 def test_embed_stopped_by_sigterm_then_resumed_equals_an_uninterrupted_run(tmp_path):
     """`scatlas embed --stream` keeps its checkpoint when a scheduler stops it, refuses to start over silently or resume
     other settings, and --resume gives the uninterrupted latent and weights byte for byte."""
     import anndata as ad
     from conftest import data_path
 
-    env = {**os.environ, "COLUMNS": "300"}
+    env = {**os.environ, "COLUMNS": "300", "PYTHONFAULTHANDLER": "1"}
     args = [str(data_path("scmerge_mesc_2batches.h5ad")), "--model", "ae", "--batch-key", "batch", "--quiet", "--stream", "--chunk-size", "64",
             "--max-epochs", "60", "--set", "hidden=[64]", "--set", "latent_dim=8", "--set", "batch_size=8", "--set", "dropout=0.2",
             "--set", "checkpoint_interval_s=0"]
@@ -143,7 +237,7 @@ def test_embed_stopped_by_sigterm_then_resumed_equals_an_uninterrupted_run(tmp_p
         time.sleep(0.05)
     time.sleep(0.5)  # a few epochs later, somewhere inside one
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    stderr = _stderr_once_stopped(proc)
     assert proc.returncode == 143, stderr
     assert f"checkpoint is kept in {checkpoints}" in stderr.splitlines()[-1] and "--resume" in stderr.splitlines()[-1]
     assert not (checkpoints / "early_stopped").exists(), "training ended before the signal"

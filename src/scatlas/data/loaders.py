@@ -361,36 +361,44 @@ class CSRLoader:
 
 
 def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run ``source`` in a daemon thread, ``depth`` items ahead of the consumer."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    """Run ``source`` in a daemon thread, at most ``depth`` items ahead of the consumer.
+
+    Items and the consumer's credits for new ones pass through :class:`queue.SimpleQueue`, whose
+    ``get`` / ``put`` are single C calls: a SIGINT / SIGTERM handler that raises in the consumer
+    (the CLI's) cannot stop one halfway and leave a lock held, as it can inside
+    :class:`queue.Queue`'s Python code, after which the clean-up deadlocked (seen as a CLI that
+    never exited after a scheduler's SIGTERM). The worker only ever waits for a credit, so the
+    clean-up ends it with one more and a join: within the read in progress.
+    """
+    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    credits: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    for _ in range(depth):
+        credits.put(True)
     done = object()
-    stop = threading.Event()
+    stopped = [False]  # one store, so unlike threading.Event.set no lock a signal could leave held
 
     def work() -> None:
         try:
-            for item in source:
-                if stop.is_set():
+            while credits.get() and not stopped[0]:
+                item = next(source, done)
+                items.put(item)
+                if item is done:
                     return
-                q.put(item)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-            return
-        q.put(done)
+            items.put(exc)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     try:
         while True:
-            item = q.get()
+            item = items.get()
             if item is done:
                 return
             if isinstance(item, BaseException):
                 raise item
+            credits.put(True)
             yield item
     finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.01)
+        stopped[0] = True
+        credits.put(False)
+        thread.join()

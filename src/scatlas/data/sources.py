@@ -17,9 +17,10 @@ threads, which release the GIL, so a prefetch thread does not stall the training
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -312,18 +313,17 @@ class _Extents:
 
     ``starts[i]`` is the first element of the i-th stored run and ``offsets[i]`` its byte offset
     (one run for a contiguous dataset, one per chunk for a chunked one). Reads go through
-    ``os.preadv`` into the caller's buffer, split over a small thread pool.
+    ``os.preadv`` into the caller's buffer, split over a few daemon threads (:func:`_reader_threads`).
     """
 
     _piece = 1 << 25  # bytes per parallel read
 
     def __init__(self, path: Path, dtype: np.dtype, starts: np.ndarray, offsets: np.ndarray, size: int) -> None:
         self.path, self.dtype, self.starts, self.offsets, self.size = path, dtype, starts, offsets, size
-        self._fd: int | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._reader: tuple[int, queue.SimpleQueue[Any]] | None = None  # file descriptor, reader threads' jobs: set in one step
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None, "_pool": None}
+        return {**self.__dict__, "_reader": None}
 
     @classmethod
     def of(cls, dataset: Any, path: Path) -> _Extents | None:
@@ -371,27 +371,82 @@ class _Extents:
         return [(a, min(a + step, b), off + (a - a0) * item) for a0, b, off in runs for a in range(a0, b, step)]
 
     def _read_piece(self, out: memoryview, offset: int) -> None:
+        assert self._reader is not None
         while len(out):
-            got = os.preadv(self._fd, [out], offset)
+            got = os.preadv(self._reader[0], [out], offset)
             if got <= 0:
                 raise InputError(f"{self.path}: file ended {len(out)} bytes early at byte {offset}")
             out, offset = out[got:], offset + got
 
     def read(self, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
-        """Elements ``lo:hi`` into ``out`` (length ``hi − lo``, this dataset's dtype); returns ``out``."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="scatlas-read")
-            weakref.finalize(self, _close, self._fd, self._pool)
+        """Elements ``lo:hi`` into ``out`` (length ``hi − lo``, this dataset's dtype); returns ``out``.
+
+        Once this returns or raises (a signal included), no reader writes into ``out`` any more.
+        """
+        if self._reader is None:
+            self._reader = (os.open(self.path, os.O_RDONLY), _reader_threads(_N_READERS))
+            weakref.finalize(self, _close, *self._reader)
+        jobs = self._reader[1]
         view = memoryview(out.view(np.uint8))
         item = self.dtype.itemsize
         pieces = self._pieces(lo, hi)
-        list(self._pool.map(lambda p: self._read_piece(view[(p[0] - lo) * item : (p[1] - lo) * item], p[2]), pieces))
+        if len(pieces) == 1:
+            a, b, offset = pieces[0]
+            self._read_piece(view[(a - lo) * item : (b - lo) * item], offset)
+            return out
+        outcomes: list[BaseException | None] = []
+        wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        for a, b, offset in pieces:
+            jobs.put((self._read_piece, (view[(a - lo) * item : (b - lo) * item], offset), outcomes, wake))
+        stopped: BaseException | None = None
+        while len(outcomes) < len(pieces):
+            try:
+                wake.get(timeout=0.1)  # a wake-up a signal made this thread drop costs at most this wait
+            except queue.Empty:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - a signal: re-raised once every piece has landed
+                stopped = stopped or exc
+        failed = stopped or next((o for o in outcomes if o is not None), None)
+        if failed is not None:
+            raise failed
         return out
 
 
-def _close(fd: int, pool: ThreadPoolExecutor) -> None:
-    pool.shutdown(wait=False)
+_N_READERS = min(8, os.cpu_count() or 1)
+
+
+def _reader_threads(n: int) -> queue.SimpleQueue[Any]:
+    """Start ``n`` daemon threads running ``(function, args, outcomes, wake)`` jobs from the returned queue; ``None``
+    as a job ends a thread.
+
+    A job appends its outcome (``None`` or its exception) to the list ``outcomes``, then puts ``True``
+    in ``wake``. Jobs and wake-ups pass through :class:`queue.SimpleQueue`, whose ``get`` / ``put``
+    are single C calls: a SIGINT / SIGTERM handler that raises in the waiting thread (the CLI's)
+    cannot leave a lock held halfway through one. With
+    :class:`concurrent.futures.ThreadPoolExecutor` it could, and its non-daemon workers, joined at
+    exit, then kept the process from exiting.
+    """
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def work() -> None:
+        while (job := jobs.get()) is not None:
+            function, args, outcomes, wake = job
+            try:
+                function(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+            wake.put(True)
+
+    for _ in range(n):
+        threading.Thread(target=work, daemon=True, name="scatlas-read").start()
+    return jobs
+
+
+def _close(fd: int, jobs: queue.SimpleQueue[Any]) -> None:
+    for _ in range(_N_READERS):
+        jobs.put(None)
     os.close(fd)
 
 
