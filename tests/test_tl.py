@@ -114,6 +114,28 @@ def test_query_with_a_third_of_the_genes_missing_reports_overlap_and_embeds(fitt
     np.testing.assert_array_equal(reloaded.get_latent_representation(renamed, gene_key="feature_name"), Z)
 
 
+def test_a_model_of_counts_embeds_a_query_of_log_cp10k_as_its_counts(fitted, tmp_path):
+    """CellTypist-style query cells (scanpy's normalize_total(1e4) + log1p, no counts) get the latent of their counts
+    through a model trained on counts, with a line; log1p of counts per million is refused before any line."""
+    adata, models = fitted
+    models["fe"].save(tmp_path / "fe")
+    reloaded = sa.load_model(tmp_path / "fe")
+    lines: list[str] = []
+    reloaded.log = lines.append
+    counts = adata[:400].copy()
+    lognorm = counts.copy()
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    np.testing.assert_allclose(reloaded.get_latent_representation(lognorm), reloaded.get_latent_representation(counts), rtol=1e-4, atol=1e-5)
+    assert lines == ["<AnnData>: .X holds log1p of counts per 10,000, as the model normalises counts: read as it is"]
+    cpm = counts.copy()
+    sc.pp.normalize_total(cpm, target_sum=1e6)
+    sc.pp.log1p(cpm)
+    with pytest.raises(InputError, match="non-integer values in 400 cells .*a count model needs raw integer counts"):
+        reloaded.get_latent_representation(cpm)
+    assert len(lines) == 1
+
+
 def test_batch_models_refuse_unseen_batches_and_others_ignore_them(fitted):
     adata, models = fitted
     query = adata[:50].copy()

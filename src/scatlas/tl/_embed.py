@@ -29,7 +29,7 @@ from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
 from scatlas.data.sources import AnnDataCSRSource
-from scatlas.data.validate import InputKind, resolve_input, validate
+from scatlas.data.validate import InputKind, query_counts, resolve_input, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
 from scatlas.settings import TrainingConfig, parse_settings
 
@@ -142,8 +142,12 @@ class Preprocessing:
     layer: str | None
     scaler: GeneScaler
 
-    def transform(self, adata: ad.AnnData, min_overlap: float = 0.5, gene_key: str | None = None) -> tuple[sp.csr_matrix, GeneAlignment]:
+    def transform(self, adata: ad.AnnData, min_overlap: float = 0.5, gene_key: str | None = None,
+                  log: Log = _silent) -> tuple[sp.csr_matrix, GeneAlignment]:
         """Validate ``adata``, align its genes by name (``var_names`` or ``.var[gene_key]``; missing ones zero), normalise and scale.
+
+        A model of counts reads a query of log1p counts per 10,000 as it is, with a line to ``log``
+        (:func:`~scatlas.data.validate.query_counts`), as the annotation models do.
 
         Raises
         ------
@@ -151,10 +155,13 @@ class Preprocessing:
             For bad values, or fewer than ``min_overlap`` of the model's genes in ``adata``.
         """
         source = source_name(adata)
-        validate(adata, layer=self.layer, require_counts=self.counts, lognorm=not self.counts)
+        counts, read_as = query_counts(adata, self.layer, "counts" if self.counts else "lognorm")
+        validate(adata, layer=self.layer, require_counts=counts, lognorm=not counts)
         alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source, gene_key, var_name(adata, self.layer))
+        if read_as:
+            log(read_as)
         X = to_csr(get_matrix(adata, self.layer))
-        if self.counts:
+        if counts:
             X = normalize_log1p(X)
         return self.scaler.transform(alignment.apply(X)), alignment
 
@@ -208,9 +215,6 @@ class ScatlasModel:
             if self.data is None:
                 raise InputError("this model was loaded from disk: pass the AnnData to embed")
             return self.data
-        X, alignment = self.prep.transform(adata, min_overlap, gene_key)
-        if alignment.n_shared < alignment.n_model_genes:
-            self.log(alignment.said(source_name(adata), "set to 0"))
         batch = np.zeros(adata.n_obs, dtype=np.int64)
         if self.batch_key is not None and self.batch_key in adata.obs:
             values = adata.obs[self.batch_key].astype(str).to_numpy()
@@ -223,6 +227,9 @@ class ScatlasModel:
             batch = np.maximum(batch, 0)
         elif type(self.model).uses_batch and len(self.batch_names) > 1:
             raise InputError(f"{source_name(adata)}: obs column {self.batch_key!r} not found; the {self.name} model embeds with the batch")
+        X, alignment = self.prep.transform(adata, min_overlap, gene_key, self.log)
+        if alignment.n_shared < alignment.n_model_genes:
+            self.log(alignment.said(source_name(adata), "set to 0"))
         rows = np.arange(adata.n_obs)
         return SplitData(X=X, train=rows[:0], val=rows[:0], batch=batch.astype(np.int64), batch_names=self.batch_names, genes=self.prep.genes)
 
@@ -232,7 +239,8 @@ class ScatlasModel:
         Parameters
         ----------
         adata
-            New cells (raw counts or log-normalised, as in training); ``None``: the training cells.
+            New cells (raw counts or log-normalised, as in training; a model of counts also reads log1p counts
+            per 10,000 as they are, with a line); ``None``: the training cells.
         min_overlap
             Smallest share of the model's genes that ``adata`` must hold.
         gene_key
