@@ -256,8 +256,9 @@ def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
 
 
 def test_commands_other_than_run_refuse_a_distributed_launch(files, work, monkeypatch):
-    """Started by torchrun (WORLD_SIZE > 1) every rank would repeat the command and race to write OUT:
-    each refuses before reading anything; `run` (which shares the work) and WORLD_SIZE=1 are let through."""
+    """Started by torchrun (WORLD_SIZE > 1) or `srun -n N` every rank would repeat the command and race to write OUT:
+    each refuses before reading anything; `run` (which shares the work), WORLD_SIZE=1 and a SLURM batch script's
+    single process are let through."""
     good = str(files["good"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -269,6 +270,11 @@ def test_commands_other_than_run_refuse_a_distributed_launch(files, work, monkey
     refused(work, ["run", "missing.yaml"], "missing.yaml")  # past the launcher check, to the config's own refusal
     monkeypatch.setenv("WORLD_SIZE", "1")
     refused(work, ["embed", good, "--out", "latent.txt"], "latent.txt", ".h5ad")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # a batch script of 4 tasks running one process: let through
+    refused(work, ["embed", good, "--out", "latent.txt"], "latent.txt", ".h5ad")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # srun -n 4: four copies
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    refused(work, ["embed", good, "--out", "latent.h5ad"], "scatlas embed runs as one process", "rank 3 of SLURM_STEP_NUM_TASKS=4", "(srun)")
 
 
 def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files, work, monkeypatch):

@@ -60,21 +60,28 @@ _RESUME_HELP = ("Continue an interrupted run from its training checkpoint (OUT's
                 "on CPU the result equals an uninterrupted run's. Same data and options.")
 
 
+_LAUNCHERS = (("WORLD_SIZE", "RANK", "torchrun"), ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "srun"))
+"""(processes, this process's rank, launcher) of the launchers that start several copies of a command: torchrun, and
+SLURM's ``srun -n N`` (its step variables; a batch script's own ``SLURM_NTASKS`` is one process)."""
+
+
 def _one_process(command: str) -> None:
-    """Refuse a command other than ``run`` started as one of several ranks of a launcher (torchrun sets ``WORLD_SIZE``).
+    """Refuse a command other than ``run`` started as one of several ranks of a launcher (:data:`_LAUNCHERS`).
 
     Each rank would repeat the whole command and race the others to write the same outputs; only
     ``scatlas run`` shares the work between ranks and writes from rank 0.
     """
     import os
 
-    world = os.environ.get("WORLD_SIZE", "1")
-    if command == "run" or not world.isdigit() or int(world) <= 1:
+    if command == "run":
         return
-    several = " (several GPUs of one machine: one process with --set devices=N --set strategy=ddp_spawn)" if command == "embed" else ""
-    raise ConfigError(f"scatlas {command} runs as one process, but it was started as rank {os.environ.get('RANK', '?')} of "
-                      f"WORLD_SIZE={world} by a launcher (torchrun): every rank would repeat it and write the same outputs. "
-                      f"Start it without the launcher{several}; `scatlas run` is the command that trains under torchrun / SLURM")
+    for size, rank, launcher in _LAUNCHERS:
+        world = os.environ.get(size, "1")
+        if world.isdigit() and int(world) > 1:
+            several = " (several GPUs of one machine: one process with --set devices=N --set strategy=ddp_spawn)" if command == "embed" else ""
+            raise ConfigError(f"scatlas {command} runs as one process, but it was started as rank {os.environ.get(rank, '?')} of "
+                              f"{size}={world} by a launcher ({launcher}): every rank would repeat it and write the same outputs. "
+                              f"Start it without the launcher{several}; `scatlas run` is the command that trains under torchrun / SLURM")
 
 
 def _user_errors(fn: F) -> F:
