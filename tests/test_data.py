@@ -32,6 +32,7 @@ from scatlas.data.preprocess import within_class_variance
 from scatlas.data.dataset import DatasetConfig, cell_data, load_dataset
 from scatlas.data.splits import holdout
 from scatlas.data.loaders import _scatter_dense, host_tensor
+from scatlas.data.sources import as_source, read_rows
 
 
 @pytest.fixture(scope="module")
@@ -473,6 +474,44 @@ def test_load_dataset_filter_backed_and_layer(cellbench5_path, tmp_path):
         load_dataset(cfg.model_copy(update={"layer": "counts"}))
     with pytest.raises(InputError, match="file not found"):
         load_dataset(cfg.model_copy(update={"path": tmp_path / "nope.h5ad"}))
+
+
+def test_a_dataset_config_without_input_decides_it_from_the_values(tmp_path):
+    """`dataset.input` left out (a `scatlas run` YAML, a DatasetConfig in Python) is `auto`, as the CLI's --input: kang's
+    counts and scanpy's log-normalised copy load to the same cells, each with one line saying how it was read, loaded or
+    streamed; a YAML without `input` on the log-normalised file passes `scatlas validate` (it was refused as non-integer
+    counts)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import data_path
+    from scatlas.cli import app
+
+    counts_path, lognorm_path = data_path("kang18_muscat_4samples.h5ad"), tmp_path / "kang_lognorm.h5ad"
+    kang = ad.read_h5ad(counts_path)
+    sc.pp.normalize_total(kang, target_sum=1e4)
+    sc.pp.log1p(kang)
+    kang.write_h5ad(lognorm_path)
+    for stream in (False, True):
+        lines: list[str] = []
+        counts, lognorm = (load_dataset(DatasetConfig(name="kang", path=path, batch_key="group_id", stream=stream), log=lines.append)
+                           for path in (counts_path, lognorm_path))
+        assert (counts.counts, counts.input, lognorm.counts, lognorm.input) == (True, "counts", False, "lognorm")
+        decided = [line for line in lines if "treated as" in line]
+        assert decided == [f"{counts_path}: .X holds whole numbers: treated as raw counts (normalised + log1p)",
+                           f"{lognorm_path}: .X holds non-integer values: treated as log-normalised"], lines
+        rows = np.arange(0, counts.n_cells, 7)
+        np.testing.assert_allclose(read_rows(as_source(counts.lognorm), rows).toarray(), read_rows(as_source(lognorm.lognorm), rows).toarray(),
+                                   rtol=1e-5, atol=1e-6)
+    config = tmp_path / "kang.yaml"
+    config.write_text(yaml.safe_dump({"dataset": {"name": "kang", "path": str(lognorm_path), "batch_key": "group_id"}, "models": [{"type": "pca"}],
+                                      "split": {"n_splits": 3}, "evaluation": {"figures": False}, "output": {"dir": str(tmp_path / "out")}}))
+    result = CliRunner().invoke(app, ["validate", str(config)])
+    assert result.exit_code == 0 and "treated as log-normalised" in result.output and "OK (1556 cells" in result.output, result.output
+    result = CliRunner().invoke(app, ["run", str(config), "--quiet"])
+    assert result.exit_code == 0 and "treated as log-normalised" in result.output, result.output
+    recorded = yaml.safe_load(next((tmp_path / "out").rglob("config.yaml")).read_text())
+    assert recorded["dataset"]["input"] == "lognorm"  # as decided, so the recorded config reruns the same
 
 
 def test_unlabelled_cells_are_refused_or_left_out_loaded_and_streamed(cellbench5_path, tmp_path):

@@ -17,7 +17,7 @@ from scatlas._errors import InputError
 from scatlas.data.io import file_path, get_matrix, get_var, on_disk, read_anndata, source_name, take_columns, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.sources import AnnDataCSRSource, RowSubset
-from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, validate, with_values
+from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, resolve_input, validate, with_values
 
 Log = Callable[[str], None]
 
@@ -34,8 +34,9 @@ class DatasetConfig(BaseModel):
     layer
         Layer holding the matrix (default ``.X``; ``raw``: ``.raw`` unless a layer has that name).
     input
-        ``counts`` (raw integer counts, normalised + log1p here) or ``lognorm``
-        (already log-normalised, used as is).
+        ``counts`` (raw integer counts, normalised + log1p here), ``lognorm`` (already
+        log-normalised, used as is) or ``auto`` (the default, as the CLI's ``--input``: counts if
+        the matrix holds whole numbers, decided when the file is read, with a line).
     batch_key
         Batch / donor column (``None``: all cells form one batch).
     label_key
@@ -60,7 +61,7 @@ class DatasetConfig(BaseModel):
     name: str = Field(min_length=1)
     path: Path
     layer: str | None = None
-    input: Literal["counts", "lognorm"] = "counts"
+    input: Literal["auto", "counts", "lognorm"] = "auto"
     batch_key: str | None = None
     label_key: str | None = None
     filter: dict[str, list[str]] = Field(default_factory=dict)
@@ -92,6 +93,8 @@ class CellData:
         The file's ``.obsm`` arrays (e.g. embeddings computed elsewhere), row-aligned.
     empty_cells
         Which kept cells are all zero (only kept with ``drop_empty_cells=False``; not trained on).
+    counts
+        Whether the file held raw counts (log-normalised here) rather than log-normalised values.
     """
 
     name: str
@@ -102,6 +105,12 @@ class CellData:
     label: pd.Categorical | None
     obsm: dict[str, np.ndarray] = field(default_factory=dict)
     empty_cells: np.ndarray | None = None
+    counts: bool = True
+
+    @property
+    def input(self) -> Literal["counts", "lognorm"]:
+        """What the file's matrix held, as a model's ``input``: ``counts`` or ``lognorm``."""
+        return "counts" if self.counts else "lognorm"
 
     @property
     def n_cells(self) -> int:
@@ -193,7 +202,7 @@ def read_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (),
     -------
     The (possibly backed) AnnData and the all-zero cells and genes found.
     """
-    adata, summary, _ = _read(config, extra_keys, log)
+    adata, summary, _, _ = _read(config, extra_keys, log)
     return adata, summary
 
 
@@ -207,17 +216,21 @@ def labelled_cells(obs: pd.DataFrame, source: str, label_key: str | None, unlabe
     return with_values(obs[label_key], source, label_key, "no label", "training (map them as a query to call them)", log)
 
 
-def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...], log: Log = print) -> tuple[ad.AnnData, MatrixSummary, np.ndarray]:
-    """:func:`read_dataset`, and the rows of the file its cells are."""
+def _read(config: DatasetConfig, extra_keys: tuple[str | None, ...], log: Log = print) -> tuple[ad.AnnData, MatrixSummary, np.ndarray, bool]:
+    """:func:`read_dataset`, the rows of the file its cells are, and whether the matrix holds counts (``config.input``;
+    ``auto`` decided from its values, with a line once it passed validation)."""
     adata = read_anndata(config.path, backed=config.backed or config.stream)
     keep = filter_mask(adata, config.filter) if config.filter else np.ones(adata.n_obs, dtype=bool)
     keep[keep] = labelled_cells(adata.obs[keep], source_name(adata), config.label_key, config.unlabelled, log)  # among the cells the filter kept
     rows = np.flatnonzero(keep)
     if not keep.all():
         adata = adata[keep]  # one view: a backed AnnData cannot be indexed twice
+    counts, decided = resolve_input(adata, config.layer, config.input)
     summary = validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=extra_keys, layer=config.layer,
-                       require_counts=config.input == "counts", lognorm=config.input == "lognorm")
-    return adata, summary, rows
+                       require_counts=counts, lognorm=not counts)
+    if decided:
+        log(decided)
+    return adata, summary, rows, counts
 
 
 def load_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (), log: Log = print) -> CellData:
@@ -239,8 +252,8 @@ def load_dataset(config: DatasetConfig, extra_keys: tuple[str | None, ...] = (),
         non-integer counts with ``input: counts``, repeated names, an all-zero matrix, empty or
         single-cell batches, or a label column with one class.
     """
-    adata, summary, rows = _read(config, extra_keys, log)
-    return _cell_data(adata, summary, config.name, config.batch_key, config.label_key, config.layer, config.input == "counts", True, log,
+    adata, summary, rows, counts = _read(config, extra_keys, log)
+    return _cell_data(adata, summary, config.name, config.batch_key, config.label_key, config.layer, counts, True, log,
                       rows if config.stream else None)
 
 
@@ -326,4 +339,5 @@ def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: 
         label=_categorical(obs[label_key]) if label_key else None,
         obsm={k: np.asarray(v)[keep_cells] for k, v in adata.obsm.items()},
         empty_cells=summary.empty_cells[keep_cells],
+        counts=counts,
     )

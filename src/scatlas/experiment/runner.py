@@ -318,9 +318,10 @@ def run_experiment(
         if not main:
             return RunResult({lay.model: lay for _, lay in models}, pd.DataFrame())
         summaries = []
+        ran = config.model_copy(update={"dataset": config.dataset.model_copy(update={"input": data.input})})  # `auto` as decided
         for model_config, layout in models:
             summaries.append(aggregate(layout, config))
-            write_yaml(config.model_dump(mode="json"), layout.models_dir / "config.yaml")
+            write_yaml(ran.model_dump(mode="json"), layout.models_dir / "config.yaml")
             write_csv(assignment_table(splits, data.cell_ids), layout.models_dir / "split_assignment.csv")
     compare_runs([lay for _, lay in models if lay.finished_splits()], umaps=config.evaluation.figures)
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()

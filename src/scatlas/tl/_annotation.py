@@ -615,7 +615,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
                                                sources, (model, genes))
         log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the hierarchical-call threshold set on the held-out cells")
     meta = {"label_key": key, "dataset": str(config.dataset.path), "layer": config.dataset.layer}
-    Annotator(model, genes, labels, config.dataset.input, meta, reference_means(model, sdata)).save(out / "model")
+    Annotator(model, genes, labels, data.input, meta, reference_means(model, sdata)).save(out / "model")
 
 
 def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, codes: np.ndarray, truth: np.ndarray, stage: Path, log: Log,

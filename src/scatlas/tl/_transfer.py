@@ -355,7 +355,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
         log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and thresholds set on the held-out cells")
     centroids = class_centroids(model, sdata, train, codes[train])
     threshold = float(np.quantile(centroid_distances(model, sdata, calib, centroids), config.distance_quantile))
-    annotator = Annotator(model, genes, labels, config.reference.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer},
+    annotator = Annotator(model, genes, labels, data.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer},
                           reference_means(model, sdata))
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
     role = np.full(data.n_cells, "train", dtype=object)
@@ -415,7 +415,7 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     reads = []
     said: list[str] = []
     for q in queries:
-        layer, counts, _, lines = checked_query(q, config.query_layer, config.reference.layer, config.reference.input, data.var_names,
+        layer, counts, _, lines = checked_query(q, config.query_layer, config.reference.layer, data.input, data.var_names,
                                                 config.min_overlap, config.query_gene_key, "the reference")
         said += lines
         reads.append((layer, counts))
