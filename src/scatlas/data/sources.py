@@ -430,18 +430,23 @@ def _reader_threads(n: int) -> queue.SimpleQueue[Any]:
 
     def work() -> None:
         while (job := jobs.get()) is not None:
-            function, args, outcomes, wake = job
-            try:
-                function(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the reader
-                outcomes.append(exc)
-            else:
-                outcomes.append(None)
-            wake.put(True)
+            _run_job(*job)
+            job = None  # while this thread waits, it keeps neither the reader's buffer nor its source alive
 
     for _ in range(n):
         threading.Thread(target=work, daemon=True, name="scatlas-read").start()
     return jobs
+
+
+def _run_job(function: Callable[..., None], args: tuple[Any, ...], outcomes: list[BaseException | None], wake: queue.SimpleQueue[bool]) -> None:
+    """One job of :func:`_reader_threads`: ``function(*args)``, its outcome appended to ``outcomes``, then a wake-up."""
+    try:
+        function(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the reader
+        outcomes.append(exc)
+    else:
+        outcomes.append(None)
+    wake.put(True)
 
 
 def _close(fd: int, jobs: queue.SimpleQueue[Any]) -> None:
