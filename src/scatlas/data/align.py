@@ -1,14 +1,18 @@
-"""Align a query's genes to a model's genes by name (overlap report, zero-fill, refusal below a threshold)."""
+"""Align a query's genes to a model's genes by name (overlap report, zero-fill, refusal below a threshold), and check a query for a model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
+from scatlas.data.io import get_var, matrix_name, source_name, trained_layer, var_name
+from scatlas.data.validate import query_counts, validate
 
 
 @dataclass(frozen=True)
@@ -159,3 +163,23 @@ def _column_with_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: 
 def _share_found(model_genes: np.ndarray, names: pd.Index | pd.Series) -> float:
     """Share of ``model_genes`` among ``names`` (compared as text)."""
     return float(pd.Index(np.asarray(model_genes, dtype=str)).isin(names.astype(str)).mean())
+
+
+def checked_query(adata: ad.AnnData, layer: str | None, model_layer: str | None, model_input: str, genes: Sequence[str], min_overlap: float,
+                  gene_key: str | None, trained_as: str) -> tuple[str | None, bool, GeneAlignment, list[str]]:
+    """Check a query for a model: the matrix it is read from (``layer`` if given, else the model's layer where the query
+    has it, else ``.X``: :func:`~scatlas.data.io.trained_layer`) and what it holds
+    (:func:`~scatlas.data.validate.query_counts`), its values (:func:`~scatlas.data.validate.validate`) and its genes
+    against ``genes``.
+
+    Returns
+    -------
+    The layer, whether it holds counts to log-normalise, the gene alignment, and the lines to log once every check
+    passed: that the model's layer was chosen (``trained_as``: e.g. "the reference"), or log1p counts read as they are.
+    """
+    chosen = trained_layer(adata, layer, model_layer)
+    counts, read_as = query_counts(adata, chosen, model_input)
+    validate(adata, layer=chosen, require_counts=counts, lognorm=not counts)
+    alignment = align_genes(get_var(adata, chosen), genes, min_overlap, source_name(adata), gene_key, var_name(adata, chosen))
+    said = [f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as {trained_as}"] if chosen != layer else []
+    return chosen, counts, alignment, said + ([read_as] if read_as else [])

@@ -11,7 +11,7 @@ zero-filled) without changing any parameter.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,12 +27,12 @@ from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_dir, check_output_file, check_writable, checkpoints_beside,
                          resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
-from scatlas.data.align import GeneAlignment, align_genes
+from scatlas.data.align import GeneAlignment, checked_query
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, get_var, matrix_name, read_anndata, source_name, string_values, to_csr, trained_layer, var_name
+from scatlas.data.io import cell_chunks, get_matrix, read_anndata, source_name, string_values, to_csr
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
-from scatlas.data.validate import query_counts, validate, with_values
+from scatlas.data.validate import with_values
 from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, confusion_counts, hierarchical_correct
@@ -836,26 +836,6 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                        "ontology": str(annotator.labels.ontology_version), "version": __version__}
     return annotator
-
-
-def checked_query(adata: ad.AnnData, layer: str | None, model_layer: str | None, model_input: str, genes: Sequence[str], min_overlap: float,
-                  gene_key: str | None, trained_as: str) -> tuple[str | None, bool, GeneAlignment, list[str]]:
-    """Check a query for a model: the matrix it is read from (``layer`` if given, else the model's layer where the query
-    has it, else ``.X``: :func:`~scatlas.data.io.trained_layer`) and what it holds
-    (:func:`~scatlas.data.validate.query_counts`), its values (:func:`~scatlas.data.validate.validate`) and its genes
-    against ``genes``.
-
-    Returns
-    -------
-    The layer, whether it holds counts to log-normalise, the gene alignment, and the lines to log once every check
-    passed: that the model's layer was chosen (``trained_as``: e.g. "the reference"), or log1p counts read as they are.
-    """
-    chosen = trained_layer(adata, layer, model_layer)
-    counts, read_as = query_counts(adata, chosen, model_input)
-    validate(adata, layer=chosen, require_counts=counts, lognorm=not counts)
-    alignment = align_genes(get_var(adata, chosen), genes, min_overlap, source_name(adata), gene_key, var_name(adata, chosen))
-    said = [f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as {trained_as}"] if chosen != layer else []
-    return chosen, counts, alignment, said + ([read_as] if read_as else [])
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,

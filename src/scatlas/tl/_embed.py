@@ -22,14 +22,14 @@ import yaml
 from scatlas import __version__
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import check_checkpoint_settings, checkpoint_path, staged_dir, write_csv
-from scatlas.data.align import GeneAlignment, align_genes
+from scatlas.data.align import GeneAlignment, checked_query
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, get_var, on_disk, record_input, source_name, to_csr, var_name
+from scatlas.data.io import get_matrix, get_var, on_disk, record_input, source_name, to_csr
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
 from scatlas.data.sources import AnnDataCSRSource
-from scatlas.data.validate import InputKind, query_counts, resolve_input, validate
+from scatlas.data.validate import InputKind, resolve_input, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
 from scatlas.settings import TrainingConfig, parse_settings
 
@@ -147,19 +147,17 @@ class Preprocessing:
         """Validate ``adata``, align its genes by name (``var_names`` or ``.var[gene_key]``; missing ones zero), normalise and scale.
 
         A model of counts reads a query of log1p counts per 10,000 as it is, with a line to ``log``
-        (:func:`~scatlas.data.validate.query_counts`), as the annotation models do.
+        (:func:`~scatlas.data.align.checked_query`, the check the annotation models make).
 
         Raises
         ------
         InputError
             For bad values, or fewer than ``min_overlap`` of the model's genes in ``adata``.
         """
-        source = source_name(adata)
-        counts, read_as = query_counts(adata, self.layer, "counts" if self.counts else "lognorm")
-        validate(adata, layer=self.layer, require_counts=counts, lognorm=not counts)
-        alignment = align_genes(get_var(adata, self.layer), self.genes, min_overlap, source, gene_key, var_name(adata, self.layer))
-        if read_as:
-            log(read_as)
+        _, counts, alignment, said = checked_query(adata, self.layer, self.layer, "counts" if self.counts else "lognorm", self.genes, min_overlap,
+                                                   gene_key, "the model was trained")
+        for line in said:
+            log(line)
         X = to_csr(get_matrix(adata, self.layer))
         if counts:
             X = normalize_log1p(X)

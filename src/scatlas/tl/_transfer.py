@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
                          staged_dir, write_csv, write_npy, write_yaml)
-from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, checked_query, classifier_entry, config_record, default_method,
+from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, config_record, default_method,
                                     fit_classifier, label_space, model_directory, no_counts, no_counts_said, reference_means, refit_full_batch,
                                     resolve_model, write_calls)
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, on_disk, read_anndata, source_name, string_values, var_name
-from scatlas.data.align import GeneAlignment, align_genes
+from scatlas.data.align import GeneAlignment, align_genes, checked_query
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
 from scatlas.data.loaders import STREAM_CHUNK
@@ -408,7 +408,7 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     -------
     How to read each query: its layer (``query_layer`` if set, else the reference's layer where
     the query has it, else ``.X``: :func:`~scatlas.data.io.trained_layer`) and whether it holds
-    counts to log-normalise (:func:`~scatlas.tl._annotation.checked_query`: a reference of counts
+    counts to log-normalise (:func:`~scatlas.data.align.checked_query`: a reference of counts
     reads a query of log1p counts per 10,000 as it is). A query read from the reference's layer,
     or read as it is, gets a line in ``log``.
     """
