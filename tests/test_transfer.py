@@ -285,6 +285,28 @@ def test_gene_mismatch_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_query_lacking_the_chosen_genes_is_refused_before_the_reference_trains(chemistries, tmp_path):
+    """With --n-top-genes the model keeps the reference's most variable genes: a query holding most of the reference's
+    genes but few of those is refused before any fit (not after training, as a check against every gene would), naming
+    the option, and nothing is written."""
+    import scanpy as sc
+
+    reference, query = chemistries["3pv1"]
+    ref = ad.read_h5ad(reference)
+    sc.pp.normalize_total(ref)
+    sc.pp.log1p(ref)
+    variable = sc.pp.highly_variable_genes(ref, n_top_genes=200, inplace=False)["highly_variable"].to_numpy()
+    q = ad.read_h5ad(query)
+    q[:, ~variable].copy().write_h5ad(tmp_path / "no_variable_genes.h5ad")  # 89% of the reference's genes, none of its 200 HVGs
+    args = ["transfer", "--reference", str(reference), "--label-key", "author_cell_type", "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--query", str(tmp_path / "no_variable_genes.h5ad"), "--n-top-genes", "200"])
+    assert result.exit_code == 2, result.output
+    assert "no_variable_genes.h5ad: only" in result.output and "raise n_top_genes or leave it out" in result.output
+    assert "calibration on" not in result.output and "refitted" not in result.output  # refused before anything was fitted
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_checkpoints").exists()
+    assert runner.invoke(app, [*args, "--query", str(tmp_path / "no_variable_genes.h5ad")]).exit_code == 0  # every gene: it maps
+
+
 def test_a_model_of_counts_reads_a_query_of_log_cp10k_as_it_is(tmp_path):
     """A CellTypist-style query (scanpy's normalize_total(target_sum=1e4) + log1p, no counts) through a reference of
     counts: read as it is, with a line, giving the calls of its counts (tl.transfer, the saved model through tl.annotate,

@@ -444,6 +444,7 @@ def transfer(
     confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
     distance_quantile: Annotated[float, typer.Option(help="Latent-distance quantile of held-out reference cells beyond which a cell is 'unknown'.")] = 0.99,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes a query must have.")] = 0.5,
+    n_top_genes: Annotated[int | None, typer.Option(help="HVGs of the reference's training cells the model keeps (default: all genes).")] = None,
     max_epochs: Annotated[int | None, typer.Option(help=_EPOCHS_HELP)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
@@ -481,6 +482,7 @@ def transfer(
             "confidence_threshold": confidence_threshold,
             "distance_quantile": distance_quantile,
             "min_overlap": min_overlap,
+            "n_top_genes": n_top_genes,
             "query_chunk_size": query_chunk_size,
             "seed": seed,
         }

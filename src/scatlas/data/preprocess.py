@@ -354,6 +354,7 @@ def preprocess_split(
     train: np.ndarray,
     n_top_genes: int | None,
     scale: ScaleKind = "none",
+    columns: np.ndarray | None = None,
 ) -> Preprocessed:
     """Select HVGs and fit scaling on the training rows, then transform every cell.
 
@@ -372,10 +373,14 @@ def preprocess_split(
         Number of highly variable genes (``None`` keeps every gene).
     scale
         Per-gene scaling (see :class:`GeneScaler`).
+    columns
+        Columns of ``lognorm`` to keep, in this order, instead of choosing them (``n_top_genes`` is
+        then not used): e.g. the genes of a model fitted again on more cells.
     """
-    genes = (
-        np.arange(lognorm.shape[1]) if n_top_genes is None else highly_variable_genes(lognorm, train, n_top_genes)
-    )
+    if columns is not None:
+        genes = np.asarray(columns)
+    else:
+        genes = np.arange(lognorm.shape[1]) if n_top_genes is None else highly_variable_genes(lognorm, train, n_top_genes)
     if hasattr(lognorm, "read"):  # an on-disk source: streamed
         source = lognorm if len(genes) == lognorm.shape[1] else lognorm.with_genes(genes)
         scaler = GeneScaler(scale).fit_streamed(source, train)

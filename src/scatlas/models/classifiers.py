@@ -344,12 +344,10 @@ class LinearClassifier(CellTypeClassifier):
         """``solver: lbfgs``."""
         return self.config.solver == "lbfgs"  # type: ignore[attr-defined]
 
-    def head_on(self, genes: np.ndarray, onto: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The fitted head's ``(weight, bias)`` (float64), its columns moved from this model's ``genes`` onto the genes
-        ``onto`` (those it lacks get weight 0): where a fit of the same labels on ``onto`` starts (:meth:`fit`'s ``start``)."""
-        head, at = self.module.backbone.head, pd.Index(genes).get_indexer(onto)
-        weight = np.where(at >= 0, head.weight.detach().double().numpy()[:, at], 0.0)
-        return weight, head.bias.detach().double().numpy()
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fitted head's ``(weight, bias)`` (float64): where a fit of the same labels on the same genes starts (:meth:`fit`'s ``start``)."""
+        head = self.module.backbone.head
+        return head.weight.detach().double().numpy(), head.bias.detach().double().numpy()
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False,
             start: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:

@@ -129,7 +129,7 @@ class AnnotateConfig(BaseModel):
     ontology_obo: Path | None = None
     label_map: Path | None = None
     model: dict[str, Any] | None = None
-    n_top_genes: int | None = None
+    n_top_genes: int | None = Field(None, gt=0)
     split: SplitConfig = Field(default_factory=SplitConfig)
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
     strata: list[str] | None = None
@@ -506,6 +506,7 @@ def fit_classifier(
     start: tuple[CellTypeClassifier, np.ndarray] | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    chosen: Callable[[np.ndarray], None] | None = None,
 ) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
     """Preprocess (HVGs on ``train`` when asked), fit a classifier; return it, its split data and genes.
 
@@ -514,13 +515,17 @@ def fit_classifier(
     (``None``: one source). The minibatch size and epochs the user left unset follow
     :func:`scaled_training`; ``log`` hears when they were scaled, or that a full-batch fit ignores them.
     ``start``: a full-batch classifier of the same labels and its genes, where a full-batch fit
-    starts (genes it lacks start at zero). A network trained by minibatches writes ``last.ckpt`` to
+    starts; the fit keeps those genes (a refit on more cells: what held-out cells calibrated). ``chosen``
+    hears the genes before anything is fitted (e.g. to check that the queries hold them). A network trained by minibatches writes ``last.ckpt`` to
     ``checkpoint_dir`` (an ensemble, one per member) and, with ``resume``, continues from it; a
     full-batch fit keeps no checkpoint.
     """
     ignored = sorted({"max_epochs", "batch_size", "lr", "weight_decay"} & training.model_fields_set)  # what the user set
     training, scaled = scaled_training(training, len(train))
-    prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, "none")
+    columns = None if start is None else pd.Index(data.var_names).get_indexer(start[1])
+    prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, "none", columns)
+    if chosen is not None:
+        chosen(prep.genes)
     sdata = SplitData(
         X=prep.X, train=train, val=val, batch=np.asarray(data.batch.codes, dtype=np.int64), batch_names=[str(b) for b in data.batch.categories],
         label=codes, label_names=labels.classes, reachability=labels.reachability, source=labels.source_codes(sources, data.n_cells),
@@ -538,7 +543,7 @@ def fit_classifier(
         history = model.fit(sdata, checkpoint_dir, resume)
     else:
         assert isinstance(model, LinearClassifier) and isinstance(start[0], LinearClassifier)
-        history = model.fit(sdata, start=start[0].head_on(start[1], prep.genes))
+        history = model.fit(sdata, start=start[0].head())
     if workdir is not None:
         write_csv(history, workdir / "history.csv")
     return model, sdata, prep.genes
@@ -585,16 +590,16 @@ def write_evaluation(table: pd.DataFrame, labels: LabelSpace, strata: list[str],
     return tables["overall"]
 
 
-def refit_full_batch(model_entry: dict[str, Any], training: TrainingConfig, seed: int, n_top_genes: int | None, data: CellData, labels: LabelSpace,
+def refit_full_batch(model_entry: dict[str, Any], training: TrainingConfig, seed: int, data: CellData, labels: LabelSpace,
                      codes: np.ndarray, rows: np.ndarray, sources: np.ndarray | None,
                      first: tuple[CellTypeClassifier, np.ndarray]) -> tuple[CellTypeClassifier, SplitData, np.ndarray]:
     """A full-batch classifier fitted again on ``rows`` (its training cells and the held-out ones), cheap and deterministic.
 
     As scikit-learn's ``CalibratedClassifierCV(ensemble=False)``: held-out cells chose what the
     caller keeps (a temperature, thresholds) on the first fit (``first``: the model and its
-    genes), and then join the final fit, which starts from the first fit's weights.
+    genes), and then join the final fit, which starts from the first fit's weights on its genes.
     """
-    return fit_classifier(model_entry, training, seed, n_top_genes, data, labels, codes, rows, rows[:0], sources=sources, start=first)
+    return fit_classifier(model_entry, training, seed, None, data, labels, codes, rows, rows[:0], sources=sources, start=first)
 
 
 def reference_means(model: CellTypeClassifier, sdata: SplitData) -> np.ndarray | None:
@@ -611,7 +616,7 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
                                          checkpoint_dir=checkpoint_dir, resume=resume)
     labels = labels.with_call_threshold(model.predict_proba(sdata, val), codes[val], config.call_precision, sdata.sources_of(val))
     if model.full_batch:
-        model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, np.arange(data.n_cells),
+        model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, data, labels, codes, np.arange(data.n_cells),
                                                sources, (model, genes))
         log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the hierarchical-call threshold set on the held-out cells")
     meta = {"label_key": key, "dataset": str(config.dataset.path), "layer": config.dataset.layer}
@@ -636,7 +641,7 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
                                              resume=resume)
         fold_labels = labels.with_call_threshold(model.predict_proba(sdata, split.val), codes[split.val], config.call_precision, sdata.sources_of(split.val))
         if model.full_batch:  # as the saved model: the validation cells set the threshold, then join the fit
-            model, sdata, _ = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes,
+            model, sdata, _ = refit_full_batch(config.model, config.training, config.seed, data, labels, codes,
                                                np.sort(np.concatenate([split.train, split.val])), sources, (model, genes))
             log(f"split {split.number}: refitted on its {len(split.train) + len(split.val)} training and validation cells, keeping the threshold")
         table = _detailed(data, split.test, truth[split.test], model.predict_proba(sdata, split.test), fold_labels, strata)

@@ -101,7 +101,7 @@ class TransferConfig(BaseModel):
     query_layer: str | None = None
     query_gene_key: str | None = None
     model: dict[str, Any] | None = None
-    n_top_genes: int | None = None
+    n_top_genes: int | None = Field(None, gt=0)
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
     calibration_fraction: float = Field(0.2, gt=0, lt=0.5)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
@@ -223,7 +223,7 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, read: tuple[str | No
     """
     annotator = model.annotator
     layer, counts = read
-    alignment = align_genes(get_var(adata, layer), annotator.genes, config.min_overlap, source_name(adata), config.query_gene_key, var_name(adata, layer))
+    alignment = query_alignment(adata, layer, annotator.genes, config)
     offset, kept = annotator.missing_offset(alignment), []
     for part in cell_chunks(adata, config.query_chunk_size):  # each cell's result does not depend on the chunking
         predictions, probabilities = model.predict(annotator.model_input(part, layer, alignment, counts), part.obs_names.astype(str).to_numpy(), offset)
@@ -305,8 +305,11 @@ REFERENCE_TRAINING = {"reference", "ontology_key", "dataset_key", "model", "n_to
 
 def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
                   sink: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None, checkpoint_dir: Path | None = None,
-                  resume: bool = False) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
+                  resume: bool = False, chosen: Callable[[np.ndarray], None] | None = None,
+                  ) -> tuple[ReferenceModel, pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
     """Fit the reference classifier, its temperature and its unknown thresholds on ``data`` alone.
+
+    ``chosen`` hears the model's genes before anything is fitted (:func:`query_genes_check`).
 
     A network writes its training checkpoint to ``checkpoint_dir`` and, with ``resume``, continues
     from it, after checking that the settings that decide its weights are those it was written with
@@ -338,7 +341,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     if checkpoint_dir is not None:
         check_checkpoint_settings(checkpoint_dir, config.model_dump(mode="json", include=REFERENCE_TRAINING), data.cell_ids, data.var_names, resume)
     model, sdata, genes = fit_classifier(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, train, val, sources=sources,
-                                         log=log, checkpoint_dir=checkpoint_dir, resume=resume)
+                                         log=log, checkpoint_dir=checkpoint_dir, resume=resume, chosen=chosen)
     logits = model.predict_logits(sdata, calib)
     calib_sources = sdata.sources_of(calib)
     target = labels.satisfying(codes[calib], calib_sources)  # a coarse label is satisfied by its finer classes
@@ -351,7 +354,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
     if model.full_batch:
-        model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, config.n_top_genes, data, labels, codes, rows, sources, (model, genes))
+        model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, data, labels, codes, rows, sources, (model, genes))
         log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and thresholds set on the held-out cells")
     centroids = class_centroids(model, sdata, train, codes[train])
     threshold = float(np.quantile(centroid_distances(model, sdata, calib, centroids), config.distance_quantile))
@@ -424,6 +427,29 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     return reads
 
 
+def query_genes_check(queries: Sequence[ad.AnnData], reads: Sequence[tuple[str | None, bool]], config: TransferConfig) -> Callable[[np.ndarray], None]:
+    """A check of every query's genes against the model's genes (``reads``: :func:`check_queries`' layers), for
+    :func:`fit_reference`'s ``chosen``: with ``n_top_genes`` the model keeps some of the reference's genes, and a query
+    sharing enough of the reference's but too few of those is refused before the reference trains, not after."""
+    def check(genes: np.ndarray) -> None:
+        for q, (layer, _) in zip(queries, reads, strict=True):
+            alignment = query_alignment(q, layer, genes, config, min_overlap=0.0)
+            if alignment.fraction < config.min_overlap:
+                raise InputError(f"{source_name(q)}: only {alignment.n_shared} of the {len(genes)} genes the model keeps "
+                                 f"(the reference's top {config.n_top_genes} highly variable genes, n_top_genes) are in the query "
+                                 f"({alignment.fraction:.1%}), below the minimum {config.min_overlap:.0%}, though it holds enough of the "
+                                 f"reference's genes; missing e.g. {alignment.missing[:5]}: raise n_top_genes or leave it out (every gene)")
+    return check
+
+
+def query_alignment(adata: ad.AnnData, layer: str | None, genes: np.ndarray, config: TransferConfig,
+                    min_overlap: float | None = None) -> GeneAlignment:
+    """The query's genes (read from ``layer``) matched to ``genes`` by ``config``'s ``query_gene_key`` (and ``min_overlap``,
+    default ``config``'s: :func:`~scatlas.data.align.align_genes` refuses fewer shared)."""
+    return align_genes(get_var(adata, layer), genes, config.min_overlap if min_overlap is None else min_overlap, source_name(adata),
+                       config.query_gene_key, var_name(adata, layer))
+
+
 def checked_reference(load: Callable[[Log], CellData], queries: Sequence[ad.AnnData], config: TransferConfig, log: Log,
                       said: Sequence[str] = ()) -> tuple[CellData, list[tuple[str | None, bool]]]:
     """The reference loaded (``load``) and the queries checked (:func:`check_queries`) before a notice of either is
@@ -475,7 +501,7 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
         ref_dir = stage / "reference"
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
             reference, predictions, calib, calib_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)),
-                                                                                    checkpoints, resume)
+                                                                                    checkpoints, resume, query_genes_check(queries, reads, config))
         write_csv(calibration, stage / "calibration.csv")
         metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells", figures)
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
@@ -609,7 +635,7 @@ def transfer(
                                                            unlabelled="leave_out", log=say), queries, config, log, [decided] if decided else [])
     parts: list[np.ndarray] = []
     model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()),
-                                                checkpoints, resume)
+                                                checkpoints, resume, query_genes_check(queries, reads, config))
     key = ontology_key or label_key
     labels = model.annotator.labels
     fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
