@@ -104,6 +104,33 @@ def test_kbet_matches_scib_metrics(symphony):
     assert shuffled > per_label  # Symphony's chemistries separate; random batches mix
 
 
+def _scaled(state: np.ndarray, item: int) -> float:
+    if item == 5:
+        raise ValueError(f"item {item} refused")
+    if item == 6:
+        import os
+
+        os._exit(3)  # a worker killed mid-item (e.g. by the OOM killer)
+    return float(state[item] * 2)
+
+
+def test_forked_map_returns_in_order_and_reports_a_worker_error_or_death():
+    """The workers' results in the items' order, as a loop here gives them; an item's error is re-raised with the
+    worker's traceback as its cause, and a worker that dies is reported; neither leaves a worker behind."""
+    import multiprocessing as mp
+
+    from scatlas.metrics._forked import forked_map
+
+    state = np.arange(10.0)
+    assert forked_map(_scaled, [4, 3, 2, 1, 0], state, n_jobs=2) == forked_map(_scaled, [4, 3, 2, 1, 0], state, n_jobs=1) == [8, 6, 4, 2, 0]
+    with pytest.raises(ValueError, match="item 5 refused") as raised:
+        forked_map(_scaled, [0, 1, 5, 2, 3], state, n_jobs=2)
+    assert "in a worker process" in str(raised.value.__cause__) and "_scaled" in str(raised.value.__cause__)
+    with pytest.raises(RuntimeError, match=r"a worker process died \(exit code 3\)"):
+        forked_map(_scaled, [0, 6, 1, 2], state, n_jobs=2)
+    assert not mp.active_children()
+
+
 def test_single_precision_diffusion_map_gives_the_double_precision_kbet():
     """KBET's default float32 eigensolve (refined by a float64 Rayleigh–Ritz step) against ARPACK in float64.
 

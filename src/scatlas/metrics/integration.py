@@ -18,9 +18,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
 
 from scatlas.metrics._device import metric_device
+from scatlas.metrics._forked import forked_map
 
 if TYPE_CHECKING:
     import igraph
@@ -408,7 +409,7 @@ def kbet_per_label(neighbors: Neighbors, batch: np.ndarray, labels: np.ndarray, 
                         sample_rows(labels, sample_size, seed), alpha, diffusion_n_comps, diffusion_dtype)
     names, sizes = np.unique(labels, return_counts=True)
     order = np.argsort(-sizes, kind="stable")  # largest first: the longest eigensolves start at once
-    by_label = dict(zip(names[order], _forked_map(_kbet_of_label, list(names[order]), state, n_jobs), strict=True))
+    by_label = dict(zip(names[order], forked_map(_kbet_of_label, list(names[order]), state, n_jobs), strict=True))
     scores = [by_label[name] for name in names if by_label[name] is not None]  # label order: the mean does not depend on the schedule
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -474,47 +475,6 @@ def leiden_graph(connectivities: sp.csr_matrix) -> igraph.Graph:
     return graph
 
 
-_FORK_STATE: object = None  # what forked workers read (inherited, never pickled)
-
-
-def _in_worker(fn: Callable[[Any, Any], Any], item: Any) -> Any:
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)  # one thread per worker: OpenMP in a forked child hangs unless reset, and the workers fill the CPUs
-    with threadpool_limits(1):
-        return fn(_FORK_STATE, item)
-
-
-def _forked_map(fn: Callable[[Any, Any], Any], items: Sequence[Any], state: Any, n_jobs: int | None = None) -> list[Any]:
-    """``[fn(state, item) for item in items]``, in forked worker processes when more than one CPU is usable.
-
-    The workers inherit ``state`` instead of receiving a pickled copy (a graph of millions of
-    cells costs nothing to share); ``fn`` (module level) and the items and results are pickled.
-    Items are handed out in order, one at a time, so put the longest first. Without ``fork``
-    (Windows, macOS defaults), with one CPU or one item the calls run here, in order.
-    """
-    import multiprocessing as mp
-    import os
-    import warnings
-    from concurrent.futures import ProcessPoolExecutor
-
-    global _FORK_STATE
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    jobs = min(len(items), n_jobs or usable)
-    if jobs < 2 or "fork" not in mp.get_all_start_methods():
-        return [fn(state, item) for item in items]
-    _FORK_STATE = state
-    try:
-        with warnings.catch_warnings():
-            # Python ≥ 3.12 warns on fork from a process with threads (torch's pool); the workers
-            # reset their thread pools before any work and never touch the parent's threads.
-            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
-                return list(pool.map(_in_worker, [fn] * len(items), items))
-    finally:
-        _FORK_STATE = None
-
-
 def _cluster_at(graph: igraph.Graph, resolution_seed: tuple[float, int]) -> np.ndarray:
     return leiden_clusters(graph, *resolution_seed)
 
@@ -535,7 +495,7 @@ def leiden_sweep(neighbors: Neighbors, labels: np.ndarray, resolutions: Sequence
 
     graph = leiden_graph(_connectivities(neighbors))
     best = {"leiden_nmi": -1.0, "leiden_ari": float("nan"), "leiden_resolution": float("nan")}
-    for resolution, clusters in zip(resolutions, _forked_map(_cluster_at, [(r, seed) for r in resolutions], graph, n_jobs), strict=True):
+    for resolution, clusters in zip(resolutions, forked_map(_cluster_at, [(r, seed) for r in resolutions], graph, n_jobs), strict=True):
         nmi = float(normalized_mutual_info_score(labels, clusters, average_method="arithmetic"))
         if nmi > best["leiden_nmi"]:
             best = {"leiden_nmi": nmi, "leiden_ari": float(adjusted_rand_score(labels, clusters)), "leiden_resolution": float(resolution)}
