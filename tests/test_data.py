@@ -110,26 +110,6 @@ def test_row_range_and_normalisation_in_blocks_equal_scipy_and_scanpy(cellbench)
     np.testing.assert_allclose(whole.toarray(), ref.X.toarray(), rtol=1e-5)
 
 
-def test_take_columns_equals_scipy(cellbench):
-    """Columns of a CSR matrix by renumbering its stored columns equal SciPy's column indexing, array for array: a mask
-    (also dropping explicit zeros of a dropped column), increasing indices, and reordered ones (left to SciPy)."""
-    from scatlas.data.io import take_columns
-
-    X = sp.csr_matrix(cellbench.X, dtype=np.float32)
-    X.data[X.indices == 3] = 0  # explicit zeros, as an all-zero gene may keep them
-    rng = np.random.default_rng(0)
-    mask = rng.random(X.shape[1]) < 0.7
-    mask[3] = False
-    for columns in (mask, np.flatnonzero(mask), np.ones(X.shape[1], dtype=bool), np.array([5, 2, 9])):
-        ours, scipy = take_columns(X, columns), X[:, columns]
-        assert ours.shape == scipy.shape and ours.dtype == np.float32 and (ours != scipy).nnz == 0
-        if columns.dtype == bool:
-            assert np.array_equal(ours.indptr, scipy.indptr) and np.array_equal(ours.indices, scipy.indices) and np.array_equal(ours.data, scipy.data)
-    kept = take_columns(X, np.ones(X.shape[1], dtype=bool))
-    kept.data[:] = -1  # a copy: the matrix it came from is untouched
-    assert X.data.min() >= 0
-
-
 def test_within_class_variance_two_passes():
     """The pooled within-class variance equals numpy's on the dense matrix, explicit zeros and an absent class code
     included, also where a large common offset makes sums of squares minus squared sums lose every digit."""

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError
-from scatlas.data.io import file_path, get_matrix, get_var, on_disk, read_anndata, source_name, take_columns, to_csr
+from scatlas.data.io import file_path, get_matrix, get_var, on_disk, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
 from scatlas.data.sources import AnnDataCSRSource, RowSubset
 from scatlas.data.validate import CHUNK_ROWS, MatrixSummary, check_obs_keys, resolve_input, validate, with_values
@@ -327,7 +327,7 @@ def _cell_data(adata: ad.AnnData, summary: MatrixSummary, name: str, batch_key: 
         if not keep_cells.all():
             X = X[keep_cells]
         if not keep_genes.all():
-            X = take_columns(X, keep_genes)
+            X = X[:, keep_genes]
     obs = adata.obs[keep_cells].copy() if not keep_cells.all() else adata.obs.copy()
     obs.index = obs.index.astype(str)
     return CellData(

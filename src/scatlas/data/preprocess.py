@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scatlas.data.io import take_columns
 
 ScaleKind = Literal["none", "maxabs", "standard"]
 
 
-def normalize_log1p(counts: sp.csr_matrix, target_sum: float = 1e4, copy: bool = True, chunk_size: int = 65_536) -> sp.csr_matrix:
+def normalize_log1p(counts: sp.csr_matrix, target_sum: float = 1e4, copy: bool = True, chunk_size: int = 65_536,
+                    totals: np.ndarray | None = None) -> sp.csr_matrix:
     """Library-size normalise each cell to ``target_sum`` and apply ``log1p``.
 
     Equivalent to ``sc.pp.normalize_total(target_sum=target_sum)`` followed by
@@ -37,13 +37,16 @@ def normalize_log1p(counts: sp.csr_matrix, target_sum: float = 1e4, copy: bool =
         CSR matrix the caller owns (no second matrix in memory).
     chunk_size
         Cells scaled at a time (the per-value factors are never one array the size of the matrix).
+    totals
+        Each cell's total (default: the row sums of ``counts``): the totals over every gene when
+        ``counts`` holds some of them, so that only the genes kept are scaled (the same values).
 
     Returns
     -------
     A float32 CSR matrix.
     """
     counts = sp.csr_matrix(counts, dtype=np.float32, copy=copy)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
+    totals = np.asarray(counts.sum(axis=1)).ravel() if totals is None else totals
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     for start in range(0, counts.shape[0], chunk_size):
         stop = min(start + chunk_size, counts.shape[0])
@@ -385,7 +388,7 @@ def preprocess_split(
         source = lognorm if len(genes) == lognorm.shape[1] else lognorm.with_genes(genes)
         scaler = GeneScaler(scale).fit_streamed(source, train)
         return Preprocessed(X=source if scale == "none" else ScaledSource(source, scaler), genes=np.asarray(var_names)[genes], scaler=scaler)
-    X = lognorm if np.array_equal(genes, np.arange(lognorm.shape[1])) else take_columns(lognorm, genes)  # every gene: no copy
+    X = lognorm if np.array_equal(genes, np.arange(lognorm.shape[1])) else lognorm[:, genes]  # every gene: no copy
     scaler = GeneScaler(scale) if scale == "none" else GeneScaler(scale).fit(X[train])
     return Preprocessed(X=scaler.transform(X), genes=np.asarray(var_names)[genes], scaler=scaler)
 

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
-from scatlas.data.io import RAW, row_range, take_columns
+from scatlas.data.io import RAW, row_range
 from scatlas.data.preprocess import normalize_log1p
 
 
@@ -134,7 +134,7 @@ class _OnDiskSource:
         return self._n_rows, self._n_genes_file
 
     def _read_stored(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as stored (float32 CSR, all genes, not normalised)."""
+        """Rows ``start:stop`` as stored (float32 CSR, all genes, not normalised), in arrays of its own (the caller may change them)."""
         raise NotImplementedError
 
     def with_genes(self, genes: np.ndarray) -> _OnDiskSource:
@@ -147,10 +147,11 @@ class _OnDiskSource:
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` as float32 CSR (normalised and gene-subset when asked)."""
-        X = self._read_stored(start, stop)
-        if self.normalize:
-            X = normalize_log1p(X)
-        return X if self.genes is None else take_columns(X, self.genes)
+        X = self._read_stored(start, stop)  # a fresh matrix: normalised in place
+        totals = np.asarray(X.sum(axis=1)).ravel() if self.normalize else None  # over every stored gene
+        if self.genes is not None:
+            X = X[:, self.genes]  # first: only the genes kept are scaled
+        return normalize_log1p(X, copy=False, totals=totals) if self.normalize else X
 
     def read_window(self, start: int, stop: int, empty: Empty | None = None) -> CSRWindow:
         """Rows ``start:stop`` as stored (see :class:`CSRWindow`; ``empty`` is not used here)."""
