@@ -272,7 +272,7 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     query.write_h5ad(tmp_path / "query.h5ad")
     backed = read_anndata(tmp_path / "query.h5ad", backed=True)  # mapped 100 cells at a time from the file
     sa.tl.transfer(reference.copy(), backed, label_key="author_cell_type", method="mlp", log=lambda _: None, query_chunk_size=100,
-                   training={"max_epochs": 15, "batch_size": 64})
+                   max_epochs=15, batch_size=64)  # training settings as keywords, as tl.embed takes them: the same fit
     pd.testing.assert_frame_equal(backed.obs, query.obs)
     # float32 matrix products over 100-cell chunks and over the whole query may round differently on some CPUs (seen: 1.2e-7)
     np.testing.assert_allclose(backed.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"], rtol=1e-5, atol=1e-6)

@@ -596,8 +596,10 @@ def transfer(
         :func:`~scatlas.tl.embed` (the full-batch linear model keeps none).
     **settings
         Other fields of :class:`TransferConfig` (``confidence_threshold``, ``n_top_genes``, ...);
-        ``model`` (a whole classifier entry, as in ``scatlas models``) replaces ``method`` /
-        ``loss`` / ``ensemble`` and cannot be combined with them.
+        training settings as keywords, as :func:`~scatlas.tl.embed` takes them (``max_epochs=20``,
+        ``batch_size=128``; or together as ``training={...}``; a full-batch linear model says which
+        do not apply); ``model`` (a whole classifier entry, as in ``scatlas models``) replaces
+        ``method`` / ``loss`` / ``ensemble`` and cannot be combined with them.
 
     Returns
     -------
@@ -623,6 +625,9 @@ def transfer(
         raise ConfigError("transfer: pass either `model` (a whole classifier entry, e.g. {'type': 'mlp', 'loss': 'hce', 'ensemble': 3}) "
                           "or `method` / `loss` / `ensemble`, not both")
     queries = [query] if isinstance(query, ad.AnnData) else list(query)
+    training = {k: settings.pop(k) for k in list(settings) if k in TrainingConfig.model_fields and k not in TransferConfig.model_fields}
+    if training:
+        settings["training"] = {**settings.get("training", {}), **training}
     counts, decided = resolve_input(reference, layer, input)
     values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
                             "input": "counts" if counts else "lognorm"},
