@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-
 ScaleKind = Literal["none", "maxabs", "standard"]
 
 

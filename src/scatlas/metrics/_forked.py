@@ -23,15 +23,16 @@ def forked_map(fn: Callable[[Any, Any], Any], items: Sequence[Any], state: Any, 
     Parameters
     ----------
     fn
-        A module-level function of ``(state, item)``; it, the items and the results are pickled.
+        A function of ``(state, item)``, inherited by the workers as ``state`` is; the items and the
+        results are pickled.
     items
         Handed out in order, one at a time to whichever worker is free, so put the longest first.
     state
         Inherited by the workers, never copied.
     n_jobs
         Worker processes (default: every usable CPU; at most one per item). Each runs with one
-        BLAS thread (and one torch thread, when the caller loaded torch). Without ``fork`` (Windows, macOS defaults), with one CPU or one
-        item, the calls run here, in order.
+        BLAS thread (and one torch thread, when the caller loaded torch). Without ``fork``
+        (Windows, macOS defaults), with one CPU or one item, the calls run here, in order.
 
     Raises
     ------
