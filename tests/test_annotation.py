@@ -167,6 +167,44 @@ def test_full_batch_linear_equals_scikit_learn(output, gene_scale, scale_by):
     assert (ours.argmax(1) == peer.predict(scaled)).mean() > 0.995
 
 
+def test_full_batch_fit_splits_its_products_over_threads_without_changing_the_model(monkeypatch):
+    """From PARALLEL_VALUES stored values the L-BFGS fit's products run on threads over fixed row blocks: X @ V gives
+    the bits of one SciPy product, X.T @ G its values to rounding, the same bits whatever the number of threads, and
+    the fitted model that of the one-product fit."""
+    from conftest import data_path
+
+    from scatlas._threads import Workers
+    from scatlas.data import normalize_log1p
+    from scatlas.models import LinearClassifier, classifiers
+    from scatlas.models.base import SplitData
+    from scatlas.models.classifiers import LinearConfig, RowBlocks
+    from scatlas.train import TrainConfig
+
+    kang = ad.read_h5ad(data_path("kang18_muscat_4samples.h5ad"))
+    X = normalize_log1p(kang.X).tocsr().astype(np.float64)
+    rng = np.random.default_rng(0)
+    V, G = rng.random((X.shape[1], 8)), rng.random((X.shape[0], 8))
+    transposed = []
+    for threads in (1, 3):
+        monkeypatch.setattr(RowBlocks, "_workers", Workers(threads, "test"))
+        blocks = RowBlocks(X)
+        np.testing.assert_array_equal(blocks.dot(V), X @ V)
+        transposed.append(blocks.tdot(G))
+    np.testing.assert_array_equal(transposed[0], transposed[1])
+    np.testing.assert_allclose(transposed[0], X.T @ G, rtol=1e-12)
+    classes, codes = np.unique(kang.obs["author_cell_type"].astype(str), return_inverse=True)
+    data = SplitData(X=X.astype(np.float32), train=np.arange(X.shape[0]), val=np.arange(0), batch=np.zeros(X.shape[0], dtype=np.int64),
+                     batch_names=["all"], label=codes, label_names=list(classes))
+    fitted = []
+    for threshold in (0, 1 << 40):  # every fit on threads, none
+        monkeypatch.setattr(classifiers, "PARALLEL_VALUES", threshold)
+        model = LinearClassifier(LinearConfig(solver="lbfgs"), TrainConfig(progress=False, accelerator="cpu"))
+        model.fit(data)
+        fitted.append(model.predict_proba(data, data.train))
+    np.testing.assert_allclose(fitted[0], fitted[1], atol=1e-6)
+    assert (fitted[0].argmax(1) == fitted[1].argmax(1)).all()
+
+
 def test_linear_settings_round_trip_and_refuse_what_does_not_apply():
     """A saved model's settings (every field, defaults included) load back; lbfgs-only settings on the adam solver are refused."""
     from scatlas.models.classifiers import LinearConfig

@@ -442,6 +442,37 @@ def test_a_matrix_read_as_log_normalised_must_be_one(cepo_path, tmp_path):
     assert result.exit_code == 0 and "non-integer values: treated as log-normalised" in result.output and "OK (1556 cells" in result.output
 
 
+def test_worker_threads_return_results_in_order_raise_a_call_s_error_and_restart_after_a_fork():
+    """Workers.run: results in the calls' order, a call's exception re-raised once every call finished; a forked child
+    that inherits the pool (whose threads did not survive the fork) starts its own instead of waiting forever."""
+    import os
+    import time
+
+    from scatlas._threads import Workers
+
+    workers = Workers(3, "test")
+    assert workers.run([lambda i=i: (time.sleep(0.01 * (5 - i)), i)[1] for i in range(6)]) == list(range(6))
+    finished: list[int] = []
+
+    def fails() -> None:
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        workers.run([fails, lambda: finished.append(1) or time.sleep(0.05) or finished.append(2)])
+    assert finished == [1, 2]  # the other call had finished before the error was raised
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the inherited pool still runs calls
+        os._exit(0 if workers.run([lambda: 7]) == [7] else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the forked child waited on threads it does not have"
+    workers.close()
+
+
 def test_parallel_reads_keep_no_buffer_or_source_alive(cellbench5_path, tmp_path, monkeypatch):
     """Once a read split over reader threads returns, the threads hold neither its buffer nor its source: dropped by the
     caller, both are freed and the file closed (the threads kept their last job, 80 MB more peak in `aggregate --stream`)."""

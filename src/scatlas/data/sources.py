@@ -17,11 +17,10 @@ threads, which release the GIL, so a prefetch thread does not stall the training
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scatlas._errors import InputError
+from scatlas._threads import Workers, usable_cpus
 from scatlas.data.io import RAW, row_range
 from scatlas.data.preprocess import normalize_log1p
 
@@ -314,14 +314,14 @@ class _Extents:
 
     ``starts[i]`` is the first element of the i-th stored run and ``offsets[i]`` its byte offset
     (one run for a contiguous dataset, one per chunk for a chunked one). Reads go through
-    ``os.preadv`` into the caller's buffer, split over a few daemon threads (:func:`_reader_threads`).
+    ``os.preadv`` into the caller's buffer, split over a few daemon threads (:class:`~scatlas._threads.Workers`).
     """
 
     _piece = 1 << 25  # bytes per parallel read
 
     def __init__(self, path: Path, dtype: np.dtype, starts: np.ndarray, offsets: np.ndarray, size: int) -> None:
         self.path, self.dtype, self.starts, self.offsets, self.size = path, dtype, starts, offsets, size
-        self._reader: tuple[int, queue.SimpleQueue[Any]] | None = None  # file descriptor, reader threads' jobs: set in one step
+        self._reader: tuple[int, Workers] | None = None  # file descriptor and reader threads: set in one step
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}
@@ -385,9 +385,8 @@ class _Extents:
         Once this returns or raises (a signal included), no reader writes into ``out`` any more.
         """
         if self._reader is None:
-            self._reader = (os.open(self.path, os.O_RDONLY), _reader_threads(_N_READERS))
+            self._reader = (os.open(self.path, os.O_RDONLY), Workers(_N_READERS, "scatlas-read"))
             weakref.finalize(self, _close, *self._reader)
-        jobs = self._reader[1]
         view = memoryview(out.view(np.uint8))
         item = self.dtype.itemsize
         pieces = self._pieces(lo, hi)
@@ -395,64 +394,15 @@ class _Extents:
             a, b, offset = pieces[0]
             self._read_piece(view[(a - lo) * item : (b - lo) * item], offset)
             return out
-        outcomes: list[BaseException | None] = []
-        wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        for a, b, offset in pieces:
-            jobs.put((self._read_piece, (view[(a - lo) * item : (b - lo) * item], offset), outcomes, wake))
-        stopped: BaseException | None = None
-        while len(outcomes) < len(pieces):
-            try:
-                wake.get(timeout=0.1)  # a wake-up a signal made this thread drop costs at most this wait
-            except queue.Empty:
-                pass
-            except BaseException as exc:  # noqa: BLE001 - a signal: re-raised once every piece has landed
-                stopped = stopped or exc
-        failed = stopped or next((o for o in outcomes if o is not None), None)
-        if failed is not None:
-            raise failed
+        self._reader[1].run([partial(self._read_piece, view[(a - lo) * item : (b - lo) * item], offset) for a, b, offset in pieces])
         return out
 
 
-_N_READERS = min(8, os.cpu_count() or 1)
+_N_READERS = min(8, usable_cpus())
 
 
-def _reader_threads(n: int) -> queue.SimpleQueue[Any]:
-    """Start ``n`` daemon threads running ``(function, args, outcomes, wake)`` jobs from the returned queue; ``None``
-    as a job ends a thread.
-
-    A job appends its outcome (``None`` or its exception) to the list ``outcomes``, then puts ``True``
-    in ``wake``. Jobs and wake-ups pass through :class:`queue.SimpleQueue`, whose ``get`` / ``put``
-    are single C calls: a SIGINT / SIGTERM handler that raises in the waiting thread (the CLI's)
-    cannot leave a lock held halfway through one. With
-    :class:`concurrent.futures.ThreadPoolExecutor` it could, and its non-daemon workers, joined at
-    exit, then kept the process from exiting.
-    """
-    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def work() -> None:
-        while (job := jobs.get()) is not None:
-            _run_job(*job)
-            job = None  # while this thread waits, it keeps neither the reader's buffer nor its source alive
-
-    for _ in range(n):
-        threading.Thread(target=work, daemon=True, name="scatlas-read").start()
-    return jobs
-
-
-def _run_job(function: Callable[..., None], args: tuple[Any, ...], outcomes: list[BaseException | None], wake: queue.SimpleQueue[bool]) -> None:
-    """One job of :func:`_reader_threads`: ``function(*args)``, its outcome appended to ``outcomes``, then a wake-up."""
-    try:
-        function(*args)
-    except BaseException as exc:  # noqa: BLE001 - handed to the reader
-        outcomes.append(exc)
-    else:
-        outcomes.append(None)
-    wake.put(True)
-
-
-def _close(fd: int, jobs: queue.SimpleQueue[Any]) -> None:
-    for _ in range(_N_READERS):
-        jobs.put(None)
+def _close(fd: int, readers: Workers) -> None:
+    readers.close()
     os.close(fd)
 
 

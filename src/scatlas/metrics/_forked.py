@@ -40,10 +40,10 @@ def forked_map(fn: Callable[[Any, Any], Any], items: Sequence[Any], state: Any, 
     worker died; the other workers are killed first.
     """
     import multiprocessing as mp
-    import os
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    jobs = min(len(items), n_jobs or usable)
+    from scatlas._threads import usable_cpus
+
+    jobs = min(len(items), n_jobs or usable_cpus())
     if jobs < 2 or "fork" not in mp.get_all_start_methods():
         return [fn(state, item) for item in items]
     global _STATE

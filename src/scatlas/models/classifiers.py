@@ -15,7 +15,9 @@ the representation before the output layer (the members' side by side in an ense
 
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from torch import nn
 from scipy.optimize import minimize
 from torch.nn import functional as F
 
+from scatlas._threads import Workers, usable_cpus
 from scatlas.data.loaders import Batch
 from scatlas.data.preprocess import gene_moments, within_class_variance
 from scatlas.losses import cross_entropy, hierarchical_cross_entropy, one_vs_rest_cross_entropy
@@ -367,6 +370,57 @@ class LinearClassifier(CellTypeClassifier):
         return fit_lbfgs(self.module, data, cfg.C, cfg.gene_scale, cfg.max_iter, cfg.tol, start, cfg.gene_scale_by)
 
 
+PARALLEL_VALUES = 1 << 22
+"""Stored values from which :func:`fit_lbfgs` splits its matrix products over threads (:class:`RowBlocks`); below,
+one SciPy product each (a reference of a few thousand cells: thread hand-overs would cost more than they save)."""
+
+
+class RowBlocks:
+    """A CSR matrix's rows in :attr:`N_BLOCKS` fixed blocks whose products run on worker threads (SciPy's sparse
+    products release the GIL).
+
+    ``X @ V`` gives the bits of one SciPy product (each row's own); ``X.T @ G`` sums the blocks'
+    products in block order, so its bits depend on the number of blocks, never on the number of
+    threads. 1M cells × 1,000 genes (115M stored values) and 4 classes on 2 cores: 2.6× and 2× faster.
+    """
+
+    N_BLOCKS = 8
+    _workers: Workers | None = None
+
+    def __init__(self, X: sp.csr_matrix) -> None:
+        edges = np.linspace(0, X.shape[0], self.N_BLOCKS + 1).astype(int)
+        self.edges = list(zip(edges[:-1], edges[1:], strict=True))
+        self.blocks = [_rows_view(X, a, b) for a, b in self.edges]
+        self.transposed = [_rows_view(X, a, b, transposed=True) for a, b in self.edges]
+        if RowBlocks._workers is None:
+            RowBlocks._workers = Workers(min(self.N_BLOCKS, usable_cpus()), "scatlas-products")
+
+    def dot(self, V: np.ndarray) -> np.ndarray:
+        """``X @ V``."""
+        assert self._workers is not None
+        return np.vstack(self._workers.run([partial(operator.matmul, block, V) for block in self.blocks]))
+
+    def tdot(self, G: np.ndarray) -> np.ndarray:
+        """``X.T @ G``."""
+        assert self._workers is not None
+        parts = self._workers.run([partial(operator.matmul, block, G[a:b]) for block, (a, b) in zip(self.transposed, self.edges, strict=True)])
+        total = parts[0]
+        for part in parts[1:]:
+            total += part
+        return total
+
+
+def _rows_view(X: sp.csr_matrix, start: int, stop: int, transposed: bool = False) -> sp.csr_matrix | sp.csc_matrix:
+    """Rows ``start:stop`` of ``X`` (``transposed``: their transpose, a CSC matrix) on ``X``'s own arrays, with a new
+    ``indptr`` only. SciPy's constructors, ``.T`` included, copy slices under half their array's size (``prune``): eight
+    blocks built that way held a second copy of a 1M-cell matrix, rebuilt at every transposed product."""
+    lo, hi = X.indptr[start], X.indptr[stop]
+    shape = (X.shape[1], stop - start) if transposed else (stop - start, X.shape[1])
+    view = (sp.csc_matrix if transposed else sp.csr_matrix)(shape, dtype=X.dtype)
+    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], (X.indptr[start : stop + 1] - lo).astype(X.indices.dtype)
+    return view
+
+
 def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: float, max_iter: int, tol: float,
               start: tuple[np.ndarray, np.ndarray] | None = None, scale_by: Literal["total", "within"] = "total") -> pd.DataFrame:
     """Fit ``module``'s linear head on the cells ``data.train`` full-batch by L-BFGS (scipy's L-BFGS-B, float64).
@@ -375,8 +429,8 @@ def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: f
     one-vs-rest forms) ``+ ‖W‖² / (2 C n)``, where ``s`` divides each gene by its standard
     deviation on those cells (``scale_by``: over all of them, or pooled within their classes,
     :func:`~scatlas.data.preprocess.within_class_variance`) to the power ``gene_scale``; the head gets ``s ∘ W`` and ``b``. The
-    matrix products run in scipy, the loss and its gradient with respect to the scores in torch,
-    so the fit is deterministic on a CPU. Stops as scikit-learn's ``lbfgs`` solver does
+    matrix products run in scipy (on threads over fixed row blocks from :data:`PARALLEL_VALUES` stored values), the loss
+    and its gradient with respect to the scores in torch, so the fit is deterministic on a CPU. Stops as scikit-learn's ``lbfgs`` solver does
     (projected gradient below ``tol``, or no relative progress). The search starts from zero, or
     from ``start``: a head's ``(weight, bias)`` (``(n_classes, n_genes)`` and ``(n_classes,)``),
     e.g. a fit of the same problem on fewer cells (the default
@@ -401,15 +455,19 @@ def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: f
     if start is not None:  # the head holds s ∘ W
         x0 = np.concatenate([(np.asarray(start[0], dtype=np.float64).T / scale[:, None]).ravel(), np.asarray(start[1], dtype=np.float64)])
 
+    blocks = RowBlocks(X) if X.nnz >= PARALLEL_VALUES else None
+    dot = X.__matmul__ if blocks is None else blocks.dot
+    tdot = X.T.__matmul__ if blocks is None else blocks.tdot
+
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         W, b = theta[: n_genes * n_classes].reshape(n_genes, n_classes), theta[n_genes * n_classes :]
-        z = torch.from_numpy(X @ (scale[:, None] * W) + b).requires_grad_()
+        z = torch.from_numpy(dot(scale[:, None] * W) + b).requires_grad_()
         loss = module.class_loss(z, label, source)
         loss.backward()
         grad_z = z.grad.numpy()
         terms["class"] = loss.item()
         terms["loss"] = terms["class"] + float((W * W).sum()) / (2 * C * n)
-        grad_W = scale[:, None] * (X.T @ grad_z) + W / (C * n)
+        grad_W = scale[:, None] * tdot(grad_z) + W / (C * n)
         return terms["loss"], np.concatenate([grad_W.ravel(), grad_z.sum(0)])
 
     rows: list[dict[str, float]] = []
