@@ -33,7 +33,7 @@ class Workers:
             jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
             for _ in range(self.n):
                 threading.Thread(target=_work, args=(jobs,), daemon=True, name=self.name).start()
-            self._jobs, self._pid = jobs, os.getpid()  # in one step
+            self._jobs, self._pid = jobs, os.getpid()  # a signal between the two stores only starts threads again
         return self._jobs
 
     def run(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:

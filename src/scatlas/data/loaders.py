@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -360,6 +361,12 @@ class CSRLoader:
             yield from self._batches(chunk, order)
 
 
+class _Alive:
+    """What a prefetch worker watches through a weak reference: gone once the consumer's generator is."""
+
+    __slots__ = ("__weakref__",)
+
+
 def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
     """Run ``source`` in a daemon thread, at most ``depth`` items ahead of the consumer.
 
@@ -368,7 +375,9 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
     (the CLI's) cannot stop one halfway and leave a lock held, as it can inside
     :class:`queue.Queue`'s Python code, after which the clean-up deadlocked (seen as a CLI that
     never exited after a scheduler's SIGTERM). The worker only ever waits for a credit, so the
-    clean-up ends it with one more and a join: within the read in progress.
+    clean-up ends it with one more and a join: within the read in progress. A signal that cuts the
+    clean-up itself short cannot leave the worker waiting for ever either: it looks every half
+    second whether the generator still exists.
     """
     items: queue.SimpleQueue[Any] = queue.SimpleQueue()
     credits: queue.SimpleQueue[bool] = queue.SimpleQueue()
@@ -376,10 +385,19 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
         credits.put(True)
     done = object()
     stopped = [False]  # one store, so unlike threading.Event.set no lock a signal could leave held
+    alive = _Alive()  # held by this generator's frame only
 
-    def work() -> None:
+    def work(consumer: weakref.ref[_Alive]) -> None:
         try:
-            while credits.get() and not stopped[0]:
+            while True:
+                try:
+                    go = credits.get(timeout=0.5)
+                except queue.Empty:
+                    if stopped[0] or consumer() is None:
+                        return
+                    continue
+                if not go or stopped[0]:
+                    return
                 item = next(source, done)
                 items.put(item)
                 if item is done:
@@ -387,7 +405,7 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             items.put(exc)
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=work, args=(weakref.ref(alive),), daemon=True)
     thread.start()
     try:
         while True:
