@@ -31,6 +31,7 @@ from scipy.optimize import minimize
 from torch.nn import functional as F
 
 from scatlas._threads import Workers, usable_cpus
+from scatlas.data.io import row_view
 from scatlas.data.loaders import Batch
 from scatlas.data.preprocess import gene_moments, within_class_variance
 from scatlas.losses import cross_entropy, hierarchical_cross_entropy, one_vs_rest_cross_entropy
@@ -390,8 +391,8 @@ class RowBlocks:
     def __init__(self, X: sp.csr_matrix) -> None:
         edges = np.linspace(0, X.shape[0], self.N_BLOCKS + 1).astype(int)
         self.edges = list(zip(edges[:-1], edges[1:], strict=True))
-        self.blocks = [_rows_view(X, a, b) for a, b in self.edges]
-        self.transposed = [_rows_view(X, a, b, transposed=True) for a, b in self.edges]
+        self.blocks = [row_view(X, a, b) for a, b in self.edges]
+        self.transposed = [row_view(X, a, b, transposed=True) for a, b in self.edges]
         if RowBlocks._workers is None:
             RowBlocks._workers = Workers(min(self.N_BLOCKS, usable_cpus()), "scatlas-products")
 
@@ -408,17 +409,6 @@ class RowBlocks:
         for part in parts[1:]:
             total += part
         return total
-
-
-def _rows_view(X: sp.csr_matrix, start: int, stop: int, transposed: bool = False) -> sp.csr_matrix | sp.csc_matrix:
-    """Rows ``start:stop`` of ``X`` (``transposed``: their transpose, a CSC matrix) on ``X``'s own arrays, with a new
-    ``indptr`` only. SciPy's constructors, ``.T`` included, copy slices under half their array's size (``prune``): eight
-    blocks built that way held a second copy of a 1M-cell matrix, rebuilt at every transposed product."""
-    lo, hi = X.indptr[start], X.indptr[stop]
-    shape = (X.shape[1], stop - start) if transposed else (stop - start, X.shape[1])
-    view = (sp.csc_matrix if transposed else sp.csr_matrix)(shape, dtype=X.dtype)
-    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], (X.indptr[start : stop + 1] - lo).astype(X.indices.dtype)
-    return view
 
 
 def fit_lbfgs(module: ClassifierModule, data: SplitData, C: float, gene_scale: float, max_iter: int, tol: float,
