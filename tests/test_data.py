@@ -31,7 +31,7 @@ from scatlas.data import (
 from scatlas.data.preprocess import within_class_variance
 from scatlas.data.dataset import DatasetConfig, cell_data, load_dataset
 from scatlas.data.splits import holdout
-from scatlas.data.loaders import _scatter_dense, host_tensor
+from scatlas.data.loaders import _scatter_dense, finish_on_device, host_tensor
 from scatlas.data.sources import as_source, read_rows
 
 
@@ -206,6 +206,31 @@ def test_model_inputs_start_where_torch_tensors_do(cellbench):
         assert np.shares_memory(t.numpy(), view) == (phase == 0)  # copied only when needed
         products.add((t @ weight.T).numpy().tobytes())
     assert len(products) == 1
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("genes", [None, np.array([5, 3, 100, 7])], ids=["all-genes", "subset"])
+def test_finish_on_device_equals_the_host_path(cellbench, normalize, genes):
+    """The accelerator's finish of stored rows (run here on CPU tensors) equals the host's: each cell scaled by its
+    total over every stored gene (also when only some genes are kept), then ``log1p``, and the kept genes in order."""
+    counts = sp.csr_matrix(cellbench.X[:200], dtype=np.float32)
+    counts.data[:] = np.random.default_rng(0).integers(1, 9, counts.nnz)  # whole counts on the real sparsity pattern
+    for row in (4, 9):  # two cells without counts stay zero
+        counts.data[counts.indptr[row] : counts.indptr[row + 1]] = 0
+    counts.eliminate_zeros()
+    gene_map = None
+    if genes is not None:
+        gene_map = torch.full((counts.shape[1],), -1, dtype=torch.int32)
+        gene_map[torch.from_numpy(genes)] = torch.arange(len(genes), dtype=torch.int32)
+    indptr, indices, data = finish_on_device(torch.from_numpy(counts.indptr.astype(np.int64)), torch.from_numpy(counts.indices),
+                                             torch.from_numpy(counts.data), normalize, gene_map)
+    n_out = counts.shape[1] if genes is None else len(genes)
+    got = sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=(counts.shape[0], n_out)).toarray()
+    kept = counts if genes is None else counts[:, genes]
+    expected = normalize_log1p(kept, totals=np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()) if normalize else kept
+    assert indptr.dtype == torch.int64 and data.dtype == torch.float32
+    np.testing.assert_allclose(got, expected.toarray(), rtol=1e-6)
+    assert not got[[4, 9]].any()
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["finished-by-source", "finished-on-device"])

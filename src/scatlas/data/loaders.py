@@ -116,20 +116,23 @@ def finish_on_device(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Te
     ``indptr``, ``indices``, ``data`` of the result (``indptr`` int64, ``data`` float32).
     """
     # 32-bit temporaries: a chunk holds far fewer than 2**31 entries, and its peak memory stays near its own size
-    counts = indptr.diff()
-    if normalize:
-        rows = torch.repeat_interleave(torch.arange(counts.shape[0], dtype=torch.int32, device=data.device), counts, output_size=data.shape[0])
-        totals = torch.zeros(counts.shape[0], dtype=data.dtype, device=data.device).index_add_(0, rows, data)
-        del rows
+    n_rows = indptr.shape[0] - 1
+    rows = None
+    if normalize:  # each cell's total over every stored gene, before the subset (as normalize_log1p(totals=))
+        rows = torch.repeat_interleave(torch.arange(n_rows, dtype=torch.int32, device=data.device), indptr.diff(), output_size=data.shape[0])
+        totals = torch.zeros(n_rows, dtype=data.dtype, device=data.device).index_add_(0, rows, data)
+    if gene_map is not None:  # the subset first: only the kept values are scaled
+        column = gene_map.to(torch.int32)[indices]
+        keep = column >= 0
+        kept_before = torch.zeros(data.shape[0] + 1, dtype=torch.int32, device=data.device)
+        torch.cumsum(keep, 0, dtype=torch.int32, out=kept_before[1:])
+        indptr, indices, data = kept_before[indptr].to(torch.int64), column[keep], data[keep]
+        rows = None if rows is None else rows[keep]
+        del column, keep, kept_before
+    if rows is not None:
         scale = torch.where(totals > 0, target_sum / totals, torch.zeros_like(totals))
-        data = torch.repeat_interleave(scale, counts, output_size=data.shape[0]).mul_(data).log1p_()
-    if gene_map is None:
-        return indptr, indices, data
-    column = gene_map.to(torch.int32)[indices]
-    keep = column >= 0
-    kept_before = torch.zeros(data.shape[0] + 1, dtype=torch.int32, device=data.device)
-    torch.cumsum(keep, 0, dtype=torch.int32, out=kept_before[1:])
-    return kept_before[indptr].to(torch.int64), column[keep], data[keep]
+        data = scale[rows].mul_(data).log1p_()
+    return indptr, indices, data
 
 
 @dataclass
