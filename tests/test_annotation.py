@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from scatlas import InputError
 from scatlas.settings import TrainingConfig
-from scatlas.tl._annotation import Annotator, annotate, label_space, load_annotate_config, scaled_training, train_annotator
+from scatlas.tl._annotation import Annotator, annotate, load_annotate_config, scaled_training, train_annotator
+from scatlas.tl._labels import label_space
 from scatlas.cli import app
 from scatlas.losses import hierarchical_cross_entropy, one_vs_rest_cross_entropy
 from scatlas.metrics.annotation import annotation_tables, corrected_predictions, hierarchical_correct

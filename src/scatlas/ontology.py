@@ -353,7 +353,7 @@ def choose_call_threshold(proba: np.ndarray, truth: np.ndarray, R: np.ndarray, d
     """Smallest threshold whose hierarchical calls on held-out cells are correct (the truth or an ancestor of it) at ``precision``.
 
     ``satisfies``: optional ``(n, C)`` boolean matrix of the classes that satisfy each held-out
-    cell's label in its source (:meth:`~scatlas.tl._annotation.LabelSpace.satisfying`); a call
+    cell's label in its source (:meth:`~scatlas.tl._labels.LabelSpace.satisfying`); a call
     that satisfies it is then correct too, so a finer call on a coarsely labelled cell counts as
     right (scTab's descendant credit) instead of pushing the threshold up.
     Returns the largest grid value when none reaches ``precision``.

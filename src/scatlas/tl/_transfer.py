@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
                          staged_dir, write_csv, write_npy, write_yaml)
-from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, LabelSpace, classifier_entry, config_record, default_method,
-                                    fit_classifier, label_space, model_directory, no_counts, no_counts_said, reference_means, refit_full_batch,
-                                    resolve_model, write_calls)
+from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, classifier_entry, config_record, default_method, fit_classifier,
+                                    model_directory, no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, write_calls)
+from scatlas.tl._labels import LabelSpace, label_space
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, on_disk, read_anndata, source_name, string_values, var_name
 from scatlas.data.align import GeneAlignment, align_genes, checked_query
