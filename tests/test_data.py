@@ -498,6 +498,40 @@ def test_worker_threads_return_results_in_order_raise_a_call_s_error_and_restart
     workers.close()
 
 
+def test_worker_threads_stopped_by_a_signal_start_no_further_call_and_leave_none_running():
+    """A signal in the waiting thread: the calls no thread has started are dropped, the started ones finish, and the
+    signal's exception is raised with no call still running or starting later (before: every queued call ran first)."""
+    import signal
+    import time
+
+    from scatlas._threads import Workers
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_: object) -> None:
+        raise Stop
+
+    workers, log = Workers(1, "test"), []
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        for delay in (0.0001, 0.003, 0.025):
+            log.clear()
+            signal.setitimer(signal.ITIMER_REAL, delay)
+            with pytest.raises(Stop):
+                workers.run([lambda i=i: log.append(("start", i)) or time.sleep(0.01) or log.append(("end", i)) for i in range(50)])
+            seen = list(log)
+            time.sleep(0.05)
+            assert log == seen, "a call ran after run() raised"
+            assert len(seen) % 2 == 0 and len(seen) < 20, f"{len(seen) // 2} of 50 calls ran after the signal"
+            assert [i for kind, i in seen if kind == "start"] == [i for kind, i in seen if kind == "end"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert workers.run([lambda: 1, lambda: 2]) == [1, 2]  # the pool still works
+    workers.close()
+
+
 def test_parallel_reads_keep_no_buffer_or_source_alive(cellbench5_path, tmp_path, monkeypatch):
     """Once a read split over reader threads returns, the threads hold neither its buffer nor its source: dropped by the
     caller, both are freed and the file closed (the threads kept their last job, 80 MB more peak in `aggregate --stream`)."""

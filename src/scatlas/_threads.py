@@ -9,6 +9,7 @@ its non-daemon workers, joined at exit, then kept the process from exiting (repr
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -39,27 +40,31 @@ class Workers:
     def run(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:
         """Every call's result, in order, once all of them have finished.
 
-        The waiting thread waits for every queued call even when a signal interrupts it (a wake-up the
-        signal made it drop costs at most 0.1 s), then re-raises: no call still runs, or writes
-        into the caller's buffers, once this returns or raises. A call's exception is re-raised.
+        The calls wait in one deque of this run that a thread, woken, empties one ``popleft`` at a time
+        (a single C call: each call is taken by exactly one thread). A signal that interrupts the waiting
+        thread takes the calls no thread has started, waits for the started ones (a wake-up the signal
+        made it drop costs at most 0.1 s), then re-raises: no call still runs, or writes into the caller's
+        buffers, once this returns or raises. A call's exception is re-raised.
         """
         jobs = self._start()
         results: list[Any] = [None] * len(calls)
         outcomes: list[BaseException | None] = []
         wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        queued, stopped = 0, None
+        pending = collections.deque(enumerate(calls))  # every call, before any thread can see one
+        stopped = None
         try:
-            for i, call in enumerate(calls):
-                jobs.put((i, call, results, outcomes, wake))
-                queued += 1  # counted once queued: a signal just before this may let one call outlive the wait, never hang it
-        except BaseException as exc:  # noqa: BLE001 - a signal: re-raised once the queued calls have finished
+            for _ in range(min(self.n, len(calls))):
+                jobs.put((pending, results, outcomes, wake))
+        except BaseException as exc:  # noqa: BLE001 - a signal: re-raised once the started calls have finished
             stopped = exc
-        while len(outcomes) < queued:
+        while len(outcomes) < len(calls):
+            if stopped is not None:
+                _cancel(pending, outcomes)
             try:
                 wake.get(timeout=0.1)
             except queue.Empty:
                 pass
-            except BaseException as exc:  # noqa: BLE001 - a signal: re-raised once every call has finished
+            except BaseException as exc:  # noqa: BLE001 - a signal: re-raised once every started call has finished
                 stopped = stopped or exc
         failed = stopped or next((o for o in outcomes if o is not None), None)
         if failed is not None:
@@ -74,22 +79,42 @@ class Workers:
             self._pid = None
 
 
+class _Cancelled(Exception):
+    """The outcome of a call that no thread started because a signal stopped its run."""
+
+
+def _cancel(pending: collections.deque[Any], outcomes: list[BaseException | None]) -> None:
+    """Take every call of ``pending`` no thread has started, each with a :class:`_Cancelled` outcome."""
+    while True:
+        try:
+            pending.popleft()
+        except IndexError:
+            return
+        outcomes.append(_Cancelled())
+
+
 def _work(jobs: queue.SimpleQueue[Any]) -> None:
     while (job := jobs.get()) is not None:
-        _run_job(*job)
-        job = None  # while this thread waits, it keeps nothing of the call alive
+        _run_pending(*job)
+        job = None  # while this thread waits, it keeps nothing of the run alive
 
 
-def _run_job(index: int, call: Callable[[], Any], results: list[Any], outcomes: list[BaseException | None], wake: queue.SimpleQueue[bool]) -> None:
-    """One call of :meth:`Workers.run`: its result into ``results[index]``, its outcome (``None`` or its exception) appended
-    to ``outcomes``, then a wake-up."""
-    try:
-        results[index] = call()
-    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-        outcomes.append(exc)
-    else:
-        outcomes.append(None)
-    wake.put(True)
+def _run_pending(pending: collections.deque[Any], results: list[Any], outcomes: list[BaseException | None], wake: queue.SimpleQueue[bool]) -> None:
+    """Run the calls of one :meth:`Workers.run` until its deque is empty: each result into ``results[index]``, each
+    outcome (``None`` or the call's exception) appended to ``outcomes``, then a wake-up."""
+    while True:
+        try:
+            index, call = pending.popleft()
+        except IndexError:
+            return
+        try:
+            results[index] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+        call = None
+        wake.put(True)
 
 
 def usable_cpus() -> int:
