@@ -678,7 +678,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
             empty.append(no_counts(X))
             return annotator.predict_proba(X, offset), None
         proba, distance = reference.scores(X, offset)
-        low, far, none = reference.unknown(proba, distance, X)
+        low, far, none = reference.unknown(proba, distance, no_counts(X))
         empty.append(none)
         return proba, low | far | none
 

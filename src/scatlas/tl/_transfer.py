@@ -160,22 +160,30 @@ class ReferenceModel:
         sdata = self.annotator.split_data(X, offset=offset)
         return softmax(model.predict_logits(sdata, rows), self.temperature), centroid_distances(model, sdata, rows, self.centroids)
 
-    def unknown(self, proba: np.ndarray, distance: np.ndarray, X: Any, best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def unknown(self, proba: np.ndarray, distance: np.ndarray, empty: np.ndarray, best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which cells are unknown for low confidence (the finest call's probability), which for lying far from the reference,
-        and which for having no counts in the model's genes (``X``, the model-ready matrix: such a call rests on the intercepts alone).
+        and which for having no counts in the model's genes (``empty``, :func:`no_counts` of the model-ready matrix: such a
+        call rests on the intercepts alone).
 
         ``best``: the finest-class calls of ``proba`` when the caller has them already.
         """
         best = self.annotator.labels.finest(proba) if best is None else best
-        return proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold, no_counts(X)
+        return proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold, empty
 
     def predict(self, X: Any, cell_ids: np.ndarray, offset: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Predictions and calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`)."""
+        """Predictions (:meth:`calls`) and calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`)."""
         proba, distance = self.scores(X, offset)
-        names = np.asarray(self.annotator.labels.names)
-        best = self.annotator.labels.finest(proba)
+        probabilities = pd.concat([pd.DataFrame({"cell_id": cell_ids}), pd.DataFrame(proba, columns=list(self.annotator.labels.names))], axis=1)
+        return self.calls(proba, distance, no_counts(X), cell_ids), probabilities
+
+    def calls(self, proba: np.ndarray, distance: np.ndarray, empty: np.ndarray, cell_ids: np.ndarray) -> pd.DataFrame:
+        """Each cell's finest-class call, confidence, unknown flags (:meth:`unknown`), latent distance and, with an ontology,
+        hierarchical call, from its calibrated probabilities, its distance to the nearest class centroid and whether it has no counts."""
+        labels = self.annotator.labels
+        names = np.asarray(labels.names)
+        best = labels.finest(proba)
         confidence = proba[np.arange(len(best)), best]
-        low, far, empty = self.unknown(proba, distance, X, best)
+        low, far, empty = self.unknown(proba, distance, empty, best)
         predictions = pd.DataFrame(
             {
                 "cell_id": cell_ids,
@@ -188,16 +196,14 @@ class ReferenceModel:
                 "latent_distance": distance,
             }
         )
-        labels = self.annotator.labels
         if labels.reachability is not None:
             predictions.insert(2, "predicted_id", np.asarray(labels.classes)[best])
-        calls = labels.calls(proba)
-        if calls is not None:
-            predictions["hierarchical"] = calls["name"].to_numpy()
-            predictions["hierarchical_id"] = calls["id"].to_numpy()
-            predictions["hierarchical_depth"] = calls["depth"].to_numpy()
-        probabilities = pd.concat([pd.DataFrame({"cell_id": cell_ids}), pd.DataFrame(proba, columns=list(names))], axis=1)
-        return predictions, probabilities
+        hierarchical = labels.calls(proba)
+        if hierarchical is not None:
+            predictions["hierarchical"] = hierarchical["name"].to_numpy()
+            predictions["hierarchical_id"] = hierarchical["id"].to_numpy()
+            predictions["hierarchical_depth"] = hierarchical["depth"].to_numpy()
+        return predictions
 
 
 def _compact(predictions: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
@@ -323,8 +329,11 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     Returns
     -------
     The frozen reference model; the compact predictions of every reference cell (as
-    :func:`predict_query` returns them, with ``reference_split``); the rows of the held-out
-    calibration cells and their true labels (names); the calibration table.
+    :func:`predict_query` returns them, with ``reference_split``); the compact predictions of the
+    held-out calibration cells, their calls and confidences by a model that did not train on them
+    (a full-batch model is refitted on every cell, the held-out ones too, so its own calls on them
+    are not held out; their distance flags use the final model's centroids, which only the
+    training cells set), and their true labels (names); the calibration table.
     """
     ontology = CellOntology() if config.ontology_key else None
     key = config.ontology_key or config.reference.label_key
@@ -353,7 +362,9 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     labels = labels.with_call_threshold(softmax(logits, temperature), codes[calib], config.call_precision, calib_sources)
     calibration = pd.DataFrame([{"cells": len(calib), "temperature_fitted": fitted, "ece_with_fitted": scaled, "temperature": temperature, "ece_before": before, "ece_after": after}])
     log(f"calibration on {len(calib)} held-out reference cells: temperature {temperature:.3f} (fitted {fitted:.3f}), ECE {before:.4f} -> {after:.4f}")
+    unseen = None  # the held-out cells' probabilities by the fit that did not see them, when they join the final fit
     if model.full_batch:
+        unseen = softmax(logits, temperature)
         model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, data, labels, codes, rows, sources, (model, genes))
         log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and thresholds set on the held-out cells")
     centroids = class_centroids(model, sdata, train, codes[train])
@@ -371,7 +382,12 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
         if sink is not None:
             sink(predictions, probabilities)
         kept.append(_compact(predictions, labels))
-    return reference, pd.concat(kept, ignore_index=True), calib, np.asarray(labels.names)[codes[calib]], calibration
+    everyone = pd.concat(kept, ignore_index=True)
+    held_out = everyone.iloc[calib].reset_index(drop=True)
+    if unseen is not None:  # their calls and confidences from the first fit; distance and counts are the cells' own
+        held_out = _compact(reference.calls(unseen, held_out["latent_distance"].to_numpy(), held_out["unknown_no_counts"].to_numpy(), data.cell_ids[calib]),
+                            labels)
+    return reference, everyone, held_out, np.asarray(labels.names)[codes[calib]], calibration
 
 
 LATENT_VALUES = 2**24
@@ -500,11 +516,11 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
     with staged_dir(out, overwrite, inputs) as stage:
         ref_dir = stage / "reference"
         with ChunkedTable(ref_dir / "predictions.csv") as csv, ChunkedTable(ref_dir / "probabilities.parquet") as parquet:
-            reference, predictions, calib, calib_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)),
-                                                                                    checkpoints, resume, query_genes_check(queries, reads, config))
+            reference, _, held_out, held_out_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)),
+                                                                                checkpoints, resume, query_genes_check(queries, reads, config))
         write_csv(calibration, stage / "calibration.csv")
-        metrics = _evaluate(calib_truth, predictions.iloc[calib].reset_index(drop=True), reference.annotator.labels, ref_dir, "reference, held-out cells", figures)
-        summary = [{"dataset": "reference (held-out cells)", "n_cells": len(calib), **metrics}]
+        metrics = _evaluate(held_out_truth, held_out, reference.annotator.labels, ref_dir, "reference, held-out cells", figures)
+        summary = [{"dataset": "reference (held-out cells)", "n_cells": len(held_out), **metrics}]
         reference.save(ref_dir / "model")
         for stem, adata, read in zip(stems, queries, reads, strict=True):
             qdir = stage / stem
@@ -606,7 +622,9 @@ def transfer(
     The frozen :class:`ReferenceModel`. Each AnnData gains ``obs['<key>_pred']``, ``_pred_label``,
     ``_pred_score`` (calibrated confidence), ``_unknown``, ``obsm['<key>_proba']`` and
     ``uns['<key>_classes']``, with ``key = ontology_key or label_key``; the reference also gets
-    ``obs['<key>_reference_split']`` (train / val / calibration). Reference cells the fit leaves
+    ``obs['<key>_reference_split']`` (train / val / calibration: the cells that set the temperature
+    and cut-offs; the full-batch linear model is then refitted on every cell, so its calls on them
+    are not held-out predictions: ``scatlas transfer``'s summary scores them by the first fit). Reference cells the fit leaves
     out (all-zero cells, and cells without a label: each with a notice) get no call and count as
     unknown; to call the unlabelled ones, pass the reference among the queries too.
     ``model.save(dir)`` keeps the reference model; ``sa.tl.annotate(new, dir)`` maps new cells
