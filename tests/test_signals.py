@@ -136,13 +136,21 @@ faulthandler.dump_traceback_later(60, exit=True)  # a deadlock prints every thre
 class Stop(BaseException):  # stands for the CLI's Interrupted
     pass
 
+armed = [False]
+
 def stop(signum, frame):
-    raise Stop
+    if armed[0]:
+        armed[0] = False
+        raise Stop
 
 signal.signal(signal.SIGALRM, stop)
 
-def alarm(n):  # somewhere inside the work that follows, differently each time
-    signal.setitimer(signal.ITIMER_REAL, 0.0002 + 0.0003 * (n % 7))
+def alarm(seconds):  # call inside the try that catches Stop: under load the timer may fire before the next line
+    armed[0] = True
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+def disarm():  # the last line of that try: a timer firing later (the work ended first) is ignored
+    armed[0] = False
 """
 
 
@@ -163,16 +171,16 @@ from scatlas.data.loaders import _prefetched
 
 for n in range(2000):
     got = []
-    alarm(n)
-    prefetched = _prefetched(iter(range(1, 10**9)), 2)
     try:
+        alarm(0.0002 + 0.0003 * (n % 7))  # somewhere in the start, the reads or the clean-up, differently each time
+        prefetched = _prefetched(iter(range(1, 10**9)), 2)
         try:
             got.extend(prefetched)
         finally:
             prefetched.close()
+        disarm()
     except Stop:
         pass
-    signal.setitimer(signal.ITIMER_REAL, 0)
     assert got == list(range(1, len(got) + 1)), got[:10]  # in order, none lost or repeated
 deadline = time.monotonic() + 30  # a worker whose clean-up a signal cut short sees its generator gone within 0.5 s
 while threading.active_count() > 1 and time.monotonic() < deadline:
@@ -201,14 +209,14 @@ with h5py.File({str(path)!r}) as f:
 extents = AnnDataCSRSource({str(path)!r})._raw_arrays()["data"]
 got, stopped = np.empty_like(expected), 0
 for n in range(300):
-    alarm(n)
     try:
+        alarm(0.0002 + 0.0003 * (n % 7))
         for _ in range(20):
             got[:] = 0
             assert np.array_equal(extents.read(0, len(expected), got), expected)
+        disarm()
     except Stop:
         stopped += 1
-    signal.setitimer(signal.ITIMER_REAL, 0)
 print(stopped, len(extents._pieces(0, len(expected))))
 """)
     stopped, pieces = (int(v) for v in out.split())
@@ -239,12 +247,10 @@ def running_children():
 
 stopped = 0
 for n in range(200):
-    signal.setitimer(signal.ITIMER_REAL, 0.001 + 0.0047 * (n % 17))  # from inside the first fork to after the last result
     try:
-        try:
-            got = forked_map(slow, list(range(8)), 100, n_jobs=2)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        alarm(0.001 + 0.0047 * (n % 17))  # from inside the first fork to after the last result
+        got = forked_map(slow, list(range(8)), 100, n_jobs=2)
+        disarm()
     except Stop:
         stopped += 1
         continue

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import queue
-import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scatlas._threads import start_daemon
 from scatlas.data.sources import CSRSource, InMemoryCSR, as_source, read_rows
 
 _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
@@ -408,8 +408,7 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             items.put(exc)
 
-    thread = threading.Thread(target=work, args=(weakref.ref(alive),), daemon=True)
-    thread.start()
+    thread = start_daemon(work, (weakref.ref(alive),))  # with signals blocked while it starts
     try:
         while True:
             item = items.get()
