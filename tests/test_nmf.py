@@ -79,6 +79,7 @@ def test_nmf_cli_writes_results_only_anndata(tmp_path):
     result = runner.invoke(app, ["nmf", str(data_path("onek1k_4types_40donors.h5ad")), "--model", "cond_aenmf", "--rank", "10", "--batch-key", "donor_id",
                                  "--label-key", "cell_type", "--max-epochs", "5", "--benchmark-seeds", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "benchmark of H by cell_type and donor_id: Leiden over 2 seeds" in result.output  # said before its longest step
     adata = ad.read_h5ad(out)
     assert adata.obsm["H_cond_aenmf_k10"].shape == (7811, 10) and adata.varm["W_cond_aenmf_k10"].shape[1] == 10
     assert (adata.obsm["H_cond_aenmf_k10"] >= 0).all() and (adata.varm["W_cond_aenmf_k10"] >= 0).all()

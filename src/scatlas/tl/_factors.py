@@ -107,6 +107,8 @@ def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
         tables: dict[str, pd.DataFrame] = {}
         targets = {k: adata.obs[k].to_numpy() for k in (dataset.label_key, dataset.batch_key) if k and adata.obs[k].nunique() > 1}
         if benchmark_seeds and targets:
+            log(f"benchmark of H by {' and '.join(targets)}: Leiden over {benchmark_seeds} seeds, 5-fold logistic regression / kNN / random "
+                f"forest over {max(1, benchmark_seeds // 2)}; usually the longest step (--benchmark-seeds: fewer is faster, 0 skips it)")
             tables = factor_benchmark(H, targets, benchmark_seeds)
         files = {out.with_name(f"{out.stem}_benchmark_by_{name}.csv"): table for name, table in tables.items()}
         files[out.with_name(f"{out.stem}_loadings.csv")] = ranked_loadings(W, adata.var_names.to_numpy())
