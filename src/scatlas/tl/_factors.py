@@ -72,6 +72,11 @@ def ranked_loadings(W: np.ndarray, genes: np.ndarray | None, top: int = 50) -> p
     return pd.DataFrame(rows)
 
 
+def classifier_seeds(seeds: int) -> int:
+    """Seeds of :func:`factor_benchmark`'s cross-validated classifiers for ``seeds`` Leiden seeds (half, at least one)."""
+    return max(1, seeds // 2)
+
+
 def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int = 10) -> dict[str, pd.DataFrame]:
     """Leiden agreement and classification of ``H`` for each target (e.g. cell type, donor), over seeds.
 
@@ -83,7 +88,7 @@ def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int =
     tables = {}
     for name, y in targets.items():
         rows = [{"kind": "leiden", **leiden[leiden["target"] == name][["ari", "nmi", "n_clusters"]].mean().to_dict()}]
-        runs = pd.concat([classify_embedding(H, y, n_splits=5, seed=s, min_class_size=10) for s in range(max(1, seeds // 2))])
+        runs = pd.concat([classify_embedding(H, y, n_splits=5, seed=s, min_class_size=10) for s in range(classifier_seeds(seeds))])
         for clf, group in runs.groupby("classifier", sort=False):
             rows.append({"kind": clf, **group.drop(columns=["classifier"]).mean().to_dict()})
         tables[name] = pd.DataFrame(rows)
@@ -108,7 +113,7 @@ def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
         targets = {k: adata.obs[k].to_numpy() for k in (dataset.label_key, dataset.batch_key) if k and adata.obs[k].nunique() > 1}
         if benchmark_seeds and targets:
             log(f"benchmark of H by {' and '.join(targets)}: Leiden over {benchmark_seeds} seeds, 5-fold logistic regression / kNN / random "
-                f"forest over {max(1, benchmark_seeds // 2)}; usually the longest step (--benchmark-seeds: fewer is faster, 0 skips it)")
+                f"forest over {classifier_seeds(benchmark_seeds)}; usually the longest step (--benchmark-seeds: fewer is faster, 0 skips it)")
             tables = factor_benchmark(H, targets, benchmark_seeds)
         files = {out.with_name(f"{out.stem}_benchmark_by_{name}.csv"): table for name, table in tables.items()}
         files[out.with_name(f"{out.stem}_loadings.csv")] = ranked_loadings(W, adata.var_names.to_numpy())
