@@ -288,6 +288,34 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     assert (alone.obs["author_cell_type_pred"].astype(str) == reference.obs["author_cell_type_pred"].astype(str)).all()  # argmax ignores the temperature
 
 
+def test_transfer_names_its_inputs_and_models_print_a_summary(symphony, fitted, tmp_path):
+    reference = symphony[symphony.obs["batch"] != "5p"].copy()
+    query = symphony[symphony.obs["batch"] == "5p"].copy()
+    lines: list[str] = []
+    model = sa.tl.transfer(reference, [query, query[:, :1000].copy()], label_key="cell_type", ontology_key="cell_type_ontology_term_id",
+                           log=lines.append)
+    assert lines[0].startswith("reference: .X holds whole numbers") and not any("<AnnData>" in line for line in lines)
+    assert any(line.startswith("query 2 (430 cells): 1000 of the model's 1767 genes found") for line in lines)
+    with pytest.raises(InputError, match="^query 2: the matrix is empty"):
+        sa.tl.transfer(reference.copy(), [query, query[:0]], label_key="cell_type", log=lambda _: None)
+    from scatlas.data.io import source_name
+
+    assert source_name(reference) == "<AnnData>"  # the names hold for the call only
+    # a summary in a few lines, as scvi-tools' and CellTypist's models print, not the arrays they hold
+    text = repr(model)
+    head, *rest = text.splitlines()
+    assert head == "ReferenceModel linear: 9 classes x 1,767 genes (counts input)" and len(rest) == 5 and len(text) < 1200
+    assert "classes: hematopoietic stem cell, B cell," in text and "(9 in all)" in text and "temperature" in text and "hierarchical calls over" in text
+    assert repr(model.annotator).splitlines()[0].startswith("Annotator linear: 9 classes")
+    loaded = sa.tl.ReferenceModel.load(model.save(tmp_path / "ref"))
+    assert repr(loaded) == text
+    _, models = fitted
+    text = repr(models["fe"])
+    assert text.splitlines()[0] == "ScatlasModel fe -> obsm['X_fe']" and "3 batches: 3pv1, 3pv2, 5p" in text and "3 epochs" in text
+    assert "1,200 kept" in text and "latent_dim=" in text and len(text.splitlines()) == 5
+    assert "loaded from disk" in repr(sa.load_model(models["fe"].save(tmp_path / "fe")))
+
+
 def test_pl_figures(fitted, tmp_path):
     adata, models = fitted
     fig = sa.pl.embedding(adata, "X_fe", ["cell_type", "batch"])

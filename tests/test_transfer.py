@@ -353,7 +353,7 @@ def test_a_model_of_counts_reads_a_query_of_log_cp10k_as_it_is(tmp_path):
     model = sa.tl.transfer(reference.copy(), counts, log=lambda _: None, **settings)
     lines: list[str] = []
     sa.tl.transfer(reference.copy(), lognorm, log=lines.append, **settings)
-    assert "<AnnData>: .X holds log1p of counts per 10,000, as the model normalises counts: read as it is" in lines
+    assert "query: .X holds log1p of counts per 10,000, as the model normalises counts: read as it is" in lines
     assert (lognorm.obs["cell_type_pred"] == counts.obs["cell_type_pred"]).all()
     np.testing.assert_allclose(lognorm.obsm["cell_type_proba"], counts.obsm["cell_type_proba"], atol=1e-4)  # scanpy's float32 sums
     model.save(tmp_path / "model")
@@ -564,7 +564,7 @@ def test_tl_transfer_leaves_all_zero_and_unlabelled_reference_cells_without_a_ca
     lines.clear()
     sa.tl.transfer(unlabelled, query.copy(), label_key="author_cell_type", log=lines.append)
     assert "2 of 750 cells have no label in obs column 'author_cell_type': left out of training (map them as a query to call them)" in lines[1]
-    assert lines[0] == "<AnnData>: .X holds whole numbers: treated as raw counts (normalised + log1p)"  # how the reference was read comes first
+    assert lines[0] == "reference: .X holds whole numbers: treated as raw counts (normalised + log1p)"  # how the reference was read comes first
     assert unlabelled.obs["author_cell_type_pred"].isna().sum() == 3 and unlabelled.obs["author_cell_type_reference_split"].isna().sum() == 3
     sa.tl.transfer(unlabelled, [query.copy(), unlabelled], label_key="author_cell_type", log=lambda _: None)  # the reference as a query too
     assert unlabelled.obs["author_cell_type_pred"].iloc[[7, 8]].notna().all()

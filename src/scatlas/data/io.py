@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +97,28 @@ def on_disk(adata: ad.AnnData) -> bool:
     return adata.isbacked or isinstance(adata.X, CSRDataset)
 
 
+#: Names that :func:`named` gives in-memory AnnData objects for the duration of one call (by ``id``).
+_ROLES: ContextVar[dict[int, str]] = ContextVar("scatlas_roles", default={})
+
+
+@contextmanager
+def named(objects: Iterable[tuple[ad.AnnData, str]]) -> Iterator[None]:
+    """Within the block, :func:`source_name` calls each of these AnnData objects by its role (``reference``, ``query 2``).
+
+    For objects read from no file, so that a tool's log lines and errors say which of its inputs they are about.
+    """
+    token = _ROLES.set({**_ROLES.get(), **{id(adata): role for adata, role in objects}})
+    try:
+        yield
+    finally:
+        _ROLES.reset(token)
+
+
 def source_name(adata: ad.AnnData) -> str:
-    """The file an AnnData came from (for error messages), or ``'<AnnData>'``."""
-    return str(adata.uns.get("scatlas_source", "<AnnData>")) if not adata.isbacked else str(adata.filename)
+    """The file an AnnData came from (for error messages), its role in the running tool (:func:`named`), or ``'<AnnData>'``."""
+    if adata.isbacked:
+        return str(adata.filename)
+    return str(adata.uns.get("scatlas_source") or _ROLES.get().get(id(adata), "<AnnData>"))
 
 
 def string_categorical(values: pd.Series) -> pd.Categorical:

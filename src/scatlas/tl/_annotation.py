@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas import __version__
+from scatlas._describe import described, listed, settings_line
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_dir, check_output_file, check_writable, checkpoints_beside,
                          resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
@@ -182,6 +183,23 @@ class Annotator:
     input: str
     meta: dict[str, Any]
     gene_means: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return described(*self.summary())
+
+    def summary(self, kind: str = "Annotator") -> tuple[str, list[str]]:
+        """A heading (``kind``, method, classes, genes, input) and lines (settings, classes, keys, ontology) that describe the model."""
+        labels, meta = self.labels, self.meta
+        lines = [f"settings: {settings_line(self.model.config)}", f"classes: {listed(labels.names)}"]
+        if meta.get("label_key") is not None:
+            where = "" if meta.get("dataset") in (None, "<AnnData>") else f" of {meta['dataset']}"
+            layer = "" if meta.get("layer") is None else f", layer {meta['layer']!r}"
+            lines.append(f"classes from obs column {meta['label_key']!r}{where}{layer}")
+        if labels.ontology_version is not None:
+            calls = "" if labels.call_threshold is None else (f"; hierarchical calls over {len(labels.call_terms or [])} terms at probability "
+                                                                f">= {labels.call_threshold:.3g}")
+            lines.append(f"ontology: {labels.ontology_version}; sources: {listed(labels.sources)}{calls}")
+        return f"{kind} {self.model.config.type}: {len(labels.classes)} classes x {len(self.genes):,} genes ({self.input} input)", lines
 
     @property
     def missing_fill(self) -> np.ndarray | None:

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import yaml
 
 from scatlas import __version__
+from scatlas._describe import described, listed, settings_line
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import check_checkpoint_settings, checkpoint_path, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, checked_query
@@ -202,6 +203,19 @@ class ScatlasModel:
     def name(self) -> str:
         """Registry name of the model (``ae``, ``fe``, ...)."""
         return self.model.config.type
+
+    def __repr__(self) -> str:
+        prep = self.prep
+        batches = f"{self.batch_key!r} ({len(self.batch_names)} batches: {listed(self.batch_names)})" if self.batch_key else "None"
+        labels = f"{self.label_key!r} ({len(self.label_names or [])} labels)" if self.label_key else "None"
+        epochs = f"{len(self.history)} epochs" if len(self.history) else "not trained by epochs"
+        cells = "none kept (loaded from disk)" if self.data is None else f"{self.data.X.shape[0]:,} kept"
+        return described(f"ScatlasModel {self.name} -> obsm[{self.key!r}]", [
+            f"settings: {settings_line(self.model.config)}",
+            f"genes: {len(prep.genes):,} ({'counts' if prep.counts else 'log-normalised'} input, layer {prep.layer!r}, scaling {prep.scaler.kind})",
+            f"batch_key: {batches}; label_key: {labels}",
+            f"training: {epochs}, seed {self.model.train_config.seed}; training cells: {cells}",
+        ])
 
     def split_for(self, adata: ad.AnnData | None, min_overlap: float = 0.5, gene_key: str | None = None) -> SplitData:
         """The model's view of ``adata`` (genes aligned by name, see :meth:`Preprocessing.transform`; batch codes of the training batches).

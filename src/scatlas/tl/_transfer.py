@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scatlas._describe import described
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
                          staged_dir, write_csv, write_npy, write_yaml)
@@ -34,7 +35,7 @@ from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, classifie
                                     model_directory, no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, write_calls)
 from scatlas.tl._labels import LabelSpace, label_space
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
-from scatlas.data.io import cell_chunks, get_var, on_disk, read_anndata, source_name, string_values, var_name
+from scatlas.data.io import cell_chunks, get_var, named, on_disk, read_anndata, source_name, string_values, var_name
 from scatlas.data.align import GeneAlignment, align_genes, checked_query
 from scatlas.data.sources import as_source
 from scatlas.data.splits import holdout
@@ -134,6 +135,11 @@ class ReferenceModel:
     centroids: np.ndarray
     distance_threshold: float
     confidence_threshold: float
+
+    def __repr__(self) -> str:
+        head, lines = self.annotator.summary("ReferenceModel")
+        return described(head, [*lines, f"calibration: temperature {self.temperature:.3g}; unknown below confidence "
+                                                 f"{self.confidence_threshold:.3g} or beyond latent distance {self.distance_threshold:.3g}"])
 
     def save(self, directory: str | Path) -> Path:
         """Write the classifier (:meth:`Annotator.save`), ``centroids.npy`` and ``transfer.yaml`` (temperature, thresholds) to ``directory``."""
@@ -646,30 +652,32 @@ def transfer(
     training = {k: settings.pop(k) for k in list(settings) if k in TrainingConfig.model_fields and k not in TransferConfig.model_fields}
     if training:
         settings["training"] = {**settings.get("training", {}), **training}
-    counts, decided = resolve_input(reference, layer, input)
-    values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
-                            "input": "counts" if counts else "lognorm"},
-              "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer,
-              "query_gene_key": query_gene_key, "model": {**METHODS[method or default_method(on_disk(reference))], "loss": loss, "ensemble": ensemble},
-              "seed": seed, **settings}
-    config = load_transfer_config(values)
-    data, reads = checked_reference(lambda say: cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts,
-                                                           extra_keys=(ontology_key, config.dataset_key), stream=on_disk(reference),
-                                                           unlabelled="leave_out", log=say), queries, config, log, [decided] if decided else [])
-    parts: list[np.ndarray] = []
-    model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()),
-                                                checkpoints, resume, query_genes_check(queries, reads, config))
-    key = ontology_key or label_key
-    labels = model.annotator.labels
-    fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
-    write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy(), fitted)
-    split = np.full(reference.n_obs, None, dtype=object)
-    split[fitted] = predictions["reference_split"].to_numpy()
-    reference.obs[f"{key}_reference_split"] = pd.Categorical(split)
-    for q, read in zip(queries, reads, strict=True):
-        parts = []
-        pred, _ = predict_query(model, q, read, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
-        write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
+    roles = [(q, "query" if len(queries) == 1 else f"query {i}") for i, q in enumerate(queries, 1)]
+    with named([*roles, (reference, "reference")]):  # the reference's name wins when it is also a query
+        counts, decided = resolve_input(reference, layer, input)
+        values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
+                                "input": "counts" if counts else "lognorm"},
+                  "ontology_key": ontology_key, "dataset_key": dataset_key, "query_layer": query_layer,
+                  "query_gene_key": query_gene_key, "model": {**METHODS[method or default_method(on_disk(reference))], "loss": loss, "ensemble": ensemble},
+                  "seed": seed, **settings}
+        config = load_transfer_config(values)
+        data, reads = checked_reference(lambda say: cell_data(reference, "reference", label_key=label_key, layer=layer, counts=counts,
+                                                               extra_keys=(ontology_key, config.dataset_key), stream=on_disk(reference),
+                                                               unlabelled="leave_out", log=say), queries, config, log, [decided] if decided else [])
+        parts: list[np.ndarray] = []
+        model, predictions, _, _, _ = fit_reference(config, data, log, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()),
+                                                    checkpoints, resume, query_genes_check(queries, reads, config))
+        key = ontology_key or label_key
+        labels = model.annotator.labels
+        fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
+        write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy(), fitted)
+        split = np.full(reference.n_obs, None, dtype=object)
+        split[fitted] = predictions["reference_split"].to_numpy()
+        reference.obs[f"{key}_reference_split"] = pd.Categorical(split)
+        for q, read in zip(queries, reads, strict=True):
+            parts = []
+            pred, _ = predict_query(model, q, read, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
+            write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
     return model
 
 
