@@ -179,6 +179,27 @@ def test_help_lists_commands():
         assert command in result.output
 
 
+def test_every_help_fits_an_80_column_terminal():
+    """No option name is cut short ("--query-label-k…") and no paragraph breaks mid-sentence in 80 columns (piped output, a small window)."""
+    import typer
+
+    root = typer.main.get_command(app)
+    groups = {name: command for name, command in root.commands.items() if hasattr(command, "commands")}  # annotate
+    commands = [([name], command) for name, command in root.commands.items() if name not in groups]
+    commands += [([name, sub], command) for name, group in groups.items() for sub, command in group.commands.items()]
+    assert len(commands) >= 12
+    for args, command in commands:
+        shown = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "80"}, terminal_width=80).output
+        assert "…" not in shown, args
+        for parameter in command.params:
+            for name in [*parameter.opts, *parameter.secondary_opts]:
+                assert not name.startswith("-") or name in shown, (args, name)
+        prose = shown.split("╭")[0]  # the command's description, above its tables
+        assert not any(line.rstrip().endswith((" after a", " name +")) for line in prose.splitlines()), (args, prose)
+    negative = runner.invoke(app, ["embed", "data.h5ad", "--out", "out", "--checkpoint-interval", "-1"])  # refused as a range would be
+    assert negative.exit_code == 2 and "is negative" in negative.output
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").glob("*.yaml")))
 def test_every_example_config_is_valid(example, monkeypatch):
     """Each shipped example parses, its dataset passes validation and its splits can be made."""

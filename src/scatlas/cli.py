@@ -153,8 +153,8 @@ def _print_summary(summary: Any) -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment YAML file (see examples/).")],
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Root of the outputs (default: output.dir of the config).")] = None,
-    resume: Annotated[bool, typer.Option(help="Skip finished splits; continue unfinished ones from their last checkpoint.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip finished splits; continue unfinished ones from their last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train and evaluate every model of CONFIG on every split, writing the standard output layout."""
     from scatlas.experiment import load_config, run_experiment
@@ -175,7 +175,7 @@ def run(
 def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the demo writes its data and results.")] = Path("outputs/demo"),
     epochs: Annotated[int, typer.Option(help="Maximum training epochs per model.")] = 40,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run PCA, AE and AEC on real PBMCs shipped with scanpy (3 folds) and show where the results are."""
     from scatlas._io import atomic_path
@@ -254,9 +254,16 @@ _ENSEMBLE_HELP = ("Networks averaged (mlp / tabnet), each with its own seed and 
                   "about that many times the training time.")
 _CHECKPOINT_HELP = ("Seconds between a network's training checkpoints for --resume (written at the end of an epoch, and when training ends; "
                     "0: every epoch). Not a setting of the result: a resumed run may use another.")
-_Resume = Annotated[bool, typer.Option(help=_RESUME_HELP)]
+_Resume = Annotated[bool, typer.Option("--resume", help=_RESUME_HELP)]
 """The ``--resume`` option of the commands in :data:`_RESUMABLE`."""
-_CheckpointInterval = Annotated[float, typer.Option(min=0, help=_CHECKPOINT_HELP)]
+def _seconds(value: float) -> float:
+    """Refuse a negative ``--checkpoint-interval`` as Click refuses a value out of range (a range would widen the help's metavar column)."""
+    if value < 0:
+        raise typer.BadParameter(f"{value} is negative: give seconds >= 0")
+    return value
+
+
+_CheckpointInterval = Annotated[float, typer.Option(metavar="<seconds>", callback=_seconds, help=_CHECKPOINT_HELP)]
 """Their ``--checkpoint-interval`` option."""
 _EPOCHS_HELP = "Most training epochs; early stopping on held-out reference cells decides (default: 100, fewer above 65,536 training cells)."
 
@@ -331,15 +338,14 @@ def annotate_train(
     final: Annotated[bool, typer.Option(help="Train the final model on all cells (needed for predict).")] = True,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per training chunk with --stream (default 100,000).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     resume: _Resume = False,
     checkpoint_interval: _CheckpointInterval = 60.0,
 ) -> None:
     """Cross-validate a classifier, write exact and hierarchy-aware metrics, save the final model.
 
-    The networks' training checkpoints (one per fold, one for the final model) are kept in OUT's name +
-    _checkpoints until the outputs are written: after a stop, the same command with --resume continues them.
+    The networks' training checkpoints (one per fold, one for the final model) are kept in OUT's name + _checkpoints until the outputs are written: after a stop, the same command with --resume continues them.
     """
     from scatlas.tl._annotation import METHODS, default_method, load_annotate_config, train_annotator
 
@@ -391,7 +397,7 @@ def annotate_predict(
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: map the query chunk by chunk; OUT holds the results only (no matrix).")] = False,
     chunk_size: Annotated[int, typer.Option(help="Query cells mapped at a time with --stream.")] = 100_000,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
 ) -> None:
     """Annotate a query with a trained model: genes aligned by name, missing ones set to their reference means (linear) or 0 (networks).
 
@@ -446,7 +452,7 @@ def transfer(
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes a query must have.")] = 0.5,
     n_top_genes: Annotated[int | None, typer.Option(help="HVGs of the reference's training cells the model keeps (default: all genes).")] = None,
     max_epochs: Annotated[int | None, typer.Option(help=_EPOCHS_HELP)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     query_chunk_size: Annotated[int, typer.Option(help="Query cells read from disk and mapped at a time (queries are never loaded whole).")] = 100_000,
     stream: Annotated[bool, typer.Option("--stream", help="Never load the reference's X either: read its (CSR) file in chunks; flat host memory.")] = False,
@@ -458,8 +464,7 @@ def transfer(
 ) -> None:
     """Learn a classifier on the reference once, then map each query through it (reference predictions never change).
 
-    A network's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a
-    stop, the same command with --resume continues it.
+    A network's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a stop, the same command with --resume continues it.
     """
     from scatlas.tl._annotation import default_method
     from scatlas.tl._transfer import METHODS, load_transfer_config, run_transfer
@@ -508,12 +513,12 @@ def aggregate(
     input: Annotated[str, typer.Option(help="What the matrix of pca:<k> holds: " + _INPUT_HELP)] = "auto",
     cells_per_view: Annotated[int | None, typer.Option(help="Mean cells per training view (default: the median sample size, 1,500 from 1,000 up).")] = None,
     normalize: Annotated[str, typer.Option(help="Per-batch normalisation: standard, mad or none.")] = "standard",
-    sphering: Annotated[bool, typer.Option(help="ZCA-whiten the features.")] = False,
+    sphering: Annotated[bool, typer.Option("--sphering", help="ZCA-whiten the features.")] = False,
     seeds: Annotated[int, typer.Option(help="Number of training seeds (CI over seeds).")] = 3,
     width: Annotated[int, typer.Option(help="Per-cell encoder and profile width.")] = 2048,
     max_epochs: Annotated[int, typer.Option()] = 100,
     toy: Annotated[str | None, typer.Option(help="Run the built-in check instead of DATA: 'covariance'.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never load an .h5ad's / .zarr's X: an obsm key is read alone, pca:<k> from streamed passes.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Cells read at a time by the streamed passes (--stream).")] = 65_536,
     resume: _Resume = False,
@@ -521,8 +526,7 @@ def aggregate(
 ) -> None:
     """Learn a set model that turns each sample's cells into one profile; compare with mean and median by mAP.
 
-    Each seed's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a
-    stop, the same command with --resume continues it (finished seeds are reloaded).
+    Each seed's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a stop, the same command with --resume continues it (finished seeds are reloaded).
     """
     from scatlas._io import check_output_dir, checkpoints_beside, resumable_training
     from scatlas.tl._aggregation import joined_samples, load_aggregate_config, make_samples, read_cells, run_aggregation, toy_covariance
@@ -598,8 +602,8 @@ def embed(
     max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs (default 100, early stopping on 10% held-out cells; fe / fec: at least 3,000 minibatches on small data).")] = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same latent on CPU.")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model or training option KEY=VALUE (repeatable), e.g. --set latent_dim=30 --set batch_size=512.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and model directory.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT and model directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream).")] = None,
     resume: _Resume = False,
@@ -607,8 +611,7 @@ def embed(
 ) -> None:
     """Fit one embedding model on all cells of DATA (scatlas.tl.embed); write the latent and the saved model.
 
-    While a network trains, its checkpoint is kept in OUT's name + _checkpoints (removed when the outputs are
-    written): after a stop (Ctrl-C, a scheduler's SIGTERM, kill -9), the same command with --resume continues it.
+    While a network trains, its checkpoint is kept in OUT's name + _checkpoints (removed when the outputs are written): after a stop (Ctrl-C, a scheduler's SIGTERM, kill -9), the same command with --resume continues it.
     """
     from scatlas._io import atomic_path, check_output_dir, check_output_file, checkpoints_beside, resumable_training
     from scatlas.data import read_anndata
@@ -652,14 +655,13 @@ def nmf(
     benchmark_seeds: Annotated[int, typer.Option(help="Leiden seeds of the benchmark (0 = no benchmark).")] = 10,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream; all cells otherwise).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its tables.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT and its tables.")] = False,
     resume: _Resume = False,
     checkpoint_interval: _CheckpointInterval = 60.0,
 ) -> None:
     """Non-negative factors (scikit-learn NMF, AE-NMF, donor-conditioned AE-NMF) with the published benchmarks.
 
-    An AE-NMF's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a
-    stop, the same command with --resume continues it.
+    An AE-NMF's training checkpoint is kept in OUT's name + _checkpoints until the outputs are written: after a stop, the same command with --resume continues it.
     """
     from scatlas.data.dataset import DatasetConfig
     from scatlas.settings import TrainingConfig, parse_settings
