@@ -201,6 +201,13 @@ def test_run_refuses_bad_paths_and_configs(files, work):
     for models, word in (([{"type": "vae"}], "unknown model type 'vae'"), ([{"type": "ae", "latent_dim": -1}], "latent_dim")):
         config.write_text(yaml.safe_dump({**cfg, "models": models}))
         refused(work, ["run", str(config)], word)
+    # a misspelt setting names the one meant, at every level of the file
+    config.write_text(yaml.safe_dump({**cfg, "models": [{"type": "ae", "latent": 5}], "training": {"max_epoch": 3},
+                                      "dataset": {**cfg["dataset"], "label_ky": "x"}}))
+    refused(work, ["run", str(config)], "dataset.label_ky: unknown setting; did you mean 'label_key'?; training.max_epoch: unknown setting; did you mean "
+                                        "'max_epochs'?; models: invalid entry for 'ae': latent: unknown setting; did you mean 'latent_dim'?")
+    config.write_text(yaml.safe_dump({**cfg, "split": {"xyz": 1}}))
+    refused(work, ["run", str(config)], "split.xyz: unknown setting; known: kind, n_splits, group_key, val_fraction, seed")
     refused(work, ["run", str(_run_config(work, work / "absent.h5ad"))], "absent.h5ad: file not found")
     (work / "cells.txt").write_text("x")
     refused(work, ["run", str(_run_config(work, work / "cells.txt"))], "expected an .h5ad file")
@@ -396,6 +403,12 @@ def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_cl
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "ae"}, log=lambda _: None)
     with pytest.raises(ConfigError, match="pass either `model`.*or `method` / `loss` / `ensemble`, not both"):
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "mlp"}, loss="hce", log=lambda _: None)
+    with pytest.raises(ConfigError, match="^transfer: confidence: unknown setting; did you mean 'confidence_threshold'\\?; max_epoch: .* 'max_epochs'\\?$"):
+        sa.tl.transfer(kang, kang, label_key="cell_type", confidence=0.3, max_epoch=3, log=lambda _: None)  # training settings are keywords too
+    with pytest.raises(ConfigError, match="^ae: latent: unknown setting; did you mean 'latent_dim'\\?; max_epoch: .* 'max_epochs'\\?$"):
+        sa.tl.embed(kang, "ae", latent=5, max_epoch=3)
+    with pytest.raises(InputError, match="^reference: obs column 'author_cell_type': unknown or deprecated Cell Ontology ids: 'B cells', 'CD14\\+ Monocytes',"):
+        sa.tl.transfer(kang, kang, label_key="cell_type", ontology_key="author_cell_type", log=lambda _: None)  # names, not np.str_('B cells')
     with pytest.raises(ConfigError, match="C: only for solver 'lbfgs'"):
         sa.tl.transfer(kang, kang, label_key="cell_type", model={"type": "linear", "C": 0.1}, log=lambda _: None)
     with pytest.raises(ConfigError, match=r"model: a saved model's folder, an Annotator or a ReferenceModel, not AnnData \(to learn from a labelled reference, sa.tl.transfer"):

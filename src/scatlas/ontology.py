@@ -101,7 +101,7 @@ class CellOntology:
     def check_terms(self, terms: Iterable[str], where: str = "") -> None:
         """Raise :class:`InputError` listing every unknown or deprecated id (with replacements when known)."""
         bad = []
-        for term in sorted(set(terms)):
+        for term in sorted(set(map(str, terms))):  # NumPy strings would print as np.str_('...')
             if self.is_valid(term):
                 continue
             hint = ""

@@ -6,6 +6,9 @@ the CLI all validate their settings with them. Importing this module loads pydan
 
 from __future__ import annotations
 
+import difflib
+import typing
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -68,15 +71,61 @@ class TrainingConfig(Strict):
         return TrainConfig(**self.model_dump(), seed=seed, progress=progress, explicit=frozenset(self.model_fields_set), **extra)
 
 
-def format_errors(exc: ValidationError) -> str:
-    """Every error of a pydantic validation on one line (`field: message; ...`; a check across fields: its message alone)."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {_message(e)}" if e["loc"] else _message(e) for e in exc.errors())
+def format_errors(exc: ValidationError, schema: type[BaseModel] | None = None) -> str:
+    """Every error of a pydantic validation on one line (`field: message; ...`; a check across fields: its message alone).
+
+    With the ``schema`` validated, an unknown field names the closest known one (or lists them).
+    """
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {_message(e, schema)}" if e["loc"] else _message(e, schema) for e in exc.errors())
 
 
-def _message(error: Any) -> str:
-    """The error's message; a validator's own ``ValueError`` without pydantic's "Value error, " prefix."""
+def _message(error: Any, schema: type[BaseModel] | None) -> str:
+    """The error's message; a validator's own ``ValueError`` without pydantic's "Value error, " prefix; for an unknown field, the known ones."""
+    if error["type"] == "extra_forbidden" and schema is not None:
+        known = _fields_at(schema, error["loc"][:-1])
+        if known:
+            return unknown_setting(str(error["loc"][-1]), known)
     raised = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
     return str(raised) if raised is not None else error["msg"]
+
+
+def unknown_setting(name: str, known: Sequence[str]) -> str:
+    """What to say of a setting none of ``known`` matches: the closest known name, or all of them."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"unknown setting; did you mean {close[0]!r}?" if close else f"unknown setting; known: {', '.join(known)}"
+
+
+def check_keywords(given: Iterable[str], known: Sequence[str], where: str = "") -> None:
+    """Refuse keyword settings that a function passes on to several schemas (``known``: all their fields) in one :class:`ConfigError` line."""
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        raise ConfigError(where + "; ".join(f"{name}: {unknown_setting(name, known)}" for name in unknown))
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The fields of the schema that ``loc`` leads to within ``schema`` (list positions skipped), or ``None``."""
+    model: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = None if field is None else next((t for t in (field.annotation, *_arguments(field.annotation)) if _is_schema(t)), None)
+        if nested is None:
+            return None
+        model = nested
+    return list(model.model_fields)
+
+
+def _arguments(annotation: Any) -> list[Any]:
+    """Every type inside ``annotation`` (``list[X] | None`` → ``list[X]``, ``X``, ``None``)."""
+    found = []
+    for argument in typing.get_args(annotation):
+        found += [argument, *_arguments(argument)]
+    return found
+
+
+def _is_schema(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def parse_settings(schema: type[S], values: dict[str, Any], where: str = "") -> S:
@@ -84,6 +133,6 @@ def parse_settings(schema: type[S], values: dict[str, Any], where: str = "") -> 
     try:
         return schema.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(f"{where}{format_errors(exc)}") from exc
+        raise ConfigError(f"{where}{format_errors(exc, schema)}") from exc
 
 

@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
-from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, parse_model_config
+from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, validate_entry
 from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Strict
 
 
@@ -65,7 +65,7 @@ class ExperimentConfig(Strict):
     def _parse_models(cls, value: Any) -> list[ModelConfig]:
         if not isinstance(value, list) or not value:
             raise ValueError(f"give a non-empty list of models (available types: {sorted(REGISTRY)})")
-        return [v if isinstance(v, ModelConfig) else parse_model_config(v) for v in value]
+        return [v if isinstance(v, ModelConfig) else validate_entry(v) for v in value]  # its ValueError: pydantic adds "models: "
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -127,7 +127,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {format_errors(exc)}") from exc
+        raise ConfigError(f"{path}: {format_errors(exc, ExperimentConfig)}") from exc
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     data_path = config.dataset.path

@@ -347,7 +347,7 @@ def validate_entry(entry: dict[str, Any], family: type | None = None) -> ModelCo
     try:
         return model.Config.model_validate(entry)
     except ValidationError as exc:
-        raise ValueError(f"invalid entry for {kind!r}: {format_errors(exc)}") from None
+        raise ValueError(f"invalid entry for {kind!r}: {format_errors(exc, model.Config)}") from None
 
 
 def parse_model_config(entry: dict[str, Any]) -> ModelConfig:

@@ -32,7 +32,7 @@ from scatlas.data import splits
 from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import InputKind, resolve_input, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
-from scatlas.settings import TrainingConfig, parse_settings
+from scatlas.settings import TrainingConfig, check_keywords, parse_settings
 
 Log = Callable[[str], None]
 MODEL_FILE = "scatlas_model.yaml"
@@ -98,7 +98,8 @@ def streamed_split(adata: ad.AnnData, batch_key: str | None, label_key: str | No
 
 
 def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Separate keyword options into the model's entry (``{"type": model, ...}``) and training settings."""
+    """Separate keyword options into the model's entry (``{"type": model, ...}``) and training settings; refuse others (naming the closest)."""
+    check_keywords(options, [*(k for k in REGISTRY[model].Config.model_fields if k != "type"), *TrainingConfig.model_fields], f"{model}: ")
     training = {k: v for k, v in options.items() if k in TrainingConfig.model_fields}
     entry = {"type": model, **{k: v for k, v in options.items() if k not in TrainingConfig.model_fields}}
     return entry, training

@@ -43,7 +43,7 @@ from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data.validate import check_obs_keys, resolve_input, with_values
 from scatlas.models.base import SplitData
 from scatlas.models.classifiers import CellTypeClassifier
-from scatlas.settings import TrainingConfig, parse_settings
+from scatlas.settings import TrainingConfig, check_keywords, parse_settings
 from scatlas.metrics.annotation import confusion_counts, overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
 from scatlas.ontology import CellOntology
@@ -649,6 +649,7 @@ def transfer(
         raise ConfigError("transfer: pass either `model` (a whole classifier entry, e.g. {'type': 'mlp', 'loss': 'hce', 'ensemble': 3}) "
                           "or `method` / `loss` / `ensemble`, not both")
     queries = [query] if isinstance(query, ad.AnnData) else list(query)
+    check_keywords(settings, [*(k for k in TransferConfig.model_fields if k not in ("reference", "queries")), *TrainingConfig.model_fields], "transfer: ")
     training = {k: settings.pop(k) for k in list(settings) if k in TrainingConfig.model_fields and k not in TransferConfig.model_fields}
     if training:
         settings["training"] = {**settings.get("training", {}), **training}
