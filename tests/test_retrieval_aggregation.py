@@ -117,7 +117,7 @@ def test_toy_covariance_learned_beats_mean(tmp_path):
     cfg = load_aggregate_config({"sample_key": "sample", "label_key": "label", "batch_key": "replicate", "normalize": "none", "seeds": [0],
                                  "width": 256, "out_width": 256, "cells_mean": 400, "cells_sd": 100, "cells_min": 100,
                                  "max_epochs": 40, "patience": 10, "labels_per_batch": 10})
-    summary = run_aggregation(toy_covariance(0), cfg, tmp_path / "out", log=lambda _: None)
+    summary = run_aggregation(toy_covariance(0), cfg, tmp_path / "out", log=lambda _: None).summary
     mAP = summary[summary["metric"] == "map"].set_index("method")["mean"]
     assert mAP["learned"] >= 0.8
     assert mAP["mean"] < 0.3  # chance: 3 positives among 39 candidates
@@ -149,6 +149,34 @@ def test_learned_profiles_beat_the_mean_at_finding_a_donor_across_cell_types(tmp
     mAP = pd.read_csv(tmp_path / "donors" / "metrics_95CI.csv").query("metric == 'map'").set_index("method")
     assert mAP.loc["learned", "ci_low"] > mAP.loc["mean", "mean"]  # beyond the spread over seeds (validating on random samples: it was not)
     assert mAP.loc["mean", "mean"] > mAP.loc["median", "mean"] > 0.1  # a random ranking scores about 0.05
+
+
+def test_tl_aggregate_returns_one_observation_per_sample(tmp_path):
+    """As scanpy's get.aggregate: samples × features (mean in X, median in a layer), the learned profiles in obsm, the scores in uns."""
+    import anndata as ad
+    import scatlas as sa
+    from conftest import data_path
+
+    adata = ad.read_h5ad(data_path("onek1k_4types_40donors.h5ad"))
+    adata.obsm["X_some"] = np.log1p(adata.X[:, :12].toarray())
+    settings = {"label_key": "donor_id", "batch_key": "cell_type", "seeds": [0], "max_epochs": 2, "width": 64, "head_width": 32, "out_width": 16}
+    lines: list[str] = []
+    profiles = sa.tl.aggregate(adata, sample_key=["donor_id", "cell_type"], features="X_some", normalize="none", log=lines.append, **settings)
+    by = adata.obs["donor_id"].astype(str) + "|" + adata.obs["cell_type"].astype(str)
+    assert profiles.shape == (by.nunique(), 12) == (159, 12) and list(profiles.var_names[:2]) == ["f0", "f1"] and lines  # 40 donors x 4 types, one missing
+    assert profiles.obs_names[0] == profiles.obs["scatlas_sample"].iloc[0] == by.iloc[0]
+    features = pd.DataFrame(adata.obsm["X_some"], index=by)
+    np.testing.assert_allclose(profiles.X, features.groupby(level=0).mean().loc[profiles.obs_names], rtol=1e-5)
+    np.testing.assert_allclose(profiles.layers["median"], features.groupby(level=0).median().loc[profiles.obs_names], rtol=1e-5)
+    held_out = profiles.obs.loc[profiles.obs["held_out"], "cell_type"].unique()
+    assert len(held_out) == 1 and profiles.obs["held_out"].sum() == (profiles.obs["cell_type"] == held_out[0]).sum() >= 39  # one cell type of four (30%), whole
+    assert profiles.obsm["X_learned"].shape == (159, 16)
+    scores = profiles.uns["aggregate"]["map"]
+    assert set(scores["method"]) == {"learned", "mean", "median"} and len(profiles.uns["aggregate"]["per_seed"]) == 3  # mean, median, learned by seed 0
+    profiles.write_h5ad(tmp_path / "profiles.h5ad")  # writable as it is
+    assert ad.read_h5ad(tmp_path / "profiles.h5ad").uns["aggregate"]["settings"]["seeds"].tolist() == [0]
+    genes = sa.tl.aggregate(adata, sample_key="donor_id", label_key="sex", batch_key=None, seeds=[0], max_epochs=1, width=32, head_width=16, out_width=8)
+    assert genes.n_obs == 40 and list(genes.var_names) == list(adata.var_names)  # .X's features are its genes
 
 
 def test_aggregate_cli_on_cellbench_held_out_plate(tmp_path, cellbench5_path):

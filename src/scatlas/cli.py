@@ -561,7 +561,7 @@ def aggregate(
             elif combined:  # e.g. --sample-key donor_id,cell_type
                 cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
         summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=_said_first(notices), checkpoint_dir=checkpoints,
-                                  resume=resume)
+                                  resume=resume).summary
     shown = summary[summary["metric"].isin(["map", "precision_at_r"])]
     table = Table(title="held-out queries: mean ± 95% CI half-width over seeds")
     for column in ("task", "method", "metric", "mean", "± CI"):

@@ -5,7 +5,7 @@
 :func:`counterfactual` ``re`` reconstructions "as if from batch b" → a layer
 :func:`annotate`       a trained classifier's calls → ``.obs`` / ``.obsm``
 :func:`transfer`       reference → queries: calibrated calls, ``unknown`` flags → ``.obs`` / ``.obsm``
-:func:`aggregate`      learned set model vs mean profiles per sample, scored by mAP → DataFrame
+:func:`aggregate`      one profile per sample: learned set model vs mean / median, scored by mAP → AnnData
 :func:`benchmark`      scib-metrics' metric set for ``.obsm`` embeddings → DataFrame
 =====================  ========================================================================
 
@@ -15,6 +15,7 @@ runner call these functions; there is no second implementation of any step.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scatlas._lazy import lazy_attributes
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import anndata as ad
-    import pandas as pd
 
     from scatlas.tl._aggregation import AggregateConfig
     from scatlas.tl._annotation import Annotator, annotate
@@ -38,9 +38,9 @@ _HOMES = {"AggregateConfig": "_aggregation", "Annotator": "_annotation", "annota
 __getattr__ = lazy_attributes(__name__, _HOMES)
 
 
-def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: str | None = None, features: str | None = None,
-              checkpoint_dir: str | Path | None = None, resume: bool = False, **settings: Any) -> pd.DataFrame:
-    """Learn sample profiles with the set model and score them against mean / median aggregation by mAP.
+def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: str, batch_key: str | None = None, features: str | None = None,
+              checkpoint_dir: str | Path | None = None, resume: bool = False, log: Callable[[str], None] | None = None, **settings: Any) -> ad.AnnData:
+    """Summarise each sample's cells in one profile with the set model; score it against mean / median profiles by mAP.
 
     Parameters
     ----------
@@ -50,7 +50,9 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
         read in chunks, its matrix never loaded (``pca:<k>``: streamed highly variable genes, then
         an exact PCA).
     sample_key
-        Column naming each cell's sample (well, donor × condition, ...).
+        Column naming each cell's sample (well, donor × condition, ...), or several columns whose
+        combinations are the samples (``["donor_id", "cell_type"]``, as scanpy's ``get.aggregate(by=)``;
+        named ``"a|b"`` in an ``obs`` column ``scatlas_sample``).
     label_key
         What a sample's replicates share (compound, cell type); retrieval queries by it.
     batch_key
@@ -62,6 +64,8 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
     resume
         Continue from the checkpoints in ``checkpoint_dir`` (same data and settings; on CPU the
         result equals an uninterrupted run's).
+    log
+        Receives one line per step (e.g. ``print``; default: silent).
     **settings
         Other :class:`~scatlas.tl._aggregation.AggregateConfig` fields (``seeds``, ``width``,
         ``layer``, ``input``: what the matrix of ``pca:<k>`` holds, ``"auto"`` by default as in
@@ -69,18 +73,36 @@ def aggregate(adata: ad.AnnData, *, sample_key: str, label_key: str, batch_key: 
 
     Returns
     -------
-    Per retrieval task and method: mean ± 95% CI over seeds of the held-out mAP (copairs' definition).
+    One observation per sample, as ``scanpy.get.aggregate`` returns them: ``X`` the mean profiles
+    and ``layers["median"]`` the median ones (of the features after their per-batch scaling,
+    ``normalize``; ``var`` names the genes, ``PC1``… or ``f0``… of an ``.obsm`` key),
+    ``obsm["X_learned"]`` the set model's profiles (its first seed's), ``obs`` each sample's
+    label, batch and ``held_out`` (a test query), and ``uns["aggregate"]``: ``map`` (per retrieval
+    task and method, mean ± 95% CI over seeds of the held-out mAP, copairs' definition),
+    ``per_seed`` and ``settings``.
 
     Examples
     --------
-    >>> sa.tl.aggregate(adata, sample_key="sample", label_key="cell_type", batch_key="donor_id")  # doctest: +SKIP
+    >>> profiles = sa.tl.aggregate(adata, sample_key=["donor_id", "cell_type"], label_key="donor_id", batch_key="cell_type")  # doctest: +SKIP
+    >>> profiles.uns["aggregate"]["map"]                      # doctest: +SKIP
+    >>> sc.pp.neighbors(profiles, use_rep="X_learned")         # doctest: +SKIP
     """
     from scatlas._io import checkpoint_path
-    from scatlas.tl._aggregation import cells_from_anndata, load_aggregate_config, run_aggregation
+    from scatlas.data.validate import check_obs_keys
+    from scatlas.tl._aggregation import cells_from_anndata, joined_samples, load_aggregate_config, profiles_anndata, run_aggregation
 
+    say = log or (lambda _: None)
     checkpoints = checkpoint_path(checkpoint_dir, resume)
-    config = load_aggregate_config({"sample_key": sample_key, "label_key": label_key, "batch_key": batch_key, "features": features, **settings})
-    return run_aggregation(cells_from_anndata(adata, config), config, log=lambda _: None, checkpoint_dir=checkpoints, resume=resume)
+    columns = [sample_key] if isinstance(sample_key, str) else list(sample_key)
+    values = {"sample_key": columns[0] if len(columns) == 1 else "scatlas_sample", "label_key": label_key, "batch_key": batch_key, "features": features,
+              **settings}
+    config = load_aggregate_config(values)
+    if len(columns) > 1:
+        check_obs_keys(adata, columns)
+    cells = cells_from_anndata(adata, load_aggregate_config({**values, "sample_key": label_key}) if len(columns) > 1 else config, log=say)
+    if len(columns) > 1:
+        cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
+    return profiles_anndata(run_aggregation(cells, config, log=say, checkpoint_dir=checkpoints, resume=resume), cells, config)
 
 
 __all__ = ["AggregateConfig", "Annotator", "ReferenceModel", "ScatlasModel", "aggregate", "annotate", "benchmark", "counterfactual", "embed",

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scatlas._errors import InputError, UnpairedError
 from scatlas._io import atomic_path, check_checkpoint_settings, check_output_dir, staged_dir, write_csv, write_parquet, write_torch, write_yaml
-from scatlas.data.io import get_matrix, on_disk, read_anndata, string_values, to_csr
+from scatlas.data.io import get_matrix, get_var, on_disk, read_anndata, string_values, to_csr
 from scatlas.data.dataset import file_source, whole_backed
 from scatlas.data.loaders import host_tensor
 from scatlas.data.preprocess import fit_gene_pca, highly_variable_genes, map_rows, normalize_log1p
@@ -47,6 +47,30 @@ class CellTable:
     X: np.ndarray
     obs: pd.DataFrame
     source: str = "<cells>"
+    features: list[str] | None = None  # the features' names (genes, PC1..PCk), when known
+
+
+@dataclass
+class Aggregation:
+    """What :func:`run_aggregation` found.
+
+    Attributes
+    ----------
+    summary
+        ``metrics_95CI``: per retrieval task and method, mean ± 95% CI over seeds of the held-out mAP.
+    metrics
+        The same scores per seed.
+    samples
+        One row per sample: its sample, label, batch and group values, and ``held_out`` (a test query).
+    profiles
+        ``mean``, ``median`` (samples × features, of the per-batch scaled features) and ``learned``
+        (samples × the set model's output, by the first seed's model).
+    """
+
+    summary: pd.DataFrame
+    metrics: pd.DataFrame
+    samples: pd.DataFrame
+    profiles: dict[str, np.ndarray]
 
 
 class AggregateConfig(BaseModel):
@@ -157,6 +181,10 @@ def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str =
     validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=[config.sample_key, config.group_key], layer=config.layer,
              require_counts=counts, lognorm=pca and not counts, check_values=pca or config.features is None)
     cells = checked_cells(adata.obs.copy(), _h5ad_features(adata, config, source, counts), config, source)
+    if config.features is None:
+        cells.features = list(get_var(adata, config.layer).index.astype(str))
+    elif pca:
+        cells.features = [f"PC{i + 1}" for i in range(cells.X.shape[1])]
     if decided:
         log(f"{decided} for {config.features}")
     return cells
@@ -482,7 +510,7 @@ def _retrieval(profiles: np.ndarray, meta: pd.DataFrame, label: str, batch: str 
 
 
 def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path | None = None, overwrite: bool = False, log: Log = print,
-                    checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
+                    checkpoint_dir: Path | None = None, resume: bool = False) -> Aggregation:
     """Train on the non-test batches for every seed; score learned, mean and median profiles.
 
     Seed ``s``'s set model keeps its training checkpoint in ``checkpoint_dir / seed_<s>``; ``resume``
@@ -491,8 +519,8 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
 
     Returns
     -------
-    ``metrics_95CI`` table: per retrieval task and method, mean ± 95% CI over seeds of the
-    mAP over held-out queries.
+    The scores (``metrics_95CI``: per retrieval task and method, mean ± 95% CI over seeds of the
+    mAP over held-out queries), the samples and their profiles (:class:`Aggregation`).
     """
     if out is not None:
         check_output_dir(out, overwrite)
@@ -558,7 +586,20 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
             _pr_figure(profiles_seed0, meta, config, test, stage / "precision_recall.png")
             write_report(stage / "report.html", "Profile aggregation: learned vs mean vs median",
                          [Section("Held-out queries: mean and 95% CI over seeds", [summary], [stage / "precision_recall.png"]), Section("Per seed", [metrics])], cells.source)
-    return summary
+    return Aggregation(summary, metrics, meta.assign(held_out=test), profiles_seed0)
+
+
+def profiles_anndata(result: Aggregation, cells: CellTable, config: AggregateConfig) -> ad.AnnData:
+    """The samples as an AnnData (as ``scanpy.get.aggregate`` gives them): ``X`` their mean profiles, layer ``median``,
+    ``obsm['X_learned']`` the set model's profiles, ``obs`` each sample's columns and ``held_out``, ``uns['aggregate']`` the scores."""
+    samples = result.samples
+    obs = samples.astype({k: str for k in samples.columns if k != "held_out"}).set_index(config.sample_key, drop=False)
+    obs.index.name = None
+    features = cells.features or [f"f{i}" for i in range(cells.X.shape[1])]
+    settings = {k: v for k, v in config.model_dump(mode="json", exclude={"checkpoint_interval_s"}).items() if v is not None}
+    return ad.AnnData(X=result.profiles["mean"], obs=obs, var=pd.DataFrame(index=pd.Index(features, dtype=str)),
+                      layers={"median": result.profiles["median"]}, obsm={"X_learned": result.profiles["learned"]},
+                      uns={"aggregate": {"map": result.summary, "per_seed": result.metrics, "settings": settings}})
 
 
 def _score(profiles: np.ndarray, meta: pd.DataFrame, config: AggregateConfig, tasks: list, test: np.ndarray, method: str, seed: int | None) -> list[dict[str, Any]]:
@@ -651,4 +692,4 @@ def load_aggregate_config(values: dict[str, Any]) -> AggregateConfig:
     return parse_settings(AggregateConfig, values)
 
 
-__all__ = ["AggregateConfig", "CellTable", "joined_samples", "load_aggregate_config", "make_samples", "read_cells", "run_aggregation", "toy_covariance"]
+__all__ = ["AggregateConfig", "Aggregation", "CellTable", "joined_samples", "load_aggregate_config", "make_samples", "profiles_anndata", "read_cells", "run_aggregation", "toy_covariance"]
