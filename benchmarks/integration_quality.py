@@ -102,7 +102,7 @@ def scatlas_fit(model: str, options: dict) -> Fit:
 
     def fit(adata: ad.AnnData, batch_key: str, seed: int) -> np.ndarray:
         work = adata.copy()
-        sa.tl.embed(work, model, batch_key=batch_key, key_added="Z", seed=seed, **options)
+        sa.tl.embed(work, model, batch_key=batch_key, key_added="Z", seed=seed, log=lambda _: None, **options)
         return work.obsm["Z"]
 
     return fit

@@ -165,6 +165,19 @@ def test_counterfactual_layer(fitted):
         sa.tl.counterfactual(renamed, models["re"], "5p", gene_key="symbol")
 
 
+def test_tl_notices_are_printed_by_default(symphony, capsys):
+    """A notebook user sees what was decided for them (the model, how the matrix was read, a query's missing genes) without asking."""
+    adata = symphony[:300].copy()
+    model = sa.tl.embed(adata, batch_key="batch", max_epochs=1)
+    said = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("model: fe (the default with a batch key of several batches") for line in said)
+    assert any(".X holds whole numbers: treated as raw counts" in line for line in said)
+    model.get_latent_representation(adata[:50, :1200].copy())
+    assert "of the model's" in capsys.readouterr().out
+    sa.tl.embed(adata, "pca", log=lambda _: None)
+    assert capsys.readouterr().out == ""
+
+
 def test_embed_refuses_bad_requests_in_one_line(symphony):
     adata = symphony[:200].copy()
     with pytest.raises(sa.ConfigError, match="unknown model 'vae'"):

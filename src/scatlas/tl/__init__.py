@@ -39,7 +39,7 @@ __getattr__ = lazy_attributes(__name__, _HOMES)
 
 
 def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: str, batch_key: str | None = None, features: str | None = None,
-              checkpoint_dir: str | Path | None = None, resume: bool = False, log: Callable[[str], None] | None = None, **settings: Any) -> ad.AnnData:
+              checkpoint_dir: str | Path | None = None, resume: bool = False, log: Callable[[str], None] = print, **settings: Any) -> ad.AnnData:
     """Summarise each sample's cells in one profile with the set model; score it against mean / median profiles by mAP.
 
     Parameters
@@ -65,7 +65,7 @@ def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: 
         Continue from the checkpoints in ``checkpoint_dir`` (same data and settings; on CPU the
         result equals an uninterrupted run's).
     log
-        Receives one line per step (e.g. ``print``; default: silent).
+        Receives one line per step (default ``print``; ``lambda _: None`` silences them).
     **settings
         Other :class:`~scatlas.tl._aggregation.AggregateConfig` fields (``seeds``, ``width``,
         ``layer``, ``input``: what the matrix of ``pca:<k>`` holds, ``"auto"`` by default as in
@@ -91,7 +91,6 @@ def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: 
     from scatlas.data.validate import check_obs_keys
     from scatlas.tl._aggregation import cells_from_anndata, joined_samples, load_aggregate_config, profiles_anndata, run_aggregation
 
-    say = log or (lambda _: None)
     checkpoints = checkpoint_path(checkpoint_dir, resume)
     columns = [sample_key] if isinstance(sample_key, str) else list(sample_key)
     values = {"sample_key": columns[0] if len(columns) == 1 else "scatlas_sample", "label_key": label_key, "batch_key": batch_key, "features": features,
@@ -99,10 +98,10 @@ def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: 
     config = load_aggregate_config(values)
     if len(columns) > 1:
         check_obs_keys(adata, columns)
-    cells = cells_from_anndata(adata, load_aggregate_config({**values, "sample_key": label_key}) if len(columns) > 1 else config, log=say)
+    cells = cells_from_anndata(adata, load_aggregate_config({**values, "sample_key": label_key}) if len(columns) > 1 else config, log=log)
     if len(columns) > 1:
         cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
-    return profiles_anndata(run_aggregation(cells, config, log=say, checkpoint_dir=checkpoints, resume=resume), cells, config)
+    return profiles_anndata(run_aggregation(cells, config, log=log, checkpoint_dir=checkpoints, resume=resume), cells, config)
 
 
 __all__ = ["AggregateConfig", "Annotator", "ReferenceModel", "ScatlasModel", "aggregate", "annotate", "benchmark", "counterfactual", "embed",

@@ -198,7 +198,7 @@ class ScatlasModel:
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
     settings: dict[str, Any] = field(default_factory=dict)
     data: SplitData | None = None
-    log: Log = field(default=_silent, repr=False)
+    log: Log = field(default=print, repr=False)
 
     @property
     def name(self) -> str:
@@ -380,7 +380,7 @@ def embed(
     val_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = False,
-    log: Log = _silent,
+    log: Log = print,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     **model_options: Any,
@@ -433,7 +433,9 @@ def embed(
     progress
         Show a progress bar.
     log
-        Receives one line per notice (e.g. ``print``).
+        Receives one line per notice: the model chosen, how the matrix was read, cells or genes left out (default
+        ``print``, as :func:`transfer`; ``lambda _: None`` silences them). The returned model says the gene overlap of
+        new cells through it too.
     checkpoint_dir
         Where a network writes ``last.ckpt`` while it trains (weights, optimiser, loop and random
         states; at the end of an epoch at most every ``checkpoint_interval_s`` seconds, default 60,
