@@ -252,6 +252,15 @@ def test_features_from_a_layer_or_a_log_normalised_matrix(tmp_path, cellbench5_p
         read_cells(path, load_aggregate_config({**settings, "features": None, "input": "lognorm"}))
 
 
+def test_genes_as_features_are_refused_when_they_would_not_fit_in_memory():
+    from scatlas.tl._aggregation import check_dense_fits
+
+    check_dense_fits((7_811, 1_000), "onek1k.h5ad", memory=24 * 10**9)  # 31 MB
+    with pytest.raises(InputError, match=r"^atlas.h5ad: its 1,000,000 cells x 20,000 genes as dense features take 80.0 GB, over half of this machine's 24 GB; "
+                                         r"aggregate fewer features, e.g. features 'pca:50'"):
+        check_dense_fits((1_000_000, 20_000), "atlas.h5ad", memory=24 * 10**9)
+
+
 def test_make_samples_groups():
     obs = pd.DataFrame({"label": ["a"] * 25 + ["b"] * 9, "batch": ["p1"] * 34})
     ids = make_samples(obs, ["label", "batch"], 10)

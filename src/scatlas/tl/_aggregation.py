@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,8 @@ def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str =
                          f"features {config.features or '.X'!r} are used as they are")
     if config.features is not None and not pca and config.layer is not None:
         raise InputError(f"{source}: layer {config.layer!r} is not read: the features are .obsm[{config.features!r}]")
+    if config.features is None:  # before any pass over the cells
+        check_dense_fits((adata.n_obs, len(get_var(adata, config.layer))), source)
     counts, decided = resolve_input(adata, config.layer, config.input) if pca else (False, None)
     validate(adata, batch_key=config.batch_key, label_key=config.label_key, extra_keys=[config.sample_key, config.group_key], layer=config.layer,
              require_counts=counts, lognorm=pca and not counts, check_values=pca or config.features is None)
@@ -218,6 +221,15 @@ def _h5ad_features(adata: ad.AnnData, config: AggregateConfig, source: str, coun
     lognorm = _matrix(adata, config.layer, normalize=counts)
     lognorm = lognorm.with_genes(highly_variable_genes(lognorm, np.arange(adata.n_obs), 2000, config.chunk_size))
     return fit_gene_pca(lognorm, int(features[4:]), chunk_size=config.chunk_size).transform(lognorm, config.chunk_size)
+
+
+def check_dense_fits(shape: tuple[int, int], source: str, memory: int | None = None) -> None:
+    """Refuse to hold a matrix of ``shape`` as dense float32 features when that takes over half the machine's memory (``memory`` bytes)."""
+    need = shape[0] * shape[1] * 4
+    memory = memory or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory / 2:
+        raise InputError(f"{source}: its {shape[0]:,} cells x {shape[1]:,} genes as dense features take {need / 1e9:.1f} GB, over half of this machine's "
+                         f"{memory / 1e9:.0f} GB; aggregate fewer features, e.g. features 'pca:50' (--features pca:50) or an .obsm key")
 
 
 def _matrix(adata: ad.AnnData, layer: str | None, normalize: bool) -> Any:
