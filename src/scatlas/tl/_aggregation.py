@@ -66,12 +66,15 @@ class Aggregation:
     profiles
         ``mean``, ``median`` (samples × features, of the per-batch scaled features) and ``learned``
         (samples × the set model's output, by the first seed's model).
+    settings
+        The settings of the result (``config.yaml``'s).
     """
 
     summary: pd.DataFrame
     metrics: pd.DataFrame
     samples: pd.DataFrame
     profiles: dict[str, np.ndarray]
+    settings: dict[str, Any]
 
 
 class AggregateConfig(BaseModel):
@@ -598,7 +601,7 @@ def run_aggregation(cells: CellTable, config: AggregateConfig, out: str | Path |
             _pr_figure(profiles_seed0, meta, config, test, stage / "precision_recall.png")
             write_report(stage / "report.html", "Profile aggregation: learned vs mean vs median",
                          [Section("Held-out queries: mean and 95% CI over seeds", [summary], [stage / "precision_recall.png"]), Section("Per seed", [metrics])], cells.source)
-    return Aggregation(summary, metrics, meta.assign(held_out=test), profiles_seed0)
+    return Aggregation(summary, metrics, meta.assign(held_out=test), profiles_seed0, settings)
 
 
 def profiles_anndata(result: Aggregation, cells: CellTable, config: AggregateConfig) -> ad.AnnData:
@@ -608,7 +611,7 @@ def profiles_anndata(result: Aggregation, cells: CellTable, config: AggregateCon
     obs = samples.astype({k: str for k in samples.columns if k != "held_out"}).set_index(config.sample_key, drop=False)
     obs.index.name = None
     features = cells.features or [f"f{i}" for i in range(cells.X.shape[1])]
-    settings = {k: v for k, v in config.model_dump(mode="json", exclude={"checkpoint_interval_s"}).items() if v is not None}
+    settings = {k: v for k, v in result.settings.items() if v is not None}  # an .h5ad's uns holds no None
     return ad.AnnData(X=result.profiles["mean"], obs=obs, var=pd.DataFrame(index=pd.Index(features, dtype=str)),
                       layers={"median": result.profiles["median"]}, obsm={"X_learned": result.profiles["learned"]},
                       uns={"aggregate": {"map": result.summary, "per_seed": result.metrics, "settings": settings}})
