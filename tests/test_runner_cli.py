@@ -165,6 +165,20 @@ def test_missing_key_and_bad_config(tmp_path, cellbench5_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_what_a_line_quotes_prints_as_it_is(tmp_path):
+    """Log lines and errors are not read as Rich markup: '[all]' (a source) survives, '[/x]' in a path neither vanishes nor breaks the error."""
+    from conftest import data_path
+
+    kang = str(data_path("kang18_muscat_4samples.h5ad"))
+    trained = runner.invoke(app, ["annotate", "train", kang, "--label-key", "cell_type", "--ontology-key", "cell_type_ontology_term_id", "--n-splits", "0",
+                                  "--out", str(tmp_path / "ann")], terminal_width=400)
+    assert trained.exit_code == 0, trained.output
+    assert "labels nest in the Cell Ontology: [all] 'CD14-positive monocyte' excludes 'CD14-low, CD16-positive monocyte'" in trained.output
+    odd = tmp_path / "[/x] [bold]cells.h5ad"
+    missing = runner.invoke(app, ["validate", str(odd)], terminal_width=400)
+    assert missing.exit_code == 2 and f"error: {odd}: file not found" in missing.output
+
+
 def test_validate_command(cepo_path, cellbench5_path):
     ok = runner.invoke(app, ["validate", str(cellbench5_path), "--batch-key", "batch", "--label-key", "cell_line"])
     assert ok.exit_code == 0 and "OK (909 cells" in ok.output

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from scatlas._errors import ConfigError, InputError, ScatlasError
 
@@ -21,8 +22,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)  # one log line stays one line in a file or a narrow terminal
-err_console = Console(stderr=True, soft_wrap=True)
+# One log line stays one line in a file or a narrow terminal (soft_wrap), and what it quotes prints as it is (no markup:
+# a source named [all], a label [CD4] or a path with [/ in it would be read as Rich's style tags).
+console = Console(soft_wrap=True, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 #: The signal that ended the last command run in this process (``None``: none). Lets an embedding
 #: process — e.g. a test runner invoking commands in-process — stop on Ctrl-C as well.
@@ -103,7 +106,7 @@ def _user_errors(fn: F) -> F:
             _one_process(fn.__name__.removesuffix("_command").replace("_", " "))
             result = fn(*args, **kwargs)
         except ScatlasError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False)
             raise typer.Exit(code=2) from None
         except (Interrupted, SystemExit) as exc:  # Lightning turns a SIGTERM into SystemExit(None), i.e. exit 0
             if not received:
@@ -116,7 +119,7 @@ def _user_errors(fn: F) -> F:
             global last_interrupt
             last_interrupt = received[0]
             name = signal.Signals(received[0]).name
-            err_console.print(f"[bold red]interrupted[/] by {name}{_resume_hint(fn, kwargs)}", highlight=False)
+            err_console.print(Text.assemble(("interrupted", "bold red"), f" by {name}{_resume_hint(fn, kwargs)}"), highlight=False)
             raise typer.Exit(code=128 + received[0])
         return result
 
