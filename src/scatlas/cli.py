@@ -259,6 +259,8 @@ _CHECKPOINT_HELP = ("Seconds between a network's training checkpoints for --resu
                     "0: every epoch). Not a setting of the result: a resumed run may use another.")
 _Resume = Annotated[bool, typer.Option("--resume", help=_RESUME_HELP)]
 """The ``--resume`` option of the commands in :data:`_RESUMABLE`."""
+
+
 def _seconds(value: float) -> float:
     """Refuse a negative ``--checkpoint-interval`` as Click refuses a value out of range (a range would widen the help's metavar column)."""
     if value < 0:

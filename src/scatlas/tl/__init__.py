@@ -93,13 +93,13 @@ def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: 
 
     checkpoints = checkpoint_path(checkpoint_dir, resume)
     columns = [sample_key] if isinstance(sample_key, str) else list(sample_key)
-    values = {"sample_key": columns[0] if len(columns) == 1 else "scatlas_sample", "label_key": label_key, "batch_key": batch_key, "features": features,
-              **settings}
+    joined = len(columns) > 1  # the samples are the columns' combinations, in a column made once the cells are read
+    values = {"sample_key": "scatlas_sample" if joined else columns[0], "label_key": label_key, "batch_key": batch_key, "features": features, **settings}
     config = load_aggregate_config(values)
-    if len(columns) > 1:
+    if joined:
         check_obs_keys(adata, columns)
-    cells = cells_from_anndata(adata, load_aggregate_config({**values, "sample_key": label_key}) if len(columns) > 1 else config, log=log)
-    if len(columns) > 1:
+    cells = cells_from_anndata(adata, load_aggregate_config({**values, "sample_key": label_key}) if joined else config, log=log)
+    if joined:
         cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
     return profiles_anndata(run_aggregation(cells, config, log=log, checkpoint_dir=checkpoints, resume=resume), cells, config)
 
