@@ -149,8 +149,9 @@ def alarm(seconds):  # call inside the try that catches Stop: under load the tim
     armed[0] = True
     signal.setitimer(signal.ITIMER_REAL, seconds)
 
-def disarm():  # the last line of that try: a timer firing later (the work ended first) is ignored
-    armed[0] = False
+def disarm():  # the last line of that try: the timer is cancelled (one firing meanwhile is ignored), so none is left to fire
+    armed[0] = False  # while the interpreter exits, when SIGALRM's default action (terminate: exit -14) is back
+    signal.setitimer(signal.ITIMER_REAL, 0)
 """
 
 
