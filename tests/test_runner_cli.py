@@ -191,6 +191,10 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("run", "demo", "validate", "models"):
         assert command in result.output
+    from scatlas import __version__
+
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output == f"scatlas {__version__}\n"  # for bug reports, as other tools' --version
 
 
 def test_every_help_fits_an_80_column_terminal():

@@ -22,6 +22,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from scatlas import __version__
+
+        print(f"scatlas {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print scatlas's version and exit.")] = False) -> None:
+    pass  # options of the program itself; a command runs after them
 # One log line stays one line in a file or a narrow terminal (soft_wrap), and what it quotes prints as it is (no markup:
 # a source named [all], a label [CD4] or a path with [/ in it would be read as Rich's style tags).
 console = Console(soft_wrap=True, markup=False)
