@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pydantic import BaseModel
 
 
-def listed(names: Sequence[object], limit: int = 6) -> str:
-    """The first ``limit`` names, comma-separated, then ``…`` and the count when there are more."""
-    shown = ", ".join(map(str, names[:limit]))
+def listed(names: Sequence[object], limit: int = 6, show: Callable[[object], str] = str) -> str:
+    """The first ``limit`` names (each as ``show`` writes it), comma-separated, then ``…`` and the count when there are more."""
+    shown = ", ".join(map(show, names[:limit]))
     return shown if len(names) <= limit else f"{shown}, … ({len(names)} in all)"
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scatlas._describe import listed
 from scatlas._errors import InputError
 from scatlas.data.io import get_matrix, get_var, matrix_name, row_range, source_name, string_categorical, to_csr, uses_raw
 
@@ -23,9 +24,7 @@ CHUNK_ROWS = 50_000
 
 
 def _examples(values: Iterable[object], n: int = 5) -> str:
-    values = [v.item() if isinstance(v, np.generic) else v for v in values]
-    shown = ", ".join(repr(v) for v in values[:n])
-    return shown + (f", … ({len(values)} in all)" if len(values) > n else "")
+    return listed([v.item() if isinstance(v, np.generic) else v for v in values], n, repr)
 
 
 def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None], missing_ok: bool = False) -> None:
