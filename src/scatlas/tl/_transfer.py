@@ -83,6 +83,9 @@ class TransferConfig(BaseModel):
     distance_quantile
         A cell farther from every reference class centroid (in the model's latent space)
         than this quantile of the held-out reference cells' distances is called ``unknown``.
+        The linear model's latent is its input, fitted to no cell, so every reference cell
+        counts as held out, its own class's centroid taken without it (leave-one-out: the
+        cut-off then depends on no seed); a network's are the calibration cells.
     min_overlap
         Smallest share of the model's genes a query must have.
     call_precision
@@ -254,8 +257,13 @@ DISTANCE_ROWS = 1024
 one step over all cells took 3–9× longer, most of it writing fresh memory)."""
 
 
-def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray, own: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Euclidean distance of each cell to its nearest class centroid, in float64.
+
+    ``own``: each cell's class (its centroid's row) and that class's number of cells ``n``, when
+    the cells are those the centroids were computed from. Each cell's own class centroid is then
+    taken without the cell (leave-one-out), which multiplies its distance to it by ``n / (n - 1)``
+    exactly; a class of one cell has no centroid left.
 
     The cells go in near-equal steps of at most :data:`DISTANCE_ROWS` (none under half of it when
     there are more). A cell's distance does not depend on the other cells of its step, except
@@ -268,7 +276,12 @@ def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray) -> n
     out = np.empty(n)
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         e = np.asarray(embedding[a:b], dtype=np.float64)
-        out[a:b] = np.sqrt(np.maximum((e**2).sum(1)[:, None] + squared - 2 * e @ cross, 0)).min(1)
+        distance = np.sqrt(np.maximum((e**2).sum(1)[:, None] + squared - 2 * e @ cross, 0))
+        if own is not None:
+            cls, size = own[0][a:b], own[1][a:b]
+            steps = np.arange(b - a)
+            distance[steps, cls] = np.where(size > 1, distance[steps, cls] * size / np.maximum(size - 1, 1), np.inf)
+        out[a:b] = distance.min(1)
     return out
 
 
@@ -338,8 +351,9 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     :func:`predict_query` returns them, with ``reference_split``); the compact predictions of the
     held-out calibration cells, their calls and confidences by a model that did not train on them
     (a full-batch model is refitted on every cell, the held-out ones too, so its own calls on them
-    are not held out; their distance flags use the final model's centroids, which only the
-    training cells set), and their true labels (names); the calibration table.
+    are not held out) and their distance flags by centroids without them
+    (:func:`left_out_distances` for a full-batch model, whose centroids all cells set; else the
+    training cells'), and their true labels (names); the calibration table.
     """
     ontology = CellOntology() if config.ontology_key else None
     key = config.ontology_key or config.reference.label_key
@@ -372,9 +386,15 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     if model.full_batch:
         unseen = softmax(logits, temperature)
         model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, data, labels, codes, rows, sources, (model, genes))
-        log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and thresholds set on the held-out cells")
-    centroids = class_centroids(model, sdata, train, codes[train])
-    threshold = float(np.quantile(centroid_distances(model, sdata, calib, centroids), config.distance_quantile))
+        log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and call threshold set on the held-out cells; "
+            "the distance cut-off comes from every cell, each left out of its class's centroid")
+        # its latent is its input, fitted to no cell: each reference cell's distance to the centroids without it is a held-out one
+        centroids, distances = left_out_distances(model, sdata, rows, codes)
+        calib_distances = distances[calib]
+    else:  # a network's latent was fitted to its training cells: only the held-out cells' distances are held out
+        centroids = class_centroids(model, sdata, train, codes[train])
+        distances = calib_distances = centroid_distances(model, sdata, calib, centroids)
+    threshold = float(np.quantile(distances, config.distance_quantile))
     annotator = Annotator(model, genes, labels, data.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer},
                           reference_means(model, sdata))
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
@@ -391,7 +411,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     everyone = pd.concat(kept, ignore_index=True)
     held_out = everyone.iloc[calib].reset_index(drop=True)
     if unseen is not None:  # their calls and confidences from the first fit; distance and counts are the cells' own
-        held_out = _compact(reference.calls(unseen, held_out["latent_distance"].to_numpy(), held_out["unknown_no_counts"].to_numpy(), data.cell_ids[calib]),
+        held_out = _compact(reference.calls(unseen, calib_distances, held_out["unknown_no_counts"].to_numpy(), data.cell_ids[calib]),
                             labels)
     return reference, everyone, held_out, np.asarray(labels.names)[codes[calib]], calibration
 
@@ -424,6 +444,18 @@ def centroid_distances(model: CellTypeClassifier, sdata: SplitData, rows: np.nda
     """Each cell of ``rows``'s latent distance to its nearest class centroid, embedded in :func:`latent_blocks`."""
     parts = [nearest_centroid_distance(model.embed(sdata, rows[block]), centroids) for block in latent_blocks(len(rows), centroids.shape[1])]
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def left_out_distances(model: CellTypeClassifier, sdata: SplitData, rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The class centroids of the cells ``rows`` (:func:`class_centroids`), and each of those cells' distance to its nearest
+    centroid with its own class's centroid taken without it (:func:`nearest_centroid_distance`'s ``own``): what a held-out
+    cell's distance would be, for every cell, where the latent was not fitted to them (a linear model's latent is its input)."""
+    centroids = class_centroids(model, sdata, rows, codes)
+    _, cls = np.unique(codes, return_inverse=True)
+    own = (cls, np.bincount(cls)[cls])
+    parts = [nearest_centroid_distance(model.embed(sdata, rows[block]), centroids, (own[0][block], own[1][block]))
+             for block in latent_blocks(len(rows), centroids.shape[1])]
+    return centroids, np.concatenate(parts)
 
 
 def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: CellData, log: Log = print) -> list[tuple[str | None, bool]]:
