@@ -268,8 +268,12 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     query = symphony[symphony.obs["batch"] == "5p"].copy()
     model = sa.tl.transfer(reference, query, label_key="author_cell_type", method="mlp", log=lambda _: None, training={"max_epochs": 15, "batch_size": 64})
     for adata in (reference, query):
-        for column in ("author_cell_type_pred", "author_cell_type_pred_label", "author_cell_type_pred_score", "author_cell_type_unknown"):
+        for column in ("author_cell_type_pred", "author_cell_type_pred_label", "author_cell_type_pred_score", "author_cell_type_unknown",
+                       "author_cell_type_unknown_reason", "author_cell_type_latent_distance"):
             assert column in adata.obs
+        # why a cell is unknown, as predictions.csv's flags say it: a reason for every unknown cell and for no other
+        assert (adata.obs["author_cell_type_unknown_reason"].notna() == adata.obs["author_cell_type_unknown"]).all()
+        assert set(adata.obs["author_cell_type_unknown_reason"].dropna()) <= {"low confidence", "far from reference", "low confidence & far from reference"}
         assert adata.obsm["author_cell_type_proba"].shape == (adata.n_obs, len(adata.uns["author_cell_type_classes"]))
     accuracy = (query.obs["author_cell_type_pred_label"].astype(str) == query.obs["author_cell_type"].astype(str)).mean()
     assert accuracy > 0.8

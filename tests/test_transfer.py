@@ -478,6 +478,11 @@ def test_cli_onek1k_reference_keyed_by_ensembl_ids_maps_kang_by_its_ensembl_colu
     np.testing.assert_array_equal(annotated.obs["cell_type_ontology_term_id_pred_label"].astype(str).to_numpy(), pred["predicted"].astype(str).to_numpy())
     np.testing.assert_allclose(annotated.obs["cell_type_ontology_term_id_pred_score"].to_numpy(), pred["confidence"].to_numpy(), rtol=1e-6)
     np.testing.assert_array_equal(annotated.obs["cell_type_ontology_term_id_unknown"].to_numpy(), pred["unknown"].to_numpy())
+    np.testing.assert_allclose(annotated.obs["cell_type_ontology_term_id_latent_distance"].to_numpy(), pred["latent_distance"].to_numpy(), rtol=1e-6)
+    far = annotated.obs["cell_type_ontology_term_id_unknown_reason"].astype(str).str.contains("far from reference").to_numpy()
+    low = annotated.obs["cell_type_ontology_term_id_unknown_reason"].astype(str).str.contains("low confidence").to_numpy()
+    np.testing.assert_array_equal(far, pred["unknown_far_from_reference"].to_numpy())
+    np.testing.assert_array_equal(low, pred["unknown_low_confidence"].to_numpy())
     assert pred["unknown"].any() and not pred["unknown"].all()
     # the missing genes enter as an offset on each dense minibatch: the same as storing the means in the matrix, without its memory
     from scatlas.data.align import align_genes
@@ -598,6 +603,7 @@ def test_tl_transfer_leaves_all_zero_and_unlabelled_reference_cells_without_a_ca
     obs, empty = reference.obs, reference.obs_names[3]
     assert pd.isna(obs.loc[empty, "author_cell_type_pred"]) and np.isnan(obs.loc[empty, "author_cell_type_pred_score"])
     assert obs.loc[empty, "author_cell_type_unknown"] and pd.isna(obs.loc[empty, "author_cell_type_reference_split"])
+    assert obs.loc[empty, "author_cell_type_unknown_reason"] == "no call" and np.isnan(obs.loc[empty, "author_cell_type_latent_distance"])
     assert np.isnan(reference.obsm["author_cell_type_proba"][3]).all()
     others = obs.drop(index=empty)
     assert others["author_cell_type_pred"].notna().all() and others["author_cell_type_reference_split"].notna().all()
@@ -605,6 +611,7 @@ def test_tl_transfer_leaves_all_zero_and_unlabelled_reference_cells_without_a_ca
     lines.clear()
     sa.tl.annotate(reference, model, log=lines.append)  # the all-zero cell as a query: flagged unknown, said once
     assert reference.obs["author_cell_type_unknown"].iloc[3] and lines[-1].endswith("1 of 750 cells have no counts in the model's genes: called unknown")
+    assert reference.obs["author_cell_type_unknown_reason"].iloc[3] == "no counts"
     sa.tl.annotate(reference, model.annotator, log=lines.append)  # without the reference model: no flags, but said
     assert lines[-1].endswith("their calls rest on the model's intercepts alone (a transfer's reference model flags them unknown)")
     lines.clear()

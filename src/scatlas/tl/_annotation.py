@@ -599,15 +599,33 @@ def no_counts_said(source: str, n: int, n_cells: int, flagged: bool) -> str:
     return f"{source}: {n} of {n_cells} cells have no counts in the model's genes: {what}"
 
 
-def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, unknown: np.ndarray | None = None,
+UNKNOWN_REASONS = {"unknown_low_confidence": "low confidence", "unknown_far_from_reference": "far from reference", "unknown_no_counts": "no counts"}
+"""The flag columns of a reference model's calls (``predictions.csv``) and the words ``<key>_unknown_reason`` uses for them."""
+
+
+def unknown_reasons(flags: pd.DataFrame) -> np.ndarray:
+    """Each cell's reasons for being unknown, joined by ``' & '`` (``None`` for a known cell), from the :data:`UNKNOWN_REASONS` columns of ``flags``."""
+    reasons = np.full(len(flags), "", dtype=object)
+    for column, words in UNKNOWN_REASONS.items():
+        on = flags[column].to_numpy(dtype=bool)
+        reasons[on] = [f"{r} & {words}" if r else words for r in reasons[on]]
+    reasons[reasons == ""] = None
+    return reasons
+
+
+def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, flags: pd.DataFrame | None = None,
                 rows: np.ndarray | None = None) -> None:
     """Write a classifier's calls into ``adata`` under the keys ``annotate`` and ``transfer`` share.
 
     ``obs['<key>_pred']`` (finest-class call, class id), ``obs['<key>_pred_label']`` (its readable
-    name), ``obs['<key>_pred_score']`` (its probability), ``obs['<key>_unknown']`` (when given),
-    ``obsm['<key>_proba']`` (cells × classes) and ``uns['<key>_classes']``. ``rows``: the
+    name), ``obs['<key>_pred_score']`` (its probability), ``obsm['<key>_proba']`` (cells × classes)
+    and ``uns['<key>_classes']``. A reference model's ``flags`` (its calls' ``unknown`` columns
+    and ``latent_distance``, as :meth:`~scatlas.tl.ReferenceModel.calls` makes them) add
+    ``obs['<key>_unknown']``, ``obs['<key>_unknown_reason']`` (:func:`unknown_reasons`) and
+    ``obs['<key>_latent_distance']`` (to the nearest reference class centroid). ``rows``: the
     positions in ``adata`` of ``proba``'s cells (default: every cell, in order); any other cell
-    (e.g. an all-zero one the fit left out) gets no call (missing values) and counts as unknown.
+    (e.g. an all-zero one the fit left out) gets no call (missing values) and counts as unknown,
+    for the reason ``'no call'``.
     """
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
     best = labels.finest(proba)
@@ -620,8 +638,12 @@ def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarr
     adata.obs[f"{key}_pred"] = pd.Categorical(column(np.asarray(labels.classes)[best]))
     adata.obs[f"{key}_pred_label"] = pd.Categorical(column(np.asarray(labels.names)[best]))
     adata.obs[f"{key}_pred_score"] = column(proba[np.arange(len(best)), best], np.nan)
-    if unknown is not None:
-        adata.obs[f"{key}_unknown"] = column(np.asarray(unknown, dtype=bool), True)
+    if flags is not None:
+        adata.obs[f"{key}_unknown"] = column(flags["unknown"].to_numpy(dtype=bool), True)
+        reasons = column(unknown_reasons(flags))
+        reasons[np.setdiff1d(np.arange(adata.n_obs), rows)] = "no call"
+        adata.obs[f"{key}_unknown_reason"] = pd.Categorical(reasons)
+        adata.obs[f"{key}_latent_distance"] = column(flags["latent_distance"].to_numpy(dtype=np.float64), np.nan)
     calls = labels.calls(proba)
     if calls is not None:
         adata.obs[f"{key}_pred_hierarchical"] = pd.Categorical(column(calls["id"].to_numpy()))
@@ -645,7 +667,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         An :class:`Annotator`, a :class:`~scatlas.tl.ReferenceModel` (what :func:`transfer` returns), or
         a directory holding either: what ``scatlas annotate train`` or ``scatlas transfer`` wrote,
         or :meth:`ReferenceModel.save`'s. A reference model gives the calls, calibrated confidences
-        and unknown flags the transfer gave (``obs['<key>_unknown']`` too).
+        and unknown flags the transfer gave (``obs['<key>_unknown']``, ``_unknown_reason`` and ``_latent_distance`` too).
     layer
         Layer holding the matrix (``"raw"``: ``.raw``, see :func:`~scatlas.data.get_matrix`); default:
         the layer the model was trained on when ``adata`` has it, else ``.X``.
@@ -663,7 +685,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     Returns
     -------
     The annotator used. ``adata`` gains the keys of :func:`write_calls` (``<label_key>_pred`` ...;
-    ``_unknown`` with a reference model) and ``uns['scatlas_gene_overlap']``.
+    ``_unknown``, ``_unknown_reason`` and ``_latent_distance`` with a reference model) and ``uns['scatlas_gene_overlap']``.
 
     Examples
     --------
@@ -691,21 +713,19 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
 
     empty: list[np.ndarray] = []
 
-    def calls(X: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def calls(X: Any) -> tuple[np.ndarray, pd.DataFrame | None]:
+        empty.append(no_counts(X))
         if reference is None:
-            empty.append(no_counts(X))
             return annotator.predict_proba(X, offset), None
         proba, distance = reference.scores(X, offset)
-        low, far, none = reference.unknown(proba, distance, no_counts(X))
-        empty.append(none)
-        return proba, low | far | none
+        return proba, reference.unknown(proba, distance, empty[-1])
 
     parts = [calls(annotator.model_input(part, layer, alignment, counts)) for part in cell_chunks(adata, chunk_size)]
     n_empty = int(np.concatenate(empty).sum())
     if n_empty:
         log(no_counts_said(source_name(adata), n_empty, adata.n_obs, flagged=reference is not None))
     key = annotator.meta.get("label_key") or "cell_type"
-    write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), None if reference is None else np.concatenate([u for _, u in parts]))
+    write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), None if reference is None else pd.concat([f for _, f in parts], ignore_index=True))
     adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}
     adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                        "ontology": str(annotator.labels.ontology_version), "version": __version__}

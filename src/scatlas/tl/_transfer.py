@@ -169,15 +169,18 @@ class ReferenceModel:
         sdata = self.annotator.split_data(X, offset=offset)
         return softmax(model.predict_logits(sdata, rows), self.temperature), centroid_distances(model, sdata, rows, self.centroids)
 
-    def unknown(self, proba: np.ndarray, distance: np.ndarray, empty: np.ndarray, best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Which cells are unknown for low confidence (the finest call's probability), which for lying far from the reference,
-        and which for having no counts in the model's genes (``empty``, :func:`no_counts` of the model-ready matrix: such a
-        call rests on the intercepts alone).
+    def unknown(self, proba: np.ndarray, distance: np.ndarray, empty: np.ndarray, best: np.ndarray | None = None) -> pd.DataFrame:
+        """Each cell's ``unknown`` flag and why: ``unknown_low_confidence`` (the finest call's probability under the
+        confidence threshold), ``unknown_far_from_reference`` (``distance``, to the nearest class centroid, beyond the
+        distance threshold), ``unknown_no_counts`` (``empty``, :func:`no_counts` of the model-ready matrix: such a call
+        rests on the intercepts alone); and ``latent_distance``.
 
         ``best``: the finest-class calls of ``proba`` when the caller has them already.
         """
         best = self.annotator.labels.finest(proba) if best is None else best
-        return proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold, empty
+        low, far = proba[np.arange(len(best)), best] < self.confidence_threshold, distance > self.distance_threshold
+        return pd.DataFrame({"unknown": low | far | empty, "unknown_low_confidence": low, "unknown_far_from_reference": far,
+                             "unknown_no_counts": empty, "latent_distance": distance})
 
     def predict(self, X: Any, cell_ids: np.ndarray, offset: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Predictions (:meth:`calls`) and calibrated probabilities of a model-ready matrix (with a query's :meth:`Annotator.missing_offset`)."""
@@ -186,25 +189,13 @@ class ReferenceModel:
         return self.calls(proba, distance, no_counts(X), cell_ids), probabilities
 
     def calls(self, proba: np.ndarray, distance: np.ndarray, empty: np.ndarray, cell_ids: np.ndarray) -> pd.DataFrame:
-        """Each cell's finest-class call, confidence, unknown flags (:meth:`unknown`), latent distance and, with an ontology,
+        """Each cell's finest-class call, confidence, unknown flags and latent distance (:meth:`unknown`) and, with an ontology,
         hierarchical call, from its calibrated probabilities, its distance to the nearest class centroid and whether it has no counts."""
         labels = self.annotator.labels
-        names = np.asarray(labels.names)
         best = labels.finest(proba)
-        confidence = proba[np.arange(len(best)), best]
-        low, far, empty = self.unknown(proba, distance, empty, best)
-        predictions = pd.DataFrame(
-            {
-                "cell_id": cell_ids,
-                "predicted": names[best],
-                "confidence": confidence,
-                "unknown": low | far | empty,
-                "unknown_low_confidence": low,
-                "unknown_far_from_reference": far,
-                "unknown_no_counts": empty,
-                "latent_distance": distance,
-            }
-        )
+        predictions = pd.concat([pd.DataFrame({"cell_id": cell_ids, "predicted": np.asarray(labels.names)[best],
+                                               "confidence": proba[np.arange(len(best)), best]}),
+                                 self.unknown(proba, distance, empty, best)], axis=1)
         if labels.reachability is not None:
             predictions.insert(2, "predicted_id", np.asarray(labels.classes)[best])
         hierarchical = labels.calls(proba)
@@ -658,10 +649,11 @@ def transfer(
     Returns
     -------
     The frozen :class:`ReferenceModel`. Each AnnData gains ``obs['<key>_pred']``, ``_pred_label``,
-    ``_pred_score`` (calibrated confidence), ``_unknown``, ``obsm['<key>_proba']`` and
+    ``_pred_score`` (calibrated confidence), ``_unknown``, ``_unknown_reason``, ``_latent_distance``
+    (:func:`~scatlas.tl._annotation.write_calls`), ``obsm['<key>_proba']`` and
     ``uns['<key>_classes']``, with ``key = ontology_key or label_key``; the reference also gets
-    ``obs['<key>_reference_split']`` (train / val / calibration: the cells that set the temperature
-    and cut-offs; the full-batch linear model is then refitted on every cell, so its calls on them
+    ``obs['<key>_reference_split']`` (train / val / calibration: the cells that set the temperature,
+    the call threshold and a network's distance cut-off; the full-batch linear model is then refitted on every cell, so its calls on them
     are not held-out predictions: ``scatlas transfer``'s summary scores them by the first fit). Reference cells the fit leaves
     out (all-zero cells, and cells without a label: each with a notice) get no call and count as
     unknown; to call the unlabelled ones, pass the reference among the queries too.
@@ -703,14 +695,14 @@ def transfer(
         key = ontology_key or label_key
         labels = model.annotator.labels
         fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
-        write_calls(reference, key, labels, np.concatenate(parts), predictions["unknown"].to_numpy(), fitted)
+        write_calls(reference, key, labels, np.concatenate(parts), predictions, fitted)
         split = np.full(reference.n_obs, None, dtype=object)
         split[fitted] = predictions["reference_split"].to_numpy()
         reference.obs[f"{key}_reference_split"] = pd.Categorical(split)
         for q, read in zip(queries, reads, strict=True):
             parts = []
             pred, _ = predict_query(model, q, read, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
-            write_calls(q, key, labels, np.concatenate(parts), pred["unknown"].to_numpy())
+            write_calls(q, key, labels, np.concatenate(parts), pred)
     return model
 
 
