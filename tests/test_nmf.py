@@ -91,6 +91,9 @@ def test_nmf_cli_writes_results_only_anndata(tmp_path):
     assert {"leiden", "logreg", "knn", "rf", "dummy"} <= set(by_type.index)
     assert by_type.loc["logreg", "macro_f1"] > by_type.loc["dummy", "macro_f1"]
     assert (tmp_path / "onek1k_cond_loadings.csv").exists()
+    # the printed tables: counts whole, a blank (not NaN) where a row has no value
+    assert "nan" not in result.output.lower() and "7811.000" not in result.output
+    assert by_type.loc["logreg", "n_cells"] == 7811 and "7811," in (tmp_path / "onek1k_cond_benchmark_by_cell_type.csv").read_text()
 
 
 def test_standard_scaling_refused(tmp_path, symphony_path):

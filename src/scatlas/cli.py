@@ -655,6 +655,17 @@ def embed(
     console.print(f"results: {out}; model: {model_dir} (scatlas.load_model)")
 
 
+def _blank_missing(table: Any) -> Any:
+    """``table`` as text: scores to 3 decimals, whole-number columns whole, a blank where a row has no value."""
+    import pandas as pd
+
+    def shown(column: pd.Series) -> pd.Series:
+        whole = pd.api.types.is_integer_dtype(column)
+        return column.map(lambda v: "" if pd.isna(v) else str(int(v)) if whole else f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    return table.apply(shown)
+
+
 @app.command()
 @_user_errors
 def nmf(
@@ -694,7 +705,7 @@ def nmf(
                          resume=resume)
     for name, table in tables.items():
         console.print(f"benchmark by {name}:")
-        console.print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        console.print(_blank_missing(table).to_string(index=False))
     console.print(f"results: {out}")
 
 

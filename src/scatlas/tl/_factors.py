@@ -82,7 +82,9 @@ def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int =
 
     Returns
     -------
-    One table per target: rows ``kind`` ∈ {leiden, classifier names} with mean scores over seeds.
+    One table per target: rows ``kind`` ∈ {leiden, classifier names} with mean scores over seeds
+    (``n_cells`` / ``n_classes`` of the classifiers as integers; a column a row has no value in is
+    missing).
     """
     leiden = leiden_agreement(H, targets, resolution=0.8, n_neighbors=25, seeds=range(seeds))
     tables = {}
@@ -91,7 +93,7 @@ def factor_benchmark(H: np.ndarray, targets: dict[str, np.ndarray], seeds: int =
         runs = pd.concat([classify_embedding(H, y, n_splits=5, seed=s, min_class_size=10) for s in range(classifier_seeds(seeds))])
         for clf, group in runs.groupby("classifier", sort=False):
             rows.append({"kind": clf, **group.drop(columns=["classifier"]).mean().to_dict()})
-        tables[name] = pd.DataFrame(rows)
+        tables[name] = pd.DataFrame(rows).astype({"n_cells": "Int64", "n_classes": "Int64"})
     return tables
 
 
