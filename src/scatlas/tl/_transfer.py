@@ -269,9 +269,8 @@ def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray, own:
         e = np.asarray(embedding[a:b], dtype=np.float64)
         distance = np.sqrt(np.maximum((e**2).sum(1)[:, None] + squared - 2 * e @ cross, 0))
         if own is not None:
-            cls, size = own[0][a:b], own[1][a:b]
-            steps = np.arange(b - a)
-            distance[steps, cls] = np.where(size > 1, distance[steps, cls] * size / np.maximum(size - 1, 1), np.inf)
+            at, size = (np.arange(b - a), own[0][a:b]), own[1][a:b]
+            distance[at] = np.where(size > 1, distance[at] * size / np.maximum(size - 1, 1), np.inf)
         out[a:b] = distance.min(1)
     return out
 
@@ -401,7 +400,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
         kept.append(_compact(predictions, labels))
     everyone = pd.concat(kept, ignore_index=True)
     held_out = everyone.iloc[calib].reset_index(drop=True)
-    if unseen is not None:  # their calls and confidences from the first fit; distance and counts are the cells' own
+    if unseen is not None:  # their calls and confidences from the first fit, their distances to centroids without them
         held_out = _compact(reference.calls(unseen, calib_distances, held_out["unknown_no_counts"].to_numpy(), data.cell_ids[calib]),
                             labels)
     return reference, everyone, held_out, np.asarray(labels.names)[codes[calib]], calibration
