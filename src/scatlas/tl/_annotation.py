@@ -613,6 +613,12 @@ def unknown_reasons(flags: pd.DataFrame) -> np.ndarray:
     return reasons
 
 
+def unknown_said(source: str, flags: pd.DataFrame) -> str:
+    """One line: how many of a reference model's calls (``flags``: :meth:`~scatlas.tl.ReferenceModel.unknown`'s columns) are unknown, and why."""
+    why = ", ".join(f"{n} {words}" for column, words in UNKNOWN_REASONS.items() if (n := int(flags[column].sum())))
+    return f"{source}: {int(flags['unknown'].sum())} of {len(flags)} cells unknown" + (f" ({why}; a cell may have several reasons)" if why else "")
+
+
 def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, flags: pd.DataFrame | None = None,
                 rows: np.ndarray | None = None) -> None:
     """Write a classifier's calls into ``adata`` under the keys ``annotate`` and ``transfer`` share.
@@ -721,11 +727,14 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         return proba, reference.unknown(proba, distance, empty[-1])
 
     parts = [calls(annotator.model_input(part, layer, alignment, counts)) for part in cell_chunks(adata, chunk_size)]
+    flags = None if reference is None else pd.concat([f for _, f in parts], ignore_index=True)
+    if flags is not None:
+        log(unknown_said(source_name(adata), flags))
     n_empty = int(np.concatenate(empty).sum())
     if n_empty:
         log(no_counts_said(source_name(adata), n_empty, adata.n_obs, flagged=reference is not None))
     key = annotator.meta.get("label_key") or "cell_type"
-    write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), None if reference is None else pd.concat([f for _, f in parts], ignore_index=True))
+    write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), flags)
     adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}
     adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                        "ontology": str(annotator.labels.ontology_version), "version": __version__}
