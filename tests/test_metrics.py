@@ -93,6 +93,19 @@ def test_annotation_metrics_equal_sklearn():
     assert np.isnan(overall_metrics(np.array([], dtype=str), np.array([], dtype=str))["accuracy"])  # scikit-learn refuses no cells
 
 
+def test_conformal_cutoff_bounds_the_share_of_new_scores_above_it():
+    """The k-th smallest of n scores, k = ⌈(n + 1) · level⌉: a new score like them exceeds it with probability at most
+    1 − level and at least 1 − level − 1/(n + 1) (here 0.66% at level 0.99 over 150 scores); NumPy's interpolated
+    quantile is exceeded 1.6% of the time, above the 1% asked."""
+    assert sm.conformal_cutoff(np.arange(1.0, 11.0), 0.9) == 10.0 and sm.conformal_cutoff(np.arange(1.0, 11.0), 0.5) == 6.0
+    assert sm.conformal_cutoff(np.arange(1.0, 11.0), 0.95) == np.inf and sm.conformal_cutoff(np.arange(1.0, 100.0), 0.99) == 99.0
+    draws = np.random.default_rng(0).standard_normal((40_000, 151))
+    scores, new = draws[:, :150], draws[:, 150]
+    above = np.mean([n > sm.conformal_cutoff(s, 0.99) for s, n in zip(scores, new)])
+    assert 0.0045 < above < 0.0088  # 1 − 150/151 = 0.0066, ± 4 standard errors
+    assert np.mean(new > np.quantile(scores, 0.99, axis=1)) > 0.014
+
+
 def test_confidence_interval_matches_scipy():
     x = [0.61, 0.58, 0.66, 0.70, 0.55]
     mean, low, high = sm.confidence_interval(x)

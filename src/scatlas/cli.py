@@ -466,7 +466,7 @@ def transfer(
     query_layer: Annotated[str | None, typer.Option(help="Layer holding the queries' matrices ('raw' as for --layer; default: --layer where a query has it, else .X).")] = None,
     query_gene_key: Annotated[str | None, typer.Option(help=_GENE_KEY_HELP)] = None,
     confidence_threshold: Annotated[float, typer.Option(help="Calibrated confidence under which a cell is 'unknown'.")] = 0.5,
-    distance_quantile: Annotated[float, typer.Option(help="Quantile of the reference cells' latent distances to their class centroids (each left out of its own) beyond which a cell is 'unknown'.")] = 0.99,
+    distance_quantile: Annotated[float, typer.Option(help="A cell farther from the reference's class centroids than this conformal quantile of the reference cells' distances (each left out of its own class) is 'unknown': at most 1 - this share of cells like the reference's are (1: off).")] = 0.99,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes a query must have.")] = 0.5,
     n_top_genes: Annotated[int | None, typer.Option(help="HVGs of the reference's training cells the model keeps (default: all genes).")] = None,
     max_epochs: Annotated[int | None, typer.Option(help=_EPOCHS_HELP)] = None,

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from scatlas.metrics.clustering import calinski_harabasz, davies_bouldin, kmeans_ari_nmi, leiden_agreement, leiden_ari_nmi
     from scatlas.metrics.embedding import embedding_scores
     from scatlas.metrics.silhouette import bras, isolated_label_score, isolated_labels, silhouette_batch, silhouette_label, silhouette_samples, silhouette_score
-    from scatlas.metrics.stats import confidence_interval, fold_summary
+    from scatlas.metrics.stats import confidence_interval, conformal_cutoff, fold_summary
 
 _HOMES = {
     "annotation_tables": "annotation", "corrected_predictions": "annotation", "hierarchical_correct": "annotation",
@@ -27,7 +27,7 @@ _HOMES = {
     "leiden_ari_nmi": "clustering", "embedding_scores": "embedding",
     "bras": "silhouette", "isolated_label_score": "silhouette", "isolated_labels": "silhouette", "silhouette_batch": "silhouette",
     "silhouette_label": "silhouette", "silhouette_samples": "silhouette", "silhouette_score": "silhouette",
-    "confidence_interval": "stats", "fold_summary": "stats",
+    "confidence_interval": "stats", "conformal_cutoff": "stats", "fold_summary": "stats",
 }
 __getattr__ = lazy_attributes(__name__, _HOMES)
 
@@ -38,6 +38,7 @@ __all__ = [
     "classification_scores",
     "classify_embedding",
     "confidence_interval",
+    "conformal_cutoff",
     "corrected_predictions",
     "davies_bouldin",
     "embedding_scores",

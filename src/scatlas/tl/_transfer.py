@@ -46,6 +46,7 @@ from scatlas.models.classifiers import CellTypeClassifier
 from scatlas.settings import TrainingConfig, check_keywords, parse_settings
 from scatlas.metrics.annotation import confusion_counts, overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
+from scatlas.metrics.stats import conformal_cutoff
 from scatlas.ontology import CellOntology
 from scatlas.report.html import Section, write_report
 
@@ -82,10 +83,12 @@ class TransferConfig(BaseModel):
         Calibrated max probability under which a cell is called ``unknown``.
     distance_quantile
         A cell farther from every reference class centroid (in the model's latent space)
-        than this quantile of the held-out reference cells' distances is called ``unknown``.
-        The linear model's latent is its input, fitted to no cell, so every reference cell
-        counts as held out, its own class's centroid taken without it (leave-one-out: the
-        cut-off then depends on no seed); a network's are the calibration cells.
+        than the conformal cut-off at this level of the held-out reference cells' distances
+        (:func:`~scatlas.metrics.conformal_cutoff`) is called ``unknown``: a cell like the
+        reference's is flagged with probability at most ``1 − distance_quantile``. The linear
+        model's latent is its input, fitted to no cell, so every reference cell counts as held
+        out, its own class's centroid taken without it (leave-one-out: the cut-off then depends
+        on no seed); a network's are the calibration cells. 1 turns the distance flag off.
     min_overlap
         Smallest share of the model's genes a query must have.
     call_precision
@@ -386,7 +389,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     else:  # a network's latent was fitted to its training cells: only the held-out cells' distances are held out
         centroids = class_centroids(model, sdata, train, codes[train])
         distances = calib_distances = centroid_distances(model, sdata, calib, centroids)
-    threshold = float(np.quantile(distances, config.distance_quantile))
+    threshold = conformal_cutoff(distances, config.distance_quantile)
     annotator = Annotator(model, genes, labels, data.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer},
                           reference_means(model, sdata))
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
