@@ -182,6 +182,7 @@ def test_held_out_chemistry_at_least_scanvi(chemistries, tmp_path, held_out, sca
     assert (tmp_path / "out" / "report.html").read_text().count("<table class='heatmap'>") == 2  # reference and query
     calibration = pd.read_csv(tmp_path / "out" / "calibration.csv").iloc[0]
     assert calibration["ece_after"] <= calibration["ece_before"]
+    assert calibration["distance_cells"] > calibration["cells"] and np.isfinite(calibration["distance_threshold"])  # every cell, for the linear model
     qdir = tmp_path / "out" / f"query_{held_out}"
     for name in ("predictions.csv", "probabilities.parquet", "metrics.csv", "per_class_metrics.csv", "confusion_matrix.csv", "gene_overlap.csv"):
         assert (qdir / name).exists()

@@ -10,7 +10,7 @@ latent distance), ``probabilities.parquet`` (calibrated), and with labels ``metr
 ``per_class_metrics.csv`` and ``confusion_matrix.csv`` (cells of each true label called each
 label; ``report.html`` shows it shaded by row; ``confusion_matrix.png`` too with ``figures``).
 ``calibration.csv`` holds the expected calibration error before and after temperature scaling on
-held-out reference cells.
+held-out reference cells, and the distance cut-off with the number of reference cells it was set on.
 """
 
 from __future__ import annotations
@@ -390,6 +390,7 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
         centroids = class_centroids(model, sdata, train, codes[train])
         distances = calib_distances = centroid_distances(model, sdata, calib, centroids)
     threshold = conformal_cutoff(distances, config.distance_quantile)
+    calibration = calibration.assign(distance_cells=len(distances), distance_threshold=threshold)
     annotator = Annotator(model, genes, labels, data.input, {"label_key": key, "dataset": str(config.reference.path), "layer": config.reference.layer},
                           reference_means(model, sdata))
     reference = ReferenceModel(annotator, temperature, centroids, threshold, config.confidence_threshold)
@@ -570,7 +571,7 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
         table["n_cells"] = table["n_cells"].astype(int)
         write_csv(table, stage / "summary.csv")
         write_yaml(config_record(config), stage / "config.yaml")
-        sections = [Section("Summary", [table]), Section("Calibration (held-out reference cells)", [pd.read_csv(stage / "calibration.csv")])]
+        sections = [Section("Summary", [table]), Section("Calibration and distance cut-off (held-out reference cells)", [pd.read_csv(stage / "calibration.csv")])]
         for name, folder in [("reference (held-out cells)", stage / "reference"), *((s, stage / s) for s in stems)]:
             if (folder / "confusion_matrix.csv").exists():
                 sections.append(Section(f"{name}: true (rows) vs predicted", heatmaps=[pd.read_csv(folder / "confusion_matrix.csv", index_col=0)],
