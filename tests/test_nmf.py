@@ -96,6 +96,23 @@ def test_nmf_cli_writes_results_only_anndata(tmp_path):
     assert by_type.loc["logreg", "n_cells"] == 7811 and "7811," in (tmp_path / "onek1k_cond_benchmark_by_cell_type.csv").read_text()
 
 
+def test_nmf_cli_streams_scikit_learn_nmf_by_partial_fits(tmp_path):
+    """`nmf --stream --model nmf` never loads X: MiniBatchNMF learns W by one partial fit per chunk, and H is solved chunk by
+    chunk; the factors separate OneK1K's four cell types as the in-memory fit's do."""
+    from conftest import data_path
+
+    out = tmp_path / "streamed.h5ad"
+    result = runner.invoke(app, ["nmf", str(data_path("onek1k_4types_40donors.h5ad")), "--model", "nmf", "--rank", "10", "--stream", "--chunk-size", "2000",
+                                 "--benchmark-seeds", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    adata = ad.read_h5ad(out)
+    H, labels = adata.obsm["H_nmf_k10"], adata.obs["cell_type"].astype(str).to_numpy()
+    assert H.shape == (7811, 10) and (H >= 0).all() and (adata.varm["W_nmf_k10"] >= 0).all() and adata.uns["scatlas_factors"]["streamed"]
+    centroids = {k: H[labels == k].mean(0) for k in np.unique(labels)}  # nearest cell-type centroid in the factor space
+    nearest = np.array(list(centroids))[np.argmin([[np.linalg.norm(h - c) for c in centroids.values()] for h in H], axis=1)]
+    assert (nearest == labels).mean() > 0.9
+
+
 def test_standard_scaling_refused(tmp_path, symphony_path):
     cfg = {"dataset": {"name": "s", "path": str(symphony_path), "batch_key": "batch"}, "preprocess": {"scale": "standard", "n_top_genes": 100},
            "split": {"n_splits": 3}, "models": [{"type": "aenmf", "rank": 3}], "output": {"dir": str(tmp_path / "o")}}

@@ -162,6 +162,16 @@ def test_missing_key_and_bad_config(tmp_path, cellbench5_path):
     path.write_text(yaml.safe_dump(cfg))
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 2 and "latent_dim" in result.output
+    # the model list's own checks: each a line naming the model and what to change
+    unlabelled = {**cfg["dataset"], "label_key": None}
+    for models, dataset, said in [([{"type": "pca"}, {"type": "pca"}], cfg["dataset"], "models: names must be unique, repeated: ['PCA'] (set `name:`)"),
+                                  ([{"type": "ae", "training": {"max_epoch": 3}}], cfg["dataset"],
+                                   "models: AE: training: max_epoch: unknown setting; did you mean 'max_epochs'?"),
+                                  ([{"type": "aec"}], unlabelled, "models ['AEC'] need labels: set dataset.label_key"),
+                                  ([], cfg["dataset"], "models: give a non-empty list of models (available types: ['ae', 'aec',")]:
+        path.write_text(yaml.safe_dump({**cfg, "dataset": dataset, "models": models}))
+        result = runner.invoke(app, ["run", str(path)], terminal_width=400)
+        assert result.exit_code == 2 and said in result.output, (said, result.output)
     assert not (tmp_path / "out").exists()
 
 

@@ -95,11 +95,16 @@ def unknown_setting(name: str, known: Sequence[str]) -> str:
     return f"unknown setting; did you mean {close[0]!r}?" if close else f"unknown setting; known: {', '.join(known)}"
 
 
+def unknown_settings(names: Iterable[str], known: Sequence[str]) -> str:
+    """``name: unknown setting; did you mean ...`` (:func:`unknown_setting`) for each of ``names``, joined by ``'; '``."""
+    return "; ".join(f"{name}: {unknown_setting(name, known)}" for name in names)
+
+
 def check_keywords(given: Iterable[str], known: Sequence[str], where: str = "") -> None:
     """Refuse keyword settings that a function passes on to several schemas (``known``: all their fields) in one :class:`ConfigError` line."""
     unknown = [name for name in given if name not in known]
     if unknown:
-        raise ConfigError(where + "; ".join(f"{name}: {unknown_setting(name, known)}" for name in unknown))
+        raise ConfigError(where + unknown_settings(unknown, known))
 
 
 def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
 from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, validate_entry
-from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Strict
+from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Strict, unknown_settings
 
 
 class EvaluationConfig(Strict):
@@ -76,7 +76,7 @@ class ExperimentConfig(Strict):
         for i, m in enumerate(self.models):
             unknown = sorted(set(m.training) - set(TrainingConfig.model_fields))
             if unknown:
-                raise ValueError(f"models: {self.model_name(m)}: unknown training settings {unknown}; valid: {sorted(TrainingConfig.model_fields)}")
+                raise ValueError(f"models: {self.model_name(m)}: training: {unknown_settings(unknown, list(TrainingConfig.model_fields))}")
             cls = REGISTRY[m.type]
             if issubclass(cls, LatentClassifier):
                 earlier = names[:i]
