@@ -422,6 +422,14 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     kang = str(files["kang"])
     refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "donor"], "--sample-key", "['donor'] not found")
     refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "sample_id,donor"], "['donor'] not found")
+    refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "sample_idd"], "not found (did you mean 'sample_id'?)")
+    refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "sample_id", "--batch-key", "sample_id", "--sample-key", "sample_id,cell_type"],
+            "batch_key and label_key are both 'sample_id'")  # was an IndexError
+    from conftest import data_path
+
+    lincs = str(data_path("lincs_SQ00015054_well_profiles.csv.gz"))  # 42 DMSO wells have no mechanism of action
+    refused(work, ["aggregate", lincs, "--out", "agg", "--label-key", "Metadata_moa", "--sample-key", "Metadata_broad_sample"],
+            "column 'Metadata_moa' has 42 missing values (of 384 rows)")
     refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "cell_type", "--features", "pca:10"],
             "one training sample", "finer sample key")
     refused(work, ["aggregate", kang, "--out", "agg", "--sample-key", "sample_id"], "--label-key")

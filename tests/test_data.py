@@ -403,6 +403,8 @@ def test_validation_names_file_key_and_values(cellbench, tmp_path):
 
     with pytest.raises(InputError, match=r"good.h5ad: obs column 'donor' not found; available columns: \['batch'"):
         validate(read_anndata(path), batch_key="donor")
+    with pytest.raises(InputError, match=r"good.h5ad: obs column 'cell_lines' not found \(did you mean 'cell_line'\?\); available columns"):
+        validate(read_anndata(path), batch_key="batch", label_key="cell_lines")
 
     nan = good.copy()
     nan.X = nan.X.toarray()

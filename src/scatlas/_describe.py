@@ -1,7 +1,8 @@
-"""Short readable summaries of fitted objects (their ``repr``, as scvi-tools' and CellTypist's models print)."""
+"""Short readable summaries of fitted objects (their ``repr``, as scvi-tools' and CellTypist's models print) and of names in messages."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable, Sequence
 
 from pydantic import BaseModel
@@ -17,6 +18,18 @@ def settings_line(config: BaseModel, skip: Iterable[str] = ("type", "name", "tra
     """A model entry's settings as ``key=value`` pairs, without its type, name and training overrides."""
     values = config.model_dump(mode="json", exclude=set(skip))
     return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def closest(name: str, known: Iterable[object]) -> str | None:
+    """The one of ``known`` closest to ``name`` (difflib's ratio at least 0.6), or ``None``: what a misspelt name meant."""
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def did_you_mean(name: str, known: Iterable[object]) -> str:
+    """``" (did you mean 'x'?)"`` with :func:`closest`'s name, to follow "... not found"; ``""`` when none is close."""
+    close = closest(name, known)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def described(head: str, lines: Iterable[str]) -> str:

@@ -573,7 +573,10 @@ def aggregate(
             columns = sample_key.split(",") if sample_key else []
             missing = [c for c in columns if c not in cells.obs.columns]
             if missing:
-                raise InputError(f"{data}: --sample-key columns {missing} not found; available: {list(cells.obs.columns)[:30]}")
+                from scatlas._describe import did_you_mean
+
+                raise InputError(f"{data}: --sample-key columns {missing} not found{did_you_mean(missing[0], cells.obs.columns)}; "
+                                 f"available: {list(cells.obs.columns)[:30]}")
             if sample_key is None:
                 cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
             elif combined:  # e.g. --sample-key donor_id,cell_type

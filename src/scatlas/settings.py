@@ -6,13 +6,13 @@ the CLI all validate their settings with them. Importing this module loads pydan
 
 from __future__ import annotations
 
-import difflib
 import typing
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from scatlas._describe import closest
 from scatlas._errors import ConfigError
 
 if TYPE_CHECKING:
@@ -91,8 +91,8 @@ def _message(error: Any, schema: type[BaseModel] | None) -> str:
 
 def unknown_setting(name: str, known: Sequence[str]) -> str:
     """What to say of a setting none of ``known`` matches: the closest known name, or all of them."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f"unknown setting; did you mean {close[0]!r}?" if close else f"unknown setting; known: {', '.join(known)}"
+    close = closest(name, known)
+    return f"unknown setting; did you mean {close!r}?" if close else f"unknown setting; known: {', '.join(known)}"
 
 
 def unknown_settings(names: Iterable[str], known: Sequence[str]) -> str:

@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.abc import CSRDataset
 
+from scatlas._describe import did_you_mean
 from scatlas._errors import InputError
 
 
@@ -193,7 +194,7 @@ def get_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix | n
     if layer not in adata.layers:
         raw = " and there is no .raw" if layer == RAW else " ('raw' selects .raw)" if adata.raw is not None else ""
         raise InputError(
-            f"{source_name(adata)}: layer {layer!r} not found{raw}; available layers: {sorted(adata.layers)}"
+            f"{source_name(adata)}: layer {layer!r} not found{raw}{did_you_mean(layer, adata.layers)}; available layers: {sorted(adata.layers)}"
         )
     return adata.layers[layer]
 

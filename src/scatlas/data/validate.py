@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scatlas._describe import listed
+from scatlas._describe import did_you_mean, listed
 from scatlas._errors import InputError
 from scatlas.data.io import get_matrix, get_var, matrix_name, row_range, source_name, string_categorical, to_csr, uses_raw
 
@@ -34,7 +34,7 @@ def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None], missing_ok: bo
         if key is None:
             continue
         if key not in adata.obs.columns:
-            raise InputError(f"{src}: obs column {key!r} not found; available columns: {list(adata.obs.columns)}")
+            raise InputError(f"{src}: obs column {key!r} not found{did_you_mean(key, adata.obs.columns)}; available columns: {list(adata.obs.columns)}")
         missing = adata.obs[key].isna()
         if missing_ok and missing.all():
             raise InputError(f"{src}: obs column {key!r} holds no value (all {len(missing)} are missing)")

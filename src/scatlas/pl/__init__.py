@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from scatlas._describe import did_you_mean
 from scatlas._errors import InputError
 from scatlas.data.validate import check_obs_keys
 from scatlas.plot import figures
@@ -36,7 +37,7 @@ def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, titl
     >>> sa.pl.embedding(adata, "X_fe", ["cell_type", "batch"])   # doctest: +SKIP
     """
     if basis not in adata.obsm:
-        raise InputError(f"obsm key {basis!r} not found; available: {list(adata.obsm)}")
+        raise InputError(f"obsm key {basis!r} not found{did_you_mean(basis, adata.obsm)}; available: {list(adata.obsm)}")
     columns = [color] if isinstance(color, str) else list(color)
     check_obs_keys(adata, columns, missing_ok=True)
     coords = np.asarray(adata.obsm[basis])

@@ -21,8 +21,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from scatlas._describe import did_you_mean
 from scatlas._errors import InputError, UnpairedError
 from scatlas._io import atomic_path, check_checkpoint_settings, check_output_dir, staged_dir, write_csv, write_parquet, write_torch, write_yaml
 from scatlas.data.io import get_matrix, get_var, on_disk, read_anndata, string_values, to_csr
@@ -151,6 +152,15 @@ class AggregateConfig(BaseModel):
     chunk_size: int = Field(65_536, gt=0)
     checkpoint_interval_s: float = Field(60.0, ge=0)
 
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> AggregateConfig:
+        if self.batch_key is not None and self.batch_key == self.label_key:
+            raise ValueError(f"batch_key and label_key are both {self.label_key!r}: a sample's positives (its label) must come from other batches, "
+                             "so no sample would have one; the batch is e.g. the plate or donor, the label what replicates share")
+        if self.group_key is not None and self.group_key in (self.label_key, self.batch_key):
+            raise ValueError(f"group_key {self.group_key!r} repeats the label or batch key; it names a coarser label (e.g. mechanism of action)")
+        return self
+
 
 def read_cells(path: str | Path, config: AggregateConfig, stream: bool = False, log: Log = print) -> CellTable:
     """Per-cell features from an ``.h5ad`` (``.X`` or a layer, an ``.obsm`` key or ``pca:<k>``) or a CSV/parquet table.
@@ -198,13 +208,14 @@ def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str =
 
 def checked_cells(obs: pd.DataFrame, X: np.ndarray, config: AggregateConfig, source: str) -> CellTable:
     """A :class:`CellTable` after checking that the configured columns exist and hold no missing values, and the features are finite."""
-    keys = [k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k]
+    keys = list(dict.fromkeys(k for k in (config.sample_key, config.label_key, config.batch_key, config.group_key) if k))
     missing = [k for k in keys if k not in obs.columns]
     if missing:
-        raise InputError(f"{source}: columns {missing} not found; available: {list(obs.columns)[:30]}")
-    bad = [k for k in keys if obs[k].isna().any()]
+        raise InputError(f"{source}: columns {missing} not found{did_you_mean(missing[0], obs.columns)}; available: {list(obs.columns)[:30]}")
+    bad = {k: int(obs[k].isna().sum()) for k in keys if obs[k].isna().any()}
     if bad:
-        raise InputError(f"{source}: columns {bad} have missing values")
+        raise InputError(f"{source}: " + ", ".join(f"column {k!r} has {n} missing values" for k, n in bad.items())
+                         + f" (of {len(obs)} rows): every cell needs a sample, label and batch; drop those rows or fill them")
     if not np.isfinite(X).all():
         raise InputError(f"{source}: features contain NaN or infinite values")
     return CellTable(np.asarray(X, dtype=np.float32), obs.reset_index(drop=True), source)
@@ -216,7 +227,7 @@ def _h5ad_features(adata: ad.AnnData, config: AggregateConfig, source: str, coun
     features = config.features
     if features is not None and not features.startswith("pca:"):
         if features not in adata.obsm:
-            raise InputError(f"{source}: obsm key {features!r} not found; available: {list(adata.obsm)}")
+            raise InputError(f"{source}: obsm key {features!r} not found{did_you_mean(features, adata.obsm)}; available: {list(adata.obsm)}")
         return np.asarray(adata.obsm[features])
     if features is None:
         X = _matrix(adata, config.layer, normalize=False)

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas import __version__
-from scatlas._describe import described, listed, settings_line
+from scatlas._describe import described, did_you_mean, listed, settings_line
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_dir, check_output_file, check_writable, checkpoints_beside,
                          resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
@@ -780,7 +780,7 @@ def evaluate_annotations(
         pred_key = found[0]
     for key in (truth_key, pred_key):
         if key not in adata.obs:
-            raise InputError(f"{predictions}: obs column {key!r} not found; available: {list(adata.obs.columns)}")
+            raise InputError(f"{predictions}: obs column {key!r} not found{did_you_mean(key, adata.obs.columns)}; available: {list(adata.obs.columns)}")
     source = Path(predictions).name
     kept = (with_values(adata.obs[truth_key], source, truth_key, "no true label", "the evaluation", log)
             & with_values(adata.obs[pred_key], source, pred_key, "no call", "the evaluation", log))
