@@ -255,6 +255,7 @@ def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
     refused(work, ["embed", good, "--out", "file/latent.h5ad"], "is a file")
     refused(work, ["embed", good, "--out", "latent.h5ad", "--set", "latent_dim"], "--set 'latent_dim'")
     refused(work, ["embed", good, "--out", "latent.h5ad", "--model", "vae"], "unknown model 'vae'")
+    refused(work, ["embed", good, "--out", "latent.h5ad", "--max-epochs", "3", "--set", "max_epochs=2"], "--max-epochs 3 and --set max_epochs=2: give it once")
     refused(work, ["embed", str(files["dup_cells"]), "--out", "latent.h5ad"], "cell names repeat")
     refused(work, ["embed", good, "--out", "latent.h5ad", "--batch-key", "plate"], "obs column 'plate' not found")
     refused(work, ["embed", good, "--out", "latent.h5ad", "--batch-key", "plate", "--stream"], "obs column 'plate' not found")  # no notice before it
@@ -305,6 +306,7 @@ def test_outputs_never_replace_the_input_or_a_folder_scatlas_did_not_write(files
     assert runner.invoke(app, [*transfer, "--out", "tr"]).exit_code == 0
     assert runner.invoke(app, [*transfer, "--out", "tr", "--overwrite"]).exit_code == 0  # a folder scatlas wrote is replaced
     refused(work, ["annotate", "predict", "tr", str(data), "--out", str(data), "--overwrite"], "is the input file")
+    refused(work, ["annotate", "predict", "trained", str(data), "--out", "pred.h5ad"], "trained: model folder not found")
     assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"]).exit_code == 0
     refused(work, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad"], "pred.h5ad exists (pass --overwrite")
     assert runner.invoke(app, ["annotate", "predict", "tr", str(data), "--out", "pred.h5ad", "--overwrite"]).exit_code == 0
@@ -441,6 +443,8 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
             ".obsm['X_diverged'] has NaN or infinite values in 2 cells", kang_names[3], kang_names[8])
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
+    refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "sample_id", "--batch-key", "sample_id"],
+            "label_key and batch_key are both 'sample_id'")
     refused(work, ["benchmark", str(files["dup_cells"]), "--embedding", "X_pca", "--label-key", "cellTypes", "--batch-key", "batch"], "cell names repeat")
     some_unlabelled = ad.read_h5ad(embedded)  # the notices (cells left out, how X was read) wait for every check: the refusal stays one line
     some_unlabelled.obs["cell_type"] = some_unlabelled.obs["cell_type"].astype(object).where(np.arange(some_unlabelled.n_obs) % 5 > 0, None)

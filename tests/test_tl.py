@@ -200,6 +200,11 @@ def test_cli_embed_writes_the_latent_of_tl_embed(symphony_path, symphony, tmp_pa
     adata = symphony.copy()
     sa.tl.embed(adata, "ae", batch_key="batch", label_key="cell_type", max_epochs=2, batch_size=128, latent_dim=16)
     np.testing.assert_array_equal(written.obsm["X_ae"], adata.obsm["X_ae"])
+    # the command's own options may come through --set as well (it raised a TypeError: max_epochs given twice)
+    alike = runner.invoke(app, ["embed", str(symphony_path), "--out", str(tmp_path / "alike.h5ad"), "--model", "ae", "--batch-key", "batch",
+                                "--label-key", "cell_type", "--set", "max_epochs=2", "--set", "batch_size=128", "--set", "latent_dim=16", "--quiet"])
+    assert alike.exit_code == 0, alike.output
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "alike.h5ad").obsm["X_ae"], adata.obsm["X_ae"])
     pd.testing.assert_frame_equal(written.obs, symphony.obs)  # every column, so the file can be scored or plotted by any
     assert written.n_vars == symphony.n_vars and written.X is None
     # scored as it is: without X, PCR comparison's unintegrated PCA reads the file the results came from (named in .uns)

@@ -594,6 +594,20 @@ def aggregate(
     console.print(f"results: {out} (report: {out / 'report.html'})")
 
 
+def _with_set(flags: dict[str, tuple[Any, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    """The command's own options (``name: (value, default)``), each taken from ``--set name=...`` when given there instead
+    (removed from ``options``); given both ways with two values, refused."""
+    values = {}
+    for name, (value, default) in flags.items():
+        if name in options:
+            chosen = options.pop(name)
+            if value != default and value != chosen:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} and --set {name}={chosen}: give it once")
+            value = chosen
+        values[name] = value
+    return values
+
+
 def _option_values(values: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs, each value parsed as YAML (``latent_dim=30``, ``hidden=[256,64]``)."""
     import yaml
@@ -646,9 +660,10 @@ def embed(
         options = {"checkpoint_interval_s": checkpoint_interval, **_option_values(set_ or [])}  # --set checkpoint_interval_s=... as well
         if chunk_size is not None:
             options["chunk_size"] = chunk_size
-        result = fit_embedding(adata, model, batch_key=batch_key, label_key=label_key, layer=layer, input=input, key_added=key_added,  # type: ignore[arg-type]
-                               n_top_genes=n_top_genes or None, max_epochs=max_epochs, seed=seed, progress=not quiet, log=console.print,
-                               checkpoint_dir=checkpoints, resume=resume, **options)
+        flags = _with_set({"batch_key": (batch_key, None), "label_key": (label_key, None), "layer": (layer, None), "input": (input, "auto"),
+                           "key_added": (key_added, None), "n_top_genes": (n_top_genes, 2000), "max_epochs": (max_epochs, None), "seed": (seed, 0)}, options)
+        flags["n_top_genes"] = flags["n_top_genes"] or None
+        result = fit_embedding(adata, model, progress=not quiet, log=console.print, checkpoint_dir=checkpoints, resume=resume, **flags, **options)
         with atomic_path(out) as tmp:  # OUT appears only once the model is saved too
             results_anndata(adata).write_h5ad(tmp)
             result.save(model_dir, overwrite=overwrite)

@@ -278,6 +278,8 @@ class Annotator:
         """Rebuild a saved annotator (CPU or GPU, whatever is available) from ``directory`` or the output folder holding it (:func:`model_directory`)."""
         directory = model_directory(directory)
         meta_path = directory / "annotator.yaml"
+        if not directory.exists():
+            raise InputError(f"{directory}: model folder not found (give `annotate train`'s or `transfer`'s output folder)")
         if not meta_path.exists():
             raise InputError(f"{directory}: not a scatlas annotation model (annotator.yaml missing)")
         meta = yaml.safe_load(meta_path.read_text())
