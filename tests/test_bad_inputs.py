@@ -444,7 +444,7 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "sample_id", "--batch-key", "sample_id"],
-            "label_key and batch_key are both 'sample_id'")
+            "the batch and label columns are both 'sample_id'")
     refused(work, ["benchmark", str(files["dup_cells"]), "--embedding", "X_pca", "--label-key", "cellTypes", "--batch-key", "batch"], "cell names repeat")
     some_unlabelled = ad.read_h5ad(embedded)  # the notices (cells left out, how X was read) wait for every check: the refusal stays one line
     some_unlabelled.obs["cell_type"] = some_unlabelled.obs["cell_type"].astype(object).where(np.arange(some_unlabelled.n_obs) % 5 > 0, None)

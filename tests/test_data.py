@@ -405,6 +405,8 @@ def test_validation_names_file_key_and_values(cellbench, tmp_path):
         validate(read_anndata(path), batch_key="donor")
     with pytest.raises(InputError, match=r"good.h5ad: obs column 'cell_lines' not found \(did you mean 'cell_line'\?\); available columns"):
         validate(read_anndata(path), batch_key="batch", label_key="cell_lines")
+    with pytest.raises(InputError, match=r"good.h5ad: the batch and label columns are both 'cell_line'"):  # every command's check
+        validate(read_anndata(path), batch_key="cell_line", label_key="cell_line")
 
     nan = good.copy()
     nan.X = nan.X.toarray()

@@ -300,11 +300,14 @@ def validate(
     Raises
     ------
     InputError
-        On the first problem found, naming file, key and values: an empty matrix, repeated cell or
+        On the first problem found, naming file, key and values: one column as batch and label, an empty matrix, repeated cell or
         gene names, a missing or incomplete column, too few classes, a batch of one cell, NaN /
         infinite / negative / (with ``require_counts``) non-integer values, an all-zero matrix, or
         (with ``lognorm``) values that are not log-normalised.
     """
+    if batch_key is not None and batch_key == label_key:
+        raise InputError(f"{source_name(adata)}: the batch and label columns are both {batch_key!r}: batch scores and batch removal would take "
+                         "the cell types for batches; give the batch column (donor, sample, chemistry) as the batch key")
     check_names(adata, layer)
     check_obs_keys(adata, [batch_key, label_key, *extra_keys])
     if batch_key is not None:

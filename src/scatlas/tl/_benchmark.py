@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scatlas._errors import ConfigError, InputError
+from scatlas._errors import InputError
 from scatlas._io import write_csv
 from scatlas.data.io import INPUT_KEY, get_matrix, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
@@ -105,9 +105,6 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
-    if label_key == batch_key:
-        raise ConfigError(f"label_key and batch_key are both {label_key!r}: batch mixing would be scored as the mixing of the cell types; "
-                          "give the batch column (donor, sample, chemistry)")
     check_obs_keys(adata, [label_key], missing_ok=True)
     unlabelled = int(adata.obs[label_key].isna().sum())
     if unlabelled and graphs:
