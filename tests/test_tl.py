@@ -290,7 +290,7 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     np.testing.assert_array_equal(later.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"])
     assert "1767 of the model's 1767 genes found" in lines[-2]
     unknown = int(query.obs["author_cell_type_unknown"].sum())  # and how many cells are unknown, and why
-    assert lines[-1].startswith(f"<AnnData>: {unknown} of 430 cells unknown (") and "far from reference" in lines[-1]
+    assert lines[-1].startswith(f"query: {unknown} of 430 cells unknown (") and "far from reference" in lines[-1]
     from scatlas.data import read_anndata
 
     query.write_h5ad(tmp_path / "query.h5ad")

@@ -30,7 +30,7 @@ from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_di
                          resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
 from scatlas.data.align import GeneAlignment, checked_query
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, read_anndata, source_name, string_values, to_csr
+from scatlas.data.io import cell_chunks, get_matrix, named, read_anndata, source_name, string_values, to_csr
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import with_values
@@ -703,44 +703,45 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     """
     from scatlas.tl._transfer import ReferenceModel  # the transfer's model builds on this module
 
-    loaded = model
-    if not isinstance(model, (Annotator, ReferenceModel, str, os.PathLike)):
-        raise ConfigError(f"model: a saved model's folder, an Annotator or a ReferenceModel, not {type(model).__name__}"
-                         + (" (to learn from a labelled reference, sa.tl.transfer(reference, query, label_key=...))" if isinstance(model, ad.AnnData) else ""))
-    if not isinstance(model, (Annotator, ReferenceModel)):
-        directory = model_directory(model)
-        loaded = ReferenceModel.load(directory) if (directory / TRANSFER_FILE).exists() else Annotator.load(directory)
-    reference = loaded if isinstance(loaded, ReferenceModel) else None
-    annotator = loaded.annotator if isinstance(loaded, ReferenceModel) else loaded
-    layer, counts, alignment, said = checked_query(adata, layer, annotator.meta.get("layer"), annotator.input, annotator.genes, min_overlap, gene_key,
-                                                   "the model was trained")
-    for line in said:  # once the query passed its checks, so that bad input gets its one line alone
-        log(line)
-    log(alignment.said(source_name(adata), annotator.missing_said))
-    offset = annotator.missing_offset(alignment)
+    with named([(adata, "query")]):  # lines and errors call an in-memory AnnData "query", as tl.transfer does
+        loaded = model
+        if not isinstance(model, (Annotator, ReferenceModel, str, os.PathLike)):
+            raise ConfigError(f"model: a saved model's folder, an Annotator or a ReferenceModel, not {type(model).__name__}"
+                             + (" (to learn from a labelled reference, sa.tl.transfer(reference, query, label_key=...))" if isinstance(model, ad.AnnData) else ""))
+        if not isinstance(model, (Annotator, ReferenceModel)):
+            directory = model_directory(model)
+            loaded = ReferenceModel.load(directory) if (directory / TRANSFER_FILE).exists() else Annotator.load(directory)
+        reference = loaded if isinstance(loaded, ReferenceModel) else None
+        annotator = loaded.annotator if isinstance(loaded, ReferenceModel) else loaded
+        layer, counts, alignment, said = checked_query(adata, layer, annotator.meta.get("layer"), annotator.input, annotator.genes, min_overlap, gene_key,
+                                                       "the model was trained")
+        for line in said:  # once the query passed its checks, so that bad input gets its one line alone
+            log(line)
+        log(alignment.said(source_name(adata), annotator.missing_said))
+        offset = annotator.missing_offset(alignment)
 
-    empty: list[np.ndarray] = []
+        empty: list[np.ndarray] = []
 
-    def calls(X: Any) -> tuple[np.ndarray, pd.DataFrame | None]:
-        empty.append(no_counts(X))
-        if reference is None:
-            return annotator.predict_proba(X, offset), None
-        proba, distance = reference.scores(X, offset)
-        return proba, reference.unknown(proba, distance, empty[-1])
+        def calls(X: Any) -> tuple[np.ndarray, pd.DataFrame | None]:
+            empty.append(no_counts(X))
+            if reference is None:
+                return annotator.predict_proba(X, offset), None
+            proba, distance = reference.scores(X, offset)
+            return proba, reference.unknown(proba, distance, empty[-1])
 
-    parts = [calls(annotator.model_input(part, layer, alignment, counts)) for part in cell_chunks(adata, chunk_size)]
-    flags = None if reference is None else pd.concat([f for _, f in parts], ignore_index=True)
-    if flags is not None:
-        log(unknown_said(source_name(adata), flags))
-    n_empty = int(np.concatenate(empty).sum())
-    if n_empty:
-        log(no_counts_said(source_name(adata), n_empty, adata.n_obs, flagged=reference is not None))
-    key = annotator.meta.get("label_key") or "cell_type"
-    write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), flags)
-    adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}
-    adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
-                                       "ontology": str(annotator.labels.ontology_version), "version": __version__}
-    return annotator
+        parts = [calls(annotator.model_input(part, layer, alignment, counts)) for part in cell_chunks(adata, chunk_size)]
+        flags = None if reference is None else pd.concat([f for _, f in parts], ignore_index=True)
+        if flags is not None:
+            log(unknown_said(source_name(adata), flags))
+        n_empty = int(np.concatenate(empty).sum())
+        if n_empty:
+            log(no_counts_said(source_name(adata), n_empty, adata.n_obs, flagged=reference is not None))
+        key = annotator.meta.get("label_key") or "cell_type"
+        write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), flags)
+        adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}
+        adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
+                                           "ontology": str(annotator.labels.ontology_version), "version": __version__}
+        return annotator
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,
