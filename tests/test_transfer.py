@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from scatlas.cli import app
 from scatlas.metrics import expected_calibration_error, fit_temperature
 from scatlas.metrics.calibration import softmax
-from scatlas.tl._annotation import METHODS, Annotator
+from scatlas.tl._annotation import METHODS, Annotator, unknown_reasons, unknown_said
 from scatlas.tl._transfer import load_transfer_config, run_transfer
 
 runner = CliRunner()
@@ -307,7 +307,8 @@ def test_unseen_labels_reported_and_unknowns(chemistries, tmp_path):
     adata.write_h5ad(tmp_path / "q.h5ad")
     lines: list[str] = []
     summary = run_transfer(_config(reference, [tmp_path / "q.h5ad"], training={"max_epochs": 5, "batch_size": 64, "patience": 0}), tmp_path / "out", log=lines.append)
-    assert f"q: 2 of {adata.n_obs} cells have no counts in the model's genes: called unknown" in lines
+    said = next(line for line in lines if line.startswith("q: ") and "cells unknown" in line)  # no counts: one reason among the others
+    assert "2 no counts in the model's genes" in said and not any("have no counts" in line for line in lines)
     assert f"q: 3 of {adata.n_obs} cells have no true label in obs column 'author_cell_type': left out of the evaluation" in lines
     assert summary.set_index("dataset").loc["q", "n_cells_unlabelled"] == 3
     assert pd.read_csv(tmp_path / "out" / "q" / "metrics.csv")["n_cells"].item() == adata.n_obs - 3 - 7  # neither unlabelled nor unseen
@@ -584,6 +585,18 @@ def test_default_transfer_imports_no_torch_optimiser():
     assert "fitted full-batch to convergence: max_epochs do not apply" in done.stdout
 
 
+def test_unknown_line_counts_each_reason_and_says_overlap_only_when_there_is_one():
+    flags = pd.DataFrame({"unknown_low_confidence": [True, False, False, True], "unknown_far_from_reference": [False, True, False, False],
+                          "unknown_no_counts": [False, False, False, False]})
+    flags["unknown"] = flags.any(axis=1)
+    assert unknown_said("q", flags) == "q: 3 of 4 cells unknown (2 low confidence, 1 far from reference)"
+    flags.loc[0, ["unknown_far_from_reference", "unknown_no_counts"]] = True
+    assert unknown_said("q", flags) == ("q: 3 of 4 cells unknown (2 low confidence, 2 far from reference, 1 no counts in the model's genes; "
+                                        "a cell may have several reasons)")
+    assert list(unknown_reasons(flags)) == ["low confidence & far from reference & no counts", "far from reference", None, "low confidence"]
+    assert unknown_said("q", flags.iloc[[2]]) == "q: 0 of 1 cells unknown"
+
+
 def test_tl_transfer_leaves_all_zero_and_unlabelled_reference_cells_without_a_call():
     """The fit leaves an all-zero reference cell out (with a notice); writing the reference's calls used to fail on the
     length (749 calls for 750 cells). That cell gets no call and counts as unknown; every other cell gets one. Cells
@@ -612,7 +625,7 @@ def test_tl_transfer_leaves_all_zero_and_unlabelled_reference_cells_without_a_ca
     assert (others["author_cell_type_pred"] == others["author_cell_type"]).mean() > 0.9
     lines.clear()
     sa.tl.annotate(reference, model, log=lines.append)  # the all-zero cell as a query: flagged unknown, said once
-    assert reference.obs["author_cell_type_unknown"].iloc[3] and lines[-1].endswith("1 of 750 cells have no counts in the model's genes: called unknown")
+    assert reference.obs["author_cell_type_unknown"].iloc[3] and "1 no counts in the model's genes" in lines[-1]
     assert reference.obs["author_cell_type_unknown_reason"].iloc[3] == "no counts"
     sa.tl.annotate(reference, model.annotator, log=lines.append)  # without the reference model: no flags, but said
     assert lines[-1].endswith("their calls rest on the model's intercepts alone (a transfer's reference model flags them unknown)")

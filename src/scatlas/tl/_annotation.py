@@ -595,10 +595,10 @@ def no_counts(X: Any) -> np.ndarray:
     return np.asarray(X.sum(axis=1)).ravel() == 0
 
 
-def no_counts_said(source: str, n: int, n_cells: int, flagged: bool) -> str:
-    """The one line saying that ``n`` cells of ``source`` have no counts in the model's genes, and what their calls are."""
-    what = "called unknown" if flagged else "their calls rest on the model's intercepts alone (a transfer's reference model flags them unknown)"
-    return f"{source}: {n} of {n_cells} cells have no counts in the model's genes: {what}"
+def no_counts_said(source: str, n: int, n_cells: int) -> str:
+    """The one line saying that ``n`` cells of ``source`` have no counts in the model's genes, called by an annotator without flags."""
+    return (f"{source}: {n} of {n_cells} cells have no counts in the model's genes: their calls rest on the model's intercepts alone "
+            "(a transfer's reference model flags them unknown)")
 
 
 UNKNOWN_REASONS = {"unknown_low_confidence": "low confidence", "unknown_far_from_reference": "far from reference", "unknown_no_counts": "no counts"}
@@ -617,8 +617,12 @@ def unknown_reasons(flags: pd.DataFrame) -> np.ndarray:
 
 def unknown_said(source: str, flags: pd.DataFrame) -> str:
     """One line: how many of a reference model's calls (``flags``: :meth:`~scatlas.tl.ReferenceModel.unknown`'s columns) are unknown, and why."""
-    why = ", ".join(f"{n} {words}" for column, words in UNKNOWN_REASONS.items() if (n := int(flags[column].sum())))
-    return f"{source}: {int(flags['unknown'].sum())} of {len(flags)} cells unknown" + (f" ({why}; a cell may have several reasons)" if why else "")
+    counts = {column: int(flags[column].sum()) for column in UNKNOWN_REASONS}
+    words = {**UNKNOWN_REASONS, "unknown_no_counts": "no counts in the model's genes"}
+    why = ", ".join(f"{n} {words[column]}" for column, n in counts.items() if n)
+    n_unknown = int(flags["unknown"].sum())
+    several = "; a cell may have several reasons" if sum(counts.values()) > n_unknown else ""
+    return f"{source}: {n_unknown} of {len(flags)} cells unknown" + (f" ({why}{several})" if why else "")
 
 
 def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, flags: pd.DataFrame | None = None,
@@ -733,9 +737,8 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         flags = None if reference is None else pd.concat([f for _, f in parts], ignore_index=True)
         if flags is not None:
             log(unknown_said(source_name(adata), flags))
-        n_empty = int(np.concatenate(empty).sum())
-        if n_empty:
-            log(no_counts_said(source_name(adata), n_empty, adata.n_obs, flagged=reference is not None))
+        elif n_empty := int(np.concatenate(empty).sum()):  # a reference model's line above counts them
+            log(no_counts_said(source_name(adata), n_empty, adata.n_obs))
         key = annotator.meta.get("label_key") or "cell_type"
         write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), flags)
         adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}

@@ -32,7 +32,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import (ChunkedTable, check_checkpoint_settings, check_output_dir, checkpoint_path, checkpoints_beside, resumable_training,
                          staged_dir, write_csv, write_npy, write_yaml)
 from scatlas.tl._annotation import (METHODS, TRANSFER_FILE, Annotator, classifier_entry, config_record, default_method, fit_classifier,
-                                    model_directory, no_counts, no_counts_said, reference_means, refit_full_batch, resolve_model, unknown_said, write_calls)
+                                    model_directory, no_counts, reference_means, refit_full_batch, resolve_model, unknown_said, write_calls)
 from scatlas.tl._labels import LabelSpace, label_space
 from scatlas.data.dataset import CellData, DatasetConfig, cell_data, load_dataset
 from scatlas.data.io import cell_chunks, get_var, named, on_disk, read_anndata, source_name, string_values, var_name
@@ -227,9 +227,8 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, read: tuple[str | No
     Each chunk's predictions and probabilities go to ``sink`` (e.g. appended to files); returned
     are the compact predictions of every cell (:func:`_compact`) and the gene alignment
     (``config``'s ``min_overlap`` and ``query_gene_key``). ``log`` gets the gene overlap, how
-    many cells are unknown and why (:func:`~scatlas.tl._annotation.unknown_said`) and, if any,
-    the number of cells with no counts in the model's genes, for the query ``name`` (default:
-    its file's name).
+    many cells are unknown and why (:func:`~scatlas.tl._annotation.unknown_said`), for the
+    query ``name`` (default: its file's name).
     """
     annotator = model.annotator
     layer, counts = read
@@ -243,8 +242,6 @@ def predict_query(model: ReferenceModel, adata: ad.AnnData, read: tuple[str | No
     compact, name = pd.concat(kept, ignore_index=True), name or source_name(adata)
     log(alignment.said(f"{name} ({adata.n_obs} cells)", annotator.missing_said))
     log(unknown_said(name, compact))
-    if compact["unknown_no_counts"].any():
-        log(no_counts_said(name, int(compact["unknown_no_counts"].sum()), adata.n_obs, flagged=True))
     return compact, alignment
 
 
