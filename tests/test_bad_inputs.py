@@ -241,7 +241,7 @@ def test_validate_reports_empty_cells_genes_and_one_batch(files, work):
     a.write_h5ad(work / "sparse_holes.h5ad")
     result = runner.invoke(app, ["validate", str(work / "sparse_holes.h5ad"), "--batch-key", "one", "--label-key", "label"])
     assert result.exit_code == 0, result.output
-    assert "4 all-zero cells and 7 all-zero genes (of 197 × 1047) are left out of training" in result.output  # of the labelled cells
+    assert "4 all-zero cells and 7 all-zero genes (of 197 cells × 1047 genes) are left out of training" in result.output  # of the labelled cells
     assert "holds one batch ('b1')" in result.output
     # cells without a label: what annotate / transfer would do with them, and who refuses them
     assert ("3 of 200 cells have no label in obs column 'label': left out of training (map them as a query to call them), by "
@@ -409,6 +409,10 @@ def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_cl
         sa.tl.transfer(kang, kang, label_key="cell_type", confidence=0.3, max_epoch=3, log=lambda _: None)  # training settings are keywords too
     with pytest.raises(ConfigError, match="^ae: latent: unknown setting; did you mean 'latent_dim'\\?; max_epoch: .* 'max_epochs'\\?$"):
         sa.tl.embed(kang, "ae", latent=5, max_epoch=3)
+    with pytest.raises(ConfigError, match="^nmf: n_components: unknown setting; did you mean 'rank'\\?; n_epochs: .* 'max_epochs'\\?$"):
+        sa.tl.embed(kang, "nmf", n_components=5, n_epochs=3)  # scikit-learn's / scvi-tools' names lead to ours
+    with pytest.raises(ConfigError, match="^ae: n_latent: unknown setting; did you mean 'latent_dim'\\?; learning_rate: .* 'lr'\\?$"):
+        sa.tl.embed(kang, "ae", n_latent=5, learning_rate=0.1)
     with pytest.raises(InputError, match="^reference: obs column 'author_cell_type': unknown or deprecated Cell Ontology ids: 'B cells', 'CD14\\+ Monocytes',"):
         sa.tl.transfer(kang, kang, label_key="cell_type", ontology_key="author_cell_type", log=lambda _: None)  # names, not np.str_('B cells')
     with pytest.raises(ConfigError, match="C: only for solver 'lbfgs'"):

@@ -89,9 +89,16 @@ def _message(error: Any, schema: type[BaseModel] | None) -> str:
     return str(raised) if raised is not None else error["msg"]
 
 
+#: Names other libraries give our settings (scikit-learn, scanpy, scvi-tools), tried before spelling in :func:`unknown_setting`.
+SYNONYMS = {"n_components": ("rank", "latent_dim"), "n_comps": ("n_components", "rank", "latent_dim"), "n_latent": ("latent_dim", "rank"),
+            "n_epochs": ("max_epochs",), "epochs": ("max_epochs",), "learning_rate": ("lr",), "dropout_rate": ("dropout",),
+            "n_hidden": ("hidden",), "early_stopping_patience": ("patience",), "random_state": ("seed",)}
+
+
 def unknown_setting(name: str, known: Sequence[str]) -> str:
-    """What to say of a setting none of ``known`` matches: the closest known name, or all of them."""
-    close = closest(name, known)
+    """What to say of a setting none of ``known`` matches: the known name another library calls ``name``
+    (:data:`SYNONYMS`), else the closest known name, or all of them."""
+    close = next((s for s in SYNONYMS.get(name, ()) if s in known), None) or closest(name, known)
     return f"unknown setting; did you mean {close!r}?" if close else f"unknown setting; known: {', '.join(known)}"
 
 
