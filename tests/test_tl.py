@@ -516,4 +516,25 @@ def test_embed_without_a_model_removes_the_batch_it_is_given():
     assert said[0] == "pca does not use the batch key 'batch': its latent keeps any batch effect (fe removes it; README \"Which model for integration\")"
     said.clear()
     sa.tl.embed(mesc.copy(), "fe", batch_key="batch", max_epochs=1, log=said.append)
-    assert not any("does not use the batch" in line or line.startswith("model:") for line in said)
+    assert not any("does not use the batch" in line or "models the batch" in line or line.startswith("model:") for line in said)
+    said.clear()  # a model of the batch given one batch trains, and says it has nothing to remove
+    sa.tl.embed(one, "fe", batch_key="run", max_epochs=1, log=said.append)
+    assert said[0] == ("fe models the batch, but obs column 'run' holds one batch: with one batch there is no batch effect to remove or model "
+                       "(`batch_key` / --batch-key names the batch column)")
+    sa.tl.embed(mesc.copy(), "re", max_epochs=1, log=said.append)
+    assert said[-2].startswith("re models the batch, but no batch key was given")
+
+
+def test_factor_and_component_counts_are_checked_against_the_data(symphony):
+    """A rank above the genes (or, for scikit-learn's NMF, the training cells) is refused in one line; PCA fits fewer
+    components than asked only with a line saying why."""
+    adata, said = symphony[:300].copy(), []
+    for model in ("nmf", "aenmf", "cond_aenmf"):
+        with pytest.raises(sa.ConfigError, match=f"^{model}: rank 400 is above the 300 genes the model reads"):
+            sa.tl.embed(adata, model, batch_key="batch", n_top_genes=300, rank=400, max_epochs=1)
+    with pytest.raises(sa.ConfigError, match="^nmf: rank 280 is above the 270 training cells"):
+        sa.tl.embed(adata, "nmf", n_top_genes=None, rank=280)
+    assert not any(key.startswith("X_") for key in adata.obsm)
+    sa.tl.embed(adata, "pca", n_components=500, log=said.append)
+    assert said[-1].startswith("pca: 269 components, not n_components 500: at most the training cells less one (269) and the genes (")
+    assert adata.obsm["X_pca"].shape == (300, 269)

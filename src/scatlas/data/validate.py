@@ -139,8 +139,8 @@ class MatrixSummary:
         n_cells, n_genes = int(self.empty_cells.sum()), int(self.empty_genes.sum())
         if not n_cells and not n_genes:
             return None
-        return (f"{self.source}: {n_cells} all-zero cells and {n_genes} all-zero genes (of {self.empty_cells.size} × "
-                f"{self.empty_genes.size}) are left out of training")
+        found = " and ".join(f"{n} all-zero {what}" for n, what in ((n_cells, "cells"), (n_genes, "genes")) if n)
+        return f"{self.source}: {found} (of {self.empty_cells.size} cells × {self.empty_genes.size} genes) are left out of training"
 
 
 def _scan_chunk(chunk: sp.spmatrix | np.ndarray, whole: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:

@@ -122,6 +122,9 @@ class _SplitRunner:
     def run_embedding(self, model: EmbeddingModel, sdata: SplitData, split: Split, resume: bool) -> None:
         """Fit, then write latents, reconstructions, counterfactuals, scores and figures of every part."""
         cfg, layout, n = self.config, self.layout, split.number
+        said = model.size_said(len(sdata.train), sdata.n_genes)
+        if said:
+            self.log(f"split {n}: {said}")
         history = model.fit(sdata, layout.checkpoint_dir(n), resume=resume)
         if not is_main_process():  # other DDP ranks only take part in training; rank 0 writes
             return

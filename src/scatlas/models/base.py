@@ -156,6 +156,16 @@ class EmbeddingModel(abc.ABC):
         """Training settings that depend on the number of training cells, applied at :meth:`fit` where the user set none."""
         return {}
 
+    def size_said(self, n_train: int, n_genes: int) -> str | None:
+        """Before :meth:`fit`: a line when ``n_train`` cells × ``n_genes`` genes give the model fewer dimensions than asked.
+
+        Raises
+        ------
+        ConfigError
+            Where the model cannot be fitted at that size as configured (more factors than genes).
+        """
+        return None
+
     @abc.abstractmethod
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
         """Train on ``data.train`` (early-stopping on ``data.val``); return the epoch history or ``None``."""

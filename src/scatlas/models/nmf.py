@@ -29,7 +29,7 @@ from sklearn.decomposition import MiniBatchNMF
 from torch import nn
 from torch.nn import functional as F
 
-from scatlas._errors import InputError
+from scatlas._errors import ConfigError, InputError
 from scatlas.data.loaders import Batch
 from scatlas.data.sources import read_rows
 from scatlas.models.base import EmbeddingModel, ModelConfig, NeuralModel, SklearnState, SplitData, register
@@ -52,6 +52,13 @@ class NMFConfig(ModelConfig):
     minibatch: bool = False
 
 
+def _check_rank(config: Any, n_genes: int) -> None:
+    """Refuse more factors than the genes they are made of (non-negative factors beyond that are not identifiable)."""
+    if config.rank > n_genes:
+        raise ConfigError(f"{config.type}: rank {config.rank} is above the {n_genes:,} genes the model reads: at most one factor per gene "
+                          "(lower the rank, or raise n_top_genes)")
+
+
 @register("nmf")
 class NMF(SklearnState, EmbeddingModel):
     """scikit-learn NMF (init nndsvda, coordinate descent) or MiniBatchNMF, fitted on the training cells.
@@ -63,6 +70,14 @@ class NMF(SklearnState, EmbeddingModel):
     Config = NMFConfig
     latent_name = "H"
     estimator_attr = "nmf"
+
+    def size_said(self, n_train: int, n_genes: int) -> str | None:
+        """Refuse a rank above the genes or the training cells (scikit-learn's NNDSVD start needs both)."""
+        _check_rank(self.config, n_genes)
+        if self.config.rank > n_train:  # type: ignore[attr-defined]
+            raise ConfigError(f"nmf: rank {self.config.rank} is above the {n_train:,} training cells; its start (NNDSVD) allows at most "  # type: ignore[attr-defined]
+                              "that many factors: choose a smaller rank, or aenmf")
+        return None
 
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
         """Fit W on the training cells (no epoch history)."""
@@ -299,6 +314,11 @@ class AENMF(NeuralModel):
 
     Config = AENMFConfig
     latent_name = "H"
+
+    def size_said(self, n_train: int, n_genes: int) -> str | None:
+        """Refuse a rank above the genes."""
+        _check_rank(self.config, n_genes)
+        return None
 
     def build_module(self, data: SplitData) -> nn.Module:
         """The tied non-negative autoencoder."""

@@ -34,10 +34,19 @@ class PCA(SklearnState, EmbeddingModel):
         if not sp.issparse(data.X):
             raise ConfigError("model 'pca' needs the matrix in memory (it densifies the training cells); it cannot be streamed from a "
                               "backed file: load the file, or stream a trained model (ae, fe, aenmf, ...)")
-        n = min(self.config.n_components, len(data.train) - 1, data.n_genes)  # type: ignore[attr-defined]
-        self.pca = SkPCA(n_components=n, random_state=self.train_config.seed)
+        self.pca = SkPCA(n_components=self._components(len(data.train), data.n_genes), random_state=self.train_config.seed)
         self.pca.fit(data.X[data.train].toarray())
         return None
+
+    def _components(self, n_train: int, n_genes: int) -> int:
+        """Components fitted: ``n_components``, at most the training cells less one and the genes."""
+        return min(self.config.n_components, n_train - 1, n_genes)  # type: ignore[attr-defined]
+
+    def size_said(self, n_train: int, n_genes: int) -> str | None:
+        """A line when fewer components than ``n_components`` can be fitted."""
+        n, asked = self._components(n_train, n_genes), self.config.n_components  # type: ignore[attr-defined]
+        return None if n == asked else (f"pca: {n} components, not n_components {asked}: at most the training cells less one ({n_train - 1:,}) "
+                                        f"and the genes ({n_genes:,})")
 
     def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """Principal-component coordinates."""

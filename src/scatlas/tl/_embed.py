@@ -126,6 +126,9 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
     settings = parse_settings(TrainingConfig, training, "training: ")
     model = build_model(config, settings.to_train_config(seed, progress))
     assert isinstance(model, EmbeddingModel)
+    said = model.size_said(len(data.train), data.n_genes)
+    if said:
+        log(said)
     sized = model.unset(model.sized_training(len(data.train)))
     if sized:
         cfg = model.train_config
@@ -361,8 +364,12 @@ def _plain(value: Any) -> Any:
 def default_model(adata: ad.AnnData, batch_key: str | None) -> str:
     """``fe`` when ``batch_key`` names a column of two or more batches (the measured best at removing them, README
     "Which model for integration"), else ``ae``."""
-    several = batch_key is not None and (batch_key not in adata.obs or adata.obs[batch_key].nunique() > 1)  # a missing column: validation names it
-    return "fe" if several else "ae"
+    return "fe" if several_batches(adata, batch_key) else "ae"
+
+
+def several_batches(adata: ad.AnnData, batch_key: str | None) -> bool:
+    """Whether ``batch_key`` names a column of two or more batches (or a column ``adata`` lacks, which validation then names)."""
+    return batch_key is not None and (batch_key not in adata.obs or adata.obs[batch_key].nunique() > 1)
 
 
 def embed(
@@ -470,6 +477,9 @@ def embed(
     if batch_key is not None and issubclass(REGISTRY[model], EmbeddingModel) and not REGISTRY[model].batch_aware:
         instead = "cond_aenmf conditions its factors on it" if model in ("nmf", "aenmf") else "fe removes it; README \"Which model for integration\""
         notices.append(f"{model} does not use the batch key {batch_key!r}: its latent keeps any batch effect ({instead})")
+    if not several_batches(adata, batch_key) and issubclass(REGISTRY[model], EmbeddingModel) and REGISTRY[model].batch_aware:
+        notices.append(f"{model} models the batch, but {'no batch key was given' if batch_key is None else f'obs column {batch_key!r} holds one batch'}: "
+                       "with one batch there is no batch effect to remove or model (`batch_key` / --batch-key names the batch column)")
     checkpoint_dir = checkpoint_path(checkpoint_dir, resume)
     counts, decided = resolve_input(adata, layer, input)
     notices += [decided] if decided else []
