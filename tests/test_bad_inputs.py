@@ -440,6 +440,14 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
             "one training sample", "finer sample key")
     refused(work, ["aggregate", kang, "--out", "agg", "--sample-key", "sample_id"], "--label-key")
     refused(work, ["aggregate", "--out", "agg", "--toy", "spiral"], "unknown check 'spiral'")
+    counted = ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--batch-key", "sample_id"]  # settings out of range: one line, not a crash
+    for extra, said in [(["--seeds", "0"], "--seeds: 0; train at least one seed"),  # was an UnboundLocalError
+                        (["--sample-key", "sample_id", "--features", "pca:0"], "'pca:0': pca:<k> takes a whole number of components k >= 1"),
+                        (["--sample-key", "sample_id", "--features", "pca:x"], "'pca:x'"),  # was a ValueError
+                        (["--cells-per-sample", "0"], "--cells-per-sample: 0"), (["--sample-key", "sample_id", "--cells-per-view", "0"], "--cells-per-view: 0"),
+                        (["--sample-key", "sample_id", "--max-epochs", "0"], "max_epochs: Input should be greater than or equal to 1"),
+                        (["--sample-key", "sample_id", "--cells-per-sample", "20"], "give --sample-key (the samples are in the data) or --cells-per-sample")]:
+        refused(work, counted + (["--sample-key", "sample_id"] if extra[0] == "--seeds" else []) + extra, said)
     embedded = str(files["kang_embedded"])
     kang_names = ad.read_h5ad(files["kang_embedded"], backed="r").obs_names
     refused(work, ["benchmark", embedded, "--embedding", "X_scvi", "--label-key", "cell_type", "--batch-key", "sample_id"], "['X_scvi'] not in .obsm")

@@ -263,9 +263,11 @@ def test_genes_as_features_are_refused_when_they_would_not_fit_in_memory():
 
 def test_make_samples_groups():
     obs = pd.DataFrame({"label": ["a"] * 25 + ["b"] * 9, "batch": ["p1"] * 34})
-    ids = make_samples(obs, ["label", "batch"], 10)
+    said: list[str] = []
+    ids = make_samples(obs, ["label", "batch"], 10, said.append)
     sizes = pd.Series(ids).value_counts()
     assert sizes.sum() == 34 and sizes.min() >= 9 and all(i.startswith(("a|p1", "b|p1")) for i in sizes.index)
+    assert said == ["1 of 2 label × batch groups hold fewer than 10 cells (smallest 9): each is one sample"]
 
 
 

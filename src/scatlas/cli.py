@@ -552,11 +552,18 @@ def aggregate(
     settings: dict[str, Any] = {"normalize": normalize, "sphering": sphering, "seeds": list(range(seeds)), "width": width, "out_width": width,
                                 "max_epochs": max_epochs, "features": features, "layer": layer, "input": input, "group_key": group_key, "chunk_size": chunk_size,
                                 "checkpoint_interval_s": checkpoint_interval,
-                                **({"cells_mean": cells_per_view} if cells_per_view else {})}
+                                **({"cells_mean": cells_per_view} if cells_per_view is not None else {})}
     if toy is not None and toy != "covariance":
         raise ConfigError(f"--toy: unknown check {toy!r}; available: covariance")
     if toy is None and (data is None or label_key is None or (sample_key is None and cells_per_sample is None)):
         raise ConfigError("aggregate: give DATA, --label-key and --sample-key (or --cells-per-sample), or --toy covariance")
+    if sample_key is not None and cells_per_sample is not None:
+        raise ConfigError("aggregate: give --sample-key (the samples are in the data) or --cells-per-sample (samples drawn from each label × batch), "
+                          "not both")
+    for option, value, least in (("--cells-per-sample", cells_per_sample, "a sample holds at least one cell"),
+                                 ("--cells-per-view", cells_per_view, "a view holds at least one cell"), ("--seeds", seeds, "train at least one seed")):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option}: {value}; {least}")
     check_output_dir(out, overwrite, (data,) if data is not None else ())
     notices: list[str] = []
     with resumable_training(checkpoints_beside(out), resume, overwrite, console.print) as checkpoints:
@@ -578,7 +585,8 @@ def aggregate(
                 raise InputError(f"{data}: --sample-key columns {missing} not found{did_you_mean(missing[0], cells.obs.columns)}; "
                                  f"available: {list(cells.obs.columns)[:30]}")
             if sample_key is None:
-                cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample or 10)
+                assert cells_per_sample is not None
+                cells.obs["scatlas_sample"] = make_samples(cells.obs, [k for k in (label_key, batch_key) if k], cells_per_sample, notices.append)
             elif combined:  # e.g. --sample-key donor_id,cell_type
                 cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
         summary = run_aggregation(cells, load_aggregate_config(settings), out, overwrite=overwrite, log=_said_first(notices), checkpoint_dir=checkpoints,

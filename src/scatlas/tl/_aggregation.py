@@ -15,13 +15,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scatlas._describe import did_you_mean
 from scatlas._errors import InputError, UnpairedError
@@ -134,23 +134,30 @@ class AggregateConfig(BaseModel):
     sphering: bool = False
     sphering_reg: float = Field(1e-2, gt=0)
     test_fraction: float = Field(0.3, gt=0, lt=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    width: int = 2048
-    head_width: int = 256
-    out_width: int = 2048
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    width: int = Field(2048, ge=1)
+    head_width: int = Field(256, ge=1)
+    out_width: int = Field(2048, ge=1)
     pooling: Literal["sum", "mean"] = "sum"
-    temperature: float = 0.1
-    labels_per_batch: int = 18
-    views: int = 4
-    cells_mean: float | None = None
-    cells_sd: float | None = None
-    cells_min: int | None = None
-    max_epochs: int = 100
-    patience: int = 20
-    lr: float = 5e-4
-    weight_decay: float = 0.01
+    temperature: float = Field(0.1, gt=0)
+    labels_per_batch: int = Field(18, ge=2)
+    views: int = Field(4, ge=2)
+    cells_mean: float | None = Field(None, gt=0)
+    cells_sd: float | None = Field(None, ge=0)
+    cells_min: int | None = Field(None, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(20, ge=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
     chunk_size: int = Field(65_536, gt=0)
     checkpoint_interval_s: float = Field(60.0, ge=0)
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("pca:") and not (value[4:].isdigit() and int(value[4:]) >= 1):
+            raise ValueError(f"{value!r}: pca:<k> takes a whole number of components k >= 1, e.g. 'pca:50'")
+        return value
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> AggregateConfig:
@@ -203,6 +210,8 @@ def cells_from_anndata(adata: ad.AnnData, config: AggregateConfig, source: str =
         cells.features = [f"PC{i + 1}" for i in range(cells.X.shape[1])]
     if decided:
         log(f"{decided} for {config.features}")
+    if pca and cells.X.shape[1] < int(config.features[4:]):  # type: ignore[index]
+        log(f"{config.features}: {cells.X.shape[1]} components, at most the highly variable genes and the cells less one")
     return cells
 
 
@@ -690,12 +699,15 @@ def toy_covariance(seed: int = 0, n_classes: int = 10, n_sets: int = 4, n_points
     return CellTable(np.concatenate(X).astype(np.float32), pd.DataFrame(rows), "toy covariance")
 
 
-def make_samples(obs: pd.DataFrame, by: list[str], size: int, seed: int = 0) -> pd.Categorical:
+def make_samples(obs: pd.DataFrame, by: list[str], size: int, log: Log = print, seed: int = 0) -> pd.Categorical:
     """Sample ids that split the cells of each ``by`` group into random chunks of about ``size`` cells (a categorical:
-    the cells of a sample share one string)."""
+    the cells of a sample share one string); a group of fewer cells is one sample, and ``log`` counts those groups."""
     rng = np.random.default_rng(seed)
     ids = np.empty(len(obs), dtype=object)
-    for key, rows in obs.groupby(by, observed=True).indices.items():
+    groups = obs.groupby(by, observed=True).indices
+    if small := [len(rows) for rows in groups.values() if len(rows) < size]:
+        log(f"{len(small)} of {len(groups)} {' × '.join(by)} groups hold fewer than {size} cells (smallest {min(small)}): each is one sample")
+    for key, rows in groups.items():
         key = key if isinstance(key, tuple) else (key,)
         rows = rng.permutation(rows)
         n_chunks = max(1, len(rows) // size)
