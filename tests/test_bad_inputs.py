@@ -8,6 +8,7 @@ and that nothing under the working directory was created or changed.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -413,6 +414,12 @@ def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_cl
         sa.tl.embed(kang, "nmf", n_components=5, n_epochs=3)  # scikit-learn's / scvi-tools' names lead to ours
     with pytest.raises(ConfigError, match="^ae: n_latent: unknown setting; did you mean 'latent_dim'\\?; learning_rate: .* 'lr'\\?$"):
         sa.tl.embed(kang, "ae", n_latent=5, learning_rate=0.1)
+    for wrong, said in [({"seed": -1}, "seed: Input should be greater than or equal to 0"), ({"scale": "zscore"}, "scale: Input should be 'none'"),
+                        ({"val_fraction": 1.5}, "val_fraction: Input should be less than 1"), ({"n_top_genes": -3}, "n_top_genes: Input")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(said)}"):  # were a traceback from numpy, a TypeError, a scikit-learn error, a silent run
+            sa.tl.embed(kang, "pca", **wrong)
+    with pytest.raises(ConfigError, match="^seed: Input should be greater than or equal to 0"):
+        sa.tl.transfer(kang, kang, label_key="cell_type", seed=-5, log=lambda _: None)
     with pytest.raises(InputError, match="^reference: obs column 'author_cell_type': unknown or deprecated Cell Ontology ids: 'B cells', 'CD14\\+ Monocytes',"):
         sa.tl.transfer(kang, kang, label_key="cell_type", ontology_key="author_cell_type", log=lambda _: None)  # names, not np.str_('B cells')
     with pytest.raises(ConfigError, match="C: only for solver 'lbfgs'"):

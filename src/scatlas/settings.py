@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from scatlas.train import TrainConfig
 
 S = TypeVar("S", bound=BaseModel)
+
+#: A random seed: numpy, torch and Lightning take 0 to 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 class Strict(BaseModel):
@@ -41,7 +44,7 @@ class SplitConfig(Strict):
     n_splits: int = Field(5, ge=3)
     group_key: str | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class TrainingConfig(Strict):

@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
 from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, validate_entry
-from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Strict, unknown_settings
+from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Seed, Strict, unknown_settings
 
 
 class EvaluationConfig(Strict):
@@ -58,7 +58,7 @@ class ExperimentConfig(Strict):
     models: list[ModelConfig]
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("models", mode="before")
     @classmethod

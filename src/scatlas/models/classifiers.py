@@ -246,13 +246,13 @@ class TabNetConfig(ClassifierConfig):
     """TabNet classifier (scTab: n_d 128, n_a 64, 1 step, γ 1.3, virtual batch 256, entmax, λ 1e-5; lr 5e-3, wd 0.05)."""
 
     type: str = "tabnet"
-    n_d: int = 128
-    n_a: int = 64
+    n_d: int = Field(128, ge=1)
+    n_a: int = Field(64, ge=1)
     n_steps: int = Field(1, ge=1)
-    gamma: float = 1.3
-    virtual_batch_size: int = 256
+    gamma: float = Field(1.3, ge=1)
+    virtual_batch_size: int = Field(256, ge=2)
     mask: Literal["entmax", "sparsemax"] = "entmax"
-    sparsity_weight: float = 1e-5
+    sparsity_weight: float = Field(1e-5, ge=0)
     training: dict[str, Any] = Field(default_factory=lambda: {"lr": 5e-3, "weight_decay": 0.05, "lr_decay": 0.9, "gradient_clip": 1.0})
 
 

@@ -300,11 +300,11 @@ class CondAENMFConfig(AENMFConfig):
     type: str = "cond_aenmf"
     formulation: Literal["offset", "decoder"] = "offset"
     row_normalize: bool = True
-    ridge_w: float = 1e-2
-    ridge_u: float = 1e-1
-    invariance: float = 1e-3
-    hsic: float = 5e-4
-    warmup_epochs: int = 5
+    ridge_w: float = Field(1e-2, ge=0)
+    ridge_u: float = Field(1e-1, ge=0)
+    invariance: float = Field(1e-3, ge=0)
+    hsic: float = Field(5e-4, ge=0)
+    warmup_epochs: int = Field(5, ge=0)
     latent: Literal["shared", "cond", "concat"] = "shared"
 
 

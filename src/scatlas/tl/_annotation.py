@@ -34,7 +34,7 @@ from scatlas.data.io import cell_chunks, get_matrix, named, read_anndata, source
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import with_values
-from scatlas.settings import SplitConfig, TrainingConfig, parse_settings
+from scatlas.settings import Seed, SplitConfig, TrainingConfig, parse_settings
 from scatlas.data.splits import make_splits
 from scatlas.metrics.annotation import annotation_tables, confusion_counts, hierarchical_correct
 from scatlas.metrics.stats import fold_summary
@@ -137,7 +137,7 @@ class AnnotateConfig(BaseModel):
     final_model: bool = True
     cross_validate: bool = True
     call_precision: float = Field(0.95, gt=0, le=1)
-    seed: int = 0
+    seed: Seed = 0
 
     _model = field_validator("model")(classifier_entry)
 

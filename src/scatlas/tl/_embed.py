@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import yaml
+from pydantic import Field
 
 from scatlas import __version__
 from scatlas._describe import described, listed, settings_line
@@ -32,7 +33,7 @@ from scatlas.data import splits
 from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import InputKind, resolve_input, validate
 from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
-from scatlas.settings import TrainingConfig, check_keywords, parse_settings
+from scatlas.settings import Seed, Strict, TrainingConfig, check_keywords, parse_settings
 
 Log = Callable[[str], None]
 MODEL_FILE = "scatlas_model.yaml"
@@ -372,6 +373,15 @@ def several_batches(adata: ad.AnnData, batch_key: str | None) -> bool:
     return batch_key is not None and (batch_key not in adata.obs or adata.obs[batch_key].nunique() > 1)
 
 
+class EmbedArguments(Strict):
+    """The ranges of :func:`embed`'s own numeric and named arguments (checked before anything is read)."""
+
+    n_top_genes: int | None = Field(ge=0)
+    scale: ScaleKind
+    val_fraction: float = Field(ge=0, lt=1)
+    seed: Seed
+
+
 def embed(
     adata: ad.AnnData,
     model: str | None = None,
@@ -467,6 +477,7 @@ def embed(
     >>> model = sa.tl.embed(adata, "fe", batch_key="batch", label_key="cell_type")  # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_fe"); sc.tl.umap(adata)               # doctest: +SKIP
     """
+    parse_settings(EmbedArguments, {"n_top_genes": n_top_genes, "scale": scale, "val_fraction": val_fraction, "seed": seed})
     notices: list[str] = []  # said once the data passed validation, so that bad input gets its one line alone
     if model is None:
         model = default_model(adata, batch_key)

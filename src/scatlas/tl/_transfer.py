@@ -43,7 +43,7 @@ from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data.validate import check_obs_keys, resolve_input, with_values
 from scatlas.models.base import SplitData
 from scatlas.models.classifiers import CellTypeClassifier
-from scatlas.settings import TrainingConfig, check_keywords, parse_settings
+from scatlas.settings import Seed, TrainingConfig, check_keywords, parse_settings
 from scatlas.metrics.annotation import confusion_counts, overall_metrics, per_class_metrics
 from scatlas.metrics.calibration import expected_calibration_error, fit_temperature, softmax
 from scatlas.metrics.stats import conformal_cutoff
@@ -117,7 +117,7 @@ class TransferConfig(BaseModel):
     min_overlap: float = Field(0.5, ge=0, le=1)
     call_precision: float = Field(0.95, gt=0, le=1)
     query_chunk_size: int = Field(STREAM_CHUNK, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     _model = field_validator("model")(classifier_entry)
 
