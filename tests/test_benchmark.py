@@ -301,8 +301,12 @@ def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony, tmp_path
     assert notes == [f"<AnnData>: {unlabelled.sum()} of {adata.n_obs} cells have no label in obs column 'cell_type': "
                      "left out of the benchmark (its scores need a label per cell)",
                      "<AnnData>: .X holds whole numbers: treated as raw counts (normalised + log1p) for the unintegrated PCA of PCR comparison"]
-    alone = sa.tl.benchmark(adata[~unlabelled].copy(), ["X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
+    notes.clear()  # an embedding named twice is scored once, and says so
+    alone = sa.tl.benchmark(adata[~unlabelled].copy(), ["X_pca", "X_pca"], label_key="cell_type", batch_key="batch", log=notes.append)
     pd.testing.assert_frame_equal(table, alone)
+    assert notes[-1] == "embeddings ['X_pca'] named more than once: each scored once"
+    with pytest.raises(sa.ConfigError, match="^n_neighbors: 1; the kNN graph needs at least 2"):  # 0 was a scikit-learn traceback
+        sa.tl.benchmark(adata, ["X_pca"], label_key="cell_type", batch_key="batch", n_neighbors=1)
     adata.write_h5ad(tmp_path / "some_unlabelled.h5ad")  # the CLI keeps the notice in the report too
     result = CliRunner().invoke(app, ["benchmark", str(tmp_path / "some_unlabelled.h5ad"), "--embedding", "X_pca", "--label-key", "cell_type",
                                       "--batch-key", "batch", "--out", str(tmp_path / "bench")])

@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scatlas._errors import InputError
+from scatlas._errors import ConfigError, InputError
 from scatlas._io import write_csv
 from scatlas.data.io import INPUT_KEY, get_matrix, read_anndata, source_name, to_csr
 from scatlas.data.preprocess import normalize_log1p
@@ -105,6 +105,8 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
+    if n_neighbors < 2:
+        raise ConfigError(f"n_neighbors: {n_neighbors}; the kNN graph needs at least 2 (each cell is its own first neighbour)")
     check_obs_keys(adata, [label_key], missing_ok=True)
     unlabelled = int(adata.obs[label_key].isna().sum())
     if unlabelled and graphs:
@@ -127,6 +129,10 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     notices += [f"{decided} for the unintegrated PCA of PCR comparison"] if decided else []
     notice = one_batch_notice(adata, batch_key)
     notices += [f"{notice}; Batch correction and Total are NaN, compare Bio conservation"] if notice else []
+    repeated = sorted({key for key in embeddings if list(embeddings).count(key) > 1})
+    notices += [f"embeddings {repeated} named more than once: each scored once"] if repeated else []
+    embeddings = list(dict.fromkeys(embeddings))
+    notices += [f"n_neighbors {n_neighbors} is more than the {adata.n_obs:,} cells: each cell's neighbours are all the cells"] if n_neighbors > adata.n_obs else []
     for line in notices:
         log(line)
     labels = adata.obs[label_key].astype(str).to_numpy()
