@@ -336,6 +336,8 @@ def test_annotate_refuses_bad_input(files, work):
     refused(work, ["annotate", "predict", str(work / "no_model"), kang, "--out", "pred.h5ad"], "no_model")
     refused(work, ["annotate", "evaluate", str(files["names_vs_ids"]), "--truth-key", "cell_typ", "--out", "ev"], "'cell_typ' not found")
     refused(work, ["annotate", "evaluate", str(files["names_vs_ids"]), "--truth-key", "cell_type", "--out", "ev"], "share no label", "ids with ids")
+    refused(work, ["annotate", "evaluate", str(files["names_vs_ids"]), "--truth-key", "cell_type", "--pred-key", "cell_type", "--out", "ev"],
+            "the truth and prediction columns are both 'cell_type'")  # scored the truth against itself: 1.0
 
 
 def test_transfer_refuses_before_training(files, work):

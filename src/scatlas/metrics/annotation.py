@@ -63,7 +63,7 @@ def _f1(tp: np.ndarray, n_pred: np.ndarray, n_true: np.ndarray) -> np.ndarray:
     return _ratio(2 * tp, n_pred + n_true)
 
 
-def overall_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+def overall_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | int]:
     """Macro, micro and weighted F1, accuracy and balanced accuracy (the F1s over the labels present in ``y_true``).
 
     Balanced accuracy is the mean recall of the labels in ``y_true``. Without cells every
@@ -71,7 +71,7 @@ def overall_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """
     y_true, y_pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
     if not len(y_true):
-        return {k: float("nan") for k in ("macro_f1", "micro_f1", "weighted_f1", "accuracy", "balanced_accuracy")} | {"n_cells": 0.0}
+        return {k: float("nan") for k in ("macro_f1", "micro_f1", "weighted_f1", "accuracy", "balanced_accuracy")} | {"n_cells": 0}
     tp, n_pred, n_true = _class_counts(y_true, y_pred, np.unique(y_true))
     f1 = _f1(tp, n_pred, n_true)
     return {
@@ -80,7 +80,7 @@ def overall_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
         "weighted_f1": float(np.average(f1, weights=n_true)),
         "accuracy": float(np.mean(y_true == y_pred)),
         "balanced_accuracy": float(np.mean(tp / n_true)),
-        "n_cells": float(len(y_true)),
+        "n_cells": len(y_true),
     }
 
 

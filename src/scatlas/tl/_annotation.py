@@ -489,7 +489,8 @@ def _final_model(config: AnnotateConfig, data: CellData, labels: LabelSpace, cod
     if model.full_batch:
         model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, data, labels, codes, np.arange(data.n_cells),
                                                sources, (model, genes))
-        log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the hierarchical-call threshold set on the held-out cells")
+        kept = ", keeping the hierarchical-call threshold set on the held-out cells" if labels.call_threshold is not None else ""
+        log(f"refitted on all {data.n_cells} cells (a full-batch fit){kept}")
     meta = {"label_key": key, "dataset": str(config.dataset.path), "layer": config.dataset.layer}
     Annotator(model, genes, labels, data.input, meta, reference_means(model, sdata)).save(out / "model")
 
@@ -784,6 +785,8 @@ def evaluate_annotations(
         if len(found) != 1:
             raise InputError(f"{predictions}: give --pred-key; prediction columns found: {found}")
         pred_key = found[0]
+    if pred_key == truth_key:
+        raise ConfigError(f"{predictions}: the truth and prediction columns are both {truth_key!r}; the predictions are e.g. <key>_pred")
     for key in (truth_key, pred_key):
         if key not in adata.obs:
             raise InputError(f"{predictions}: obs column {key!r} not found{did_you_mean(key, adata.obs.columns)}; available: {list(adata.obs.columns)}")
