@@ -172,6 +172,10 @@ def test_missing_key_and_bad_config(tmp_path, cellbench5_path):
         path.write_text(yaml.safe_dump({**cfg, "dataset": dataset, "models": models}))
         result = runner.invoke(app, ["run", str(path)], terminal_width=400)
         assert result.exit_code == 2 and said in result.output, (said, result.output)
+    for parts, said in [([], "evaluation.parts: List should have at least 1 item"), (["test", "test"], "['test', 'test']: each part at most once")]:
+        path.write_text(yaml.safe_dump({**cfg, "models": [{"type": "pca"}], "evaluation": {"parts": parts}}))  # [] ran, scoring nothing
+        result = runner.invoke(app, ["run", str(path)], terminal_width=400)
+        assert result.exit_code == 2 and said in result.output, (said, result.output)
     assert not (tmp_path / "out").exists()
 
 

@@ -35,9 +35,16 @@ class EvaluationConfig(Strict):
     """What is written and scored for every split."""
 
     sample_size: int = Field(10_000, ge=10)
-    parts: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
+    parts: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"], min_length=1)
     save_recon: bool = True
     figures: bool = True
+
+    @field_validator("parts")
+    @classmethod
+    def _distinct_parts(cls, parts: list[str]) -> list[str]:
+        if len(set(parts)) < len(parts):
+            raise ValueError(f"{parts}: each part at most once")
+        return parts
 
 
 class OutputConfig(Strict):
