@@ -614,3 +614,5 @@ def test_a_source_relabelled_one_level_up_is_named(ontology):
     lines.clear()
     label_space(values, None, ontology, sources=np.array(["coarse", "fine", "fine", "fine"]), log=lines.append)
     assert not any("class of its own" in line for line in lines)
+    label_space(values, None, None, where="ref: ", sources=np.array(["coarse", "fine", "fine", "fine"]), log=lines.append)  # no ontology: sources unused
+    assert lines[-1].startswith("ref: flat labels (no ontology key): the sources of the dataset key are not used")

@@ -143,6 +143,9 @@ def label_space(values: np.ndarray, names: np.ndarray | None, ontology: CellOnto
     values = np.asarray(values, dtype=str)
     classes = sorted(set(values))
     if ontology is None:
+        if sources is not None and log is not None:
+            log(f"{where}flat labels (no ontology key): the sources of the dataset key are not used; they set what each source's labels "
+                "mean over the Cell Ontology, for HCE and hierarchical calls")
         return LabelSpace(classes, classes, None, None)
     ontology.check_terms(classes, where=where)
     lookup = dict(zip(values, np.asarray(names, dtype=str), strict=True)) if names is not None else {}

@@ -378,7 +378,8 @@ def fit_reference(config: TransferConfig, data: CellData, log: Log = print,
     if model.full_batch:
         unseen = softmax(logits, temperature)
         model, sdata, genes = refit_full_batch(config.model, config.training, config.seed, data, labels, codes, rows, sources, (model, genes))
-        log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the temperature and call threshold set on the held-out cells; "
+        kept = "temperature and hierarchical-call threshold" if labels.call_threshold is not None else "temperature"
+        log(f"refitted on all {data.n_cells} cells (a full-batch fit), keeping the {kept} set on the held-out cells; "
             "the distance cut-off comes from every cell, each left out of its class's centroid")
         # its latent is its input, fitted to no cell: each reference cell's distance to the centroids without it is a held-out one
         centroids, distances = left_out_distances(model, sdata, rows, codes)
