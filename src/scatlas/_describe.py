@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+if TYPE_CHECKING:  # only a type: reading a file's names in an error message imports no pydantic
+    from pydantic import BaseModel
 
 
 def listed(names: Sequence[object], limit: int = 6, show: Callable[[object], str] = str) -> str:
