@@ -322,6 +322,14 @@ def test_transfer_names_its_inputs_and_models_print_a_summary(symphony, fitted, 
     assert any(line.startswith("query 2 (430 cells): 1000 of the model's 1767 genes found") for line in lines)
     with pytest.raises(InputError, match="^query 2: the matrix is empty"):
         sa.tl.transfer(reference.copy(), [query, query[:0]], label_key="cell_type", log=lambda _: None)
+    lines.clear()  # a dict names its queries; no query gives the reference model alone
+    alone = reference.copy()
+    assert isinstance(sa.tl.transfer(alone, {"5p": query.copy()}, label_key="cell_type", log=lines.append), sa.tl.ReferenceModel)
+    assert lines[-1].startswith("5p: ") and " of 430 cells unknown" in lines[-1]
+    bare = sa.tl.transfer(reference.copy(), label_key="cell_type", ontology_key="cell_type_ontology_term_id", log=lambda _: None)
+    assert (bare.temperature, bare.distance_threshold) == (model.temperature, model.distance_threshold)  # nothing depends on the queries
+    with pytest.raises(ConfigError, match="^query: an AnnData, a list of them, a dict of them by name, or None; not str"):
+        sa.tl.transfer(reference.copy(), "query.h5ad", label_key="cell_type")
     from scatlas.data.io import source_name
 
     assert source_name(reference) == "<AnnData>"  # the names hold for the call only

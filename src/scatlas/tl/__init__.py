@@ -87,12 +87,15 @@ def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: 
     >>> profiles.uns["aggregate"]["map"]                      # doctest: +SKIP
     >>> sc.pp.neighbors(profiles, use_rep="X_learned")         # doctest: +SKIP
     """
+    from scatlas._errors import ConfigError
     from scatlas._io import checkpoint_path
     from scatlas.data.validate import check_obs_keys
     from scatlas.tl._aggregation import cells_from_anndata, joined_samples, load_aggregate_config, profiles_anndata, run_aggregation
 
     checkpoints = checkpoint_path(checkpoint_dir, resume)
     columns = [sample_key] if isinstance(sample_key, str) else list(sample_key)
+    if not columns:
+        raise ConfigError("sample_key: name the sample column, or several whose combinations are the samples; got none")
     joined = len(columns) > 1  # the samples are the columns' combinations, in a column made once the cells are read
     values = {"sample_key": "scatlas_sample" if joined else columns[0], "label_key": label_key, "batch_key": batch_key, "features": features, **settings}
     config = load_aggregate_config(values)

@@ -48,7 +48,7 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90,
+def benchmark(adata: ad.AnnData, embeddings: str | Sequence[str], label_key: str, batch_key: str, pre_key: str | None = None, n_neighbors: int = 90,
               input: InputKind = "auto", layer: str | None = None, seed: int = 0, graphs: Mapping[str, str] | None = None, log: Log = _warn,
               exact: bool | None = None, sample_size: int = SAMPLE_SIZE, progress: Log | None = None) -> pd.DataFrame:
     """Score every ``.obsm`` embedding; one row per embedding.
@@ -58,7 +58,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     adata
         Cells with the embeddings in ``.obsm``.
     embeddings
-        ``.obsm`` keys.
+        ``.obsm`` keys (or one key).
     label_key, batch_key
         Cell type and batch columns. Cells without a label (a missing value) are left out of every
         score, with one notice; the batch column must be complete.
@@ -105,6 +105,7 @@ def benchmark(adata: ad.AnnData, embeddings: Sequence[str], label_key: str, batc
     >>> sa.tl.embed(adata, "fe", batch_key="batch")                           # doctest: +SKIP
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
+    embeddings = [embeddings] if isinstance(embeddings, str) else list(embeddings)  # one key, as scanpy's basis=
     if n_neighbors < 2:
         raise ConfigError(f"n_neighbors: {n_neighbors}; the kNN graph needs at least 2 (each cell is its own first neighbour)")
     check_obs_keys(adata, [label_key], missing_ok=True)

@@ -15,7 +15,7 @@ held-out reference cells, and the distance cut-off with the number of reference 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -580,7 +580,7 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
 
 def transfer(
     reference: ad.AnnData,
-    query: ad.AnnData | Sequence[ad.AnnData],
+    query: ad.AnnData | Sequence[ad.AnnData] | Mapping[str, ad.AnnData] | None = None,
     *,
     label_key: str,
     ontology_key: str | None = None,
@@ -609,7 +609,9 @@ def transfer(
         Labelled cells. A backed one is streamed from its file (never loaded), as with ``--stream``.
     query
         One or more AnnData to annotate (genes aligned by name; missing ones set to their
-        reference means for the linear model, to 0 for networks). A backed
+        reference means for the linear model, to 0 for networks): one, a list (called
+        ``query 1``, ``query 2``, ... in lines and errors), a dict whose keys name them, or ``None``
+        (the reference model alone, for :func:`~scatlas.tl.annotate` later). A backed
         one (``anndata.read_h5ad(path, backed="r")``) is mapped ``query_chunk_size`` cells at a
         time from its file, never loaded whole.
     label_key
@@ -675,12 +677,12 @@ def transfer(
     if "model" in settings and (method, loss, ensemble) != (None, "ce", 1):
         raise ConfigError("transfer: pass either `model` (a whole classifier entry, e.g. {'type': 'mlp', 'loss': 'hce', 'ensemble': 3}) "
                           "or `method` / `loss` / `ensemble`, not both")
-    queries = [query] if isinstance(query, ad.AnnData) else list(query)
+    roles = query_roles(query)
+    queries = [q for q, _ in roles]
     check_keywords(settings, [*(k for k in TransferConfig.model_fields if k not in ("reference", "queries")), *TrainingConfig.model_fields], "transfer: ")
     training = {k: settings.pop(k) for k in list(settings) if k in TrainingConfig.model_fields and k not in TransferConfig.model_fields}
     if training:
         settings["training"] = {**settings.get("training", {}), **training}
-    roles = [(q, "query" if len(queries) == 1 else f"query {i}") for i, q in enumerate(queries, 1)]
     with named([*roles, (reference, "reference")]):  # the reference's name wins when it is also a query
         counts, decided = resolve_input(reference, layer, input)
         values = {"reference": {"name": "reference", "path": source_name(reference), "label_key": label_key, "layer": layer,
@@ -707,6 +709,21 @@ def transfer(
             pred, _ = predict_query(model, q, read, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
             write_calls(q, key, labels, np.concatenate(parts), pred)
     return model
+
+
+def query_roles(query: Any) -> list[tuple[ad.AnnData, str]]:
+    """Each query of :func:`transfer` with the name its lines and errors use: ``query`` for one, ``query 1``, ``query 2``... for a
+    list, the keys of a dict; none for ``None``."""
+    if query is None:
+        return []
+    if isinstance(query, ad.AnnData):
+        return [(query, "query")]
+    pairs = [(q, str(name)) for name, q in query.items()] if isinstance(query, Mapping) else \
+        [(q, f"query {i}") for i, q in enumerate(query, 1)] if isinstance(query, Sequence) and not isinstance(query, str) else None
+    if pairs is None or not all(isinstance(q, ad.AnnData) for q, _ in pairs):
+        raise ConfigError(f"query: an AnnData, a list of them, a dict of them by name, or None; not {type(query).__name__}"
+                          + (" (read files with anndata.read_h5ad(path, backed='r'))" if isinstance(query, (str, Path)) or pairs else ""))
+    return pairs if len(pairs) != 1 or isinstance(query, Mapping) else [(pairs[0][0], "query")]
 
 
 def load_transfer_config(values: dict[str, Any]) -> TransferConfig:
