@@ -287,6 +287,9 @@ def test_transfer_and_annotate_write_calls_into_anndata(symphony, tmp_path):
     later = symphony[symphony.obs["batch"] == "5p"].copy()
     sa.tl.annotate(later, model.save(tmp_path / "reference_model"), log=lines.append)
     pd.testing.assert_frame_equal(later.obs, query.obs)
+    for wrong, said in [({"chunk_size": 0}, "chunk_size: 0; cells read at a time, at least 1"), ({"min_overlap": 2}, "min_overlap: 2; a share")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(said)}"):  # chunk_size 0 passed in memory, min_overlap 2 asked for 200% of the genes
+            sa.tl.annotate(later.copy(), model, **wrong)
     np.testing.assert_array_equal(later.obsm["author_cell_type_proba"], query.obsm["author_cell_type_proba"])
     assert "1767 of the model's 1767 genes found" in lines[-2]
     unknown = int(query.obs["author_cell_type_unknown"].sum())  # and how many cells are unknown, and why
@@ -368,6 +371,15 @@ def test_pl_figures(fitted, tmp_path):
 
     written = confusion_heatmap(adata.obs["cell_type"], adata.obs["fake_pred"], str(tmp_path / "confusion.png"))  # a str path, as users give it
     assert written == tmp_path / "confusion.png" and written.read_bytes().startswith(b"\x89PNG")
+    # what cannot be drawn is refused in one line (these were a ValueError, an IndexError and a KeyError)
+    with pytest.raises(ConfigError, match="^color: name at least one obs column"):
+        sa.pl.embedding(adata, "X_fe", [])
+    flat = adata.copy()
+    flat.obsm["X_one"] = flat.obsm["X_fe"][:, :1]
+    with pytest.raises(InputError, match="obsm key 'X_one' has 1 dimension; a scatter needs at least 2"):
+        sa.pl.embedding(flat, "X_one", "cell_type")
+    with pytest.raises(InputError, match="^table: not a benchmark table"):
+        sa.pl.benchmark_table(pd.DataFrame({"score": [0.5]}))
 
 
 def test_help_is_fast_and_imports_no_heavy_library():

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scatlas._errors import InputError
+from scatlas._errors import ConfigError, InputError
 from scatlas.data.io import get_var, matrix_name, source_name, trained_layer, var_name
 from scatlas.data.validate import query_counts, validate
 
@@ -112,7 +112,11 @@ def align_genes(var: pd.DataFrame, model_genes: np.ndarray, min_overlap: float =
     InputError
         When ``gene_key`` is not a column of ``var``, or fewer than ``min_overlap`` of the
         model's genes are in the query.
+    ConfigError
+        When ``min_overlap`` is not a share between 0 and 1.
     """
+    if not 0 <= min_overlap <= 1:
+        raise ConfigError(f"min_overlap: {min_overlap}; a share of the model's genes, from 0 to 1 (default 0.5)")
     query_genes = gene_names(var, gene_key, source, var_label)
     position = pd.Series(np.arange(len(query_genes)), index=pd.Index(np.asarray(query_genes, dtype=str)))
     position = position[~position.index.duplicated()]

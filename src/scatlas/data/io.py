@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from anndata.abc import CSRDataset
 
 from scatlas._describe import did_you_mean
-from scatlas._errors import InputError
+from scatlas._errors import ConfigError, InputError
 
 
 def read_anndata(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnData:
@@ -142,9 +142,16 @@ def string_values(values: pd.Series) -> np.ndarray:
     return np.asarray(string_categorical(values), dtype=object)
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """Refuse a number of cells per chunk under 1, in one line."""
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size: {chunk_size}; cells read at a time, at least 1")
+
+
 def cell_chunks(adata: ad.AnnData, chunk_size: int) -> Iterator[ad.AnnData]:
     """The cells of ``adata`` in order: ``chunk_size`` at a time loaded from disk when its matrix is there
     (:func:`on_disk`; never all of them), else ``adata`` itself in one piece."""
+    check_chunk_size(chunk_size)
     if not on_disk(adata):
         yield adata
         return

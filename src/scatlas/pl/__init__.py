@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from scatlas._describe import did_you_mean
-from scatlas._errors import InputError
+from scatlas._errors import ConfigError, InputError
+from scatlas.data.io import source_name
 from scatlas.data.validate import check_obs_keys
 from scatlas.plot import figures
 
@@ -39,8 +40,12 @@ def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, titl
     if basis not in adata.obsm:
         raise InputError(f"obsm key {basis!r} not found{did_you_mean(basis, adata.obsm)}; available: {list(adata.obsm)}")
     columns = [color] if isinstance(color, str) else list(color)
+    if not columns:
+        raise ConfigError("color: name at least one obs column to colour the cells by")
     check_obs_keys(adata, columns, missing_ok=True)
     coords = np.asarray(adata.obsm[basis])
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise InputError(f"{source_name(adata)}: obsm key {basis!r} has {coords.shape[1] if coords.ndim == 2 else 1} dimension; a scatter needs at least 2")
     axis = basis.removeprefix("X_").upper()
     if coords.shape[1] > 2:
         coords, axis = figures.umap_coordinates(coords, seed=seed), "UMAP"
@@ -81,6 +86,9 @@ def benchmark_table(table: pd.DataFrame, *, title: str = "") -> Figure:
     --------
     >>> sa.pl.benchmark_table(sa.tl.benchmark(adata, ["X_pca", "X_fe"], label_key="cell_type", batch_key="batch"))  # doctest: +SKIP
     """
+    if "Embedding" not in table.columns or table.empty:
+        raise InputError(f"table: not a benchmark table (scatlas.tl.benchmark's, one row per embedding: columns 'Embedding', ...); "
+                         f"got columns {list(table.columns)[:8]} and {len(table)} rows")
     return figures.score_table(table.drop(columns=["Leiden resolution"], errors="ignore"), None, title=title)
 
 

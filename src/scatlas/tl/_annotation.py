@@ -30,7 +30,7 @@ from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_di
                          resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
 from scatlas.data.align import GeneAlignment, checked_query
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, get_matrix, named, read_anndata, source_name, string_values, to_csr
+from scatlas.data.io import cell_chunks, check_chunk_size, get_matrix, named, read_anndata, source_name, string_values, to_csr
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import with_values
@@ -708,6 +708,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
     """
     from scatlas.tl._transfer import ReferenceModel  # the transfer's model builds on this module
 
+    check_chunk_size(chunk_size)  # before the lines about the query, so that a refusal is one line
     with named([(adata, "query")]):  # lines and errors call an in-memory AnnData "query", as tl.transfer does
         loaded = model
         if not isinstance(model, (Annotator, ReferenceModel, str, os.PathLike)):
