@@ -262,6 +262,7 @@ def test_embed_and_nmf_refuse_bad_outputs_and_options(files, work):
     refused(work, ["embed", good, "--out", "latent.h5ad", "--batch-key", "plate", "--stream"], "obs column 'plate' not found")  # no notice before it
     refused(work, ["nmf", good, "--out", "factors.txt"], "factors.txt", ".h5ad")
     refused(work, ["nmf", str(files["negative"]), "--out", "factors.h5ad"], "negative values")
+    refused(work, ["nmf", good, "--out", "factors.h5ad", "--benchmark-seeds", "-1"], "benchmark_seeds: -1")  # ran, benchmarking nothing
 
 
 def test_commands_other_than_run_refuse_a_distributed_launch(files, work, monkeypatch):

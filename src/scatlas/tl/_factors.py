@@ -18,7 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scatlas._errors import InputError
+from scatlas._errors import ConfigError, InputError
 from scatlas._io import atomic_path, check_output_file, checkpoints_beside, resumable_training, write_csv
 from scatlas.data.io import on_disk, read_anndata, record_input
 from scatlas.data.dataset import DatasetConfig, apply_filter
@@ -106,6 +106,8 @@ def run_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     them. An AE-NMF's training checkpoint is kept beside ``out`` until then
     (:func:`~scatlas._io.resumable_training`), and ``resume`` continues it.
     """
+    if benchmark_seeds < 0:
+        raise ConfigError(f"benchmark_seeds: {benchmark_seeds}; Leiden seeds of the benchmark, 0 for none")
     out = check_output_file(out, ".h5ad", overwrite, inputs=(dataset.path,))
     with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
         adata, key = fit_factors(dataset, model, training, n_top_genes, stream=stream, log=log, checkpoint_dir=checkpoints, resume=resume)
