@@ -174,7 +174,11 @@ def test_tl_aggregate_returns_one_observation_per_sample(tmp_path):
     scores = profiles.uns["aggregate"]["map"]
     assert set(scores["method"]) == {"learned", "mean", "median"} and len(profiles.uns["aggregate"]["per_seed"]) == 3  # mean, median, learned by seed 0
     profiles.write_h5ad(tmp_path / "profiles.h5ad")  # writable as it is
-    assert ad.read_h5ad(tmp_path / "profiles.h5ad").uns["aggregate"]["settings"]["seeds"].tolist() == [0]
+    written = ad.read_h5ad(tmp_path / "profiles.h5ad").uns["aggregate"]["settings"]
+    assert written["seeds"].tolist() == [0] and written["sample_key"].tolist() == ["donor_id", "cell_type"]
+    by_sex = sa.tl.aggregate(adata, sample_key=["donor_id", "cell_type"], label_key="sex", batch_key="cell_type", features="X_some", seeds=[0],
+                             max_epochs=1, width=32, head_width=16, out_width=8, log=lambda _: None)
+    assert (by_sex.obs_names == by_sex.obs["donor_id"] + "|" + by_sex.obs["cell_type"]).all()  # every column that makes the samples, as scanpy's
     genes = sa.tl.aggregate(adata, sample_key="donor_id", label_key="sex", batch_key=None, seeds=[0], max_epochs=1, width=32, head_width=16, out_width=8)
     assert genes.n_obs == 40 and list(genes.var_names) == list(adata.var_names)  # .X's features are its genes
 

@@ -104,7 +104,13 @@ def aggregate(adata: ad.AnnData, *, sample_key: str | Sequence[str], label_key: 
     cells = cells_from_anndata(adata, load_aggregate_config({**values, "sample_key": label_key}) if joined else config, log=log)
     if joined:
         cells.obs["scatlas_sample"] = joined_samples(cells.obs, columns)
-    return profiles_anndata(run_aggregation(cells, config, log=log, checkpoint_dir=checkpoints, resume=resume), cells, config)
+    profiles = profiles_anndata(run_aggregation(cells, config, log=log, checkpoint_dir=checkpoints, resume=resume), cells, config)
+    if joined:  # each column that makes the samples, as scanpy.get.aggregate(by=[...]) gives them, and the columns as the setting
+        first = cells.obs.drop_duplicates("scatlas_sample").set_index("scatlas_sample")
+        for column in columns:
+            profiles.obs[column] = first.loc[profiles.obs_names, column].astype(str).to_numpy()
+        profiles.uns["aggregate"]["settings"]["sample_key"] = columns
+    return profiles
 
 
 __all__ = ["AggregateConfig", "Annotator", "ReferenceModel", "ScatlasModel", "aggregate", "annotate", "benchmark", "counterfactual", "embed",
