@@ -119,7 +119,7 @@ def _user_errors(fn: F) -> F:
             _one_process(fn.__name__.removesuffix("_command").replace("_", " "))
             result = fn(*args, **kwargs)
         except ScatlasError as exc:
-            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False)
+            err_console.print(Text.assemble(("error:", "bold red"), " " + " ".join(str(exc).split())), highlight=False)  # one line, whatever a library said
             raise typer.Exit(code=2) from None
         except (Interrupted, SystemExit) as exc:  # Lightning turns a SIGTERM into SystemExit(None), i.e. exit 0
             if not received:

@@ -41,6 +41,8 @@ def read_anndata(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnDa
         raise InputError(f"{path}: file not found")
     if path.suffix not in (".h5ad", ".zarr"):
         raise InputError(f"{path}: expected an .h5ad file or a .zarr store")
+    if path.suffix == ".h5ad" and path.is_dir():
+        raise InputError(f"{path}: is a directory, not an .h5ad file")
     try:
         if path.suffix == ".h5ad":
             adata = ad.read_h5ad(path, backed="r" if backed else None)
@@ -49,7 +51,7 @@ def read_anndata(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnDa
     except InputError:
         raise
     except Exception as exc:  # h5py / zarr / anndata raise many types for corrupt files
-        raise InputError(f"{path}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: cannot be read as AnnData ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
     adata.uns["scatlas_source"] = str(path.resolve())
     return adata
 
