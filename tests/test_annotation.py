@@ -616,3 +616,6 @@ def test_a_source_relabelled_one_level_up_is_named(ontology):
     assert not any("class of its own" in line for line in lines)
     label_space(values, None, None, where="ref: ", sources=np.array(["coarse", "fine", "fine", "fine"]), log=lines.append)  # no ontology: sources unused
     assert lines[-1].startswith("ref: flat labels (no ontology key): the sources of the dataset key are not used")
+    labels = label_space(np.array(["B cell", "B cell ", "b  cell", "T cell"]), None, None, where="ref: ", log=lines.append)  # likely one type: said, kept
+    assert len(labels.classes) == 4 and lines[-1] == ("ref: labels that differ only in spaces or case are kept apart as classes: 'B cell' / 'B cell ' / "
+                                                      "'b  cell' (give each type one spelling if they are one)")

@@ -8,7 +8,7 @@ finest-class call may return and the terms a hierarchical call may back off to.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -121,6 +121,14 @@ class LabelSpace:
         return np.where(self.fine, proba, -np.inf).argmax(1)
 
 
+def look_alike(classes: Sequence[str]) -> list[list[str]]:
+    """Groups of class names equal once spaces are collapsed and case ignored (``'B cell '``, ``'B cell'``, ``'b cell'``): likely one type."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        groups.setdefault(" ".join(name.split()).casefold(), []).append(str(name))
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def label_space(values: np.ndarray, names: np.ndarray | None, ontology: CellOntology | None, where: str = "", sources: np.ndarray | None = None,
                 log: Callable[[str], None] | None = None) -> LabelSpace:
     """Sorted classes of ``values``; with an ontology, validated CL ids, their reachability and each label's meaning per source.
@@ -142,6 +150,9 @@ def label_space(values: np.ndarray, names: np.ndarray | None, ontology: CellOnto
     """
     values = np.asarray(values, dtype=str)
     classes = sorted(set(values))
+    if log is not None and (alike := look_alike(classes)):
+        log(f"{where}labels that differ only in spaces or case are kept apart as classes: "
+            + "; ".join(" / ".join(repr(c) for c in group) for group in alike) + " (give each type one spelling if they are one)")
     if ontology is None:
         if sources is not None and log is not None:
             log(f"{where}flat labels (no ontology key): the sources of the dataset key are not used; they set what each source's labels "
