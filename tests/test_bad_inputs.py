@@ -448,6 +448,8 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     lincs = str(data_path("lincs_SQ00015054_well_profiles.csv.gz"))  # 42 DMSO wells have no mechanism of action
     refused(work, ["aggregate", lincs, "--out", "agg", "--label-key", "Metadata_moa", "--sample-key", "Metadata_broad_sample"],
             "column 'Metadata_moa' has 42 missing values (of 384 rows)")
+    refused(work, ["aggregate", lincs, "--out", "agg", "--label-key", "Metadata_moa", "--sample-key", "Metadata_broad_sample", "--features", "pca:10"],
+            "a table's numeric columns are its features; features, layer and input apply to .h5ad / .zarr files")  # pca:10 was ignored
     refused(work, ["aggregate", kang, "--out", "agg", "--label-key", "cell_type", "--sample-key", "cell_type", "--features", "pca:10"],
             "one training sample", "finer sample key")
     refused(work, ["aggregate", kang, "--out", "agg", "--sample-key", "sample_id"], "--label-key")

@@ -181,8 +181,10 @@ def read_cells(path: str | Path, config: AggregateConfig, stream: bool = False, 
     if path.suffix in (".h5ad", ".zarr"):
         return cells_from_anndata(read_anndata(path, backed=stream), config, str(path), log)
     if path.name.endswith((".csv", ".csv.gz", ".parquet")):
-        if config.layer is not None or config.input != "auto":
-            raise InputError(f"{path}: a table's columns are its features; layer and input apply to .h5ad / .zarr files")
+        if config.layer is not None or config.input != "auto" or config.features is not None:
+            raise InputError(f"{path}: a table's numeric columns are its features; features, layer and input apply to .h5ad / .zarr files")
+        if stream:
+            log(f"{path}: a table is read whole (streaming applies to .h5ad / .zarr files)")
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         meta = [c for c in table.columns if c in keys or c.startswith("Metadata_") or not pd.api.types.is_numeric_dtype(table[c])]
         return checked_cells(table[meta].copy(), table.drop(columns=meta).to_numpy(dtype=np.float32), config, str(path))
