@@ -558,3 +558,10 @@ def test_factor_and_component_counts_are_checked_against_the_data(symphony):
     sa.tl.embed(adata, "pca", n_components=500, log=said.append)
     assert said[-1].startswith("pca: 269 components, not n_components 500: at most the training cells less one (269) and the genes (")
     assert adata.obsm["X_pca"].shape == (300, 269)
+    said.clear()  # settings a model does not use are named, not dropped silently
+    sa.tl.embed(adata, "nmf", rank=3, max_epochs=50, lr=0.1, chunk_size=100, log=said.append)
+    assert "nmf: lr, max_epochs do not apply (it is fitted by scikit-learn, not by epochs; max_iter bounds its iterations)" in said
+    assert "nmf: chunk_size does not apply (the matrix is in memory, not streamed: --stream, or a backed AnnData)" in said
+    said.clear()
+    sa.tl.embed(adata, "aenmf", rank=3, max_epochs=1, log=said.append)
+    assert not any("not apply" in line for line in said)

@@ -704,9 +704,9 @@ def nmf(
     input: Annotated[str, typer.Option(help=_INPUT_HELP)] = "auto",
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     n_top_genes: Annotated[int, typer.Option(help="Highly variable genes used.")] = 2000,
-    max_epochs: Annotated[int, typer.Option()] = 100,
-    batch_size: Annotated[int, typer.Option(help="Cells per minibatch (thousands for atlases; small batches for small data).")] = 64,
-    lr: Annotated[float, typer.Option(help="Learning rate of AE-NMF models.")] = 1e-2,
+    max_epochs: Annotated[int | None, typer.Option(help="Most training epochs of AE-NMF models (default 100).", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Cells per minibatch of AE-NMF models (default 64; thousands for atlases).", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate of AE-NMF models (default 0.01).", show_default=False)] = None,
     benchmark_seeds: Annotated[int, typer.Option(help="Leiden seeds of the benchmark (0 = no benchmark).")] = 10,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: read the (CSR) file in chunks; flat host memory for atlases.")] = False,
     chunk_size: Annotated[int | None, typer.Option(help="Cells per streamed chunk (default 100,000 with --stream; all cells otherwise).")] = None,
@@ -725,7 +725,10 @@ def nmf(
     kind, log = _input_kind(data, layer, input)
     dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": kind, "layer": layer, "batch_key": batch_key,
                                              "label_key": label_key})
-    training = parse_settings(TrainingConfig, {"max_epochs": max_epochs, "batch_size": batch_size, "patience": 10, "lr": lr, "chunk_size": chunk_size,
+    given = {k: v for k, v in {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    # scikit-learn's NMF takes none of them: only those given, so that it can say they do not apply
+    epochs = given if model == "nmf" else {"max_epochs": 100, "batch_size": 64, "patience": 10, "lr": 1e-2, **given}
+    training = parse_settings(TrainingConfig, {**epochs, **({"chunk_size": chunk_size} if chunk_size is not None else {}),
                                                "checkpoint_interval_s": checkpoint_interval})
     tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream, overwrite=overwrite,
                          resume=resume)

@@ -32,7 +32,7 @@ from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
 from scatlas.data.sources import AnnDataCSRSource
 from scatlas.data.validate import InputKind, resolve_input, validate
-from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
+from scatlas.models.base import REGISTRY, EmbeddingModel, LatentClassifier, NeuralModel, SplitData, build_model, parse_model_config, shape_stub, steps_per_epoch
 from scatlas.settings import Seed, Strict, TrainingConfig, check_keywords, parse_settings
 
 Log = Callable[[str], None]
@@ -106,6 +106,10 @@ def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], 
     return entry, training
 
 
+#: Training settings of networks only: a model fitted by scikit-learn (pca, nmf) says that they do not apply.
+EPOCH_SETTINGS = frozenset({"max_epochs", "batch_size", "lr", "weight_decay", "lr_decay", "gradient_clip", "patience"})
+
+
 def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, Any], seed: int = 0, progress: bool = False,
                   log: Log = _silent, checkpoint_dir: Path | None = None, resume: bool = False) -> tuple[EmbeddingModel, pd.DataFrame]:
     """Build and fit a registered embedding model on ``data`` (``data.val`` only for early stopping).
@@ -130,6 +134,12 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
     said = model.size_said(len(data.train), data.n_genes)
     if said:
         log(said)
+    unused = sorted(EPOCH_SETTINGS & settings.model_fields_set) if not isinstance(model, NeuralModel) else []
+    if unused:
+        log(f"{config.type}: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply (it is fitted by scikit-learn, not by epochs"
+            + ("; max_iter bounds its iterations)" if "max_iter" in type(config).model_fields else ")"))
+    if settings.chunk_size is not None and "chunk_size" in settings.model_fields_set and sp.issparse(data.X):  # a matrix in memory
+        log(f"{config.type}: chunk_size does not apply (the matrix is in memory, not streamed: --stream, or a backed AnnData)")
     sized = model.unset(model.sized_training(len(data.train)))
     if sized:
         cfg = model.train_config

@@ -52,7 +52,7 @@ def fit_factors(dataset: DatasetConfig, model: dict[str, Any], training: Trainin
     options = {k: v for k, v in model.items() if k != "type"}
     result = embed(adata, entry.type, batch_key=dataset.batch_key, label_key=dataset.label_key, layer=dataset.layer, input=dataset.input,
                    key_added=f"H_{key}", n_top_genes=n_top_genes, seed=seed, log=log, checkpoint_dir=checkpoint_dir, resume=resume, **options,
-                   **training.model_dump())
+                   **training.model_dump(exclude_unset=True))  # only what was set: embed says which settings a model does not use
     obs, genes, H, W = adata.obs, result.prep.genes, adata.obsm[f"H_{key}"], result.loadings()
     out = ad.AnnData(obs=results_obs(obs), var=pd.DataFrame(index=genes))
     out.obsm[f"H_{key}"] = H
