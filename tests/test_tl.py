@@ -565,3 +565,6 @@ def test_factor_and_component_counts_are_checked_against_the_data(symphony):
     said.clear()
     sa.tl.embed(adata, "aenmf", rank=3, max_epochs=1, log=said.append)
     assert not any("not apply" in line for line in said)
+    said.clear()  # the classifiers alike
+    sa.tl.transfer(adata, label_key="cell_type", chunk_size=100, log=said.append)
+    assert "linear: chunk_size does not apply (the matrix is in memory, not streamed: --stream, or a backed AnnData)" in said

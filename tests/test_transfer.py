@@ -582,7 +582,7 @@ def test_default_transfer_imports_no_torch_optimiser():
             "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
     done = subprocess.run([sys.executable, "-c", code, str(data_path("kang18_muscat_4samples.h5ad"))], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "fitted full-batch to convergence: max_epochs do not apply" in done.stdout
+    assert "fitted full-batch to convergence: max_epochs does not apply" in done.stdout
 
 
 def test_unknown_line_counts_each_reason_and_says_overlap_only_when_there_is_one():

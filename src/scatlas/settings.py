@@ -67,6 +67,12 @@ class TrainingConfig(Strict):
     keep_checkpoints: bool = False
     restore_best: bool = False
 
+    def chunk_size_unused(self, name: str, in_memory: bool) -> str | None:
+        """The line saying that a chunk size the user set does not apply to a matrix ``in_memory`` (``None`` otherwise)."""
+        if not in_memory or self.chunk_size is None or "chunk_size" not in self.model_fields_set:
+            return None
+        return f"{name}: chunk_size does not apply (the matrix is in memory, not streamed: --stream, or a backed AnnData)"
+
     def to_train_config(self, seed: int, progress: bool, **extra: Any) -> TrainConfig:
         """The engine's dataclass (``extra``: engine fields such as ``monitor``), knowing which fields the user set."""
         from scatlas.train import TrainConfig  # torch and Lightning load only when training

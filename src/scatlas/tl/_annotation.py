@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -404,8 +405,11 @@ def fit_classifier(
     )
     model = build_model(parse_model_config(model_entry), training.to_train_config(seed, progress=False))
     assert isinstance(model, CellTypeClassifier)
+    if log and (said := training.chunk_size_unused(model.config.type, sp.issparse(sdata.X))):  # a streamed source is not a sparse matrix
+        log(said)
     if log and model.full_batch and ignored:
-        log(f"the linear model is fitted full-batch to convergence: {', '.join(ignored)} do not apply (minibatch training: the mlp method)")
+        log(f"the linear model is fitted full-batch to convergence: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
+            "(minibatch training: the mlp method)")
     elif log and scaled and not model.full_batch:
         log(scaled)
     # every fit keeps its last epoch's weights (no best-epoch restore), so a cross-validation fold is fitted as the saved model
@@ -515,7 +519,8 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
         if model.full_batch:  # as the saved model: the validation cells set the threshold, then join the fit
             model, sdata, _ = refit_full_batch(config.model, config.training, config.seed, data, labels, codes,
                                                np.sort(np.concatenate([split.train, split.val])), sources, (model, genes))
-            log(f"split {split.number}: refitted on its {len(split.train) + len(split.val)} training and validation cells, keeping the threshold")
+            kept = ", keeping the hierarchical-call threshold" if fold_labels.call_threshold is not None else ""
+            log(f"split {split.number}: refitted on its {len(split.train) + len(split.val)} training and validation cells{kept}")
         table = _detailed(data, split.test, truth[split.test], model.predict_proba(sdata, split.test), fold_labels, strata)
         folds.append(write_evaluation(table, fold_labels, strata, fold_dir, f"split {split.number}").assign(split=split.number))
         pooled.append(table.assign(split=split.number))
@@ -525,6 +530,18 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
     summary = fold_summary(fold_table.drop(columns=["split", "n_cells"]), by=["evaluation"])
     write_csv(summary, stage / "fold_metrics_95CI.csv")
     return summary
+
+
+def said_once(log: Log) -> Log:
+    """``log`` that passes each distinct line once."""
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            log(line)
+
+    return once
 
 
 def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = False, log: Log = print, resume: bool = False) -> pd.DataFrame:
@@ -558,6 +575,7 @@ def train_annotator(config: AnnotateConfig, out: str | Path, overwrite: bool = F
     if not (config.cross_validate or config.final_model):
         raise ConfigError("annotate: nothing to do (no cross-validation and no final model)")
     check_output_dir(out, overwrite, (config.dataset.path,))
+    log = said_once(log)  # what every fold's fit says alike (settings that do not apply) is said once
     with resumable_training(checkpoints_beside(out), resume, overwrite, log) as checkpoints:
         key = config.ontology_key or (f"{config.dataset.label_key}_cl_id" if config.label_map else config.dataset.label_key)
         data = load_dataset(config.dataset, extra_keys=tuple(k for k in (config.ontology_key, config.split.group_key, config.dataset_key) if k), log=log)

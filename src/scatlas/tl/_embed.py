@@ -138,8 +138,8 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
     if unused:
         log(f"{config.type}: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply (it is fitted by scikit-learn, not by epochs"
             + ("; max_iter bounds its iterations)" if "max_iter" in type(config).model_fields else ")"))
-    if settings.chunk_size is not None and "chunk_size" in settings.model_fields_set and sp.issparse(data.X):  # a matrix in memory
-        log(f"{config.type}: chunk_size does not apply (the matrix is in memory, not streamed: --stream, or a backed AnnData)")
+    if said := settings.chunk_size_unused(config.type, sp.issparse(data.X)):  # a streamed source is not a sparse matrix
+        log(said)
     sized = model.unset(model.sized_training(len(data.train)))
     if sized:
         cfg = model.train_config
