@@ -398,6 +398,9 @@ def test_cli_train_predict_evaluate(zheng, tmp_path):
     # streamed: the same calls, 97 cells at a time from the file, in a results-only file
     result = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "s.h5ad"), "--stream", "--chunk-size", "97"])
     assert result.exit_code == 0, result.output
+    assert "chunk_size does not apply" not in result.output
+    loaded = runner.invoke(app, ["annotate", "predict", str(out), str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "l.h5ad"), "--chunk-size", "97"])
+    assert loaded.exit_code == 0 and "chunk_size does not apply (the query was loaded whole; --stream maps it chunk by chunk)" in loaded.output
     streamed = ad.read_h5ad(tmp_path / "s.h5ad")
     assert streamed.X is None and list(streamed.var_names) == list(p.var_names)
     pd.testing.assert_frame_equal(streamed.obs, p.obs)

@@ -414,7 +414,7 @@ def annotate_predict(
     gene_key: Annotated[str | None, typer.Option(help=_GENE_KEY_HELP)] = None,
     min_overlap: Annotated[float, typer.Option(help="Smallest share of the model's genes the query must have.")] = 0.5,
     stream: Annotated[bool, typer.Option("--stream", help="Never load X: map the query chunk by chunk; OUT holds the results only (no matrix).")] = False,
-    chunk_size: Annotated[int, typer.Option(help="Query cells mapped at a time with --stream.")] = 100_000,
+    chunk_size: Annotated[int | None, typer.Option(help="Query cells mapped at a time with --stream (default 100,000).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
 ) -> None:
     """Annotate a query with a trained model: genes aligned by name, missing ones set to their reference means (linear) or 0 (networks).

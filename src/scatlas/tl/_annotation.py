@@ -768,18 +768,22 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
 
 
 def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Path, layer: str | None = None, min_overlap: float = 0.5,
-                        stream: bool = False, chunk_size: int = 100_000, gene_key: str | None = None, overwrite: bool = False,
+                        stream: bool = False, chunk_size: int | None = None, gene_key: str | None = None, overwrite: bool = False,
                         log: Log = print) -> ad.AnnData:
     """Annotate a query file with a saved model (:func:`annotate`); write ``out`` (``.h5ad``) atomically.
 
     ``out`` is the query with the calls added; with ``stream`` the query's matrix is never
-    loaded (read ``chunk_size`` cells at a time) and ``out`` holds the results only: ``obs``
-    with the calls, the genes, the probabilities in ``.obsm`` and no matrix. An existing ``out``
-    is refused unless ``overwrite``, and the query itself always.
+    loaded (read ``chunk_size`` cells at a time, default 100,000) and ``out`` holds the results
+    only: ``obs`` with the calls, the genes, the probabilities in ``.obsm`` and no matrix. An
+    existing ``out`` is refused unless ``overwrite``, and the query itself always.
     """
     check_output_file(out, ".h5ad", overwrite, inputs=(query,))
+    if chunk_size is not None:
+        check_chunk_size(chunk_size)
     adata = read_anndata(query, backed=stream)
-    annotate(adata, model_dir, layer=layer, gene_key=gene_key, min_overlap=min_overlap, chunk_size=chunk_size, log=log)
+    annotate(adata, model_dir, layer=layer, gene_key=gene_key, min_overlap=min_overlap, log=log, **({"chunk_size": chunk_size} if chunk_size else {}))
+    if chunk_size is not None and not stream:  # once the query passed its checks, so that a refusal is one line
+        log(f"{query}: chunk_size does not apply (the query was loaded whole; --stream maps it chunk by chunk)")
     if stream:
         adata = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), uns=dict(adata.uns))
     adata.uns.pop("scatlas_source", None)
