@@ -425,6 +425,8 @@ def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_cl
             sa.tl.embed(kang, "pca", **wrong)
     with pytest.raises(ConfigError, match="^seed: Input should be greater than or equal to 0"):
         sa.tl.transfer(kang, kang, label_key="cell_type", seed=-5, log=lambda _: None)
+    with pytest.raises(ConfigError, match="hidden.0: Input should be greater than or equal to 1"):  # was an IndexError from torch
+        sa.tl.embed(kang, "ae", hidden=[0])
     with pytest.raises(InputError, match="^reference: obs column 'author_cell_type': unknown or deprecated Cell Ontology ids: 'B cells', 'CD14\\+ Monocytes',"):
         sa.tl.transfer(kang, kang, label_key="cell_type", ontology_key="author_cell_type", log=lambda _: None)  # names, not np.str_('B cells')
     with pytest.raises(ConfigError, match="C: only for solver 'lbfgs'"):

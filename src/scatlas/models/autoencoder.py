@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from scatlas.data.loaders import Batch
-from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register
+from scatlas.models.base import ModelConfig, NeuralModel, SplitData, Widths, register
 from scatlas.nn.blocks import DenseStack, TiedDecoder
 
 
@@ -120,7 +120,7 @@ class AEConfig(ModelConfig):
     """Hyper-parameters of AE / AEC (defaults: the scMEDAL backbone)."""
 
     type: str = "ae"
-    hidden: list[int] = Field(default_factory=lambda: [512, 132])
+    hidden: Widths = Field(default_factory=lambda: [512, 132])
     latent_dim: int = Field(50, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     activation: str = "selu"

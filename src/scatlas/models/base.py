@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -102,6 +102,10 @@ class SplitData:
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Minibatches in one training epoch (the last partial one is dropped)."""
     return max(1, n_train // batch_size)
+
+
+#: Hidden layer widths of a network (each at least 1; an empty list: no hidden layer).
+Widths = list[Annotated[int, Field(ge=1)]]
 
 
 class ModelConfig(BaseModel):

@@ -36,7 +36,7 @@ from scatlas.data.loaders import Batch
 from scatlas.data.preprocess import gene_moments, within_class_variance
 from scatlas.losses import cross_entropy, hierarchical_cross_entropy, one_vs_rest_cross_entropy
 from scatlas.data.splits import holdout
-from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register
+from scatlas.models.base import ModelConfig, NeuralModel, SplitData, Widths, register
 from scatlas.nn.tabnet import TabNet
 
 
@@ -237,7 +237,7 @@ class MLPConfig(ClassifierConfig):
     """MLP classifier (scTab: 8 × 128 hidden, dropout 0.1, lr 2e-3, weight decay 0.05)."""
 
     type: str = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [128] * 8)
+    hidden: Widths = Field(default_factory=lambda: [128] * 8)
     dropout: float = Field(0.1, ge=0, lt=1)
     training: dict[str, Any] = Field(default_factory=lambda: {"lr": 2e-3, "weight_decay": 0.05, "lr_decay": 0.9, "gradient_clip": 1.0})
 

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from scatlas.data.loaders import Batch
 from scatlas.models.autoencoder import AE, AEConfig, AutoencoderModule
-from scatlas.models.base import ModelConfig, NeuralModel, SplitData, register, steps_per_epoch
+from scatlas.models.base import ModelConfig, NeuralModel, SplitData, Widths, register, steps_per_epoch
 from scatlas.nn.blocks import ACTIVATIONS, DenseStack
 from scatlas.nn.variational import RandomEffectBlock, grad_reverse
 from scatlas.train import TrainingPlan, adam
@@ -189,7 +189,7 @@ class FEConfig(AEConfig):
     recon_weight: float = Field(2000.0, gt=0)
     class_weight: float = Field(1.0, ge=0)
     adversary_weight: float = Field(10.0, ge=0)
-    adversary_hidden: list[int] = Field(default_factory=lambda: [512, 132])
+    adversary_hidden: Widths = Field(default_factory=lambda: [512, 132])
     adversary: Literal["alternating", "reversal"] = "alternating"
     adversary_input: Literal["all", "latent"] = "latent"
     encoder_objective: Literal["negative_ce", "confusion"] = "confusion"
@@ -351,7 +351,7 @@ class REConfig(ModelConfig):
     """scMEDAL-RE hyper-parameters (published defaults)."""
 
     type: str = "re"
-    hidden: list[int] = Field(default_factory=lambda: [512, 132])
+    hidden: Widths = Field(default_factory=lambda: [512, 132])
     latent_dim: int = Field(50, ge=1)
     activation: str = "selu"
     latent_activation: str = "selu"
