@@ -344,11 +344,15 @@ def test_transfer_names_its_inputs_and_models_print_a_summary(symphony, fitted, 
     assert repr(model.annotator).splitlines()[0].startswith("Annotator linear: 9 classes")
     loaded = sa.tl.ReferenceModel.load(model.save(tmp_path / "ref"))
     assert repr(loaded) == text
+    with pytest.raises(InputError, match="not a saved scatlas model .*; it holds a cell-type classifier: scatlas.tl.annotate"):
+        sa.load_model(tmp_path / "ref")  # the wrong loader names the right one
     _, models = fitted
     text = repr(models["fe"])
     assert text.splitlines()[0] == "ScatlasModel fe -> obsm['X_fe']" and "3 batches: 3pv1, 3pv2, 5p" in text and "3 epochs" in text
     assert "1,200 kept" in text and "latent_dim=" in text and len(text.splitlines()) == 5
     assert "loaded from disk" in repr(sa.load_model(models["fe"].save(tmp_path / "fe")))
+    with pytest.raises(InputError, match="not a scatlas annotation model .*; it is an embedding model: scatlas.load_model"):
+        sa.tl.annotate(query.copy(), tmp_path / "fe")
 
 
 def test_pl_figures(fitted, tmp_path):

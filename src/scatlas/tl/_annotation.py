@@ -282,7 +282,9 @@ class Annotator:
         if not directory.exists():
             raise InputError(f"{directory}: model folder not found (give `annotate train`'s or `transfer`'s output folder)")
         if not meta_path.exists():
-            raise InputError(f"{directory}: not a scatlas annotation model (annotator.yaml missing)")
+            embedding = (directory / "scatlas_model.yaml").exists()
+            raise InputError(f"{directory}: not a scatlas annotation model (annotator.yaml missing)"
+                             + ("; it is an embedding model: scatlas.load_model" if embedding else ""))
         meta = yaml.safe_load(meta_path.read_text())
         genes = np.array((directory / "genes.txt").read_text().split())
         R = np.load(directory / "reachability.npy") if (directory / "reachability.npy").exists() else None

@@ -342,7 +342,11 @@ def load_model(directory: str | Path) -> ScatlasModel:
     directory = Path(directory)
     meta_path = directory / MODEL_FILE
     if not meta_path.exists():
-        raise InputError(f"{directory}: not a saved scatlas model ({MODEL_FILE} missing)")
+        from scatlas.tl._annotation import model_directory  # only to name what the folder holds instead
+
+        classifier = (model_directory(directory) / "annotator.yaml").exists()
+        raise InputError(f"{directory}: not a saved scatlas model ({MODEL_FILE} missing)"
+                         + ("; it holds a cell-type classifier: scatlas.tl.annotate(adata, folder)" if classifier else ""))
     meta = yaml.safe_load(meta_path.read_text())
     genes = np.array((directory / "genes.txt").read_text().split("\n")[:-1])
     scaler = GeneScaler(meta.get("scale", "none"))
