@@ -212,6 +212,7 @@ def test_run_refuses_bad_paths_and_configs(files, work):
     refused(work, ["run", str(_run_config(work, work / "absent.h5ad"))], "absent.h5ad: file not found")
     (work / "cells.txt").write_text("x")
     refused(work, ["run", str(_run_config(work, work / "cells.txt"))], "expected an .h5ad file")
+    refused(work, ["demo", "--epochs", "0", "-o", "demo"], "--epochs: 0; train at least one epoch")  # was a pydantic traceback, the data written
     (work / "folder.h5ad").mkdir()  # h5py's refusal ran over three lines
     refused(work, ["validate", str(work / "folder.h5ad")], "folder.h5ad: is a directory, not an .h5ad file")
 

@@ -198,6 +198,8 @@ def demo(
     from scatlas.data.datasets import DEMO_NOTE, demo_pbmc
     from scatlas.experiment import ExperimentConfig, run_experiment
 
+    if epochs < 1:  # before anything is written
+        raise ConfigError(f"--epochs: {epochs}; train at least one epoch")
     console.print(DEMO_NOTE)
     data_path = output_dir / "demo_pbmc68k_2batches.h5ad"
     with atomic_path(data_path) as tmp:
