@@ -312,6 +312,7 @@ def test_unseen_labels_reported_and_unknowns(chemistries, tmp_path):
     assert f"q: 3 of {adata.n_obs} cells have no true label in obs column 'author_cell_type': left out of the evaluation" in lines
     assert summary.set_index("dataset").loc["q", "n_cells_unlabelled"] == 3
     assert pd.read_csv(tmp_path / "out" / "q" / "metrics.csv")["n_cells"].item() == adata.n_obs - 3 - 7  # neither unlabelled nor unseen
+    assert f"q: 7 of {adata.n_obs - 3} labelled cells have labels the reference lacks (e.g. 'Platelet'): not scored, listed in unseen_labels.csv" in lines
     unseen = pd.read_csv(tmp_path / "out" / "q" / "unseen_labels.csv")
     assert unseen.to_dict("records") == [{"label": "Platelet", "n_cells": 7}]
     assert summary.set_index("dataset").loc["q", "n_cells_unseen_label"] == 7

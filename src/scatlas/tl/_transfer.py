@@ -278,8 +278,8 @@ def nearest_centroid_distance(embedding: np.ndarray, centroids: np.ndarray, own:
 
 
 def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace, out: Path, title: str, figures: bool = False,
-              labelled: np.ndarray | None = None) -> dict[str, float]:
-    """Metrics on cells whose label the reference knows; unseen labels reported, never mapped. The confusion
+              labelled: np.ndarray | None = None, log: Log = print) -> dict[str, float]:
+    """Metrics on cells whose label the reference knows; unseen labels reported (one line to ``log``), never mapped. The confusion
     matrix (every labelled cell) is a table, and with ``figures`` also a figure. ``labelled``: which cells have a
     label (the others are left out and counted as ``n_cells_unlabelled``; ``unknown_fraction`` is over every cell)."""
     labelled = np.ones(len(y_true), dtype=bool) if labelled is None else labelled
@@ -289,6 +289,10 @@ def _evaluate(y_true: np.ndarray, predictions: pd.DataFrame, labels: LabelSpace,
     unseen = pd.Series(y_true[~known]).value_counts()
     if len(unseen):
         write_csv(unseen.rename_axis("label").reset_index(name="n_cells"), out / "unseen_labels.csv")
+        hint = (f"; none is one of the model's classes (e.g. {str(labels.names[0])!r}): compare names with names and ids with ids"
+                if not known.any() else "")
+        log(f"{title}: {int((~known).sum())} of {len(y_true)} labelled cells have labels the reference lacks (e.g. {unseen.index[0]!r}): "
+            f"not scored, listed in unseen_labels.csv{hint}")
     pred = predictions["predicted"].to_numpy().astype(str)
     metrics = overall_metrics(y_true[known], pred[known])
     metrics["unknown_fraction"] = unknown_fraction
@@ -551,7 +555,7 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
             reference, _, held_out, held_out_truth, calibration = fit_reference(config, data, log, lambda p, q: (csv.write(p), parquet.write(q)),
                                                                                 checkpoints, resume, query_genes_check(queries, reads, config))
         write_csv(calibration, stage / "calibration.csv")
-        metrics = _evaluate(held_out_truth, held_out, reference.annotator.labels, ref_dir, "reference, held-out cells", figures)
+        metrics = _evaluate(held_out_truth, held_out, reference.annotator.labels, ref_dir, "reference, held-out cells", figures, log=log)
         summary = [{"dataset": "reference (held-out cells)", "n_cells": len(held_out), **metrics}]
         reference.save(ref_dir / "model")
         for stem, adata, read in zip(stems, queries, reads, strict=True):
@@ -563,7 +567,7 @@ def _write_transfer(config: TransferConfig, data: CellData, queries: list[ad.Ann
             if config.query_label_key:
                 labelled = with_values(adata.obs[config.query_label_key], stem, config.query_label_key, "no true label", "the evaluation", log)
                 row.update(_evaluate(string_values(adata.obs[config.query_label_key]), pred, reference.annotator.labels, qdir, stem, figures,
-                                     labelled))
+                                     labelled, log))
             summary.append(row)
         table = pd.DataFrame(summary)
         table["n_cells"] = table["n_cells"].astype(int)
