@@ -357,6 +357,8 @@ def test_transfer_refuses_before_training(files, work):
     refused(work, [*base, "--query", str(files["kang_ensembl"]), "--query-gene-key", "symbol"], "kang_ensembl.h5ad", "no gene column 'symbol'", "SYMBOL")
     refused(work, [*base, "--query", str(files["kang_nan"])], "kang_nan.h5ad", "NaN or infinite")
     refused(work, [*base, "--query", kang, "--query-label-key", "truth"], "obs column 'truth' not found")
+    refused(work, [*base, "--query", kang, "--query-label-key", "cell_type_ontology_term_id"],  # ids against names: it trained, then scored no cell
+            "obs column 'cell_type_ontology_term_id' shares no label with the reference's 'cell_type'", "compare names with names and ids with ids")
     refused(work, ["transfer", "--reference", kang, "--label-key", "celltype", "--out", "tr", "--query", kang], "'celltype' not found")
     lognorm = ad.read_h5ad(kang)  # a log-normalised reference with an all-zero gene (a notice) and a query of counts
     lognorm.X = normalize_log1p(lognorm.X)

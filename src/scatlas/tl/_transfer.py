@@ -469,11 +469,17 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     """
     reads = []
     said: list[str] = []
+    classes = set(string_values(data.obs[config.reference.label_key])) if config.query_label_key and config.reference.label_key else set()
     for q in queries:
         layer, counts, _, lines = checked_query(q, config.query_layer, config.reference.layer, data.input, data.var_names,
                                                 config.min_overlap, config.query_gene_key, "the reference")
         said += lines
         reads.append((layer, counts))
+        truth = set(q.obs[config.query_label_key].dropna().astype(str)) if classes else set()
+        if truth and not truth & classes:  # an evaluation that could score no cell, found before the reference trains
+            raise InputError(f"{source_name(q)}: obs column {config.query_label_key!r} shares no label with the reference's "
+                             f"{config.reference.label_key!r} (query e.g. {sorted(truth)[:3]}, reference e.g. {sorted(classes)[:3]}); "
+                             "compare names with names and ids with ids")
     for line in said:  # once every query passed
         log(line)
     return reads
