@@ -301,6 +301,9 @@ def test_compare_command_over_run_outputs(finished_run):
     assert set(coords["model"]) == {"PCA", "AE", "AEC"} and {"umap1", "umap2", "label", "batch"} <= set(coords.columns)
     empty = runner.invoke(app, ["compare", str(root.parent / "nothing")])
     assert empty.exit_code == 2 and "no scatlas run outputs" in empty.output
+    from scatlas.experiment.compare import discover
+
+    assert root.name.endswith("_outputs") and discover(root) == discover(root.parent)  # given one dataset's folder: its runs (it was refused)
 
 
 def test_run_under_torchrun_two_cpu_ranks(tmp_path, cellbench5_path):

@@ -27,10 +27,14 @@ _SCORES = re.compile(r"^all_scores_(train|val|test)_samplesize-(\d+)\.csv$")
 
 
 def discover(root: str | Path) -> dict[tuple[str, str, str], list[RunLayout]]:
-    """``(dataset, scenario, run) → layouts`` of every model with aggregated scores under ``root``."""
+    """``(dataset, scenario, run) → layouts`` of every model with aggregated scores under ``root`` (or, given one
+    ``<dataset>_outputs`` folder, of that dataset only)."""
     root = Path(root)
+    only = None
+    if root.name.endswith("_outputs") and (root / "latent_space").is_dir():  # one dataset's folder: its runs
+        only, root = root.name.removesuffix("_outputs"), root.parent
     found: dict[tuple[str, str, str], list[RunLayout]] = {}
-    for scores in sorted(root.glob("*_outputs/latent_space/*/*/*/all_scores_*_samplesize-*.csv")):
+    for scores in sorted(root.glob(f"{only or '*'}_outputs/latent_space/*/*/*/all_scores_*_samplesize-*.csv")):
         run_dir = scores.parent
         run, model, scenario = run_dir.name, run_dir.parent.name, run_dir.parent.parent.name
         dataset = run_dir.parents[3].name.removesuffix("_outputs")
@@ -39,7 +43,9 @@ def discover(root: str | Path) -> dict[tuple[str, str, str], list[RunLayout]]:
         if layout not in group:
             group.append(layout)
     if not found:
-        raise InputError(f"{root}: no scatlas run outputs (latent_space/<scenario>/<model>/<run>/all_scores_*.csv) found")
+        where = root / f"{only}_outputs" if only else root
+        hint = "; give the folder holding <dataset>_outputs/ (`scatlas run`'s output.dir)" if where.is_dir() and not only else ""
+        raise InputError(f"{where}: no scatlas run outputs (<dataset>_outputs/latent_space/<scenario>/<model>/<run>/all_scores_*.csv) found{hint}")
     return found
 
 
