@@ -473,6 +473,8 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--embedding", "X_diverged", "--label-key", "cell_type", "--batch-key", "sample_id"],
             ".obsm['X_diverged'] has NaN or infinite values in 2 cells", kang_names[3], kang_names[8])
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
+    refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_umap=d"],
+            "graphs given for ['X_umap'], which are not among the embeddings scored ['X_pca']")  # it was ignored
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "sample_id", "--batch-key", "sample_id"],
             "the batch and label columns are both 'sample_id'")

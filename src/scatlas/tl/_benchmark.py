@@ -123,6 +123,9 @@ def benchmark(adata: ad.AnnData, embeddings: str | Sequence[str], label_key: str
     counts, decided = resolve_input(matrix, layer, input) if matrix is not None else (False, None)
     if matrix is not None:
         validate(matrix, batch_key=batch_key if matrix is adata else None, layer=layer, require_counts=counts, lognorm=not counts)
+    strays = sorted(set(graphs or {}) - set(embeddings))
+    if strays:
+        raise InputError(f"graphs given for {strays}, which are not among the embeddings scored {list(dict.fromkeys(embeddings))}")
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
