@@ -475,6 +475,8 @@ def test_aggregate_and_benchmark_refuse_bad_input(files, work):
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_pca"], "EMBEDDING=OBSP_KEY")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--graph", "X_umap=d"],
             "graphs given for ['X_umap'], which are not among the embeddings scored ['X_pca']")  # it was ignored
+    refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "cell_type", "--batch-key", "sample_id", "--pre-key", "X_pcaa"],
+            "pre_key 'X_pcaa' (the unintegrated reference of PCR comparison) not in .obsm (did you mean 'X_pca'?)")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "celltype", "--batch-key", "sample_id"], "'celltype' not found")
     refused(work, ["benchmark", embedded, "--embedding", "X_pca", "--label-key", "sample_id", "--batch-key", "sample_id"],
             "the batch and label columns are both 'sample_id'")

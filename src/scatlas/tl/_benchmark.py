@@ -24,6 +24,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from scatlas._describe import did_you_mean
 from scatlas._errors import ConfigError, InputError
 from scatlas._io import write_csv
 from scatlas.data.io import INPUT_KEY, get_matrix, read_anndata, source_name, to_csr
@@ -129,6 +130,9 @@ def benchmark(adata: ad.AnnData, embeddings: str | Sequence[str], label_key: str
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
+    if pre_key is not None and pre_key not in adata.obsm:
+        raise InputError(f"{source_name(adata)}: pre_key {pre_key!r} (the unintegrated reference of PCR comparison) not in .obsm"
+                         f"{did_you_mean(pre_key, adata.obsm)}; available: {list(adata.obsm)}")
     check_embeddings(adata, [*embeddings, *([pre_key] if pre_key else [])])
     notices += [f"{decided} for the unintegrated PCA of PCR comparison"] if decided else []
     notice = one_batch_notice(adata, batch_key)
