@@ -220,7 +220,7 @@ def test_cli_embed_writes_the_latent_of_tl_embed(symphony_path, symphony, tmp_pa
     refused = runner.invoke(app, score)
     assert refused.exit_code == 2 and "moved.h5ad, the file it was made from" in refused.output and "--pre-key" in refused.output
     assert not (tmp_path / "bench2").exists()
-    assert "['X_nope'] not in .obsm" in runner.invoke(app, [*score, "--pre-key", "X_nope"]).output
+    assert "pre_key 'X_nope' (the unintegrated reference of PCR comparison) not in .obsm" in runner.invoke(app, [*score, "--pre-key", "X_nope"]).output
     assert runner.invoke(app, [*score, "--pre-key", "X_ae"]).exit_code == 0 and (tmp_path / "bench2" / "benchmark.csv").exists()
     np.testing.assert_array_equal(sa.load_model(tmp_path / "sym_ae_model").get_latent_representation(symphony), adata.obsm["X_ae"])
     again = runner.invoke(app, ["embed", str(symphony_path), "--out", str(out), "--batch-key", "batch"])
