@@ -51,7 +51,7 @@ def read_anndata(path: str | os.PathLike[str], backed: bool = False) -> ad.AnnDa
     except InputError:
         raise
     except Exception as exc:  # h5py / zarr / anndata raise many types for corrupt files
-        raise InputError(f"{path}: cannot be read as AnnData ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+        raise InputError(f"{path}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
     adata.uns["scatlas_source"] = str(path.resolve())
     return adata
 

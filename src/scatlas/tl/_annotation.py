@@ -780,8 +780,6 @@ def predict_annotations(model_dir: str | Path, query: str | Path, out: str | Pat
     existing ``out`` is refused unless ``overwrite``, and the query itself always.
     """
     check_output_file(out, ".h5ad", overwrite, inputs=(query,))
-    if chunk_size is not None:
-        check_chunk_size(chunk_size)
     adata = read_anndata(query, backed=stream)
     annotate(adata, model_dir, layer=layer, gene_key=gene_key, min_overlap=min_overlap, log=log, **({"chunk_size": chunk_size} if chunk_size else {}))
     if chunk_size is not None and not stream:  # once the query passed its checks, so that a refusal is one line

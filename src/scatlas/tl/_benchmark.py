@@ -107,6 +107,8 @@ def benchmark(adata: ad.AnnData, embeddings: str | Sequence[str], label_key: str
     >>> sa.tl.benchmark(adata, ["X_fe"], label_key="cell_type", batch_key="batch")  # doctest: +SKIP
     """
     embeddings = [embeddings] if isinstance(embeddings, str) else list(embeddings)  # one key, as scanpy's basis=
+    repeated = sorted({key for key in embeddings if embeddings.count(key) > 1})
+    embeddings = list(dict.fromkeys(embeddings))
     if n_neighbors < 2:
         raise ConfigError(f"n_neighbors: {n_neighbors}; the kNN graph needs at least 2 (each cell is its own first neighbour)")
     check_obs_keys(adata, [label_key], missing_ok=True)
@@ -126,7 +128,7 @@ def benchmark(adata: ad.AnnData, embeddings: str | Sequence[str], label_key: str
         validate(matrix, batch_key=batch_key if matrix is adata else None, layer=layer, require_counts=counts, lognorm=not counts)
     strays = sorted(set(graphs or {}) - set(embeddings))
     if strays:
-        raise InputError(f"graphs given for {strays}, which are not among the embeddings scored {list(dict.fromkeys(embeddings))}")
+        raise InputError(f"graphs given for {strays}, which are not among the embeddings scored {embeddings}")
     absent = [g for g in (graphs or {}).values() if g not in adata.obsp]
     if absent:
         raise InputError(f"graphs {absent} not in .obsp; available: {list(adata.obsp)}")
@@ -137,9 +139,7 @@ def benchmark(adata: ad.AnnData, embeddings: str | Sequence[str], label_key: str
     notices += [f"{decided} for the unintegrated PCA of PCR comparison"] if decided else []
     notice = one_batch_notice(adata, batch_key)
     notices += [f"{notice}; Batch correction and Total are NaN, compare Bio conservation"] if notice else []
-    repeated = sorted({key for key in embeddings if list(embeddings).count(key) > 1})
     notices += [f"embeddings {repeated} named more than once: each scored once"] if repeated else []
-    embeddings = list(dict.fromkeys(embeddings))
     notices += [f"n_neighbors {n_neighbors} is more than the {adata.n_obs:,} cells: each cell's neighbours are all the cells"] if n_neighbors > adata.n_obs else []
     for line in notices:
         log(line)

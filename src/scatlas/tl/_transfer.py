@@ -727,13 +727,17 @@ def query_roles(query: Any) -> list[tuple[ad.AnnData, str]]:
     if query is None:
         return []
     if isinstance(query, ad.AnnData):
-        return [(query, "query")]
-    pairs = [(q, str(name)) for name, q in query.items()] if isinstance(query, Mapping) else \
-        [(q, f"query {i}") for i, q in enumerate(query, 1)] if isinstance(query, Sequence) and not isinstance(query, str) else None
+        query = [query]
+    if isinstance(query, Mapping):
+        pairs = [(q, str(name)) for name, q in query.items()]
+    elif isinstance(query, Sequence) and not isinstance(query, str):
+        pairs = [(q, "query" if len(query) == 1 else f"query {i}") for i, q in enumerate(query, 1)]
+    else:
+        pairs = None
     if pairs is None or not all(isinstance(q, ad.AnnData) for q, _ in pairs):
         raise ConfigError(f"query: an AnnData, a list of them, a dict of them by name, or None; not {type(query).__name__}"
                           + (" (read files with anndata.read_h5ad(path, backed='r'))" if isinstance(query, (str, Path)) or pairs else ""))
-    return pairs if len(pairs) != 1 or isinstance(query, Mapping) else [(pairs[0][0], "query")]
+    return pairs
 
 
 def load_transfer_config(values: dict[str, Any]) -> TransferConfig:
