@@ -219,3 +219,18 @@ def test_all_zero_cells_left_out_of_training_with_a_notice(tmp_path, stream):
     assert result.exit_code == 0, result.output
     assert "5 all-zero cells (of 200 cells × 1047 genes) are left out of training" in " ".join(result.output.split())
     assert ad.read_h5ad(tmp_path / "f.h5ad").obsm["H_aenmf_k5"].shape == (200, 5)  # every cell still gets its factors
+
+
+def test_nmf_cli_max_epochs_is_scikit_learns_max_iter(tmp_path):
+    """For scikit-learn's NMF, `--max-epochs` bounds its iterations (max_iter), and stopping there is one line, not a
+    two-line ConvergenceWarning; the other epoch settings are named as not applying."""
+    from conftest import data_path
+
+    args = ["nmf", str(data_path("scmerge_mesc_2batches.h5ad")), "--out", str(tmp_path / "f.h5ad"), "--model", "nmf", "--rank", "5",
+            "--max-epochs", "2", "--lr", "0.1", "--benchmark-seeds", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "nmf: scikit-learn stopped at max_iter 2 before its tolerance (tol 0.0001) was met" in output
+    assert "nmf: lr does not apply (it is fitted by scikit-learn, not by epochs; max_iter bounds its iterations)" in output
+    assert "ConvergenceWarning" not in output and "max_epochs does not apply" not in output

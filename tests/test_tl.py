@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 import scanpy as sc
+from sklearn.exceptions import ConvergenceWarning
 from typer.testing import CliRunner
 
 import scatlas as sa
@@ -566,9 +568,19 @@ def test_factor_and_component_counts_are_checked_against_the_data(symphony):
     sa.tl.embed(adata, "nmf", rank=3, max_epochs=50, lr=0.1, chunk_size=100, log=said.append)
     assert "nmf: lr, max_epochs do not apply (it is fitted by scikit-learn, not by epochs; max_iter bounds its iterations)" in said
     assert "nmf: chunk_size does not apply (the matrix is in memory, not streamed: --stream, or a backed AnnData)" in said
+    said.clear()  # scikit-learn's two-line ConvergenceWarning is one line of the log
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        sa.tl.embed(adata, "nmf", rank=3, max_iter=2, log=said.append)
+    assert re.fullmatch(r"nmf: scikit-learn stopped at max_iter 2 before its tolerance \(tol 0.0001\) was met, reconstruction error [0-9.]+ "
+                        r"\(to iterate longer, raise max_iter: `scatlas nmf --max-epochs`\)", said[-1]), said
     said.clear()
     sa.tl.embed(adata, "aenmf", rank=3, max_epochs=1, log=said.append)
     assert not any("not apply" in line for line in said)
     said.clear()  # the classifiers alike
-    sa.tl.transfer(adata, label_key="cell_type", chunk_size=100, log=said.append)
+    sa.tl.transfer(adata, label_key="cell_type", chunk_size=100, patience=3, log=said.append)
     assert "linear: chunk_size does not apply (the matrix is in memory, not streamed: --stream, or a backed AnnData)" in said
+    assert "the linear model is fitted full-batch to convergence: patience does not apply (minibatch training: the mlp method)" in said
+    said.clear()  # nothing is said of the settings a user left alone
+    sa.tl.transfer(adata, label_key="cell_type", log=said.append)
+    assert not any("not apply" in line for line in said)

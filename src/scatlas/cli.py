@@ -319,7 +319,7 @@ def _said_first(pending: list[str]) -> Callable[[str], None]:
 def _classifier_training(max_epochs: int | None, batch_size: int | None, chunk_size: int | None, checkpoint_interval: float) -> dict[str, float | None]:
     """The classifier's training settings from the CLI: the minibatch size and epochs only where given (else scaled to the reference)."""
     given = {"max_epochs": max_epochs, "batch_size": batch_size}
-    return {"patience": 10, "chunk_size": chunk_size, "checkpoint_interval_s": checkpoint_interval, **{k: v for k, v in given.items() if v is not None}}
+    return {"chunk_size": chunk_size, "checkpoint_interval_s": checkpoint_interval, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _filters(values: list[str]) -> dict[str, list[str]]:
@@ -706,7 +706,8 @@ def nmf(
     input: Annotated[str, typer.Option(help=_INPUT_HELP)] = "auto",
     layer: Annotated[str | None, typer.Option(help=_LAYER_HELP)] = None,
     n_top_genes: Annotated[int, typer.Option(help="Highly variable genes used.")] = 2000,
-    max_epochs: Annotated[int | None, typer.Option(help="Most training epochs of AE-NMF models (default 100).", show_default=False)] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Most training epochs of AE-NMF models (default 100); nmf: scikit-learn's max_iter (default 100).",
+                                                   show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Cells per minibatch of AE-NMF models (default 64; thousands for atlases).", show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate of AE-NMF models (default 0.01).", show_default=False)] = None,
     benchmark_seeds: Annotated[int, typer.Option(help="Leiden seeds of the benchmark (0 = no benchmark).")] = 10,
@@ -728,11 +729,16 @@ def nmf(
     dataset = parse_settings(DatasetConfig, {"name": data.stem, "path": data, "input": kind, "layer": layer, "batch_key": batch_key,
                                              "label_key": label_key})
     given = {k: v for k, v in {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-    # scikit-learn's NMF takes none of them: only those given, so that it can say they do not apply
-    epochs = given if model == "nmf" else {"max_epochs": 100, "batch_size": 64, "patience": 10, "lr": 1e-2, **given}
+    entry: dict[str, Any] = {"type": model, "rank": rank}
+    if model == "nmf":  # scikit-learn's NMF: --max-epochs is its max_iter; the others only when given, so that it can say they do not apply
+        if "max_epochs" in given:
+            entry["max_iter"] = given.pop("max_epochs")
+        epochs = given
+    else:
+        epochs = {"max_epochs": 100, "batch_size": 64, "patience": 10, "lr": 1e-2, **given}
     training = parse_settings(TrainingConfig, {**epochs, **({"chunk_size": chunk_size} if chunk_size is not None else {}),
                                                "checkpoint_interval_s": checkpoint_interval})
-    tables = run_factors(dataset, {"type": model, "rank": rank}, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream, overwrite=overwrite,
+    tables = run_factors(dataset, entry, training, out, n_top_genes, benchmark_seeds, log=log, stream=stream, overwrite=overwrite,
                          resume=resume)
     for name, table in tables.items():
         console.print(f"benchmark by {name}:")

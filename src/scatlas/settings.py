@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -66,6 +66,13 @@ class TrainingConfig(Strict):
     checkpoint_interval_s: float = Field(60.0, ge=0)
     keep_checkpoints: bool = False
     restore_best: bool = False
+
+    #: Settings of training by epochs, which a model fitted without them (scikit-learn's PCA and NMF, the full-batch linear classifier) does not use.
+    EPOCH_FIELDS: ClassVar[frozenset[str]] = frozenset({"max_epochs", "batch_size", "lr", "weight_decay", "lr_decay", "gradient_clip", "patience"})
+
+    def epochs_set(self) -> list[str]:
+        """The epoch settings (:attr:`EPOCH_FIELDS`) the user set, sorted: a model fitted without epochs says that they do not apply."""
+        return sorted(self.EPOCH_FIELDS & self.model_fields_set)
 
     def chunk_size_unused(self, name: str, in_memory: bool) -> str | None:
         """The line saying that a chunk size the user set does not apply to a matrix ``in_memory`` (``None`` otherwise)."""

@@ -126,6 +126,8 @@ class _SplitRunner:
         if said:
             self.log(f"split {n}: {said}")
         history = model.fit(sdata, layout.checkpoint_dir(n), resume=resume)
+        if said := model.fit_said():
+            self.log(f"split {n}: {said}")
         if not is_main_process():  # other DDP ranks only take part in training; rank 0 writes
             return
         stage = self._stage(n)

@@ -174,6 +174,10 @@ class EmbeddingModel(abc.ABC):
     def fit(self, data: SplitData, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame | None:
         """Train on ``data.train`` (early-stopping on ``data.val``); return the epoch history or ``None``."""
 
+    def fit_said(self) -> str | None:
+        """After :meth:`fit`: a line when the fit ended short of what it aimed at (a solver stopped at its iteration limit)."""
+        return None
+
     @abc.abstractmethod
     def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """Latent coordinates of the cells ``rows``."""

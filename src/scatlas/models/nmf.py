@@ -15,6 +15,7 @@ Inputs must be non-negative (log-normalised values; ``scale: standard`` is refus
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ import torch
 from pydantic import Field
 from sklearn.decomposition import NMF as SkNMF
 from sklearn.decomposition import MiniBatchNMF
+from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 from torch.nn import functional as F
 
@@ -84,18 +86,24 @@ class NMF(SklearnState, EmbeddingModel):
         _check_nonnegative(data, "nmf")
         cfg: NMFConfig = self.config  # type: ignore[assignment]
         seed = self.train_config.seed
-        if sp.issparse(data.X) and not cfg.minibatch:
-            self.nmf = SkNMF(cfg.rank, init="nndsvda", solver="cd", max_iter=cfg.max_iter, random_state=seed)
-            self.nmf.fit(data.X[data.train])
-            return None
-        self.nmf = MiniBatchNMF(cfg.rank, init="nndsvda", max_iter=cfg.max_iter, random_state=seed)
+        estimator = SkNMF if sp.issparse(data.X) and not cfg.minibatch else MiniBatchNMF
+        self.nmf = estimator(cfg.rank, init="nndsvda", max_iter=cfg.max_iter, random_state=seed, **({"solver": "cd"} if estimator is SkNMF else {}))
         if sp.issparse(data.X):
-            self.nmf.fit(data.X[data.train])
+            with warnings.catch_warnings():  # its two-line ConvergenceWarning becomes fit_said's one line
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                self.nmf.fit(data.X[data.train])
             return None
         for _ in range(cfg.max_iter):  # streamed: one partial_fit per chunk, max_iter passes over the file
             for chunk in self._chunks(data, data.train):
                 self.nmf.partial_fit(chunk)
         return None
+
+    def fit_said(self) -> str | None:
+        """A line when scikit-learn stopped at ``max_iter`` before its tolerance was met (streamed passes have no tolerance)."""
+        if getattr(self.nmf, "n_iter_", 0) < self.nmf.max_iter:
+            return None
+        return (f"nmf: scikit-learn stopped at max_iter {self.nmf.max_iter} before its tolerance (tol {self.nmf.tol:g}) was met, reconstruction "
+                f"error {self.nmf.reconstruction_err_:.4g} (to iterate longer, raise max_iter: `scatlas nmf --max-epochs`)")
 
     def _chunks(self, data: SplitData, rows: np.ndarray) -> Iterator[sp.csr_matrix]:
         """The cells ``rows`` of a streamed source, ``chunk_size`` at a time (read in file order)."""
@@ -104,10 +112,12 @@ class NMF(SklearnState, EmbeddingModel):
             yield read_rows(data.X, rows[a : a + size])
 
     def embed(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
-        """H of the cells (non-negative least squares against W)."""
-        if sp.issparse(data.X):
-            return self.nmf.transform(data.X[rows]).astype(np.float32)
-        return np.concatenate([self.nmf.transform(chunk) for chunk in self._chunks(data, rows)]).astype(np.float32)
+        """H of the cells (non-negative least squares against W, at most ``max_iter`` iterations: the fit's line says when that binds)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            if sp.issparse(data.X):
+                return self.nmf.transform(data.X[rows]).astype(np.float32)
+            return np.concatenate([self.nmf.transform(chunk) for chunk in self._chunks(data, rows)]).astype(np.float32)
 
     def reconstruct(self, data: SplitData, rows: np.ndarray) -> np.ndarray:
         """H W."""

@@ -133,7 +133,7 @@ class AnnotateConfig(BaseModel):
     model: dict[str, Any] | None = None
     n_top_genes: int | None = Field(None, gt=0)
     split: SplitConfig = Field(default_factory=SplitConfig)
-    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
+    training: TrainingConfig = Field(default_factory=TrainingConfig)  # batch size and epochs: scaled_training
     strata: list[str] | None = None
     final_model: bool = True
     cross_validate: bool = True
@@ -394,7 +394,7 @@ def fit_classifier(
     ``checkpoint_dir`` (an ensemble, one per member) and, with ``resume``, continues from it; a
     full-batch fit keeps no checkpoint.
     """
-    ignored = sorted({"max_epochs", "batch_size", "lr", "weight_decay"} & training.model_fields_set)  # what the user set
+    ignored = training.epochs_set()
     training, scaled = scaled_training(training, len(train))
     columns = None if start is None else pd.Index(data.var_names).get_indexer(start[1])
     prep = preprocess_split(data.lognorm, data.var_names, train, n_top_genes, "none", columns)

@@ -106,10 +106,6 @@ def split_options(model: str, options: dict[str, Any]) -> tuple[dict[str, Any], 
     return entry, training
 
 
-#: Training settings of networks only: a model fitted by scikit-learn (pca, nmf) says that they do not apply.
-EPOCH_SETTINGS = frozenset({"max_epochs", "batch_size", "lr", "weight_decay", "lr_decay", "gradient_clip", "patience"})
-
-
 def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, Any], seed: int = 0, progress: bool = False,
                   log: Log = _silent, checkpoint_dir: Path | None = None, resume: bool = False) -> tuple[EmbeddingModel, pd.DataFrame]:
     """Build and fit a registered embedding model on ``data`` (``data.val`` only for early stopping).
@@ -134,7 +130,7 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
     said = model.size_said(len(data.train), data.n_genes)
     if said:
         log(said)
-    unused = sorted(EPOCH_SETTINGS & settings.model_fields_set) if not isinstance(model, NeuralModel) else []
+    unused = settings.epochs_set() if not isinstance(model, NeuralModel) else []
     if unused:
         log(f"{config.type}: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply (it is fitted by scikit-learn, not by epochs"
             + ("; max_iter bounds its iterations)" if "max_iter" in type(config).model_fields else ")"))
@@ -146,6 +142,8 @@ def fit_all_cells(data: SplitData, entry: dict[str, Any], training: dict[str, An
         log(f"{config.type}: {len(data.train):,} training cells are {steps_per_epoch(len(data.train), cfg.batch_size)} minibatches an epoch, so "
             f"{', '.join(f'{k} {v}' for k, v in sized.items())} (counted in minibatches; set patience / max_epochs to override)")
     history = model.fit(data, checkpoint_dir, resume)
+    if said := model.fit_said():
+        log(said)
     return model, history if history is not None else pd.DataFrame()
 
 

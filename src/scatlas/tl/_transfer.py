@@ -109,7 +109,7 @@ class TransferConfig(BaseModel):
     query_gene_key: str | None = None
     model: dict[str, Any] | None = None
     n_top_genes: int | None = Field(None, gt=0)
-    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(patience=10))  # batch size and epochs: scaled_training
+    training: TrainingConfig = Field(default_factory=TrainingConfig)  # batch size and epochs: scaled_training
     calibration_fraction: float = Field(0.2, gt=0, lt=0.5)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     confidence_threshold: float = Field(0.5, ge=0, le=1)
