@@ -408,6 +408,7 @@ def test_counts_kept_in_a_layer_are_named_in_the_refusal(files, work):
 
 def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_clashes_with_method(files):
     from scatlas._errors import ConfigError
+    from scatlas.models.autoencoder import AEConfig
 
     kang = ad.read_h5ad(files["kang"])
     with pytest.raises(ConfigError, match=r"model: 'ae' is not a CellTypeClassifier; available: \['linear', 'mlp', 'tabnet'\]"):
@@ -430,6 +431,7 @@ def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_cl
         sa.tl.transfer(kang, kang, label_key="cell_type", seed=-5, log=lambda _: None)
     with pytest.raises(ConfigError, match="hidden.0: Input should be greater than or equal to 1"):  # was an IndexError from torch
         sa.tl.embed(kang, "ae", hidden=[0])
+    assert AEConfig(hidden=128).hidden == [128]  # one width (scvi-tools' n_hidden) is one layer; it was refused as not a list
     with pytest.raises(InputError, match="^reference: obs column 'author_cell_type': unknown or deprecated Cell Ontology ids: 'B cells', 'CD14\\+ Monocytes',"):
         sa.tl.transfer(kang, kang, label_key="cell_type", ontology_key="author_cell_type", log=lambda _: None)  # names, not np.str_('B cells')
     with pytest.raises(ConfigError, match="C: only for solver 'lbfgs'"):

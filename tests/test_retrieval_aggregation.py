@@ -8,7 +8,7 @@ import pytest
 from statsmodels.stats.multitest import multipletests
 from typer.testing import CliRunner
 
-from scatlas import InputError
+from scatlas import ConfigError, InputError
 from scatlas.tl._aggregation import load_aggregate_config, make_samples, run_aggregation, toy_covariance, validation_samples
 from scatlas.cli import app
 from scatlas.metrics import retrieval
@@ -353,3 +353,17 @@ def test_cli_aggregate_stream_keeps_host_memory_flat(tmp_path):
     assert large_growth - small_growth < 0.5 * (large_gb - small_gb), (small_growth, large_growth, small_gb, large_gb)
     profiles = pd.read_parquet(out / "profiles_learned.parquet")
     assert len(profiles) == src.obs.groupby(["donor_id", "cell_type"], observed=True).ngroups and np.isfinite(profiles.filter(regex=r"^f\d+$").to_numpy()).all()
+
+
+def test_seeds_are_a_list_or_their_number():
+    """`seeds=3` means seeds 0, 1, 2, as the command's `--seeds 3` (it was refused as not a list); none, or one twice, is refused."""
+    settings = {"sample_key": "sample", "label_key": "label"}
+    assert load_aggregate_config({**settings, "seeds": 3}).seeds == [0, 1, 2]
+    assert load_aggregate_config({**settings, "seeds": [4, 7]}).seeds == [4, 7]
+    with pytest.raises(ConfigError, match=r"seeds: 0: train at least one seed"):
+        load_aggregate_config({**settings, "seeds": 0})
+    with pytest.raises(ConfigError, match=r"seeds: \[1, 1\]: each seed once"):
+        load_aggregate_config({**settings, "seeds": [1, 1]})
+    for name in ("seed", "random_state"):  # scikit-learn's name leads to ours
+        with pytest.raises(ConfigError, match=f"^{name}: unknown setting; did you mean 'seeds'\\?$"):
+            load_aggregate_config({**settings, name: 1})

@@ -108,7 +108,7 @@ def _message(error: Any, schema: type[BaseModel] | None) -> str:
 #: Names other libraries give our settings (scikit-learn, scanpy, scvi-tools), tried before spelling in :func:`unknown_setting`.
 SYNONYMS = {"n_components": ("rank", "latent_dim"), "n_comps": ("n_components", "rank", "latent_dim"), "n_latent": ("latent_dim", "rank"),
             "n_epochs": ("max_epochs",), "epochs": ("max_epochs",), "learning_rate": ("lr",), "dropout_rate": ("dropout",),
-            "n_hidden": ("hidden",), "early_stopping_patience": ("patience",), "random_state": ("seed",)}
+            "n_hidden": ("hidden",), "early_stopping_patience": ("patience",), "random_state": ("seed", "seeds")}
 
 
 def unknown_setting(name: str, known: Sequence[str]) -> str:

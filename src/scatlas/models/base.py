@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from torch import nn
 
 from scatlas._errors import ConfigError
@@ -104,8 +104,13 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // batch_size)
 
 
-#: Hidden layer widths of a network (each at least 1; an empty list: no hidden layer).
-Widths = list[Annotated[int, Field(ge=1)]]
+def _one_layer(value: Any) -> Any:
+    """One width (``hidden=128``, as scvi-tools' ``n_hidden``) is one hidden layer."""
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+#: Hidden layer widths of a network (each at least 1; an empty list: no hidden layer; one number: one layer).
+Widths = Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_one_layer)]
 
 
 class ModelConfig(BaseModel):

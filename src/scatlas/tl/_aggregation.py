@@ -104,7 +104,8 @@ class AggregateConfig(BaseModel):
     test_fraction
         Share of batches held out for testing (at least one).
     seeds
-        Training seeds; the report gives mean and 95% CI over them.
+        Training seeds, or their number ``n`` (seeds ``0 … n − 1``, as ``--seeds n``); the report gives
+        mean and 95% CI over them.
     width, head_width, out_width, pooling, temperature
         Model (published: 2048, 256, 2048, sum, 0.1).
     labels_per_batch, views
@@ -151,6 +152,22 @@ class AggregateConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     chunk_size: int = Field(65_536, gt=0)
     checkpoint_interval_s: float = Field(60.0, ge=0)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):  # a number of seeds, as the command's --seeds
+            if value < 1:
+                raise ValueError(f"{value}: train at least one seed (a number n means seeds 0 … n-1; or give a list)")
+            return list(range(value))
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"{value}: each seed once (a repeated seed trains the same model again)")
+        return value
 
     @field_validator("features")
     @classmethod
