@@ -10,7 +10,7 @@ import typing
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from scatlas._describe import closest
 from scatlas._errors import ConfigError
@@ -22,6 +22,16 @@ S = TypeVar("S", bound=BaseModel)
 
 #: A random seed: numpy, torch and Lightning take 0 to 2**32 - 1.
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def distinct(say: str) -> AfterValidator:
+    """A list field's check that no item repeats: ``Annotated[list[...], distinct("each part once")]`` (``"<items>: <say>"`` otherwise)."""
+    def check(values: list[Any]) -> list[Any]:
+        if len(set(values)) < len(values):
+            raise ValueError(f"{values}: {say}")
+        return values
+
+    return AfterValidator(check)
 
 
 class Strict(BaseModel):

@@ -20,7 +20,7 @@ Example (``examples/cellbench_5cl.yaml``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -28,23 +28,17 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from scatlas._errors import ConfigError
 from scatlas.data.dataset import DatasetConfig
 from scatlas.models.base import REGISTRY, LatentClassifier, ModelConfig, validate_entry
-from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, format_errors, Seed, Strict, unknown_settings
+from scatlas.settings import PreprocessConfig, SplitConfig, TrainingConfig, distinct, format_errors, Seed, Strict, unknown_settings
 
 
 class EvaluationConfig(Strict):
     """What is written and scored for every split."""
 
     sample_size: int = Field(10_000, ge=10)
-    parts: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"], min_length=1)
+    parts: Annotated[list[Literal["train", "val", "test"]], distinct("each part at most once")] = Field(default_factory=lambda: ["train", "val", "test"],
+                                                                                                          min_length=1)
     save_recon: bool = True
     figures: bool = True
-
-    @field_validator("parts")
-    @classmethod
-    def _distinct_parts(cls, parts: list[str]) -> list[str]:
-        if len(set(parts)) < len(parts):
-            raise ValueError(f"{parts}: each part at most once")
-        return parts
 
 
 class OutputConfig(Strict):

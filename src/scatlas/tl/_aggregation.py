@@ -32,7 +32,7 @@ from scatlas.data.loaders import host_tensor
 from scatlas.data.preprocess import fit_gene_pca, highly_variable_genes, map_rows, normalize_log1p
 from scatlas.data.sources import InMemoryCSR
 from scatlas.data.validate import InputKind, resolve_input, validate
-from scatlas.settings import parse_settings
+from scatlas.settings import Seed, distinct, parse_settings
 from scatlas.metrics.retrieval import average_precision
 from scatlas.metrics.stats import fold_summary
 from scatlas.models.aggregation import SetAggregator
@@ -135,7 +135,8 @@ class AggregateConfig(BaseModel):
     sphering: bool = False
     sphering_reg: float = Field(1e-2, gt=0)
     test_fraction: float = Field(0.3, gt=0, lt=1)
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: Annotated[list[Seed], distinct("each seed once (a repeated seed trains the same model again)")] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1)
     width: int = Field(2048, ge=1)
     head_width: int = Field(256, ge=1)
     out_width: int = Field(2048, ge=1)
@@ -160,13 +161,6 @@ class AggregateConfig(BaseModel):
             if value < 1:
                 raise ValueError(f"{value}: train at least one seed (a number n means seeds 0 … n-1; or give a list)")
             return list(range(value))
-        return value
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) < len(value):
-            raise ValueError(f"{value}: each seed once (a repeated seed trains the same model again)")
         return value
 
     @field_validator("features")
