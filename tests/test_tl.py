@@ -584,3 +584,25 @@ def test_factor_and_component_counts_are_checked_against_the_data(symphony):
     said.clear()  # nothing is said of the settings a user left alone
     sa.tl.transfer(adata, label_key="cell_type", log=said.append)
     assert not any("not apply" in line for line in said)
+
+
+def test_tools_write_into_a_view_as_scanpy_does(symphony):
+    """A view (a subset of another AnnData) gets data of its own before a tool writes into it, with one line, not anndata's
+    two-line warning at every write; the AnnData it came from is left as it was."""
+    from anndata import ImplicitModificationWarning
+
+    parent = symphony.copy()
+    columns = list(parent.obs.columns)
+    reference, query = parent[parent.obs["batch"] != "5p"], parent[parent.obs["batch"] == "5p"]
+    said: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImplicitModificationWarning)
+        sa.tl.embed(reference, "pca", log=said.append)
+        model = sa.tl.transfer(reference, query, label_key="cell_type", log=said.append)
+        subset = parent[:50]
+        sa.tl.annotate(subset, model, log=said.append)
+    line = "a view of another AnnData: given data of its own, in place, to write the results into (as scanpy does)"
+    assert [s for s in said if line in s] == [f"<AnnData>: {line}", f"query: {line}", f"query: {line}"]  # the reference was no view any more
+    assert not reference.is_view and "X_pca" in reference.obsm and "cell_type_pred" in reference.obs and "cell_type_pred" in subset.obs
+    assert not query.is_view and query.obs["cell_type_pred"].notna().all()
+    assert list(parent.obs.columns) == columns and "X_pca" not in parent.obsm

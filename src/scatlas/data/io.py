@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -122,6 +122,18 @@ def source_name(adata: ad.AnnData) -> str:
     if adata.isbacked:
         return str(adata.filename)
     return str(adata.uns.get("scatlas_source") or _ROLES.get().get(id(adata), "<AnnData>"))
+
+
+def view_to_actual(adata: ad.AnnData, log: Callable[[str], None]) -> None:
+    """Give a view of an AnnData (a subset of another) data of its own, in place, before a tool writes results into it, with one line to ``log``.
+
+    As scanpy's functions do (anndata would do it at the first write, with a two-line warning
+    per write). The AnnData it was taken from is left as it was. A view of a backed AnnData is
+    left alone (its copy would need a file).
+    """
+    if adata.is_view and not adata.isbacked:
+        log(f"{source_name(adata)}: a view of another AnnData: given data of its own, in place, to write the results into (as scanpy does)")
+        adata._init_as_actual(adata.copy())
 
 
 def string_categorical(values: pd.Series) -> pd.Categorical:

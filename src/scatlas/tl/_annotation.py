@@ -31,7 +31,7 @@ from scatlas._io import (atomic_path, check_checkpoint_settings, check_output_di
                          resumable_training, staged_dir, write_csv, write_npy, write_parquet, write_torch, write_yaml)
 from scatlas.data.align import GeneAlignment, checked_query
 from scatlas.data.dataset import CellData, DatasetConfig, load_dataset
-from scatlas.data.io import cell_chunks, check_chunk_size, get_matrix, named, read_anndata, source_name, string_values, to_csr
+from scatlas.data.io import cell_chunks, check_chunk_size, get_matrix, named, read_anndata, source_name, string_values, to_csr, view_to_actual
 from scatlas.data.preprocess import gene_moments, normalize_log1p, preprocess_split
 from scatlas.data.splits import Split, holdout
 from scatlas.data.validate import with_values
@@ -646,7 +646,7 @@ def unknown_said(source: str, flags: pd.DataFrame) -> str:
     return f"{source}: {n_unknown} of {len(flags)} cells unknown" + (f" ({why}{several})" if why else "")
 
 
-def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, flags: pd.DataFrame | None = None,
+def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarray, log: Log, flags: pd.DataFrame | None = None,
                 rows: np.ndarray | None = None) -> None:
     """Write a classifier's calls into ``adata`` under the keys ``annotate`` and ``transfer`` share.
 
@@ -658,8 +658,9 @@ def write_calls(adata: ad.AnnData, key: str, labels: LabelSpace, proba: np.ndarr
     ``obs['<key>_latent_distance']`` (to the nearest reference class centroid). ``rows``: the
     positions in ``adata`` of ``proba``'s cells (default: every cell, in order); any other cell
     (e.g. an all-zero one the fit left out) gets no call (missing values) and counts as unknown,
-    for the reason ``'no call'``.
+    for the reason ``'no call'``. A view is first given data of its own (:func:`~scatlas.data.io.view_to_actual`, a line to ``log``).
     """
+    view_to_actual(adata, log)
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
     best = labels.finest(proba)
 
@@ -762,7 +763,7 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         elif n_empty := int(np.concatenate(empty).sum()):  # a reference model's line above counts them
             log(no_counts_said(source_name(adata), n_empty, adata.n_obs))
         key = annotator.meta.get("label_key") or "cell_type"
-        write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), flags)
+        write_calls(adata, key, annotator.labels, np.concatenate([p for p, _ in parts]), log, flags)
         adata.uns["scatlas_gene_overlap"] = {k: str(v) for k, v in alignment.report().items()}
         adata.uns["scatlas_annotation"] = {"model": str(model) if isinstance(model, (str, Path)) else "<in memory>",
                                            "ontology": str(annotator.labels.ontology_version), "version": __version__}

@@ -26,7 +26,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import check_checkpoint_settings, checkpoint_path, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, checked_query
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, get_var, on_disk, record_input, source_name, to_csr
+from scatlas.data.io import get_matrix, get_var, on_disk, record_input, source_name, to_csr, view_to_actual
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
@@ -533,7 +533,9 @@ def embed(
 
 
 def write_results(adata: ad.AnnData, result: ScatlasModel) -> None:
-    """Write a fitted model's latent, loadings and settings into ``adata`` (``.obsm``, ``.varm``, ``.uns["scatlas"]``)."""
+    """Write a fitted model's latent, loadings and settings into ``adata`` (``.obsm``, ``.varm``, ``.uns["scatlas"]``; a view is
+    first given data of its own, :func:`~scatlas.data.io.view_to_actual`)."""
+    view_to_actual(adata, result.log)
     adata.obsm[result.key] = result.get_latent_representation()
     W = result.loadings()
     if W is not None:  # over .var's genes: those of the model's genes (e.g. of .raw) that .var lacks have no row there
@@ -584,6 +586,7 @@ def counterfactual(adata: ad.AnnData, model: ScatlasModel, batch: str, layer_add
     recon = model.get_counterfactual(batch, adata, gene_key=gene_key)
     if gene_key is not None and gene_key not in adata.var:
         raise InputError(f"{source_name(adata)}: var column {gene_key!r} not found (the layer goes beside .X, over adata.var)")
+    view_to_actual(adata, model.log)
     columns = pd.Index(adata.var[gene_key].astype(str) if gene_key else adata.var_names).get_indexer(model.prep.genes)
     full = np.zeros((adata.n_obs, adata.n_vars), dtype=np.float32)
     full[:, columns[columns >= 0]] = recon[:, columns >= 0]

@@ -710,14 +710,14 @@ def transfer(
         key = ontology_key or label_key
         labels = model.annotator.labels
         fitted = pd.Index(reference.obs_names.astype(str)).get_indexer(data.obs.index)  # all-zero and unlabelled cells were left out (logged)
-        write_calls(reference, key, labels, np.concatenate(parts), predictions, fitted)
+        write_calls(reference, key, labels, np.concatenate(parts), log, predictions, fitted)
         split = np.full(reference.n_obs, None, dtype=object)
         split[fitted] = predictions["reference_split"].to_numpy()
         reference.obs[f"{key}_reference_split"] = pd.Categorical(split)
         for q, read in zip(queries, reads, strict=True):
             parts = []
             pred, _ = predict_query(model, q, read, config, lambda _, proba: parts.append(proba.drop(columns=["cell_id"]).to_numpy()), log=log)
-            write_calls(q, key, labels, np.concatenate(parts), pred)
+            write_calls(q, key, labels, np.concatenate(parts), log, pred)
     return model
 
 
