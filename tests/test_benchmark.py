@@ -307,6 +307,8 @@ def test_benchmark_leaves_unlabelled_cells_out(symphony_path, symphony, tmp_path
     assert notes[-1] == "embeddings ['X_pca'] named more than once: each scored once"
     with pytest.raises(sa.ConfigError, match="^n_neighbors: 1; the kNN graph needs at least 2"):  # 0 was a scikit-learn traceback
         sa.tl.benchmark(adata, ["X_pca"], label_key="cell_type", batch_key="batch", n_neighbors=1)
+    with pytest.raises(sa.ConfigError, match=r"^embeddings: none given; name .obsm keys to score \(this AnnData has \['X_pca'"):  # it returned an empty table
+        sa.tl.benchmark(adata, [], label_key="cell_type", batch_key="batch")
     adata.write_h5ad(tmp_path / "some_unlabelled.h5ad")  # the CLI keeps the notice in the report too
     result = CliRunner().invoke(app, ["benchmark", str(tmp_path / "some_unlabelled.h5ad"), "--embedding", "X_pca", "--label-key", "cell_type",
                                       "--batch-key", "batch", "--out", str(tmp_path / "bench")])

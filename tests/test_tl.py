@@ -133,7 +133,8 @@ def test_a_model_of_counts_embeds_a_query_of_log_cp10k_as_its_counts(fitted, tmp
     cpm = counts.copy()
     sc.pp.normalize_total(cpm, target_sum=1e6)
     sc.pp.log1p(cpm)
-    with pytest.raises(InputError, match="non-integer values in 400 cells .*a count model needs raw integer counts"):
+    with pytest.raises(InputError, match=r"non-integer values in 400 cells .*\(the model reads raw integer counts, or log1p of counts per 10,000 as it "
+                                         r"makes them: put them in .X, which it reads as it was trained\)$"):
         reloaded.get_latent_representation(cpm)
     assert len(lines) == 1
 

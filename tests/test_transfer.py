@@ -410,10 +410,11 @@ def test_a_model_of_counts_reads_a_query_of_log_cp10k_as_it_is(tmp_path):
     again, start = lognorm.copy(), len(lines)
     sa.tl.annotate(again, tmp_path / "model", log=lines.append)
     assert lines[start].endswith("read as it is") and (again.obs["cell_type_pred"] == counts.obs["cell_type_pred"]).all()  # its first line
-    for run in (lambda: sa.tl.transfer(reference.copy(), per_million, log=pytest.fail, **settings),
-                lambda: sa.tl.annotate(per_million, tmp_path / "model", log=pytest.fail)):
-        with pytest.raises(InputError, match="has non-integer values in 806 cells"):
+    for run, option in ((lambda: sa.tl.transfer(reference.copy(), per_million, log=pytest.fail, **settings), "`query_layer` / `--query-layer`"),
+                        (lambda: sa.tl.annotate(per_million, tmp_path / "model", log=pytest.fail), "`layer` / `--layer`")):
+        with pytest.raises(InputError, match="has non-integer values in 806 cells") as refused:  # the option that chooses the query's counts
             run()
+        assert str(refused.value).endswith(f"(the model reads raw integer counts, or log1p of counts per 10,000 as it makes them: choose them with {option})")
     reference.write_h5ad(tmp_path / "reference.h5ad")
     lognorm.write_h5ad(tmp_path / "lognorm.h5ad")
     result = runner.invoke(app, ["transfer", "--reference", str(tmp_path / "reference.h5ad"), "--label-key", "cell_type", "--query",

@@ -170,11 +170,11 @@ def _share_found(model_genes: np.ndarray, names: pd.Index | pd.Series) -> float:
 
 
 def checked_query(adata: ad.AnnData, layer: str | None, model_layer: str | None, model_input: str, genes: Sequence[str], min_overlap: float,
-                  gene_key: str | None, trained_as: str) -> tuple[str | None, bool, GeneAlignment, list[str]]:
+                  gene_key: str | None, trained_as: str, choose_counts: str) -> tuple[str | None, bool, GeneAlignment, list[str]]:
     """Check a query for a model: the matrix it is read from (``layer`` if given, else the model's layer where the query
     has it, else ``.X``: :func:`~scatlas.data.io.trained_layer`) and what it holds
-    (:func:`~scatlas.data.validate.query_counts`), its values (:func:`~scatlas.data.validate.validate`) and its genes
-    against ``genes``.
+    (:func:`~scatlas.data.validate.query_counts`), its values (:func:`~scatlas.data.validate.validate`; a refusal of
+    a count model's query says ``choose_counts``, how its counts are chosen) and its genes against ``genes``.
 
     Returns
     -------
@@ -183,7 +183,7 @@ def checked_query(adata: ad.AnnData, layer: str | None, model_layer: str | None,
     """
     chosen = trained_layer(adata, layer, model_layer)
     counts, read_as = query_counts(adata, chosen, model_input)
-    validate(adata, layer=chosen, require_counts=counts, lognorm=not counts)
+    validate(adata, layer=chosen, require_counts=counts, lognorm=not counts, query_counts=choose_counts)
     alignment = align_genes(get_var(adata, chosen), genes, min_overlap, source_name(adata), gene_key, var_name(adata, chosen))
     said = [f"{source_name(adata)}: reading {matrix_name(adata, chosen)}, as {trained_as}"] if chosen != layer else []
     return chosen, counts, alignment, said + ([read_as] if read_as else [])

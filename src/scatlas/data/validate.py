@@ -194,6 +194,7 @@ def check_matrix(
     require_counts: bool = False,
     batch_key: str | None = None,
     lognorm: bool = False,
+    query_counts: str | None = None,
 ) -> MatrixSummary:
     """Check the expression matrix for NaN/inf, negative and (for count models) non-integer values.
 
@@ -201,7 +202,9 @@ def check_matrix(
     When ``batch_key`` is given, a failure names the batches that hold the bad values. With
     ``lognorm`` (the matrix will be used as log-normalised values) a mix of raw-count cells and
     others, or a value above :data:`LOGNORM_MAX`, is refused too: either would be read as huge
-    expression levels.
+    expression levels. ``query_counts``: the matrix is a query of a trained model of counts, and this
+    says how its counts are chosen (e.g. "choose them with `query_layer` / `--query-layer`"): a
+    refusal of non-integer values says it (and not ``input``, which the model fixed).
 
     Returns
     -------
@@ -230,8 +233,12 @@ def check_matrix(
         if name == "non-integer":
             others = [str(k) for k in adata.layers.keys() if k != layer]
             layers = f" (this file has layers {others})" if others else ""
-            on_raw = "; the file has .raw, where CELLxGENE keeps counts: select it with layer 'raw', `--layer raw`" if raw else ""
-            hint = f" (a count model needs raw integer counts: pass `layer`{layers} or `input: lognorm`{on_raw})"
+            if query_counts is None:
+                on_raw = "; the file has .raw, where CELLxGENE keeps counts: select it with layer 'raw', `--layer raw`" if raw else ""
+                hint = f" (a count model needs raw integer counts: pass `layer`{layers} or `input: lognorm`{on_raw})"
+            else:
+                on_raw = "; the file has .raw, where CELLxGENE keeps counts: layer 'raw'" if raw else ""
+                hint = f" (the model reads raw integer counts, or log1p of counts per 10,000 as it makes them: {query_counts}{layers}{on_raw})"
         elif name == "negative" and raw:
             hint = " (scaled values? scanpy keeps the log-normalised genes in .raw: select it with layer 'raw', `--layer raw`)"
         raise InputError(f"{src}: {where} has {name} values in {len(bad_rows)} cells ({_cells_said(adata, bad_rows, batch_key)}){hint}")
@@ -268,6 +275,7 @@ def validate(
     require_counts: bool = False,
     check_values: bool = True,
     lognorm: bool = False,
+    query_counts: str | None = None,
 ) -> MatrixSummary | None:
     """Run every check of DESIGN §3 that applies to one dataset: the one validation every command runs.
 
@@ -291,6 +299,9 @@ def validate(
     lognorm
         The matrix will be read as log-normalised values (not with ``require_counts``): refuse
         cells of raw counts beside others and values above :data:`LOGNORM_MAX`.
+    query_counts
+        For a query of a trained model of counts: how its counts are chosen, said when its values
+        are refused (:func:`check_matrix`).
 
     Returns
     -------
@@ -314,7 +325,8 @@ def validate(
         check_groups(adata, batch_key, min_size=2, min_groups=1)
     if label_key is not None:
         check_groups(adata, label_key, min_size=1, min_groups=2)
-    return check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key, lognorm=lognorm) if check_values else None
+    return check_matrix(adata, layer=layer, require_counts=require_counts, batch_key=batch_key, lognorm=lognorm,
+                        query_counts=query_counts) if check_values else None
 
 
 def one_batch_notice(adata: ad.AnnData, batch_key: str | None) -> str | None:

@@ -741,7 +741,8 @@ def annotate(adata: ad.AnnData, model: Annotator | ReferenceModel | str | Path, 
         reference = loaded if isinstance(loaded, ReferenceModel) else None
         annotator = loaded.annotator if isinstance(loaded, ReferenceModel) else loaded
         layer, counts, alignment, said = checked_query(adata, layer, annotator.meta.get("layer"), annotator.input, annotator.genes, min_overlap, gene_key,
-                                                       "the model was trained")
+                                                       "the model was trained",
+                                                       "choose them with `layer` / `--layer`")
         for line in said:  # once the query passed its checks, so that bad input gets its one line alone
             log(line)
         log(alignment.said(source_name(adata), annotator.missing_said))

@@ -109,6 +109,8 @@ def benchmark(adata: ad.AnnData, embeddings: str | Sequence[str], label_key: str
     embeddings = [embeddings] if isinstance(embeddings, str) else list(embeddings)  # one key, as scanpy's basis=
     repeated = sorted({key for key in embeddings if embeddings.count(key) > 1})
     embeddings = list(dict.fromkeys(embeddings))
+    if not embeddings:
+        raise ConfigError(f"embeddings: none given; name .obsm keys to score (this AnnData has {list(adata.obsm)})")
     if n_neighbors < 2:
         raise ConfigError(f"n_neighbors: {n_neighbors}; the kNN graph needs at least 2 (each cell is its own first neighbour)")
     check_obs_keys(adata, [label_key], missing_ok=True)

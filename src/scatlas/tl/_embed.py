@@ -26,7 +26,7 @@ from scatlas._errors import ConfigError, InputError
 from scatlas._io import check_checkpoint_settings, checkpoint_path, staged_dir, write_csv
 from scatlas.data.align import GeneAlignment, checked_query
 from scatlas.data.dataset import cell_data, whole_backed
-from scatlas.data.io import get_matrix, get_var, on_disk, record_input, source_name, to_csr, view_to_actual
+from scatlas.data.io import get_matrix, get_var, matrix_name, on_disk, record_input, source_name, to_csr, view_to_actual
 from scatlas.data.preprocess import GeneScaler, ScaledSource, ScaleKind, highly_variable_genes, normalize_log1p, preprocess_split
 from scatlas.data.loaders import STREAM_CHUNK
 from scatlas.data import splits
@@ -169,7 +169,7 @@ class Preprocessing:
             For bad values, or fewer than ``min_overlap`` of the model's genes in ``adata``.
         """
         _, counts, alignment, said = checked_query(adata, self.layer, self.layer, "counts" if self.counts else "lognorm", self.genes, min_overlap,
-                                                   gene_key, "the model was trained")
+                                                   gene_key, "the model was trained", f"put them in {matrix_name(adata, self.layer)}, which it reads as it was trained")
         for line in said:
             log(line)
         X = to_csr(get_matrix(adata, self.layer))

@@ -472,7 +472,8 @@ def check_queries(queries: Sequence[ad.AnnData], config: TransferConfig, data: C
     classes = set(string_values(data.obs[config.reference.label_key])) if config.query_label_key and config.reference.label_key else set()
     for q in queries:
         layer, counts, _, lines = checked_query(q, config.query_layer, config.reference.layer, data.input, data.var_names,
-                                                config.min_overlap, config.query_gene_key, "the reference")
+                                                config.min_overlap, config.query_gene_key, "the reference",
+                                                "choose them with `query_layer` / `--query-layer`")
         said += lines
         reads.append((layer, counts))
         truth = set(q.obs[config.query_label_key].dropna().astype(str)) if classes else set()
