@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -349,6 +351,14 @@ def test_kfold_scheme(cellbench):
     # stratified: every stratum appears in every test part
     for s in splits:
         assert set(strata[s.test]) == set(strata)
+    rare, said = strata.copy(), []  # strata smaller than the folds: one line (scikit-learn's two-line warning is not shown), the same folds
+    rare[:2] = "X_rare"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = kfold_splits(rare, n_splits=3, seed=0, log=said.append)
+    assert said == ["1 of 16 strata (batch × label) hold fewer cells than the 3 folds (smallest: 'X_rare', 2 cells): their cells are tested in only some folds"]
+    with pytest.warns(UserWarning, match="^1 of 16 strata"):  # without a log, as a library warns
+        assert all(np.array_equal(a.test, b.test) for a, b in zip(kfold_splits(rare, n_splits=3, seed=0), again, strict=True))
 
 
 def test_group_and_study_splits(cellbench):

@@ -16,6 +16,8 @@ transferring labels, which need only held-out cells, start about 0.6 s sooner.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -56,7 +58,7 @@ def _rotate(parts: list[np.ndarray]) -> list[Split]:
     return splits
 
 
-def kfold_splits(strata: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[Split]:
+def kfold_splits(strata: np.ndarray, n_splits: int = 5, seed: int = 0, log: Callable[[str], None] | None = None) -> list[Split]:
     """Stratified k-fold over cells (scMEDAL): test = part k, val = part k+1, train = the rest.
 
     Parameters
@@ -67,13 +69,24 @@ def kfold_splits(strata: np.ndarray, n_splits: int = 5, seed: int = 0) -> list[S
         Number of folds (≥ 3 so that train is never empty).
     seed
         Shuffling seed.
+    log
+        Hears one line when some strata hold fewer cells than folds (scikit-learn's two-line
+        warning otherwise; ``None``: that line as a ``UserWarning``).
     """
     if n_splits < 3:
         raise InputError(f"kfold split needs n_splits >= 3 (got {n_splits})")
     from sklearn.model_selection import StratifiedKFold
 
+    sizes = pd.Series(strata).value_counts()
+    small = sizes[sizes < n_splits]
+    if len(small):
+        line = (f"{len(small)} of {len(sizes)} strata (batch × label) hold fewer cells than the {n_splits} folds (smallest: "
+                f"{small.index[-1]!r}, {small.iloc[-1]} cells): their cells are tested in only some folds")
+        (log or (lambda said: warnings.warn(said, UserWarning, stacklevel=3)))(line)
     skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    parts = [test for _, test in skf.split(np.zeros(len(strata)), strata)]
+    with warnings.catch_warnings():  # said above, in one line
+        warnings.filterwarnings("ignore", message="The least populated class in y has only", category=UserWarning)
+        parts = [test for _, test in skf.split(np.zeros(len(strata)), strata)]
     return _rotate(parts)
 
 
@@ -192,10 +205,10 @@ def assignment_table(splits: list[Split], cell_ids: np.ndarray) -> pd.DataFrame:
     return table
 
 
-def make_splits(cfg: SplitConfig, group_key: str | None, data: CellData) -> list[Split]:
-    """The splits ``cfg`` describes over ``data`` (``group_key``: donor / study column)."""
+def make_splits(cfg: SplitConfig, group_key: str | None, data: CellData, log: Callable[[str], None] | None = None) -> list[Split]:
+    """The splits ``cfg`` describes over ``data`` (``group_key``: donor / study column; ``log``: see :func:`kfold_splits`)."""
     if cfg.kind == "kfold":
-        return kfold_splits(data.strata(), cfg.n_splits, cfg.seed)
+        return kfold_splits(data.strata(), cfg.n_splits, cfg.seed, log)
     if group_key is None:
         raise ConfigError(f"split kind {cfg.kind!r} needs a group_key (donor / study column)")
     groups = data.obs[group_key].astype(str).to_numpy()

@@ -296,7 +296,7 @@ def run_experiment(
     root = Path(output_dir or config.output.dir)
     check_writable(root)
     data = load_dataset(config.dataset, extra_keys=(config.group_key,) if config.split.kind != "kfold" else (), log=log)
-    splits = make_splits(config.split, config.group_key, data)
+    splits = make_splits(config.split, config.group_key, data, log)
     models: list[tuple[ModelConfig, RunLayout]] = [
         (m, RunLayout(root, config.dataset.name, config.scenario, config.model_name(m), config.output.run))
         for m in config.models

@@ -509,7 +509,7 @@ def _cross_validate(config: AnnotateConfig, data: CellData, labels: LabelSpace, 
     strata = _strata(config, data)
     sources = string_values(data.obs[config.dataset_key]) if config.dataset_key else None
     split_data = CellData(data.name, data.lognorm, data.var_names, data.obs, data.batch, pd.Categorical(truth))
-    splits: list[Split] = make_splits(config.split, config.split.group_key or config.dataset.batch_key, split_data)
+    splits: list[Split] = make_splits(config.split, config.split.group_key or config.dataset.batch_key, split_data, log)
     pooled, folds = [], []
     for split in splits:
         log(f"split {split.number}/{len(splits)}: {parse_model_config(config.model).type} ({len(split.train)} train, {len(split.val)} val, {len(split.test)} test cells)")
