@@ -385,6 +385,8 @@ def test_pl_figures(fitted, tmp_path):
     flat.obsm["X_one"] = flat.obsm["X_fe"][:, :1]
     with pytest.raises(InputError, match="obsm key 'X_one' has 1 dimension; a scatter needs at least 2"):
         sa.pl.embedding(flat, "X_one", "cell_type")
+    flat.obsm["X_two"] = flat.obsm["X_fe"][:, :2]  # as scanpy's basis: "two" names X_two
+    assert sa.pl.embedding(flat, "two", "cell_type").axes[0].get_xlabel().startswith("TWO")
     with pytest.raises(InputError, match="^table: not a benchmark table"):
         sa.pl.benchmark_table(pd.DataFrame({"score": [0.5]}))
 

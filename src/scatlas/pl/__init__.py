@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, title: str = "", seed: int = 0) -> Figure:
     """Side-by-side scatter panels of an ``.obsm`` embedding, one per ``obs`` column in ``color``, with legends.
 
-    An embedding of more than two dimensions is first laid out by UMAP (scanpy's neighbours + UMAP).
+    ``basis`` is an ``.obsm`` key; as in scanpy, ``"umap"`` names ``X_umap`` when ``.obsm`` has no
+    ``umap``. An embedding of more than two dimensions is first laid out by UMAP (scanpy's neighbours + UMAP).
     As scanpy's ``color=``, categories keep a categorical's order, a numeric column of many values
     (e.g. ``<key>_pred_score``) is drawn on a colour scale, and missing values (e.g. the calls of
     cells without counts) in grey as ``NA``.
@@ -37,6 +38,8 @@ def embedding(adata: ad.AnnData, basis: str, color: str | Sequence[str], *, titl
     --------
     >>> sa.pl.embedding(adata, "X_fe", ["cell_type", "batch"])   # doctest: +SKIP
     """
+    if basis not in adata.obsm and f"X_{basis}" in adata.obsm:
+        basis = f"X_{basis}"
     if basis not in adata.obsm:
         raise InputError(f"obsm key {basis!r} not found{did_you_mean(basis, adata.obsm)}; available: {list(adata.obsm)}")
     columns = [color] if isinstance(color, str) else list(color)
