@@ -97,13 +97,13 @@ def test_nmf_cli_writes_results_only_anndata(tmp_path):
 
 
 def test_nmf_cli_streams_scikit_learn_nmf_by_partial_fits(tmp_path):
-    """`nmf --stream --model nmf` never loads X: MiniBatchNMF learns W by one partial fit per chunk, and H is solved chunk by
-    chunk; the factors separate OneK1K's four cell types as the in-memory fit's do."""
+    """`nmf --stream --model nmf` never loads X: MiniBatchNMF learns W by one partial fit per chunk (`--max-epochs` passes over
+    the file), and H is solved chunk by chunk; the factors separate OneK1K's four cell types as the in-memory fit's do."""
     from conftest import data_path
 
     out = tmp_path / "streamed.h5ad"
     result = runner.invoke(app, ["nmf", str(data_path("onek1k_4types_40donors.h5ad")), "--model", "nmf", "--rank", "10", "--stream", "--chunk-size", "2000",
-                                 "--benchmark-seeds", "0", "--out", str(out)])
+                                 "--max-epochs", "20", "--benchmark-seeds", "0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     adata = ad.read_h5ad(out)
     H, labels = adata.obsm["H_nmf_k10"], adata.obs["cell_type"].astype(str).to_numpy()
