@@ -576,7 +576,7 @@ def test_factor_and_component_counts_are_checked_against_the_data(symphony):
         warnings.simplefilter("error", ConvergenceWarning)
         sa.tl.embed(adata, "nmf", rank=3, max_iter=2, log=said.append)
     assert re.fullmatch(r"nmf: scikit-learn stopped at max_iter 2 before its tolerance \(tol 0.0001\) was met, reconstruction error [0-9.]+ "
-                        r"\(to iterate longer, raise max_iter: `scatlas nmf --max-epochs`\)", said[-1]), said
+                        r"\(to iterate longer, raise max_iter; in `scatlas nmf`, --max-epochs\)", said[-1]), said
     said.clear()
     sa.tl.embed(adata, "aenmf", rank=3, max_epochs=1, log=said.append)
     assert not any("not apply" in line for line in said)

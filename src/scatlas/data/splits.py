@@ -81,7 +81,7 @@ def kfold_splits(strata: np.ndarray, n_splits: int = 5, seed: int = 0, log: Call
     small = sizes[sizes < n_splits]
     if len(small):
         line = (f"{len(small)} of {len(sizes)} strata (batch × label) hold fewer cells than the {n_splits} folds (smallest: "
-                f"{small.index[-1]!r}, {small.iloc[-1]} cells): their cells are tested in only some folds")
+                f"{small.index[-1]!r}, {small.iloc[-1]} cell{'s' if small.iloc[-1] > 1 else ''}): their cells are tested in only some folds")
         (log or (lambda said: warnings.warn(said, UserWarning, stacklevel=3)))(line)
     skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # said above, in one line

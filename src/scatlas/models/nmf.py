@@ -103,7 +103,7 @@ class NMF(SklearnState, EmbeddingModel):
         if getattr(self.nmf, "n_iter_", 0) < self.nmf.max_iter:
             return None
         return (f"nmf: scikit-learn stopped at max_iter {self.nmf.max_iter} before its tolerance (tol {self.nmf.tol:g}) was met, reconstruction "
-                f"error {self.nmf.reconstruction_err_:.4g} (to iterate longer, raise max_iter: `scatlas nmf --max-epochs`)")
+                f"error {self.nmf.reconstruction_err_:.4g} (to iterate longer, raise max_iter; in `scatlas nmf`, --max-epochs)")
 
     def _chunks(self, data: SplitData, rows: np.ndarray) -> Iterator[sp.csr_matrix]:
         """The cells ``rows`` of a streamed source, ``chunk_size`` at a time (read in file order)."""
