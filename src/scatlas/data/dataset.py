@@ -123,10 +123,13 @@ class CellData:
         return self.obs.index.to_numpy()
 
     def strata(self) -> np.ndarray:
-        """``batch_label`` per cell (the scMEDAL stratification)."""
+        """``batch_label`` per cell (the scMEDAL stratification); with one batch, the label alone (the same folds: a common
+        prefix keeps the strata's order)."""
         batch = np.asarray(self.batch, dtype=str)
         if self.label is None:
             return batch
+        if len(pd.unique(batch)) == 1:
+            return np.asarray(self.label, dtype=str)
         return np.char.add(np.char.add(batch, "_"), np.asarray(self.label, dtype=str))
 
 
