@@ -423,6 +423,8 @@ def test_transfer_and_annotate_api_refuse_a_model_that_is_not_a_classifier_or_cl
         sa.tl.embed(kang, "nmf", n_components=5, n_epochs=3)  # scikit-learn's / scvi-tools' names lead to ours
     with pytest.raises(ConfigError, match="^ae: n_latent: unknown setting; did you mean 'latent_dim'\\?; learning_rate: .* 'lr'\\?$"):
         sa.tl.embed(kang, "ae", n_latent=5, learning_rate=0.1)
+    with pytest.raises(ConfigError, match=r"^ae: n_layers: unknown setting; did you mean 'hidden' \(the hidden layers' widths, e.g. \[128, 128\]\)\?$"):
+        sa.tl.embed(kang, "ae", n_layers=2)  # scvi-tools' n_layers is a count, our hidden the widths
     for wrong, said in [({"seed": -1}, "seed: Input should be greater than or equal to 0"), ({"scale": "zscore"}, "scale: Input should be 'none'"),
                         ({"val_fraction": 1.5}, "val_fraction: Input should be less than 1"), ({"n_top_genes": -3}, "n_top_genes: Input")]:
         with pytest.raises(ConfigError, match=f"^{re.escape(said)}"):  # were a traceback from numpy, a TypeError, a scikit-learn error, a silent run

@@ -118,14 +118,20 @@ def _message(error: Any, schema: type[BaseModel] | None) -> str:
 #: Names other libraries give our settings (scikit-learn, scanpy, scvi-tools), tried before spelling in :func:`unknown_setting`.
 SYNONYMS = {"n_components": ("rank", "latent_dim"), "n_comps": ("n_components", "rank", "latent_dim"), "n_latent": ("latent_dim", "rank"),
             "n_epochs": ("max_epochs",), "epochs": ("max_epochs",), "learning_rate": ("lr",), "dropout_rate": ("dropout",),
-            "n_hidden": ("hidden",), "early_stopping_patience": ("patience",), "random_state": ("seed", "seeds")}
+            "n_hidden": ("hidden",), "n_layers": ("hidden",), "early_stopping_patience": ("patience",), "random_state": ("seed", "seeds")}
+
+
+#: What a suggested setting takes, where another library's name for it takes something else (``n_layers=2``: a count).
+TAKES = {"hidden": "the hidden layers' widths, e.g. [128, 128]"}
 
 
 def unknown_setting(name: str, known: Sequence[str]) -> str:
     """What to say of a setting none of ``known`` matches: the known name another library calls ``name``
-    (:data:`SYNONYMS`), else the closest known name, or all of them."""
+    (:data:`SYNONYMS`, with what it takes: :data:`TAKES`), else the closest known name, or all of them."""
     close = next((s for s in SYNONYMS.get(name, ()) if s in known), None) or closest(name, known)
-    return f"unknown setting; did you mean {close!r}?" if close else f"unknown setting; known: {', '.join(known)}"
+    if not close:
+        return f"unknown setting; known: {', '.join(known)}"
+    return f"unknown setting; did you mean {close!r}{f' ({TAKES[close]})' if close in TAKES else ''}?"
 
 
 def unknown_settings(names: Iterable[str], known: Sequence[str]) -> str:
