@@ -333,6 +333,9 @@ def test_annotate_refuses_bad_input(files, work):
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--filter", "sample_id"], "COLUMN=VALUE")
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--ensemble", "0"], "model: invalid entry for 'linear': ensemble", "greater than or equal to 1")
     refused(work, ["annotate", "train", kang, "--label-key", "celltype", "--out", "ann"], "obs column 'celltype' not found")
+    for folds in ("2", "-1"):  # said as the option, not as the config's split.n_splits
+        refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--out", "ann", "--n-splits", folds],
+                f"--n-splits {folds}: cross-validation needs at least 3 folds", "0 fits the final model only")
     refused(work, ["annotate", "train", kang, "--label-key", "cell_type", "--ontology-key", "cl_id", "--out", "ann"], "'cl_id' not found")
     (work / "ann").mkdir()
     (work / "ann" / "keep.txt").write_text("earlier results")
