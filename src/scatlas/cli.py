@@ -371,7 +371,7 @@ def annotate_train(
 
     if model is not None and model not in METHODS:
         raise ConfigError(f"--model must be one of {sorted(METHODS)}, got {model!r}")
-    if n_splits in (1, 2) or n_splits < 0:
+    if n_splits != 0 and n_splits < 3:
         raise ConfigError(f"--n-splits {n_splits}: cross-validation needs at least 3 folds (each tests on one part, validates on the next and "
                           "trains on the rest); 0 fits the final model only")
     method = model or default_method(stream)

@@ -82,7 +82,10 @@ def kfold_splits(strata: np.ndarray, n_splits: int = 5, seed: int = 0, log: Call
     if len(small):
         line = (f"{len(small)} of {len(sizes)} strata (batch × label) hold fewer cells than the {n_splits} folds (smallest: "
                 f"{small.index[-1]!r}, {small.iloc[-1]} cell{'s' if small.iloc[-1] > 1 else ''}): their cells are tested in only some folds")
-        (log or (lambda said: warnings.warn(said, UserWarning, stacklevel=3)))(line)
+        if log is None:
+            warnings.warn(line, UserWarning, stacklevel=2)
+        else:
+            log(line)
     skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # said above, in one line
         warnings.filterwarnings("ignore", message="The least populated class in y has only", category=UserWarning)
